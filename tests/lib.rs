@@ -1,0 +1,1 @@
+//! gpugate end-to-end test support
