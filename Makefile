@@ -1,0 +1,35 @@
+# gpugate build and test entry points. `make build` leaves an nginx-style layout in dist/;
+# `make test` runs every test (unit, nginx, API, end-to-end) and is what CI runs.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Extra nginx configure flags for the vendored nginx build. Keep this value fixed:
+# any change makes nginx-sys rebuild nginx from scratch.
+export NGX_CONFIGURE_ARGS := --with-stream_ssl_preread_module
+
+
+.PHONY: build test bench clean deps
+
+build:
+	$(CARGO) build --release --workspace --locked
+	@objs=$$(ls -td target/release/build/nginx-sys-*/out/objs | head -n1); \
+	mkdir -p dist/sbin dist/modules dist/bin dist/conf dist/logs; \
+	install -m 0755 $$objs/nginx dist/sbin/nginx; \
+	install -m 0755 target/release/libngx_stream_gpugate.so dist/modules/ngx_stream_gpugate_module.so; \
+	install -m 0755 target/release/gpugate-routes dist/bin/gpugate-routes; \
+	if [ -f target/release/gpugate-api ]; then install -m 0755 target/release/gpugate-api dist/bin/gpugate-api; fi; \
+	cp nginx-conf/*.conf dist/conf/ 2>/dev/null || true; \
+	echo "dist/ ready: $$(dist/sbin/nginx -v 2>&1)"
+
+test: build
+	scripts/test.sh
+
+bench: build
+	scripts/bench.sh
+
+deps:
+	scripts/install-deps.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf dist

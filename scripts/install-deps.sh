@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages gpugate needs to build and test (idempotent; quiet when done).
+set -euo pipefail
+pkgs=(
+  libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config make   # nginx + bindgen
+  postgresql                                                         # tests start their own cluster
+  openssh-client curl                                                # real clients in end-to-end tests
+  mmdebstrap                                                         # offline base image for docker/
+  nginx-light                                                        # the reload baseline in `make bench`
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts the packaged nginx on install; gpugate runs its own build, never this one.
+if command -v systemctl >/dev/null && systemctl is-active -q nginx 2>/dev/null; then systemctl stop nginx || true; fi
