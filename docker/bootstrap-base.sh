@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Builds the base image every gpugate Dockerfile names (gpugate/base:bookworm) from Debian
+# packages when no image registry is reachable: mmdebstrap makes a bookworm root filesystem from
+# the host's own apt mirror and `docker import` turns it into an image. Idempotent: returns at
+# once when the image exists (pass --force to rebuild it).
+#
+# Where a registry is reachable, `docker pull debian:bookworm-slim && docker tag debian:bookworm-slim
+# gpugate/base:bookworm` gives an equivalent base (see docker/README.md).
+#
+# Environment:
+#   GPUGATE_BASE_IMAGE     image to build (default gpugate/base:bookworm)
+#   GPUGATE_DEBIAN_MIRROR  Debian mirror URI; default: read from the host's apt sources
+set -euo pipefail
+
+image=${GPUGATE_BASE_IMAGE:-gpugate/base:bookworm}
+suite=bookworm
+# What every gpugate image needs on top of `--variant=apt` (dpkg, apt, coreutils, bash...).
+include=ca-certificates
+
+force=0
+[[ ${1:-} == --force ]] && force=1
+
+if ((!force)) && docker image inspect "$image" >/dev/null 2>&1; then
+  echo "bootstrap-base: $image present"
+  exit 0
+fi
+
+# Prints one "deb URI SUITE COMPONENTS" line per Debian bookworm source the host uses
+# (bookworm, bookworm-updates, bookworm-security), from one-line and deb822 source files.
+host_sources() {
+  local f
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [[ -r $f ]] || continue
+    # deb [options] URI SUITE COMPONENT...
+    awk -v s="$suite" '$1 == "deb" {
+        i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+        if ($(i+1) == s || $(i+1) == s "-updates" || $(i+1) == s "-security") {
+          line = "deb " $i " " $(i+1); for (j = i + 2; j <= NF; j++) line = line " " $j; print line
+        }
+      }' "$f"
+  done
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [[ -r $f ]] || continue
+    # deb822 stanzas separated by blank lines; fields Types, URIs, Suites, Components.
+    awk -v s="$suite" '
+      function flush(  n, u, m, x, i, j, k) {
+        if (types ~ /(^| )deb( |$)/ && enabled != "no") {
+          n = split(uris, u, " "); m = split(suites, x, " ")
+          for (i = 1; i <= n; i++) for (j = 1; j <= m; j++)
+            if (x[j] == s || x[j] == s "-updates" || x[j] == s "-security")
+              print "deb " u[i] " " x[j] " " comps
+        }
+        types = uris = suites = comps = enabled = ""
+      }
+      /^[[:space:]]*#/ { next }
+      /^[[:space:]]*$/ { flush(); next }
+      { key = tolower($1); sub(/:$/, "", key); $1 = ""; sub(/^ +/, "")
+        if (key == "types") types = $0; else if (key == "uris") uris = $0
+        else if (key == "suites") suites = $0; else if (key == "components") comps = $0
+        else if (key == "enabled") enabled = tolower($0) }
+      END { flush() }' "$f"
+  done
+}
+
+mirrors=()
+if [[ -n ${GPUGATE_DEBIAN_MIRROR:-} ]]; then
+  mirrors=("$GPUGATE_DEBIAN_MIRROR")
+else
+  mapfile -t mirrors < <(host_sources | awk '!seen[$0]++')
+fi
+if ((${#mirrors[@]} == 0)); then
+  echo "bootstrap-base: no Debian $suite source found in /etc/apt/sources.list{,.d/*}; set GPUGATE_DEBIAN_MIRROR" >&2
+  exit 1
+fi
+# mmdebstrap takes the first mirror's suite from its SUITE argument; the rest are full lines.
+command -v mmdebstrap >/dev/null || {
+  echo "bootstrap-base: mmdebstrap is missing (apt-get install mmdebstrap)" >&2
+  exit 1
+}
+
+echo "bootstrap-base: building $image from Debian $suite via:"
+printf '  %s\n' "${mirrors[@]}"
+started=$(date +%s)
+
+# Documentation, man pages and translations are dead weight in containers; copyright files stay.
+mmdebstrap --variant=apt --quiet \
+  --include="$include" \
+  --aptopt='APT::Install-Recommends "false"' \
+  --aptopt='APT::Install-Suggests "false"' \
+  --aptopt='Acquire::Languages "none"' \
+  --dpkgopt='path-exclude=/usr/share/man/*' \
+  --dpkgopt='path-exclude=/usr/share/info/*' \
+  --dpkgopt='path-exclude=/usr/share/doc/*' \
+  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+  --dpkgopt='path-exclude=/usr/share/locale/*' \
+  --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+  --customize-hook='rm -f "$1"/etc/hostname "$1"/etc/resolv.conf' \
+  "$suite" - "${mirrors[@]}" |
+  docker import \
+    --change 'ENV LANG=C.UTF-8' \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'CMD ["/bin/bash"]' \
+    --message "gpugate base: mmdebstrap $suite ($include)" \
+    - "$image" >/dev/null
+
+echo "bootstrap-base: $image built in $(($(date +%s) - started)) s ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
