@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# gpugate demo workspace entrypoint (PID 1 is tini). Creates the login user from the environment
+# the gpugate API sets, writes the login banner, then runs sshd (22), JupyterLab (8888) and marimo
+# (8080) and stops the container when any of them exits.
+#
+#   GPUGATE_USERNAME         login user (default remotegpu)
+#   GPUGATE_PASSWORD         its password (SSH password login); unset: key login only
+#   GPUGATE_SSH_PUBLIC_KEYS  authorized keys, one per line
+#   GPUGATE_JUPYTER_TOKEN    token for JupyterLab and for marimo on the code port
+#   GPUGATE_ENV_ID           environment id (the API also sets it as the hostname)
+#   GPUGATE_SSH_PORT, GPUGATE_JUPYTER_PORT, GPUGATE_CODE_PORT
+#                            public gateway ports, shown in the login banner
+#   GPUGATE_DOMAIN           public domain (e.g. gpu.example.com), shown in the login banner
+#   GPUGATE_SERVICES         services to run (default "ssh jupyter code")
+set -euo pipefail
+
+log() { echo "gpugate-workspace: $*" >&2; }
+die() { log "$*"; exit 64; }
+
+user=${GPUGATE_USERNAME:-remotegpu}
+password=${GPUGATE_PASSWORD:-}
+keys=${GPUGATE_SSH_PUBLIC_KEYS:-}
+token=${GPUGATE_JUPYTER_TOKEN:-}
+env_id=${GPUGATE_ENV_ID:-$(hostname)}
+services=" ${GPUGATE_SERVICES:-ssh jupyter code} "
+# Secrets stay out of every child's environment (sessions, kernels, terminals).
+unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN
+
+[[ $user =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] || die "GPUGATE_USERNAME '$user' is not a valid user name ([a-z_][a-z0-9_-]{0,31})"
+[[ $password != *$'\n'* ]] || die "GPUGATE_PASSWORD must not contain a newline"
+
+# --- the login user -------------------------------------------------------------------------
+if uid=$(id -u "$user" 2>/dev/null); then
+  ((uid >= 1000)) || die "GPUGATE_USERNAME '$user' is a system account"
+else
+  useradd --create-home --shell /bin/bash --uid "${GPUGATE_UID:-1000}" --user-group "$user"
+fi
+home=$(getent passwd "$user" | cut -d: -f6)
+if [[ -n $password ]]; then
+  printf '%s:%s\n' "$user" "$password" | chpasswd
+else
+  usermod -p '*' "$user" # no password: key login still works (a '!' lock would refuse it)
+fi
+install -d -m 0700 -o "$user" -g "$user" "$home/.ssh"
+printf '%s\n' "$keys" | sed '/^[[:space:]]*$/d' >"$home/.ssh/authorized_keys"
+chown "$user:" "$home/.ssh/authorized_keys"
+chmod 0600 "$home/.ssh/authorized_keys"
+[[ -n $password || -s $home/.ssh/authorized_keys ]] ||
+  log "warning: neither GPUGATE_PASSWORD nor GPUGATE_SSH_PUBLIC_KEYS is set; nobody can log in over SSH"
+echo "AllowUsers $user" >/etc/ssh/sshd_config.d/20-gpugate-user.conf
+
+# Login sessions do not inherit the container's environment; pass on what a GPU user needs
+# (never the GPUGATE_* secrets, which are unset above).
+env | grep -E '^(NVIDIA_[A-Z_]*|CUDA_[A-Z_]*|LD_LIBRARY_PATH|GPUGATE_ENV_ID)=' >/etc/environment || true
+
+# --- login banner -----------------------------------------------------------------------------
+host=${GPUGATE_DOMAIN:+$env_id.ssh.$GPUGATE_DOMAIN}
+{
+  echo
+  echo "  gpugate workspace $env_id"
+  [[ -n ${GPUGATE_SSH_PORT:-} ]] && echo "  ssh:     ssh -p $GPUGATE_SSH_PORT $user@${host:-<gateway host>}"
+  [[ -n ${GPUGATE_JUPYTER_PORT:-} ]] && echo "  jupyter: port $GPUGATE_JUPYTER_PORT${GPUGATE_DOMAIN:+ on $env_id.jupyter.$GPUGATE_DOMAIN}"
+  [[ -n ${GPUGATE_CODE_PORT:-} ]] && echo "  code:    port $GPUGATE_CODE_PORT${GPUGATE_DOMAIN:+ on $env_id.code.$GPUGATE_DOMAIN}"
+  echo
+} >/etc/motd
+
+# --- services -----------------------------------------------------------------------------------
+# Runs a web service as the user with a minimal environment, replacing the calling (background)
+# subshell, so the recorded pid is the service's and no parent keeps its arguments visible.
+as_user() {
+  exec setpriv --reuid="$user" --regid="$user" --init-groups -- env -i HOME="$home" USER="$user" \
+    LOGNAME="$user" SHELL=/bin/bash LANG="${LANG:-C.UTF-8}" \
+    PATH="/opt/jupyter/bin:/usr/local/bin:/usr/bin:/bin" \
+    ${LD_LIBRARY_PATH:+LD_LIBRARY_PATH="$LD_LIBRARY_PATH"} "$@"
+}
+if [[ -z $token && ( $services == *" jupyter "* || $services == *" code "* ) ]]; then
+  token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  log "GPUGATE_JUPYTER_TOKEN is not set; generated a random token (not logged)"
+fi
+
+pids=()
+if [[ $services == *" ssh "* ]]; then
+  # Per-container host keys: a key baked into the image would be shared by every workspace.
+  for t in ed25519 ecdsa rsa; do
+    [[ -f /etc/ssh/ssh_host_${t}_key ]] || ssh-keygen -q -t "$t" -N '' -f "/etc/ssh/ssh_host_${t}_key"
+  done
+  mkdir -p /run/sshd
+  /usr/sbin/sshd -D -e &
+  pids+=($!)
+fi
+# Web services start in the user's home; their secret reaches them through the environment or
+# stdin, never through a command line that ps would show (marimo runs --quiet: its start-up banner
+# would print the token into the container log).
+cd "$home"
+if [[ $services == *" jupyter "* ]]; then
+  as_user JUPYTER_TOKEN="$token" jupyter lab --no-browser --ip=0.0.0.0 --port=8888 \
+    --ServerApp.allow_remote_access=True --ServerApp.root_dir="$home" &
+  pids+=($!)
+fi
+if [[ $services == *" code "* ]]; then
+  as_user marimo --quiet --log-level warn edit --headless --skip-update-check --host 0.0.0.0 --port 8080 \
+    --token-password-file - "$home" <<<"$token" &
+  pids+=($!)
+fi
+((${#pids[@]})) || die "GPUGATE_SERVICES='${GPUGATE_SERVICES:-}' names no known service (ssh jupyter code)"
+log "started$(printf " %s" $services) for $user in $env_id"
+
+# The container lives as long as every service does; docker stop reaches them all through tini -g.
+status=0
+wait -n "${pids[@]}" || status=$?
+log "a service exited (status $status); stopping the workspace"
+kill "${pids[@]}" 2>/dev/null || true
+wait || true
+exit $((status ? status : 1))
