@@ -18,12 +18,15 @@ pub(crate) struct Mapping {
     map: MmapRaw,
     path: PathBuf,
     writable: bool,
+    file_id: (u64, u64),
 }
 
 impl Mapping {
     /// Maps `file` (already opened by the caller) shared, after checking its length.
     pub fn new(file: &File, path: &Path, writable: bool) -> Result<Mapping> {
-        let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
+        let len = meta.len();
         if len < FILE_SIZE as u64 {
             return Err(Error::TooShort { path: path.to_owned(), len, need: FILE_SIZE as u64 });
         }
@@ -31,11 +34,16 @@ impl Mapping {
         opts.len(FILE_SIZE);
         let map = if writable { opts.map_raw(file) } else { opts.map_raw_read_only(file) }
             .map_err(|e| Error::io(path, "mmap", e))?;
-        Ok(Mapping { map, path: path.to_owned(), writable })
+        Ok(Mapping { map, path: path.to_owned(), writable, file_id: (meta.dev(), meta.ino()) })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// (device, inode) of the mapped file, to notice when the path names another file.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.file_id
     }
 
     /// Whether counters may be written through this mapping.

@@ -86,6 +86,12 @@ impl Table {
         self.map.path()
     }
 
+    /// (device, inode) of the mapped file. A different id at [`Table::path`] means the file
+    /// was replaced (deleted and created anew) since it was mapped.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.map.file_id()
+    }
+
     /// Whether this process may add to the counters.
     pub fn counters_writable(&self) -> bool {
         self.map.writable()

@@ -73,6 +73,11 @@ impl Writer {
         let map = Mapping::new(&file, path, true)?;
         let pid = std::process::id();
         if fresh {
+            // Group-writable regardless of the umask: nginx workers (another user, same group)
+            // add to the counters in this file.
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o664))
+                .map_err(|e| Error::io(path, "chmod", e))?;
             for port in 0..=u16::MAX {
                 seqlock::write(map.port_slot(port), &RawRoute::EMPTY);
             }

@@ -1,0 +1,168 @@
+//! Configuration of the module: the structs of each block and the directive handlers.
+//!
+//! ```nginx
+//! stream {
+//!     gpugate_route_table /dev/shm/gpugate/routes;   # MainConf
+//!     upstream gpugate { gpugate_balancer; }          # balancer.rs
+//!     server {
+//!         listen 20000-20999;
+//!         gpugate_route on;                           # SrvConf
+//!         proxy_pass gpugate;                         # or $gpugate_upstream
+//!     }
+//! }
+//! ```
+
+use std::ffi::{c_char, c_void};
+use std::path::PathBuf;
+
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ffi::{
+    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_flag_t, ngx_pool_cleanup_add, ngx_str_t,
+    NGX_CONF_UNSET, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
+};
+use ngx::ngx_conf_log_error;
+
+use crate::ffi::{conf_args, conf_main_conf, pool_alloc, str_bytes};
+use crate::route_source::{Notice, RouteSource};
+
+/// `stream {}`-level configuration.
+#[repr(C)]
+pub struct MainConf {
+    /// `gpugate_route_table` path (resolved against the prefix); empty if not set.
+    pub table_path: ngx_str_t,
+    /// The process's view of the table; null when no table is configured. Owned by the
+    /// configuration pool (freed by a pool cleanup).
+    pub source: *mut RouteSource,
+}
+
+/// `server {}`-level configuration (also allocated, unused, for `upstream {}` blocks).
+#[repr(C)]
+pub struct SrvConf {
+    /// `gpugate_route on|off`.
+    pub route: ngx_flag_t,
+}
+
+pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: cf->pool is the configuration pool; MainConf is valid all-zero (empty string,
+    // null source) and has no Drop.
+    match unsafe { pool_alloc::<MainConf>((*cf).pool) } {
+        Some(p) => p as *mut c_void,
+        None => std::ptr::null_mut(),
+    }
+}
+
+pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: nginx passes back the MainConf that create_main_conf allocated.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.table_path.len == 0 {
+        return NGX_CONF_OK;
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(str_bytes(&mcf.table_path)).into_owned());
+    let source = Box::into_raw(Box::new(RouteSource::new(path)));
+    // SAFETY: cf->pool is the configuration pool, alive for the whole cycle.
+    let cln = unsafe { ngx_pool_cleanup_add((*cf).pool, 0) };
+    if cln.is_null() {
+        // SAFETY: `source` came from Box::into_raw just above and was handed to no one.
+        drop(unsafe { Box::from_raw(source) });
+        return NGX_CONF_ERROR;
+    }
+    // SAFETY: `cln` is a fresh cleanup record of the configuration pool.
+    unsafe {
+        (*cln).handler = Some(drop_source);
+        (*cln).data = source as *mut c_void;
+    }
+    mcf.source = source;
+    // Map the table now, in the master, so that workers inherit the mapping. A missing or
+    // unusable table is a warning, not an error: nginx starts and refuses until it is valid.
+    // SAFETY: `source` is the live box just stored.
+    let notice = unsafe { &*source }.refresh(gpugate_routes::now_ms());
+    if let Some(Notice::Unusable(e)) = notice {
+        ngx_conf_log_error!(
+            NGX_LOG_WARN,
+            cf,
+            "gpugate: {e}; connections to gpugate_route servers are refused until it is valid"
+        );
+    }
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn drop_source(data: *mut c_void) {
+    // SAFETY: registered only by init_main_conf with a pointer from Box::into_raw; the pool
+    // runs each cleanup once, when the configuration is destroyed.
+    drop(unsafe { Box::from_raw(data as *mut RouteSource) });
+}
+
+pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: cf->pool is the configuration pool; SrvConf is plain data.
+    match unsafe { pool_alloc::<SrvConf>((*cf).pool) } {
+        Some(p) => {
+            // SAFETY: `p` is a fresh allocation of a SrvConf.
+            unsafe { (*p).route = NGX_CONF_UNSET as ngx_flag_t };
+            p as *mut c_void
+        }
+        None => std::ptr::null_mut(),
+    }
+}
+
+pub unsafe extern "C" fn merge_srv_conf(
+    cf: *mut ngx_conf_t,
+    _prev: *mut c_void,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the server's SrvConf created by create_srv_conf.
+    let scf = unsafe { &mut *(conf as *mut SrvConf) };
+    if scf.route == NGX_CONF_UNSET as ngx_flag_t {
+        scf.route = 0;
+    }
+    // SAFETY: merging runs inside the stream block, after the whole block was parsed, so
+    // the main configuration is final.
+    let mcf = unsafe { conf_main_conf(cf) };
+    if scf.route == 1 && mcf.table_path.len == 0 {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"gpugate_route\" is on but \"gpugate_route_table\" is not set in the stream block"
+        );
+        return NGX_CONF_ERROR;
+    }
+    NGX_CONF_OK
+}
+
+/// `gpugate_route_table PATH;`
+pub unsafe extern "C" fn cmd_set_route_table(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: registered with NGX_STREAM_MAIN_CONF_OFFSET, so `conf` is our MainConf.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.table_path.len != 0 {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    // SAFETY: called as a directive handler; NGX_CONF_TAKE1 guarantees two arguments.
+    let mut value = unsafe { conf_args(cf) }[1];
+    let raw = str_bytes(&value);
+    if raw.is_empty() {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"gpugate_route_table\" needs a file path");
+        return NGX_CONF_ERROR;
+    }
+    if std::str::from_utf8(raw).is_err() || raw.contains(&0) {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"gpugate_route_table\" path is not valid text");
+        return NGX_CONF_ERROR;
+    }
+    if raw.ends_with(b"/") {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"gpugate_route_table\" \"{}\" names a directory, expected a file",
+            String::from_utf8_lossy(raw)
+        );
+        return NGX_CONF_ERROR;
+    }
+    // SAFETY: resolves a relative path against the prefix, allocating from the cycle pool.
+    if unsafe { ngx_conf_full_name((*cf).cycle, &mut value, 0) } != NGX_OK as isize {
+        return NGX_CONF_ERROR;
+    }
+    mcf.table_path = value;
+    NGX_CONF_OK
+}
