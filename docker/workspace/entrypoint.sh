@@ -3,10 +3,11 @@
 # the gpugate API sets, writes the login banner, then runs sshd (22), JupyterLab (8888) and marimo
 # (8080) and stops the container when any of them exits.
 #
-#   GPUGATE_USERNAME         login user (default remotegpu)
+#   GPUGATE_USERNAME         login user (default remotegpu; GPUGATE_USER is accepted too)
 #   GPUGATE_PASSWORD         its password (SSH password login); unset: key login only
 #   GPUGATE_SSH_PUBLIC_KEYS  authorized keys, one per line
-#   GPUGATE_JUPYTER_TOKEN    token for JupyterLab and for marimo on the code port
+#   GPUGATE_JUPYTER_TOKEN    token for JupyterLab and for marimo on the code port (JUPYTER_TOKEN
+#                            is accepted too); unset: a random one nobody is told
 #   GPUGATE_ENV_ID           environment id (the API also sets it as the hostname)
 #   GPUGATE_SSH_PORT, GPUGATE_JUPYTER_PORT, GPUGATE_CODE_PORT
 #                            public gateway ports, shown in the login banner
@@ -17,14 +18,14 @@ set -euo pipefail
 log() { echo "gpugate-workspace: $*" >&2; }
 die() { log "$*"; exit 64; }
 
-user=${GPUGATE_USERNAME:-remotegpu}
+user=${GPUGATE_USERNAME:-${GPUGATE_USER:-remotegpu}}
 password=${GPUGATE_PASSWORD:-}
 keys=${GPUGATE_SSH_PUBLIC_KEYS:-}
-token=${GPUGATE_JUPYTER_TOKEN:-}
+token=${GPUGATE_JUPYTER_TOKEN:-${JUPYTER_TOKEN:-}}
 env_id=${GPUGATE_ENV_ID:-$(hostname)}
 services=" ${GPUGATE_SERVICES:-ssh jupyter code} "
 # Secrets stay out of every child's environment (sessions, kernels, terminals).
-unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN
+unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN JUPYTER_TOKEN
 
 [[ $user =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] || die "GPUGATE_USERNAME '$user' is not a valid user name ([a-z_][a-z0-9_-]{0,31})"
 [[ $password != *$'\n'* ]] || die "GPUGATE_PASSWORD must not contain a newline"
