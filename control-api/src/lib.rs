@@ -1,1 +1,24 @@
-//! gpugate-api
+//! `gpugate-api`: the gpugate control plane.
+//!
+//! - [`config`]: typed configuration (file + environment).
+//! - [`db`]: PostgreSQL, the source of truth (pools, environments, routes, users, events).
+//! - [`docker`]: the workspace containers.
+//! - [`routes`]: the publisher, the route table's one writer, and the API's read view of it.
+//! - [`lifecycle`]: create / stop / start / delete, each undone in reverse on failure.
+//! - [`reconcile`]: converges Docker and the table to the database.
+//! - [`http`]: the REST API; [`error`]: its error type and envelope.
+//! - [`app`]: start-up, used by `main.rs` and the tests.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod docker;
+pub mod error;
+pub mod http;
+pub mod ids;
+pub mod lifecycle;
+pub mod metrics;
+pub mod reconcile;
+pub mod routes;
+pub mod state;

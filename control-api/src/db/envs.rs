@@ -1,0 +1,242 @@
+//! The `environments` table: one row per workspace and its lifecycle state.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+
+use super::{Db, DbResult, Tx};
+
+/// Lifecycle states (the `status` column).
+pub mod status {
+    /// Ports allocated, container being made.
+    pub const CREATING: &str = "creating";
+    /// Container running, routes live.
+    pub const RUNNING: &str = "running";
+    /// Container stopped, routes disabled, ports kept.
+    pub const STOPPED: &str = "stopped";
+    /// Routes and container being removed.
+    pub const DELETING: &str = "deleting";
+    /// The container vanished or a step failed; routes removed, ports kept until deleted.
+    pub const FAILED: &str = "failed";
+    /// Gone; ports released.
+    pub const DELETED: &str = "deleted";
+}
+
+/// One environment row.
+#[derive(Clone, sqlx::FromRow)]
+pub struct EnvRow {
+    pub id: String,
+    pub owner_id: i64,
+    pub name: String,
+    pub image: String,
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub container_id: Option<String>,
+    pub services: Vec<String>,
+    pub gpus: Vec<i32>,
+    pub route_generation: i64,
+    pub username: String,
+    pub password: String,
+    pub jupyter_token: String,
+    pub ssh_public_keys: Vec<String>,
+    pub op_instance: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for EnvRow {
+    // Credentials stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvRow")
+            .field("id", &self.id)
+            .field("owner_id", &self.owner_id)
+            .field("status", &self.status)
+            .field("container_id", &self.container_id)
+            .field("services", &self.services)
+            .field("gpus", &self.gpus)
+            .finish_non_exhaustive()
+    }
+}
+
+const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, services, \
+    gpus, route_generation, username, password, jupyter_token, ssh_public_keys, op_instance, \
+    created_at, updated_at, deleted_at";
+
+/// What a create inserts.
+pub struct NewEnv<'a> {
+    pub id: &'a str,
+    pub owner_id: i64,
+    pub name: &'a str,
+    pub image: &'a str,
+    pub services: &'a [String],
+    pub username: &'a str,
+    pub password: &'a str,
+    pub jupyter_token: &'a str,
+    pub ssh_public_keys: &'a [String],
+    pub instance: i64,
+}
+
+/// Inserts a new environment in state `creating`, owned by `instance` until it settles.
+pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
+    sqlx::query(
+        "INSERT INTO environments (id, owner_id, name, image, status, services, username, \
+             password, jupyter_token, ssh_public_keys, op_instance) \
+         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(e.id)
+    .bind(e.owner_id)
+    .bind(e.name)
+    .bind(e.image)
+    .bind(e.services)
+    .bind(e.username)
+    .bind(e.password)
+    .bind(e.jupyter_token)
+    .bind(e.ssh_public_keys)
+    .bind(e.instance)
+    .execute(&mut **tx)
+    .await
+    .map(|_| ())
+}
+
+/// Records the GPUs given to an environment.
+pub async fn set_gpus(tx: &mut Tx<'_>, id: &str, gpus: &[u32]) -> DbResult<()> {
+    let gpus: Vec<i32> = gpus.iter().filter_map(|g| i32::try_from(*g).ok()).collect();
+    sqlx::query("UPDATE environments SET gpus = $2 WHERE id = $1")
+        .bind(id)
+        .bind(gpus)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+}
+
+/// One environment; with `owner`, only if that user owns it. Deleted ones are not found.
+pub async fn get<'e, E: PgExecutor<'e>>(exec: E, id: &str, owner: Option<i64>) -> DbResult<Option<EnvRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM environments WHERE id = $1 AND status <> 'deleted' \
+         AND ($2::bigint IS NULL OR owner_id = $2)"
+    ))
+    .bind(id)
+    .bind(owner)
+    .fetch_optional(exec)
+    .await
+}
+
+/// The owner's environments (not deleted), oldest first.
+pub async fn list(db: &Db, owner: i64) -> DbResult<Vec<EnvRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM environments WHERE owner_id = $1 AND status <> 'deleted' \
+         ORDER BY created_at, id"
+    ))
+    .bind(owner)
+    .fetch_all(db.pool())
+    .await
+}
+
+/// Every environment that is not deleted (reconciler).
+pub async fn list_live(db: &Db) -> DbResult<Vec<EnvRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM environments WHERE status <> 'deleted' ORDER BY created_at"
+    ))
+    .fetch_all(db.pool())
+    .await
+}
+
+/// Claims the environment for an operation by `instance`: succeeds only if the owner matches,
+/// its status is one of `from`, and no other live operation holds it. Sets `status` to `to`.
+pub async fn claim(
+    db: &Db,
+    id: &str,
+    owner: Option<i64>,
+    from: &[&str],
+    to: &str,
+    instance: i64,
+) -> DbResult<Option<EnvRow>> {
+    let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+    sqlx::query_as(&format!(
+        "UPDATE environments SET status = $4, op_instance = $5, updated_at = now() \
+         WHERE id = $1 AND ($2::bigint IS NULL OR owner_id = $2) AND status = ANY($3) \
+             AND op_instance IS NULL \
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(owner)
+    .bind(from)
+    .bind(to)
+    .bind(instance)
+    .fetch_optional(db.pool())
+    .await
+}
+
+/// Takes over an environment whose operating instance died (reconciler).
+pub async fn take_over(db: &Db, id: &str, dead: i64, instance: i64) -> DbResult<bool> {
+    Ok(sqlx::query("UPDATE environments SET op_instance = $3 WHERE id = $1 AND op_instance = $2")
+        .bind(id)
+        .bind(dead)
+        .bind(instance)
+        .execute(db.pool())
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+/// Sets the status (and reason), records the container id if given, and ends the operation.
+pub async fn settle<'e, E: PgExecutor<'e>>(
+    exec: E,
+    id: &str,
+    status: &str,
+    reason: Option<&str>,
+    container_id: Option<&str>,
+) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE environments SET status = $2, status_reason = $3, \
+             container_id = COALESCE($4, container_id), op_instance = NULL, updated_at = now(), \
+             deleted_at = CASE WHEN $2 = 'deleted' THEN now() END \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(reason)
+    .bind(container_id)
+    .execute(exec)
+    .await
+    .map(|_| ())
+}
+
+/// Records the container id while an operation is still running (crash recovery finds it).
+pub async fn set_container<'e, E: PgExecutor<'e>>(exec: E, id: &str, container_id: &str) -> DbResult<()> {
+    sqlx::query("UPDATE environments SET container_id = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(container_id)
+        .execute(exec)
+        .await
+        .map(|_| ())
+}
+
+/// Bumps and returns the environment's route generation (a deployment-wide sequence value).
+pub async fn next_generation(tx: &mut Tx<'_>, id: &str) -> DbResult<i64> {
+    sqlx::query_scalar(
+        "UPDATE environments SET route_generation = nextval('route_generation_seq') \
+         WHERE id = $1 RETURNING route_generation",
+    )
+    .bind(id)
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// Environment counts by status (metrics).
+pub async fn count_by_status(db: &Db) -> DbResult<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT status, count(*) FROM environments WHERE status <> 'deleted' GROUP BY status")
+        .fetch_all(db.pool())
+        .await
+}
+
+/// Takes an environment that no operation holds (an undo or delete that gave up earlier).
+pub async fn take_over_unowned(db: &Db, id: &str, instance: i64) -> DbResult<bool> {
+    Ok(sqlx::query("UPDATE environments SET op_instance = $2 WHERE id = $1 AND op_instance IS NULL")
+        .bind(id)
+        .bind(instance)
+        .execute(db.pool())
+        .await?
+        .rows_affected()
+        == 1)
+}

@@ -1,0 +1,122 @@
+//! The database layer: connection pool, migrations, and every SQL statement of the API.
+//!
+//! Only this module runs SQL. Its submodules own one table family each.
+
+pub mod envs;
+pub mod gpus;
+pub mod ports;
+pub mod routes;
+pub mod users;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
+
+use crate::config::Config;
+
+/// Result alias of the database layer.
+pub type DbResult<T> = Result<T, sqlx::Error>;
+
+/// A transaction on the pool.
+pub type Tx<'a> = Transaction<'a, Postgres>;
+
+/// The database handle shared by the API, the publisher and the reconciler.
+#[derive(Clone)]
+pub struct Db {
+    pool: PgPool,
+    options: PgConnectOptions,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("size", &self.pool.size()).finish()
+    }
+}
+
+impl Db {
+    /// Connects (the URL comes from configuration) without running migrations.
+    pub async fn connect(cfg: &Config) -> DbResult<Db> {
+        let options: PgConnectOptions = cfg.database_url.expose().parse()?;
+        let options = options.application_name("gpugate-api");
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.database_max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        Ok(Db { pool, options })
+    }
+
+    /// Applies the embedded migrations (idempotent; several instances may race safely, sqlx
+    /// takes an advisory lock).
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        sqlx::migrate!("./migrations").run(&self.pool).await
+    }
+
+    /// The pool, for the listener and for submodules.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A connection outside the pool (for LISTEN and the instance lock).
+    pub async fn dedicated(&self) -> DbResult<PgConnection> {
+        PgConnection::connect_with(&self.options).await
+    }
+
+    /// Starts a transaction.
+    pub async fn begin(&self) -> DbResult<Tx<'static>> {
+        self.pool.begin().await
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> DbResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+
+    /// Records an audit event (outside any transaction).
+    pub async fn event(&self, env_id: Option<&str>, kind: &str, detail: serde_json::Value) -> DbResult<()> {
+        event(&self.pool, env_id, kind, detail).await
+    }
+}
+
+/// Records an audit event on `exec` (a transaction or the pool).
+pub async fn event<'e, E: sqlx::PgExecutor<'e>>(
+    exec: E,
+    env_id: Option<&str>,
+    kind: &str,
+    detail: serde_json::Value,
+) -> DbResult<()> {
+    sqlx::query("INSERT INTO events (env_id, kind, detail) VALUES ($1, $2, $3)")
+        .bind(env_id)
+        .bind(kind)
+        .bind(detail)
+        .execute(exec)
+        .await
+        .map(|_| ())
+}
+
+/// Advisory-lock namespace of instance liveness locks (keeps clear of other applications).
+const INSTANCE_LOCK_SPACE: i32 = 0x6770_7567;
+
+/// Takes this instance's liveness lock on `conn` (held until the connection closes).
+pub async fn hold_instance_lock(conn: &mut PgConnection, instance: i32) -> DbResult<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(INSTANCE_LOCK_SPACE)
+        .bind(instance)
+        .fetch_one(conn)
+        .await
+}
+
+/// Whether the instance `instance` is alive (its liveness lock is held by some session).
+pub async fn instance_alive(db: &Db, instance: i64) -> DbResult<bool> {
+    let objid = i32::try_from(instance).unwrap_or(-1);
+    let held: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND classid = $1::oid AND objid = $2::oid AND objsubid = 2)",
+    )
+    .bind(i64::from(INSTANCE_LOCK_SPACE))
+    .bind(i64::from(objid as u32))
+    .fetch_one(db.pool())
+    .await?;
+    Ok(held)
+}

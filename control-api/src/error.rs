@@ -1,0 +1,140 @@
+//! The one API error type, its HTTP statuses, its envelope codes, and the response envelope.
+//!
+//! Every response is `{"code": N, "message": "...", "data": ...}`: `code` 0 on success, and on
+//! failure a stable number per error kind (documented in the README) with the matching status.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use gpugate_routes::Service;
+use serde::Serialize;
+
+/// Everything an API call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400, code 1001: the body is not valid JSON.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 422, code 1002: the JSON is well formed but a field is missing, unknown or invalid.
+    #[error("{0}")]
+    Validation(String),
+    /// 401, code 1003: no bearer token, or one that is not known.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// 403, code 1004: the endpoint needs an admin token.
+    #[error("this endpoint needs an admin token")]
+    Forbidden,
+    /// 404, code 1005: no such resource for this caller (another user's environment too).
+    #[error("{0}")]
+    NotFound(String),
+    /// 409, code 1006: the resource is in a state that does not allow the operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// 422, code 1007: the requested image is not present on the Docker host.
+    #[error("image \"{0}\" is not present on the Docker host (pull it there first: docker pull {0})")]
+    ImageNotFound(String),
+    /// 409, code 1008: more GPUs requested than are free right now.
+    #[error("{0}")]
+    GpusUnavailable(String),
+    /// 503, code 1009: a service's port pool has no free port.
+    #[error("no free {0} port")]
+    PoolExhausted(Service),
+    /// 503, code 1010: a dependency (database, Docker, route table) is unavailable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500, code 1500: anything else; logged where it happened, opaque to the caller.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// HTTP status of the error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Validation(_) | ApiError::ImageNotFound(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) | ApiError::GpusUnavailable(_) => StatusCode::CONFLICT,
+            ApiError::PoolExhausted(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Envelope code of the error (stable; documented).
+    pub fn code(&self) -> u32 {
+        match self {
+            ApiError::BadRequest(_) => 1001,
+            ApiError::Validation(_) => 1002,
+            ApiError::Unauthorized => 1003,
+            ApiError::Forbidden => 1004,
+            ApiError::NotFound(_) => 1005,
+            ApiError::Conflict(_) => 1006,
+            ApiError::ImageNotFound(_) => 1007,
+            ApiError::GpusUnavailable(_) => 1008,
+            ApiError::PoolExhausted(_) => 1009,
+            ApiError::Unavailable(_) => 1010,
+            ApiError::Internal(_) => 1500,
+        }
+    }
+
+    /// An internal error, logged once here with its cause; the caller sees "internal error".
+    pub fn internal(context: &str, err: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %err, "{context}");
+        ApiError::Internal(format!("{context}: {err}"))
+    }
+
+    /// The environment `id` does not exist for this caller.
+    pub fn env_not_found(id: &str) -> ApiError {
+        ApiError::NotFound(format!("environment \"{id}\" not found"))
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                tracing::error!(error = %e, "database unavailable");
+                ApiError::Unavailable("database unavailable".into())
+            }
+            _ => ApiError::internal("database error", e),
+        }
+    }
+}
+
+/// The response envelope.
+#[derive(Debug, Serialize)]
+pub struct Envelope<T: Serialize> {
+    /// 0 on success, else the error's code.
+    pub code: u32,
+    /// "success", or what went wrong.
+    pub message: String,
+    /// The payload (`null` on errors).
+    pub data: Option<T>,
+}
+
+/// A successful response: status plus payload in the envelope.
+pub struct Success<T: Serialize>(pub StatusCode, pub T);
+
+/// 200 with `data`.
+pub fn ok<T: Serialize>(data: T) -> Success<T> {
+    Success(StatusCode::OK, data)
+}
+
+impl<T: Serialize> IntoResponse for Success<T> {
+    fn into_response(self) -> Response {
+        let body = Envelope { code: 0, message: "success".into(), data: Some(self.1) };
+        (self.0, Json(body)).into_response()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body: Envelope<()> = Envelope { code: self.code(), message: self.to_string(), data: None };
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+/// Result type of handlers.
+pub type ApiResult<T> = Result<Success<T>, ApiError>;

@@ -1,0 +1,150 @@
+//! Admin endpoints: the route table side by side with the database, pool reloads, and an
+//! on-demand reconcile pass.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+
+use super::Admin;
+use crate::config::Config;
+use crate::db::ports::{self, PoolSyncError, PoolSyncReport};
+use crate::db::routes::{self, RouteRow};
+use crate::error::{ok, ApiError, ApiResult};
+use crate::reconcile::{self, Repairs};
+use crate::state::AppState;
+
+/// The routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/debug/routes", get(get_debug_routes))
+        .route("/api/v1/admin/pools/reload", post(reload_pools))
+        .route("/api/v1/admin/reconcile", post(run_reconcile))
+}
+
+/// One slot as nginx sees it.
+#[derive(Debug, Serialize)]
+pub struct Slot {
+    pub port: u16,
+    pub upstream: String,
+    pub env_id: String,
+    pub service: String,
+    pub generation: u64,
+    pub expires_ms: Option<u64>,
+    pub connections_total: u64,
+    pub connections_active: u64,
+    pub refused_total: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub last_activity_ms: u64,
+}
+
+/// One difference between the database and the table.
+#[derive(Debug, Serialize)]
+pub struct Mismatch {
+    pub port: u16,
+    /// `missing_in_table`, `differs` or `not_in_database`.
+    pub kind: &'static str,
+}
+
+/// `data` of `GET /api/v1/debug/routes`.
+#[derive(Debug, Serialize)]
+pub struct DebugRoutes {
+    pub table_path: String,
+    /// `null` when the table cannot be opened; then `table_error` says why.
+    pub header: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_error: Option<String>,
+    pub publisher_active_here: bool,
+    pub table: Vec<Slot>,
+    pub database: Vec<RouteRow>,
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// `GET /api/v1/debug/routes` (admin).
+async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResult<DebugRoutes> {
+    let rows = routes::all(&st.db).await?;
+    let wanted: BTreeMap<_, _> = rows.iter().filter(|r| r.active).filter_map(RouteRow::to_route).collect();
+    let (header, table_error, slots, have) = match st.table.get() {
+        Ok(t) => {
+            let h = t.header_info();
+            let header = serde_json::json!({
+                "generation": h.generation,
+                "heartbeat_ms": h.heartbeat_ms,
+                "writer_pid": h.writer_pid,
+            });
+            let mut slots = vec![];
+            let mut have = BTreeMap::new();
+            for (port, r) in t.routes() {
+                let c = t.counters(port);
+                have.insert(port, r);
+                slots.push(Slot {
+                    port,
+                    upstream: r.upstream.to_string(),
+                    env_id: r.env_id.to_string(),
+                    service: r.service.to_string(),
+                    generation: r.generation,
+                    expires_ms: r.expires_ms,
+                    connections_total: c.connections_total,
+                    connections_active: c.connections_active,
+                    refused_total: c.refused_total,
+                    bytes_in: c.bytes_in,
+                    bytes_out: c.bytes_out,
+                    last_activity_ms: c.last_activity_ms,
+                });
+            }
+            (Some(header), None, slots, have)
+        }
+        Err(e) => (None, Some(e.to_string()), vec![], BTreeMap::new()),
+    };
+    let mismatches = crate::routes::mismatches(&wanted, &have)
+        .into_iter()
+        .map(|(port, kind)| Mismatch { port, kind })
+        .collect();
+    Ok(ok(DebugRoutes {
+        table_path: st.table.path().display().to_string(),
+        header,
+        table_error,
+        publisher_active_here: st.publisher.active.load(std::sync::atomic::Ordering::Relaxed),
+        table: slots,
+        database: rows,
+        mismatches,
+    }))
+}
+
+/// Re-reads the configuration file (and environment) and re-syncs the pools. Pools may only
+/// grow within the ranges bound at start (what nginx listens on).
+pub async fn reload_pools_from_config(st: &AppState) -> Result<PoolSyncReport, ApiError> {
+    let fresh = Config::load(st.cfg.source.as_deref()).map_err(|e| ApiError::Validation(e.to_string()))?;
+    for (name, pool) in &fresh.pools {
+        let Some(bound) = st.cfg.pools.get(name).map(|p| p.bound()) else {
+            return Err(ApiError::Validation(format!(
+                "pool {name} is new; a new pool needs a restart (nginx must bind it)"
+            )));
+        };
+        if !bound.covers(&pool.range) {
+            return Err(ApiError::Validation(format!(
+                "pool {name}: range {} leaves the bound range {bound}",
+                pool.range
+            )));
+        }
+    }
+    match ports::sync_pools(&st.db, &fresh).await {
+        Ok(r) => Ok(r),
+        Err(e @ PoolSyncError::InUse { .. }) => Err(ApiError::Conflict(e.to_string())),
+        Err(PoolSyncError::Db(e)) => Err(e.into()),
+    }
+}
+
+/// `POST /api/v1/admin/pools/reload` (admin).
+async fn reload_pools(State(st): State<AppState>, _admin: Admin) -> ApiResult<PoolSyncReport> {
+    Ok(ok(reload_pools_from_config(&st).await?))
+}
+
+/// `POST /api/v1/admin/reconcile` (admin): one reconcile pass now.
+async fn run_reconcile(State(st): State<AppState>, _admin: Admin) -> ApiResult<Repairs> {
+    let r = reconcile::pass(&st).await.map_err(|e| ApiError::internal("reconcile", format!("{e:#}")))?;
+    Ok(ok(r))
+}

@@ -1,0 +1,238 @@
+//! `/api/v1/environments`: create, list, show, access, stop, start, delete.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use gpugate_routes::Service;
+use serde::{Deserialize, Serialize};
+
+use super::{Body, Caller};
+use crate::db::envs::{self, EnvRow};
+use crate::db::ports;
+use crate::error::{ok, ApiError, ApiResult, Success};
+use crate::lifecycle::{self, CreateSpec};
+use crate::state::{AppState, State as AppInner};
+
+/// The routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/environments", post(create_environment).get(list_environments))
+        .route("/api/v1/environments/{id}", get(get_environment).delete(delete_environment))
+        .route("/api/v1/environments/{id}/access", get(get_access))
+        .route("/api/v1/environments/{id}/stop", post(stop_environment))
+        .route("/api/v1/environments/{id}/start", post(start_environment))
+}
+
+/// Body of `POST /api/v1/environments`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnvironment {
+    /// Display name, 1 to 64 characters.
+    pub name: String,
+    /// Image (must be present on the Docker host); default from configuration.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Number of GPUs (default 0).
+    #[serde(default)]
+    pub gpus: Option<u32>,
+    /// Services (`ssh`, `jupyter`, `code`, `rdp`); default from configuration.
+    #[serde(default)]
+    pub services: Option<Vec<String>>,
+    /// OpenSSH public keys to authorise.
+    #[serde(default)]
+    pub ssh_public_keys: Option<Vec<String>>,
+}
+
+/// SSH access.
+#[derive(Debug, Serialize)]
+pub struct SshAccess {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: String,
+    pub command: String,
+}
+
+/// Jupyter access.
+#[derive(Debug, Serialize)]
+pub struct JupyterAccess {
+    pub url: String,
+    pub token: String,
+}
+
+/// code-server access.
+#[derive(Debug, Serialize)]
+pub struct CodeAccess {
+    pub url: String,
+    pub password: String,
+}
+
+/// RDP access.
+#[derive(Debug, Serialize)]
+pub struct RdpAccess {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: String,
+}
+
+/// Every endpoint of an environment (only the services it has).
+#[derive(Debug, Serialize)]
+pub struct AccessInfo {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshAccess>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jupyter: Option<JupyterAccess>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code_server: Option<CodeAccess>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdp: Option<RdpAccess>,
+}
+
+/// `data` of the access endpoint.
+#[derive(Debug, Serialize)]
+pub struct Access {
+    pub environment_id: String,
+    pub access_info: AccessInfo,
+}
+
+/// An environment as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct EnvironmentView {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+    pub services: Vec<String>,
+    /// Public port per service.
+    pub ports: BTreeMap<String, u16>,
+    pub gpus: Vec<i32>,
+    /// Whether the routes were seen live in the route table (create/start responses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes_live: Option<bool>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub access_info: AccessInfo,
+}
+
+fn host(st: &AppInner, id: &str, service: Service) -> String {
+    format!("{id}.{}.{}", service.as_str(), st.cfg.domain)
+}
+
+fn access_info(st: &AppInner, env: &EnvRow, held: &[(u16, Service)]) -> AccessInfo {
+    let mut info = AccessInfo { ssh: None, jupyter: None, code_server: None, rdp: None };
+    for (port, service) in held {
+        let h = host(st, &env.id, *service);
+        match service {
+            Service::Ssh => {
+                info.ssh = Some(SshAccess {
+                    command: format!("ssh -p {port} {}@{h}", env.username),
+                    host: h,
+                    port: *port,
+                    username: env.username.clone(),
+                    password: env.password.clone(),
+                })
+            }
+            Service::Jupyter => {
+                info.jupyter = Some(JupyterAccess { url: format!("https://{h}:{port}"), token: env.jupyter_token.clone() })
+            }
+            Service::Code => {
+                info.code_server = Some(CodeAccess { url: format!("https://{h}:{port}"), password: env.password.clone() })
+            }
+            Service::Rdp => {
+                info.rdp = Some(RdpAccess { host: h, port: *port, username: env.username.clone(), password: env.password.clone() })
+            }
+            Service::Other => {}
+        }
+    }
+    info
+}
+
+async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<EnvironmentView, ApiError> {
+    let held = ports::env_ports(st.db.pool(), &env.id).await?;
+    let access_info = access_info(st, &env, &held);
+    Ok(EnvironmentView {
+        ports: held.iter().map(|(p, s)| (s.as_str().to_string(), *p)).collect(),
+        access_info,
+        id: env.id,
+        name: env.name,
+        image: env.image,
+        status: env.status,
+        status_reason: env.status_reason,
+        services: env.services,
+        gpus: env.gpus,
+        routes_live,
+        created_at: env.created_at,
+        updated_at: env.updated_at,
+    })
+}
+
+async fn find(st: &AppInner, caller: &Caller, id: &str) -> Result<EnvRow, ApiError> {
+    if id.parse::<gpugate_routes::EnvId>().is_err() {
+        return Err(ApiError::env_not_found(id));
+    }
+    envs::get(st.db.pool(), id, Some(caller.0.id)).await?.ok_or_else(|| ApiError::env_not_found(id))
+}
+
+/// `POST /api/v1/environments` → 201 with the environment and its access information.
+async fn create_environment(
+    State(st): State<AppState>,
+    caller: Caller,
+    Body(req): Body<CreateEnvironment>,
+) -> ApiResult<EnvironmentView> {
+    let spec = CreateSpec {
+        name: req.name,
+        image: req.image,
+        gpus: req.gpus.unwrap_or(0),
+        services: req.services,
+        ssh_public_keys: req.ssh_public_keys.unwrap_or_default(),
+    };
+    let out = lifecycle::create(&st, &caller.0, spec).await?;
+    Ok(Success(StatusCode::CREATED, view(&st, out.env, Some(out.routes_live)).await?))
+}
+
+/// `GET /api/v1/environments` → the caller's environments.
+async fn list_environments(State(st): State<AppState>, caller: Caller) -> ApiResult<Vec<EnvironmentView>> {
+    let mut out = vec![];
+    for env in envs::list(&st.db, caller.0.id).await? {
+        out.push(view(&st, env, None).await?);
+    }
+    Ok(ok(out))
+}
+
+/// `GET /api/v1/environments/{id}`.
+async fn get_environment(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<EnvironmentView> {
+    let env = find(&st, &caller, &id).await?;
+    Ok(ok(view(&st, env, None).await?))
+}
+
+/// `GET /api/v1/environments/{id}/access` → the seed's access shape.
+async fn get_access(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Access> {
+    let env = find(&st, &caller, &id).await?;
+    let held = ports::env_ports(st.db.pool(), &env.id).await?;
+    Ok(ok(Access { access_info: access_info(&st, &env, &held), environment_id: env.id }))
+}
+
+/// `POST /api/v1/environments/{id}/stop`.
+async fn stop_environment(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<EnvironmentView> {
+    let out = lifecycle::stop(&st, &caller.0, &id).await?;
+    Ok(ok(view(&st, out.env, None).await?))
+}
+
+/// `POST /api/v1/environments/{id}/start`.
+async fn start_environment(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<EnvironmentView> {
+    let out = lifecycle::start(&st, &caller.0, &id).await?;
+    Ok(ok(view(&st, out.env, Some(out.routes_live)).await?))
+}
+
+/// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.
+async fn delete_environment(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+    let env = lifecycle::delete(&st, &caller.0, &id).await?;
+    Ok(ok(serde_json::json!({ "id": env.id, "status": env.status })))
+}

@@ -1,0 +1,82 @@
+//! The HTTP API: one router per resource, merged here, plus the extractors every handler
+//! shares (bearer-token auth, JSON bodies whose errors use the envelope).
+
+mod debug;
+pub use debug::reload_pools_from_config as reload_pools;
+mod environments;
+mod health;
+mod ports;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::header;
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+use crate::db::users::{self, User};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(environments::router())
+        .merge(ports::router())
+        .merge(debug::router())
+        .merge(health::router())
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .with_state(state)
+}
+
+/// The authenticated caller (`Authorization: Bearer <token>`).
+pub struct Caller(pub User);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let value = parts.headers.get(header::AUTHORIZATION).ok_or(ApiError::Unauthorized)?;
+        let value = value.to_str().map_err(|_| ApiError::Unauthorized)?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or(ApiError::Unauthorized)?;
+        let user = users::user_for_token(&st.db, token).await?.ok_or(ApiError::Unauthorized)?;
+        Ok(Caller(user))
+    }
+}
+
+/// An authenticated admin.
+pub struct Admin(pub User);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let Caller(user) = Caller::from_request_parts(parts, st).await?;
+        if !user.is_admin {
+            return Err(ApiError::Forbidden);
+        }
+        Ok(Admin(user))
+    }
+}
+
+/// A JSON body; malformed JSON is a 400, a body that does not fit the type is a 422, both in
+/// the envelope.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, st: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, st).await {
+            Ok(axum::Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::Validation(e.body_text())),
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::BadRequest(e.body_text())),
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                Err(ApiError::BadRequest("expected Content-Type: application/json".into()))
+            }
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}

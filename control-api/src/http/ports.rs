@@ -1,0 +1,21 @@
+//! `/api/v1/ports/stats`: pool figures per service.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+
+use super::Caller;
+use crate::db::ports::{self, PoolStats};
+use crate::error::{ok, ApiResult};
+use crate::state::AppState;
+
+/// The routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/ports/stats", get(get_port_stats))
+}
+
+/// `GET /api/v1/ports/stats` → per service: total, allocated, quarantined, available,
+/// reserved, utilisation.
+async fn get_port_stats(State(st): State<AppState>, _caller: Caller) -> ApiResult<Vec<PoolStats>> {
+    Ok(ok(ports::stats(&st.db).await?))
+}

@@ -1,0 +1,435 @@
+//! Environment lifecycle: create, stop, start, delete. Each step is undone in reverse when a
+//! later one fails; routes are removed before a container is stopped or removed; released
+//! ports go into quarantine.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use gpugate_routes::{EnvId, Route, Service};
+
+use crate::config::pool_service;
+use crate::db::envs::{self, status, EnvRow, NewEnv};
+use crate::db::{self, gpus, ports, routes, users::User};
+use crate::docker::{DockerError, WorkspaceSpec};
+use crate::error::ApiError;
+use crate::state::State;
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub name: String,
+    pub image: Option<String>,
+    pub gpus: u32,
+    pub services: Option<Vec<String>>,
+    pub ssh_public_keys: Vec<String>,
+}
+
+/// What a create, start or stop settled on.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The environment row after the operation.
+    pub env: EnvRow,
+    /// Whether the routes were seen live in the table within the wait (creates and starts).
+    pub routes_live: bool,
+}
+
+fn docker_error(e: DockerError) -> ApiError {
+    match e {
+        DockerError::ImageMissing(image) => ApiError::ImageNotFound(image),
+        DockerError::Connect(_) | DockerError::Timeout(_) => {
+            tracing::error!(error = %e, "Docker unavailable");
+            ApiError::Unavailable("Docker is unavailable".into())
+        }
+        other => ApiError::internal("Docker error", other),
+    }
+}
+
+fn validate(st: &State, spec: &CreateSpec) -> Result<(String, Vec<Service>), ApiError> {
+    let name = spec.name.trim();
+    if name.is_empty() {
+        return Err(ApiError::Validation("name must not be empty".into()));
+    }
+    let chars = name.chars().count();
+    if chars > 64 {
+        return Err(ApiError::Validation(format!("name is {chars} characters, at most 64 allowed")));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::Validation("name must not contain control characters".into()));
+    }
+    let image = spec.image.clone().unwrap_or_else(|| st.cfg.docker.default_image.clone());
+    if image.is_empty() || image.len() > 255 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::Validation(format!("image \"{image}\" is not a valid image reference")));
+    }
+    let names = spec.services.clone().unwrap_or_else(|| st.cfg.default_services.clone());
+    if names.is_empty() {
+        return Err(ApiError::Validation("services must name at least one service".into()));
+    }
+    let mut services = vec![];
+    for n in &names {
+        let svc = pool_service(n).map_err(ApiError::Validation)?;
+        if !st.cfg.pools.contains_key(svc.as_str()) {
+            return Err(ApiError::Validation(format!("service {n} is not offered here (no port pool)")));
+        }
+        if services.contains(&svc) {
+            return Err(ApiError::Validation(format!("service {n} is listed twice")));
+        }
+        services.push(svc);
+    }
+    let total = st.cfg.gpu.devices.len();
+    if spec.gpus as usize > total {
+        return Err(ApiError::Validation(format!(
+            "{} GPUs requested, this host has {total}",
+            spec.gpus
+        )));
+    }
+    if spec.ssh_public_keys.len() > 32 {
+        return Err(ApiError::Validation("at most 32 ssh_public_keys".into()));
+    }
+    for key in &spec.ssh_public_keys {
+        let kind = key.split_whitespace().next().unwrap_or("");
+        let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+        if !known || key.len() > 16384 || key.contains('\n') || key.split_whitespace().count() < 2 {
+            return Err(ApiError::Validation(
+                "ssh_public_keys must be single-line OpenSSH public keys (\"ssh-ed25519 AAAA... comment\")".into(),
+            ));
+        }
+    }
+    Ok((image, services))
+}
+
+/// Creates an environment: allocate ports and GPUs, create and start the container, commit
+/// the routes, wait until they are live.
+pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome, ApiError> {
+    let started = Instant::now();
+    let (image, services) = validate(st, &spec)?;
+    // Before anything changes: an image that is not here is a 422 naming it.
+    st.docker.image_exists(&image).await.map_err(docker_error)?;
+
+    let id = crate::ids::env_id();
+    let password = crate::ids::secret();
+    let token = crate::ids::secret();
+    let service_names: Vec<String> = services.iter().map(|s| s.as_str().to_string()).collect();
+
+    // Step 1: one transaction allocates everything, or nothing.
+    let t = Instant::now();
+    let mut tx = st.db.begin().await?;
+    envs::insert_creating(
+        &mut tx,
+        &NewEnv {
+            id: &id,
+            owner_id: user.id,
+            name: spec.name.trim(),
+            image: &image,
+            services: &service_names,
+            username: &st.cfg.docker.username,
+            password: &password,
+            jupyter_token: &token,
+            ssh_public_keys: &spec.ssh_public_keys,
+            instance: st.instance,
+        },
+    )
+    .await?;
+    let mut allocated: Vec<(u16, Service)> = vec![];
+    for svc in &services {
+        match ports::allocate(&mut tx, *svc, &id).await? {
+            Some(port) => allocated.push((port, *svc)),
+            None => {
+                tx.rollback().await?;
+                st.metrics.allocation_failures.with_label_values(&[svc.as_str()]).inc();
+                st.metrics.creates.with_label_values(&["pool_exhausted"]).inc();
+                return Err(ApiError::PoolExhausted(*svc));
+            }
+        }
+    }
+    let gpu_list = gpus::allocate(&mut tx, &id, spec.gpus).await?;
+    if gpu_list.len() < spec.gpus as usize {
+        tx.rollback().await?;
+        st.metrics.creates.with_label_values(&["gpus_unavailable"]).inc();
+        return Err(ApiError::GpusUnavailable(format!(
+            "{} GPUs requested, {} free",
+            spec.gpus,
+            gpu_list.len()
+        )));
+    }
+    envs::set_gpus(&mut tx, &id, &gpu_list).await?;
+    let detail = serde_json::json!({
+        "ports": allocated.iter().map(|(p, s)| serde_json::json!({"port": p, "service": s.as_str()})).collect::<Vec<_>>(),
+        "gpus": gpu_list,
+        "image": image,
+        "owner": user.name,
+    });
+    db::event(&mut *tx, Some(&id), "created", detail).await?;
+    tx.commit().await?;
+    st.metrics.create_step_seconds.with_label_values(&["database"]).observe(t.elapsed().as_secs_f64());
+    tracing::info!(env_id = %id, ports = ?allocated, gpus = ?gpu_list, "environment allocated");
+    st.crash_point("after_allocate");
+
+    // Step 2: Docker create.
+    let t = Instant::now();
+    let ws = WorkspaceSpec {
+        env_id: &id,
+        image: &image,
+        services: &allocated,
+        gpus: &gpu_list,
+        username: &st.cfg.docker.username,
+        password: &password,
+        jupyter_token: &token,
+        ssh_public_keys: &spec.ssh_public_keys,
+    };
+    let created = if st.fail_point("docker_create") {
+        Err(DockerError::Create("fault injection: docker_create".into()))
+    } else {
+        st.docker.create(&ws).await
+    };
+    let container = match created {
+        Ok(c) => c,
+        Err(e) => return Err(fail_create(st, &id, None, false, docker_error(e)).await),
+    };
+    envs::set_container(st.db.pool(), &id, &container).await?;
+    st.metrics.create_step_seconds.with_label_values(&["docker_create"]).observe(t.elapsed().as_secs_f64());
+    st.crash_point("after_docker_create");
+
+    // Step 3: Docker start, and read the published addresses back.
+    let t = Instant::now();
+    let upstreams = match start_and_read(st, &container, &allocated).await {
+        Ok(u) => u,
+        Err(e) => return Err(fail_create(st, &id, Some(&container), false, e).await),
+    };
+    st.metrics.create_step_seconds.with_label_values(&["docker_start"]).observe(t.elapsed().as_secs_f64());
+    st.crash_point("after_docker_start");
+
+    // Step 4: commit the routes and the running state; the publisher writes the slots.
+    let t = Instant::now();
+    let committed = commit_routes(st, &id, &container, &upstreams).await;
+    let wanted = match committed {
+        Ok(w) => w,
+        Err(e) => return Err(fail_create(st, &id, Some(&container), true, e).await),
+    };
+    st.crash_point("after_routes_commit");
+    let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
+    st.metrics.create_step_seconds.with_label_values(&["route_write"]).observe(t.elapsed().as_secs_f64());
+    if !live {
+        tracing::warn!(env_id = %id, "routes not live in the table within {} ms", st.cfg.route_wait_ms);
+        let _ = st.db.event(Some(&id), "routes_not_live", serde_json::json!({"wait_ms": st.cfg.route_wait_ms})).await;
+    }
+    st.metrics.create_step_seconds.with_label_values(&["total"]).observe(started.elapsed().as_secs_f64());
+    st.metrics.creates.with_label_values(&["ok"]).inc();
+    let env = envs::get(st.db.pool(), &id, None).await?.ok_or_else(|| ApiError::env_not_found(&id))?;
+    tracing::info!(env_id = %id, container = %container, "environment running");
+    Ok(Outcome { env, routes_live: live })
+}
+
+async fn start_and_read(
+    st: &State,
+    container: &str,
+    allocated: &[(u16, Service)],
+) -> Result<Vec<(u16, Service, SocketAddr)>, ApiError> {
+    st.docker.start(container).await.map_err(docker_error)?;
+    st.docker.upstreams(container, allocated).await.map_err(docker_error)
+}
+
+/// Commits routes with a new generation and marks the environment running; returns the
+/// routes the table must then hold.
+async fn commit_routes(
+    st: &State,
+    id: &str,
+    container: &str,
+    upstreams: &[(u16, Service, SocketAddr)],
+) -> Result<Vec<(u16, Route)>, ApiError> {
+    if st.fail_point("route_write") {
+        return Err(ApiError::internal("route write", "fault injection: route_write"));
+    }
+    let env_id: EnvId = id.parse().map_err(|e| ApiError::internal("environment id", e))?;
+    let mut tx = st.db.begin().await?;
+    let generation = envs::next_generation(&mut tx, id).await?;
+    routes::put(&mut tx, id, generation, upstreams).await?;
+    envs::settle(&mut *tx, id, status::RUNNING, None, Some(container)).await?;
+    let detail = serde_json::json!({
+        "container": container,
+        "generation": generation,
+        "routes": upstreams.iter().map(|(p, s, u)| serde_json::json!({"port": p, "service": s.as_str(), "upstream": u.to_string()})).collect::<Vec<_>>(),
+    });
+    db::event(&mut *tx, Some(id), "container_started", detail).await?;
+    tx.commit().await?;
+    let generation = u64::try_from(generation).unwrap_or(0);
+    Ok(upstreams
+        .iter()
+        .map(|(port, service, upstream)| {
+            (*port, Route { upstream: *upstream, env_id, service: *service, generation, expires_ms: None })
+        })
+        .collect())
+}
+
+/// Undoes a failed create in reverse and returns the error to report. If the undo itself
+/// fails, the environment is left in `creating` without an operating instance, and the
+/// reconciler finishes the undo.
+async fn fail_create(st: &State, id: &str, container: Option<&str>, routed: bool, err: ApiError) -> ApiError {
+    st.metrics.creates.with_label_values(&["failed"]).inc();
+    tracing::warn!(env_id = %id, error = %err, "create failed; undoing");
+    let reason = format!("create failed: {err}");
+    if let Err(e) = undo_create(st, id, container, routed, &reason).await {
+        tracing::error!(env_id = %id, error = %e, "undo of a failed create failed; the reconciler will finish it");
+        let _ = sqlx::query("UPDATE environments SET op_instance = NULL WHERE id = $1")
+            .bind(id)
+            .execute(st.db.pool())
+            .await;
+    }
+    err
+}
+
+/// Removes routes, then the container, then releases ports (into quarantine if routes were
+/// ever committed) and GPUs, and marks the environment deleted with `reason`.
+pub async fn undo_create(
+    st: &State,
+    id: &str,
+    container: Option<&str>,
+    routed: bool,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let held = ports::env_ports(st.db.pool(), id).await?;
+    if routes::delete_env(st.db.pool(), id).await? > 0 || routed {
+        let ports: Vec<u16> = held.iter().map(|(p, _)| *p).collect();
+        st.table.wait_gone(&ports, id, Duration::from_millis(st.cfg.route_wait_ms)).await;
+    }
+    remove_containers(st, id, container).await?;
+    let mut tx = st.db.begin().await?;
+    let q = if routed { st.cfg.quarantine_s } else { 0 };
+    let released = ports::release_env(&mut *tx, id, q).await?;
+    gpus::release_env(&mut *tx, id).await?;
+    envs::settle(&mut *tx, id, status::DELETED, Some(reason), None).await?;
+    db::event(&mut *tx, Some(id), "create_undone", serde_json::json!({"ports_released": released, "reason": reason})).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Removes the environment's container: the known id, and any other container labelled with
+/// the environment (a crash between create and recording the id).
+async fn remove_containers(st: &State, id: &str, known: Option<&str>) -> Result<(), DockerError> {
+    if let Some(c) = known {
+        st.docker.remove(c).await?;
+    }
+    for c in st.docker.list_managed().await?.into_iter().filter(|c| c.env_id == id) {
+        st.docker.remove(&c.id).await?;
+    }
+    Ok(())
+}
+
+/// Claims an environment for an operation, or explains why not (404 / 409).
+async fn claim(st: &State, user: &User, id: &str, from: &[&str], to: &str, verb: &str) -> Result<EnvRow, ApiError> {
+    if id.parse::<EnvId>().is_err() {
+        return Err(ApiError::env_not_found(id));
+    }
+    if let Some(env) = envs::claim(&st.db, id, Some(user.id), from, to, st.instance).await? {
+        return Ok(env);
+    }
+    match envs::get(st.db.pool(), id, Some(user.id)).await? {
+        None => Err(ApiError::env_not_found(id)),
+        Some(env) if env.op_instance.is_some() => Err(ApiError::Conflict(format!(
+            "environment {id} is busy ({}); try again",
+            env.status
+        ))),
+        Some(env) => Err(ApiError::Conflict(format!("cannot {verb} environment {id}: it is {}", env.status))),
+    }
+}
+
+/// Deletes an environment: routes first, then the container, then ports into quarantine.
+pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiError> {
+    let started = Instant::now();
+    let from = [status::RUNNING, status::STOPPED, status::FAILED, status::CREATING];
+    let env = match claim(st, user, id, &from, status::DELETING, "delete").await {
+        Ok(env) => env,
+        Err(e) => {
+            st.metrics.deletes.with_label_values(&["refused"]).inc();
+            return Err(e);
+        }
+    };
+    match finish_delete(st, &env).await {
+        Ok(()) => {
+            st.metrics.deletes.with_label_values(&["ok"]).inc();
+            st.metrics.port_release_seconds.with_label_values(&["delete"]).observe(started.elapsed().as_secs_f64());
+            let mut env = env;
+            env.status = status::DELETED.into();
+            Ok(env)
+        }
+        Err(e) => {
+            st.metrics.deletes.with_label_values(&["failed"]).inc();
+            // Leave it in `deleting` without an operator: the reconciler finishes it.
+            let _ = sqlx::query("UPDATE environments SET op_instance = NULL WHERE id = $1")
+                .bind(id)
+                .execute(st.db.pool())
+                .await;
+            Err(ApiError::internal("delete", format!("{e:#}")))
+        }
+    }
+}
+
+/// The delete steps after the claim (also used by the reconciler).
+pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
+    let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
+    routes::delete_env(st.db.pool(), &env.id).await?;
+    if !st.table.wait_gone(&held, &env.id, Duration::from_millis(st.cfg.route_wait_ms)).await {
+        tracing::warn!(env_id = %env.id, "routes still in the table after {} ms; removing the container anyway", st.cfg.route_wait_ms);
+    }
+    remove_containers(st, &env.id, env.container_id.as_deref()).await?;
+    st.crash_point("after_container_removed");
+    let mut tx = st.db.begin().await?;
+    let released = ports::release_env(&mut *tx, &env.id, st.cfg.quarantine_s).await?;
+    gpus::release_env(&mut *tx, &env.id).await?;
+    envs::settle(&mut *tx, &env.id, status::DELETED, None, None).await?;
+    db::event(&mut *tx, Some(&env.id), "deleted", serde_json::json!({"ports_quarantined": released, "container": env.container_id})).await?;
+    tx.commit().await?;
+    tracing::info!(env_id = %env.id, ports = ?released, "environment deleted");
+    Ok(())
+}
+
+/// Stops an environment: routes disabled first (connections refused), then the container
+/// stops. Ports and addresses are kept.
+pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
+    let env = claim(st, user, id, &[status::RUNNING], status::STOPPED, "stop").await?;
+    let result: anyhow::Result<()> = async {
+        routes::deactivate(st.db.pool(), &env.id).await?;
+        let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
+        st.table.wait_gone(&held, &env.id, Duration::from_millis(st.cfg.route_wait_ms)).await;
+        if let Some(c) = &env.container_id {
+            st.docker.stop(c).await?;
+        }
+        envs::settle(st.db.pool(), &env.id, status::STOPPED, None, None).await?;
+        st.db.event(Some(&env.id), "stopped", serde_json::json!({})).await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        // Stopped in the database with routes disabled; the reconciler stops the container.
+        let _ = envs::settle(st.db.pool(), &env.id, status::STOPPED, Some("stop incomplete"), None).await;
+        return Err(ApiError::internal("stop", format!("{e:#}")));
+    }
+    let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
+    Ok(Outcome { env, routes_live: false })
+}
+
+/// Starts a stopped environment on the same ports; the routes come back with a new
+/// generation and the container's (possibly new) published addresses.
+pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
+    let env = claim(st, user, id, &[status::STOPPED], status::STOPPED, "start").await?;
+    let held = ports::env_ports(st.db.pool(), &env.id).await?;
+    let result: Result<Vec<(u16, Route)>, ApiError> = async {
+        let container = env.container_id.clone().ok_or_else(|| ApiError::Conflict("environment has no container".into()))?;
+        let upstreams = start_and_read(st, &container, &held).await?;
+        commit_routes(st, &env.id, &container, &upstreams).await
+    }
+    .await;
+    let wanted = match result {
+        Ok(w) => w,
+        Err(e) => {
+            let reason = format!("start failed: {e}");
+            let _ = envs::settle(st.db.pool(), &env.id, status::STOPPED, Some(&reason), None).await;
+            if let Some(c) = &env.container_id {
+                let _ = st.docker.stop(c).await;
+            }
+            return Err(e);
+        }
+    };
+    let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
+    let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
+    Ok(Outcome { env, routes_live: live })
+}

@@ -1,0 +1,134 @@
+//! `gpugate-api`: parse the command line and configuration, start logging, run.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gpugate_api::app::{self, Mode};
+use gpugate_api::config::Config;
+
+/// The gpugate control plane: REST API, port pools, workspaces, route publisher.
+///
+/// Configuration comes from a TOML file (--config or GPUGATE_CONFIG; see gpugate.example.toml)
+/// and environment variables, which override the file (DATABASE_URL, GPUGATE_LISTEN, ...).
+#[derive(Parser)]
+#[command(name = "gpugate-api", version)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, env = "GPUGATE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API, its publisher and reconciler (the default).
+    Serve {
+        /// Do not run a publisher in this process.
+        #[arg(long)]
+        no_publisher: bool,
+    },
+    /// Run only the publisher: keep the route table equal to the database.
+    Publish,
+    /// Print the wildcard DNS records to create for the configured domain.
+    Dns {
+        /// The gateway's public address (default: gateway_address from the configuration).
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the effective configuration (secrets redacted) and exit.
+    CheckConfig,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for a user (created if missing) and print it once.
+    Create {
+        /// The user's name.
+        #[arg(long)]
+        user: String,
+        /// Make the user an admin.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GPUGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Serve { no_publisher: false }) {
+        Command::Serve { no_publisher } => serve(cfg, Mode::Api { publisher: !no_publisher }).await,
+        Command::Publish => serve(cfg, Mode::PublishOnly).await,
+        Command::Dns { address } => {
+            let addr = address.or(cfg.gateway_address).context(
+                "no gateway address: pass --address or set gateway_address / GPUGATE_GATEWAY_ADDRESS",
+            )?;
+            let kind = if addr.is_ipv4() { "A" } else { "AAAA" };
+            for (service, _) in cfg.services() {
+                println!("*.{}.{}. 300 IN {kind} {addr}", service.as_str(), cfg.domain);
+            }
+            Ok(())
+        }
+        Command::Token { command: TokenCommand::Create { user, admin } } => {
+            let db = gpugate_api::db::Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
+            db.migrate().await?;
+            let (u, token) = gpugate_api::db::users::create_token(&db, &user, admin)
+                .await
+                .with_context(|| format!("creating a token for {user}"))?;
+            eprintln!("token for {}{} (shown once):", u.name, if u.is_admin { " (admin)" } else { "" });
+            println!("{token}");
+            Ok(())
+        }
+        Command::Migrate => {
+            let db = gpugate_api::db::Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
+            db.migrate().await?;
+            eprintln!("migrations applied");
+            Ok(())
+        }
+        Command::CheckConfig => {
+            println!("{cfg:#?}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<()> {
+    let running = app::start(cfg, mode).await?;
+    let state = running.state.clone();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if let Some(st) = &state {
+                    match gpugate_api::http::reload_pools(st).await {
+                        Ok(r) => tracing::info!(?r, "SIGHUP: pools reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: pool reload refused"),
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! Database rows to route-table slots: the publisher (the table's one writer) and the read
+//! view the API uses to wait for routes and to show the table.
+//!
+//! The publisher takes the table's `flock` (among several API processes on one host, the lock
+//! elects one; the others stand by and poll it), re-syncs the whole table from the `routes`
+//! table, then applies each committed change announced on `LISTEN gpugate_routes`. Every
+//! reconcile pass asks it for another whole re-sync, so a missed notification costs at most one
+//! interval. Only this module writes the table.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gpugate_routes::{Error as TableError, LockMode, Lookup, Route, Table, Writer};
+use sqlx::postgres::PgListener;
+use tokio::sync::{watch, Notify};
+
+use crate::db::{self, Db};
+use crate::metrics::Metrics;
+
+/// How often a standby publisher tries the lock.
+const STANDBY_POLL: Duration = Duration::from_millis(100);
+
+/// What the publisher is doing, for health checks and the debug view.
+#[derive(Debug, Default)]
+pub struct PublisherStatus {
+    /// Whether this process holds the writer lock and has synced.
+    pub active: AtomicBool,
+    /// When the last whole-table sync finished (unix ms).
+    pub last_sync_ms: AtomicU64,
+    /// Whole-table syncs done.
+    pub syncs: AtomicU64,
+}
+
+/// Handle to ask the running publisher for a whole-table re-sync.
+#[derive(Clone, Default)]
+pub struct Resync(Arc<Notify>);
+
+impl Resync {
+    /// Asks for a re-sync (coalesced with any pending one).
+    pub fn request(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// The table's single writer.
+pub struct Publisher {
+    db: Db,
+    path: PathBuf,
+    metrics: Metrics,
+    status: Arc<PublisherStatus>,
+    resync: Resync,
+}
+
+impl Publisher {
+    /// A publisher for the table at `path`.
+    pub fn new(db: Db, path: &Path, metrics: Metrics, status: Arc<PublisherStatus>, resync: Resync) -> Self {
+        Publisher { db, path: path.to_owned(), metrics, status, resync }
+    }
+
+    /// Runs until `shutdown` turns true: stands by for the lock, then publishes; on any error
+    /// lets go of the lock (another process may take over) and starts again.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let Some(writer) = self.acquire(&mut shutdown).await else { return };
+            let result = self.serve(writer, &mut shutdown).await;
+            self.status.active.store(false, Ordering::Relaxed);
+            self.metrics.publisher_active.set(0);
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "publisher stopped; letting go of the table");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn acquire(&self, shutdown: &mut watch::Receiver<bool>) -> Option<Writer> {
+        let mut last_cause: Option<String> = None;
+        loop {
+            if *shutdown.borrow() {
+                return None;
+            }
+            let path = self.path.clone();
+            let opened = tokio::task::spawn_blocking(move || Writer::open(&path, LockMode::NoWait)).await;
+            match opened {
+                Ok(Ok(w)) => {
+                    tracing::info!(table = %self.path.display(), "publisher holds the route table");
+                    return Some(w);
+                }
+                Ok(Err(e)) => {
+                    // Log each cause once, not every poll.
+                    let cause = match &e {
+                        TableError::Locked { holder, .. } => format!("locked:{holder:?}"),
+                        other => other.cause().to_string(),
+                    };
+                    if last_cause.as_deref() != Some(&cause) {
+                        if matches!(e, TableError::Locked { .. }) {
+                            tracing::info!("publisher standing by: {e}");
+                        } else {
+                            tracing::error!("publisher cannot open the route table: {e}");
+                        }
+                        last_cause = Some(cause);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "publisher open task failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(STANDBY_POLL) => {}
+                _ = shutdown.changed() => return None,
+            }
+        }
+    }
+
+    async fn serve(&self, mut writer: Writer, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut listener = PgListener::connect_with(self.db.pool()).await?;
+        listener.listen(db::routes::CHANNEL).await?;
+        // Listening before the first sync: nothing committed in between is missed.
+        self.full_sync(&mut writer).await?;
+        self.status.active.store(true, Ordering::Relaxed);
+        self.metrics.publisher_active.set(1);
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                _ = self.resync.0.notified() => { self.full_sync(&mut writer).await?; }
+                _ = heartbeat.tick() => writer.heartbeat(),
+                n = listener.try_recv() => match n? {
+                    Some(first) => {
+                        let mut ports = vec![first.payload().to_string()];
+                        while let Some(more) = listener.next_buffered() {
+                            ports.push(more.payload().to_string());
+                        }
+                        let ports: Vec<u16> = ports.iter().filter_map(|p| p.parse().ok()).collect();
+                        self.apply(&mut writer, &ports).await?;
+                    }
+                    None => {
+                        // The listening connection dropped (and reconnects): re-sync to cover
+                        // whatever was announced meanwhile.
+                        tracing::warn!("route notifications interrupted; re-syncing the table");
+                        self.full_sync(&mut writer).await?;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn apply(&self, writer: &mut Writer, ports: &[u16]) -> anyhow::Result<()> {
+        let mut ports = ports.to_vec();
+        ports.sort_unstable();
+        ports.dedup();
+        let wanted = db::routes::desired_ports(&self.db, &ports).await?;
+        for port in ports {
+            match wanted.get(&port) {
+                Some(route) => {
+                    if writer.set(port, route)? {
+                        self.metrics.route_writes.with_label_values(&["set"]).inc();
+                        tracing::debug!(port, env_id = %route.env_id, generation = route.generation, "route set");
+                    }
+                }
+                None => {
+                    if writer.remove(port)? {
+                        self.metrics.route_writes.with_label_values(&["remove"]).inc();
+                        tracing::debug!(port, "route removed");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn full_sync(&self, writer: &mut Writer) -> anyhow::Result<()> {
+        let wanted = db::routes::desired(&self.db).await?;
+        let report = writer.sync(&wanted)?;
+        self.metrics.route_writes.with_label_values(&["sync_set"]).inc_by(report.written as u64);
+        self.metrics.route_writes.with_label_values(&["sync_remove"]).inc_by(report.removed as u64);
+        // A difference found by a whole sync is a repair: notifications should have kept the
+        // table equal to the database.
+        self.metrics.repaired("table_route_written", report.written as u64);
+        self.metrics.repaired("table_route_removed", report.removed as u64);
+        if report.written + report.removed > 0 {
+            tracing::info!(written = report.written, removed = report.removed, routes = wanted.len(), "route table re-synced");
+            let detail = serde_json::json!({ "written": report.written, "removed": report.removed });
+            if let Err(e) = self.db.event(None, "table_resynced", detail).await {
+                tracing::warn!(error = %e, "recording re-sync event");
+            }
+        }
+        self.status.last_sync_ms.store(gpugate_routes::now_ms(), Ordering::Relaxed);
+        self.status.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The API's read-only view of the table (opened when the file exists).
+pub struct TableView {
+    path: PathBuf,
+    table: Mutex<Option<Arc<Table>>>,
+}
+
+impl TableView {
+    /// A view of the table at `path`.
+    pub fn new(path: &Path) -> TableView {
+        TableView { path: path.to_owned(), table: Mutex::new(None) }
+    }
+
+    /// The path of the table.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The mapped table, opening it on first use; an error if it is missing or invalid.
+    pub fn get(&self) -> Result<Arc<Table>, TableError> {
+        let mut guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = guard.as_ref() {
+            t.validate()?;
+            return Ok(t.clone());
+        }
+        let t = Arc::new(Table::open_read_only(&self.path)?);
+        *guard = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Waits until every `(port, route)` is live in the table with that route's generation
+    /// and upstream; false on time-out.
+    pub async fn wait_live(&self, routes: &[(u16, Route)], timeout: Duration) -> bool {
+        self.wait(timeout, |t| {
+            let now = gpugate_routes::now_ms();
+            routes.iter().all(|(port, want)| {
+                matches!(t.lookup(*port, now), Lookup::Live(r) if r.generation == want.generation
+                    && r.upstream == want.upstream && r.env_id == want.env_id)
+            })
+        })
+        .await
+    }
+
+    /// Waits until none of `ports` routes to `env_id`; false on time-out.
+    pub async fn wait_gone(&self, ports: &[u16], env_id: &str, timeout: Duration) -> bool {
+        self.wait(timeout, |t| {
+            let now = gpugate_routes::now_ms();
+            ports.iter().all(|port| match t.lookup(*port, now) {
+                Lookup::Live(r) | Lookup::Expired(r) => r.env_id.as_str() != env_id,
+                Lookup::Absent => true,
+                Lookup::Busy => false,
+            })
+        })
+        .await
+    }
+
+    async fn wait(&self, timeout: Duration, done: impl Fn(&Table) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(t) = self.get() {
+                if done(&t) {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// A routes map for tests and tools: `desired` minus what the table holds, and the reverse.
+pub fn mismatches(
+    wanted: &BTreeMap<u16, Route>,
+    table: &BTreeMap<u16, Route>,
+) -> Vec<(u16, &'static str)> {
+    let mut out = vec![];
+    for (port, want) in wanted {
+        match table.get(port) {
+            None => out.push((*port, "missing_in_table")),
+            Some(have) if have != want => out.push((*port, "differs")),
+            Some(_) => {}
+        }
+    }
+    for port in table.keys() {
+        if !wanted.contains_key(port) {
+            out.push((*port, "not_in_database"));
+        }
+    }
+    out.sort_unstable();
+    out
+}

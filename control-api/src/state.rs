@@ -1,0 +1,47 @@
+//! The state shared by handlers, the lifecycle, the reconciler and the publisher.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::docker::DockerClient;
+use crate::metrics::Metrics;
+use crate::routes::{PublisherStatus, Resync, TableView};
+
+/// Everything a request needs; cheap to clone.
+pub type AppState = Arc<State>;
+
+/// See [`AppState`].
+pub struct State {
+    /// Configuration read at start (pools may be re-synced from a re-read file).
+    pub cfg: Arc<Config>,
+    /// The database.
+    pub db: Db,
+    /// The Docker engine.
+    pub docker: DockerClient,
+    /// Metrics of this process.
+    pub metrics: Metrics,
+    /// Read view of the route table.
+    pub table: Arc<TableView>,
+    /// The publisher's state in this process.
+    pub publisher: Arc<PublisherStatus>,
+    /// Asks this process's publisher for a whole-table re-sync.
+    pub resync: Resync,
+    /// This process's instance id (its liveness lock key).
+    pub instance: i64,
+}
+
+impl State {
+    /// Aborts the process if the testing fault `crash:<point>` is armed (crash-safety tests).
+    pub fn crash_point(&self, point: &str) {
+        if self.cfg.fault_is("crash", point) {
+            tracing::warn!(point, "fault injection: aborting the process");
+            std::process::abort();
+        }
+    }
+
+    /// Whether the testing fault `fail:<point>` is armed.
+    pub fn fail_point(&self, point: &str) -> bool {
+        self.cfg.fault_is("fail", point)
+    }
+}
