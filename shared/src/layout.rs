@@ -6,11 +6,11 @@
 //!   8  version          u32  LAYOUT_VERSION
 //!  12  header_size      u32  4096
 //!  16  port_slots       u32  65536 (one per TCP port, index = local port)
-//!  20  slot_size        u32  64
+//!  20  slot_size        u32  128
 //!  24  counter_size     u32  64
 //!  28  host_slots       u32  0 (reserved: hostname-keyed region for TLS SNI routing)
 //!  32  ports_offset     u64  4096
-//!  40  counters_offset  u64  4096 + 65536 * 64
+//!  40  counters_offset  u64  4096 + 65536 * 128
 //!  48  hosts_offset     u64  0 (reserved, see host_slots)
 //!  56  file_size        u64  total bytes the layout needs
 //!  64  generation       u64  bumped by the writer on every change
@@ -18,7 +18,7 @@
 //!  80  writer_pid       u32  pid of the process holding the writer lock
 //!  84  (reserved, zero)
 //!
-//! ports_offset       PortSlot[65536]     (64 bytes each, seqlock-guarded route)
+//! ports_offset       PortSlot[65536]     (128 bytes each: sequence + two copies of the route)
 //! counters_offset    CounterSlot[65536]  (64 bytes each, atomics added by nginx workers)
 //! ```
 //!
@@ -38,8 +38,8 @@ pub const LAYOUT_VERSION: u32 = 1;
 pub const HEADER_SIZE: usize = 4096;
 /// One slot per TCP port number, indexed by the port itself (slot 0 is never used).
 pub const PORT_SLOTS: usize = 65536;
-/// Size of a [`PortSlot`]: one cache line.
-pub const SLOT_SIZE: usize = 64;
+/// Size of a [`PortSlot`]: two cache lines.
+pub const SLOT_SIZE: usize = 128;
 /// Size of a [`CounterSlot`]: one cache line.
 pub const COUNTER_SIZE: usize = 64;
 /// Offset of the first port slot.
@@ -69,13 +69,10 @@ pub struct Header {
     pub reserved: AtomicU32,
 }
 
-/// One route, guarded by its sequence number (see [`crate::seqlock`]).
-///
-/// `meta` packs: bit 0 = live, bits 8..16 = service code, bits 16..24 = address family (4 or 6).
-#[repr(C, align(64))]
-pub struct PortSlot {
-    /// Seqlock sequence: odd while the writer is inside the slot.
-    pub seq: AtomicU64,
+/// The words of one route. `meta` packs: bit 0 = live, bits 8..16 = service code,
+/// bits 16..24 = address family (4 or 6).
+#[repr(C)]
+pub struct RouteWords {
     pub meta: AtomicU32,
     /// Upstream TCP port (low 16 bits).
     pub upstream_port: AtomicU32,
@@ -87,6 +84,16 @@ pub struct PortSlot {
     pub generation: AtomicU64,
     /// Expiry, unix milliseconds; 0 = never.
     pub expires_ms: AtomicU64,
+}
+
+/// One port's route: a sequence number and two copies of the route (a "latch" seqlock, see
+/// [`crate::seqlock`]): readers read the copy the sequence's low bit names, so a writer
+/// stalled or killed mid-write never makes readers wait.
+#[repr(C, align(64))]
+pub struct PortSlot {
+    /// Sequence: bumped twice per write; its low bit names the copy readers use.
+    pub seq: AtomicU64,
+    pub copies: [RouteWords; 2],
 }
 
 /// Per-port traffic counters, added to by nginx workers (never seqlock-guarded: each field is
@@ -119,9 +126,11 @@ const _: () = {
     assert!(std::mem::size_of::<CounterSlot>() == COUNTER_SIZE);
     assert!(std::mem::offset_of!(Header, generation) == 64);
     assert!(std::mem::offset_of!(Header, writer_pid) == 80);
-    assert!(std::mem::offset_of!(PortSlot, addr) == 16);
-    assert!(std::mem::offset_of!(PortSlot, env_id) == 32);
-    assert!(std::mem::offset_of!(PortSlot, expires_ms) == 56);
+    assert!(std::mem::size_of::<RouteWords>() == 56);
+    assert!(std::mem::offset_of!(PortSlot, copies) == 8);
+    assert!(std::mem::offset_of!(RouteWords, addr) == 8);
+    assert!(std::mem::offset_of!(RouteWords, env_id) == 24);
+    assert!(std::mem::offset_of!(RouteWords, expires_ms) == 48);
     assert!(PORTS_OFFSET % 64 == 0 && COUNTERS_OFFSET % 64 == 0);
 };
 

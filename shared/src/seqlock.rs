@@ -1,56 +1,82 @@
 //! The per-slot sequence lock: one writer, any number of lock-free readers in other processes.
 //!
-//! Write protocol (the single writer, holding the file's `flock`):
-//! 1. `seq.store(s + 1, Relaxed)` — the slot is now odd ("writer inside").
-//! 2. `fence(Release)` — orders step 1 before every data store of step 3.
-//! 3. store each data word with `Relaxed`.
-//! 4. `seq.store(s + 2, Release)` — even again; publishes the data stores.
+//! It is the "latch" form of a seqlock: each slot holds two copies of its route, and the low
+//! bit of the sequence names the copy readers use. The writer always writes the copy readers
+//! are *not* using, so a writer that is preempted (or killed) in the middle of a write never
+//! makes a reader wait or fail: readers keep reading the other, whole copy. (A plain seqlock
+//! made nginx refuse connections whenever the writer thread was descheduled mid-write.)
+//!
+//! Write protocol (the single writer, holding the file's `flock`), from an even sequence `s`:
+//! 1. `seq.store(s + 1, Release)`; `fence(Release)` — readers switch to copy 1.
+//! 2. store copy 0 with `Relaxed` stores.
+//! 3. `seq.store(s + 2, Release)`; `fence(Release)` — readers switch to copy 0 (new).
+//! 4. store copy 1 with `Relaxed` stores.
 //!
 //! Read protocol (nginx workers, the CLI, the API):
-//! 1. `s1 = seq.load(Acquire)`; if odd, the writer is inside: retry.
-//! 2. load each data word with `Relaxed`.
+//! 1. `s1 = seq.load(Acquire)`; `i = s1 & 1`.
+//! 2. load copy `i` with `Relaxed` loads.
 //! 3. `fence(Acquire)`.
 //! 4. `s2 = seq.load(Relaxed)`; the copy is whole if `s1 == s2`, otherwise retry.
 //!
-//! Why that is enough: if any load of step 2 saw a store of a later write's step 3, the
-//! writer's release fence (W2) and the reader's acquire fence (R3) synchronise, so that write's
-//! step 1 happens before R4 and `s2 != s1`. If `s1` is even, R1 synchronised with the W4 of
-//! the write that produced it, so every data load sees at least that write. Every word is an
-//! atomic, so a concurrent copy is never undefined behaviour, only possibly discarded.
+//! Why that is enough:
+//! - Whole: the writer only stores into copy `i` after moving the sequence away from the
+//!   value that names `i` (W1 before W2, W3 before W4), with a release fence in between. If a
+//!   load of R2 saw such a store, that fence and R3 synchronise, so the sequence store before
+//!   the fence happens before R4, and `s2 != s1`: the copy is discarded.
+//! - Fresh: the `Release` store that produced `s1` was made after the stores of copy `i` it
+//!   names (W2 before W3 for copy 0; the previous write's W4 before this write's W1 for copy 1),
+//!   and R1's `Acquire` synchronises with it, so R2 sees at least those stores.
+//! - Every word is an atomic, so a concurrent copy is never undefined behaviour, only
+//!   possibly discarded.
 //!
-//! A writer that dies between W1 and W4 leaves the slot odd. Readers give up after
-//! [`MAX_READ_SPINS`] tries and report the slot as busy (the caller fails closed); the next
-//! writer to take the lock repairs such slots ([`repair`]).
+//! A writer that dies after W1 leaves the sequence odd and copy 0 half-written; readers use
+//! copy 1, which still holds the previous route. The next writer [`repair`]s such a slot
+//! before its first write.
 
 use std::sync::atomic::{fence, Ordering};
 
-use crate::layout::PortSlot;
+use crate::layout::{PortSlot, RouteWords};
 use crate::route::RawRoute;
 
-/// How many times a reader retries a slot before calling it busy.
+/// How many times a reader retries a slot before calling it busy. A retry is only needed
+/// when the writer completes a step during the read; reaching this bound means the writer
+/// rewrote the slot a thousand times within one read.
 pub const MAX_READ_SPINS: u32 = 1024;
 
-/// Copies a slot out whole; `None` if the writer stayed inside for all retries.
+fn load(w: &RouteWords) -> RawRoute {
+    RawRoute {
+        meta: w.meta.load(Ordering::Relaxed),
+        upstream_port: w.upstream_port.load(Ordering::Relaxed),
+        addr: [
+            w.addr[0].load(Ordering::Relaxed),
+            w.addr[1].load(Ordering::Relaxed),
+            w.addr[2].load(Ordering::Relaxed),
+            w.addr[3].load(Ordering::Relaxed),
+        ],
+        env_id: [w.env_id[0].load(Ordering::Relaxed), w.env_id[1].load(Ordering::Relaxed)],
+        generation: w.generation.load(Ordering::Relaxed),
+        expires_ms: w.expires_ms.load(Ordering::Relaxed),
+    }
+}
+
+fn store(w: &RouteWords, raw: &RawRoute) {
+    w.meta.store(raw.meta, Ordering::Relaxed);
+    w.upstream_port.store(raw.upstream_port, Ordering::Relaxed);
+    for (dst, src) in w.addr.iter().zip(raw.addr) {
+        dst.store(src, Ordering::Relaxed);
+    }
+    w.env_id[0].store(raw.env_id[0], Ordering::Relaxed);
+    w.env_id[1].store(raw.env_id[1], Ordering::Relaxed);
+    w.generation.store(raw.generation, Ordering::Relaxed);
+    w.expires_ms.store(raw.expires_ms, Ordering::Relaxed);
+}
+
+/// Copies a slot's current route out whole; `None` only if the writer kept completing
+/// steps for [`MAX_READ_SPINS`] tries.
 pub(crate) fn read(slot: &PortSlot) -> Option<RawRoute> {
     for _ in 0..MAX_READ_SPINS {
         let s1 = slot.seq.load(Ordering::Acquire);
-        if s1 & 1 == 1 {
-            std::hint::spin_loop();
-            continue;
-        }
-        let raw = RawRoute {
-            meta: slot.meta.load(Ordering::Relaxed),
-            upstream_port: slot.upstream_port.load(Ordering::Relaxed),
-            addr: [
-                slot.addr[0].load(Ordering::Relaxed),
-                slot.addr[1].load(Ordering::Relaxed),
-                slot.addr[2].load(Ordering::Relaxed),
-                slot.addr[3].load(Ordering::Relaxed),
-            ],
-            env_id: [slot.env_id[0].load(Ordering::Relaxed), slot.env_id[1].load(Ordering::Relaxed)],
-            generation: slot.generation.load(Ordering::Relaxed),
-            expires_ms: slot.expires_ms.load(Ordering::Relaxed),
-        };
+        let raw = load(&slot.copies[(s1 & 1) as usize]);
         fence(Ordering::Acquire);
         if slot.seq.load(Ordering::Relaxed) == s1 {
             return Some(raw);
@@ -60,34 +86,32 @@ pub(crate) fn read(slot: &PortSlot) -> Option<RawRoute> {
     None
 }
 
-/// Writes a slot. The caller must be the table's only writer (it holds the `flock`).
+/// Writes a slot. The caller must be the table's only writer (it holds the `flock`) and
+/// must have [`repair`]ed the slot since taking the lock.
 pub(crate) fn write(slot: &PortSlot, raw: &RawRoute) {
     // Relaxed: only this process writes `seq`, so it reads its own last store.
     let s = slot.seq.load(Ordering::Relaxed);
-    // An odd value can only be left by a writer that died inside the slot; start over even.
-    let s = s + (s & 1);
-    slot.seq.store(s + 1, Ordering::Relaxed);
+    debug_assert!(s & 1 == 0, "write to an unrepaired slot");
+    slot.seq.store(s + 1, Ordering::Release);
     fence(Ordering::Release);
-    slot.meta.store(raw.meta, Ordering::Relaxed);
-    slot.upstream_port.store(raw.upstream_port, Ordering::Relaxed);
-    for (dst, src) in slot.addr.iter().zip(raw.addr) {
-        dst.store(src, Ordering::Relaxed);
-    }
-    slot.env_id[0].store(raw.env_id[0], Ordering::Relaxed);
-    slot.env_id[1].store(raw.env_id[1], Ordering::Relaxed);
-    slot.generation.store(raw.generation, Ordering::Relaxed);
-    slot.expires_ms.store(raw.expires_ms, Ordering::Relaxed);
+    store(&slot.copies[0], raw);
     slot.seq.store(s + 2, Ordering::Release);
+    fence(Ordering::Release);
+    store(&slot.copies[1], raw);
 }
 
-/// Clears a slot that a dead writer left odd; returns whether it had to.
+/// Finishes the write of a writer that died between its two sequence bumps: copy 0 is
+/// restored from copy 1 (what readers have been using) and the sequence made even.
+/// Returns whether the slot needed it. The caller holds the writer lock.
 pub(crate) fn repair(slot: &PortSlot) -> bool {
-    if slot.seq.load(Ordering::Relaxed) & 1 == 1 {
-        write(slot, &RawRoute::EMPTY);
-        true
-    } else {
-        false
+    let s = slot.seq.load(Ordering::Relaxed);
+    if s & 1 == 0 {
+        return false;
     }
+    let stable = load(&slot.copies[1]);
+    store(&slot.copies[0], &stable);
+    slot.seq.store(s + 1, Ordering::Release);
+    true
 }
 
 #[cfg(test)]
@@ -95,9 +119,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, AtomicU64};
 
-    fn slot() -> PortSlot {
-        PortSlot {
-            seq: AtomicU64::new(0),
+    fn words() -> RouteWords {
+        RouteWords {
             meta: AtomicU32::new(0),
             upstream_port: AtomicU32::new(0),
             addr: [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)],
@@ -105,6 +128,10 @@ mod tests {
             generation: AtomicU64::new(0),
             expires_ms: AtomicU64::new(0),
         }
+    }
+
+    fn slot() -> PortSlot {
+        PortSlot { seq: AtomicU64::new(0), copies: [words(), words()] }
     }
 
     fn raw(n: u64) -> RawRoute {
@@ -128,14 +155,19 @@ mod tests {
     }
 
     #[test]
-    fn odd_slot_reads_busy_and_is_repaired() {
+    fn writer_stalled_mid_write_leaves_readers_the_previous_route() {
         let s = slot();
         write(&s, &raw(3));
-        s.seq.store(5, Ordering::Relaxed); // a writer died inside
-        assert_eq!(read(&s), None);
+        // A writer that did step 1 and half of step 2, then stopped (preempted or killed).
+        s.seq.store(3, Ordering::Release);
+        s.copies[0].generation.store(99, Ordering::Relaxed);
+        assert_eq!(read(&s), Some(raw(3)), "readers use the untouched copy, without waiting");
         assert!(repair(&s));
-        assert_eq!(read(&s), Some(RawRoute::EMPTY));
+        assert_eq!(read(&s), Some(raw(3)));
+        assert_eq!(s.seq.load(Ordering::Relaxed) & 1, 0);
         assert!(!repair(&s));
+        write(&s, &raw(4));
+        assert_eq!(read(&s), Some(raw(4)));
     }
 
     #[test]
@@ -146,12 +178,14 @@ mod tests {
             for _ in 0..2 {
                 scope.spawn(|| {
                     let mut seen = 0u64;
+                    let mut last = 0u64;
                     while !done.load(Ordering::Relaxed) {
-                        if let Some(r) = read(&s) {
-                            let n = r.generation;
-                            assert!(r == raw(n) || r == RawRoute::EMPTY, "torn: {r:?}");
-                            seen += 1;
-                        }
+                        let r = read(&s).expect("a read never gives up");
+                        let n = r.generation;
+                        assert!(r == raw(n) || r == RawRoute::EMPTY, "torn: {r:?}");
+                        assert!(n >= last, "went back from {last} to {n}");
+                        last = n;
+                        seen += 1;
                     }
                     assert!(seen > 0);
                 });

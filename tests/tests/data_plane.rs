@@ -186,7 +186,7 @@ fn garbage_or_short_table_fails_closed_and_logs_once() {
     let root = temp_dir("garbage");
     let tdir = table_dir(&root);
     let path = tdir.join("routes");
-    std::fs::write(&path, vec![0x5au8; 9 << 20]).unwrap();
+    std::fs::write(&path, vec![0x5au8; 16 << 20]).unwrap();
     let ng = Nginx::start(&root, &nginx_conf(&routed_stream(&path, 21500, 21504, ProxyForm::Balancer)));
     let pids = ng.pids();
     for _ in 0..6 {
