@@ -1,0 +1,358 @@
+//! Test support: a fresh PostgreSQL database per test (from `DATABASE_URL`, which
+//! scripts/test.sh exports), a private route table and Docker deployment label, the tiny test
+//! image, the API started in-process or as separate processes, and clean-up.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gpugate_api::app::{self, Mode, Running};
+use gpugate_api::config::{Config, GpuMode, PoolConfig};
+use gpugate_api::db::Db;
+use serde_json::Value;
+use sqlx::Connection;
+
+/// The image the tests run.
+pub const IMAGE: &str = "gpugate-test/tiny:1";
+
+/// The superuser URL of the test cluster.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL is not set: run the tests through scripts/test.sh, or `source scripts/pg.sh; pg_start` first",
+    )
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let (base, rest) = url.rsplit_once('/').expect("DATABASE_URL has a path");
+    let query = rest.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    format!("{base}/{db}{query}")
+}
+
+/// Builds the test image once per machine if it is missing.
+pub fn ensure_image() {
+    let present = Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("docker CLI available")
+        .success();
+    if !present {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/image/build.sh");
+        let ok = Command::new("bash").arg(script).arg(IMAGE).status().expect("run build.sh").success();
+        assert!(ok, "building the test image failed");
+    }
+}
+
+fn rand_suffix() -> String {
+    let mut b = [0u8; 6];
+    getrandom::getrandom(&mut b).expect("rng");
+    b.iter().map(|x| format!("{:02x}", x)).collect()
+}
+
+/// One test's world.
+pub struct Ctx {
+    pub name: String,
+    pub db_name: String,
+    pub db_url: String,
+    pub dir: PathBuf,
+    pub table: PathBuf,
+    pub deployment: String,
+    pub cfg: Config,
+    pub running: Option<Running>,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub db: Option<Db>,
+    pub children: Vec<Child>,
+}
+
+impl Ctx {
+    /// A fresh database, table path, deployment label and stand-in GPU nodes (indexes 0, 1).
+    pub async fn new(name: &str) -> Ctx {
+        ensure_image();
+        let suffix = rand_suffix();
+        let db_name = format!("gg_{name}_{suffix}");
+        let mut admin = sqlx::PgConnection::connect(&admin_url()).await.expect("connect to DATABASE_URL");
+        sqlx::query(&format!("CREATE DATABASE \"{db_name}\"")).execute(&mut admin).await.expect("create database");
+        let dir = std::env::temp_dir().join(format!("gpugate-test-{name}-{suffix}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for i in 0..2 {
+            let node = dir.join(format!("nvidia{i}"));
+            // Stand-in GPU device nodes: the same device numbers as /dev/null.
+            let ok = Command::new("mknod").arg(&node).args(["c", "1", "3"]).status().expect("mknod").success();
+            assert!(ok, "mknod {}", node.display());
+        }
+        let db_url = with_db(&admin_url(), &db_name);
+        let table = dir.join("routes");
+        let deployment = format!("t{suffix}");
+        let mut cfg = Config::default();
+        cfg.listen = "127.0.0.1:0".parse().expect("addr");
+        cfg.database_url = gpugate_api::config::Secret::new(db_url.clone());
+        cfg.database_max_connections = 10;
+        cfg.route_table = table.clone();
+        cfg.deployment = deployment.clone();
+        cfg.quarantine_s = 300;
+        cfg.reconcile_interval_s = 3600;
+        cfg.route_wait_ms = 3000;
+        cfg.docker.default_image = IMAGE.into();
+        cfg.docker.stop_timeout_s = 2;
+        cfg.gpu.devices = vec![0, 1];
+        cfg.gpu.mode = GpuMode::Nodes;
+        cfg.gpu.node_path = format!("{}/nvidia{{index}}", dir.display());
+        cfg.pools.clear();
+        for (svc, range) in [("ssh", "20000-20009"), ("jupyter", "21000-21009"), ("code", "22000-22009"), ("rdp", "23000-23009")] {
+            cfg.pools.insert(svc.into(), PoolConfig { range: range.parse().expect("range"), bound: None, reserved: vec![] });
+        }
+        Ctx {
+            name: name.into(),
+            db_name,
+            db_url,
+            dir,
+            table,
+            deployment,
+            cfg,
+            running: None,
+            base: String::new(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client"),
+            db: None,
+            children: vec![],
+        }
+    }
+
+    /// Starts the API in this process with `self.cfg`.
+    pub async fn start(&mut self) {
+        self.cfg.validate().expect("test config valid");
+        let running = app::start(self.cfg.clone(), Mode::Api { publisher: true }).await.expect("API starts");
+        self.base = format!("http://{}", running.addr.expect("addr"));
+        self.running = Some(running);
+        if self.db.is_none() {
+            self.db = Some(Db::connect(&self.cfg).await.expect("db"));
+        }
+    }
+
+    /// Stops the in-process API.
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    /// The database (after start, or after [`Ctx::connect`]).
+    pub fn db(&self) -> &Db {
+        self.db.as_ref().expect("started")
+    }
+
+    /// Connects and migrates without starting the API.
+    pub async fn connect(&mut self) {
+        let db = Db::connect(&self.cfg).await.expect("db");
+        db.migrate().await.expect("migrate");
+        self.db = Some(db);
+    }
+
+    /// Creates a user token.
+    pub async fn token(&mut self, user: &str, admin: bool) -> String {
+        if self.db.is_none() {
+            self.connect().await;
+        }
+        gpugate_api::db::users::create_token(self.db(), user, admin).await.expect("token").1
+    }
+
+    /// Environment variables that configure a `gpugate-api` child process like `self.cfg`.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let c = &self.cfg;
+        let mut env = vec![
+            ("DATABASE_URL".to_string(), self.db_url.clone()),
+            ("GPUGATE_ROUTE_TABLE".into(), self.table.display().to_string()),
+            ("GPUGATE_DEPLOYMENT".into(), self.deployment.clone()),
+            ("GPUGATE_QUARANTINE_S".into(), c.quarantine_s.to_string()),
+            ("GPUGATE_RECONCILE_INTERVAL_S".into(), c.reconcile_interval_s.to_string()),
+            ("GPUGATE_ROUTE_WAIT_MS".into(), c.route_wait_ms.to_string()),
+            ("GPUGATE_DEFAULT_IMAGE".into(), IMAGE.into()),
+            ("GPUGATE_DOCKER_STOP_TIMEOUT_S".into(), c.docker.stop_timeout_s.to_string()),
+            ("GPUGATE_GPUS".into(), c.gpu.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
+            ("GPUGATE_GPU_MODE".into(), "nodes".into()),
+            ("GPUGATE_GPU_NODE_PATH".into(), c.gpu.node_path.clone()),
+            ("GPUGATE_DATABASE_MAX_CONNECTIONS".into(), c.database_max_connections.to_string()),
+            ("GPUGATE_LOG".into(), "warn".into()),
+        ];
+        for svc in ["ssh", "jupyter", "code", "rdp"] {
+            let v = c.pools.get(svc).map(|p| p.range.to_string()).unwrap_or_else(|| "none".into());
+            env.push((format!("GPUGATE_POOL_{}", svc.to_uppercase()), v));
+        }
+        env.push(("GPUGATE_DEFAULT_SERVICES".into(), c.default_services.join(",")));
+        env
+    }
+
+    /// Spawns `gpugate-api <args>` listening on a free port; returns its index and base URL.
+    pub fn spawn(&mut self, args: &[&str], extra_env: &[(&str, &str)]) -> (usize, String) {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpugate-api"));
+        cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in self.child_env() {
+            cmd.env(k, v);
+        }
+        cmd.env("GPUGATE_LISTEN", format!("127.0.0.1:{port}"));
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("spawn gpugate-api");
+        self.children.push(child);
+        (self.children.len() - 1, format!("http://127.0.0.1:{port}"))
+    }
+
+    /// Kills child `i` with SIGKILL and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        let c = &mut self.children[i];
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// The pid of child `i`.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.children[i].id()
+    }
+
+    /// Waits until `base`/healthz answers.
+    pub async fn wait_healthy(&self, base: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{base} did not become healthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A request with a bearer token; returns (status, envelope).
+    pub async fn call(&self, base: &str, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{base}{path}")).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        (status, v)
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
+        self.call(&self.base, reqwest::Method::POST, path, token, Some(body)).await
+    }
+    pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        self.call(&self.base, reqwest::Method::GET, path, token, None).await
+    }
+    pub async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
+        self.call(&self.base, reqwest::Method::DELETE, path, token, None).await
+    }
+
+    /// Ids of this test's containers (running or not).
+    pub fn containers(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=gpugate.deployment={}", self.deployment)])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+
+    /// `docker inspect` of a container as JSON.
+    pub fn inspect(&self, id: &str) -> Value {
+        let out = Command::new("docker").args(["inspect", id]).output().expect("docker inspect");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+        v[0].clone()
+    }
+
+    /// Runs a command in a container; returns stdout.
+    pub fn exec(&self, id: &str, cmd: &[&str]) -> String {
+        let out = Command::new("docker").arg("exec").arg(id).args(cmd).output().expect("docker exec");
+        assert!(out.status.success(), "docker exec {cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The route table (read-only).
+    pub fn table(&self) -> gpugate_routes::Table {
+        gpugate_routes::Table::open_read_only(&self.table).expect("route table exists")
+    }
+
+    /// Port rows: (port, service, status, env_id).
+    pub async fn port_rows(&self) -> Vec<(i32, String, String, Option<String>)> {
+        sqlx::query_as("SELECT port, service, status, env_id FROM port_pool ORDER BY port")
+            .fetch_all(self.db().pool())
+            .await
+            .expect("port rows")
+    }
+
+    /// Number of rows of `routes`.
+    pub async fn route_rows(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM routes").fetch_one(self.db().pool()).await.expect("routes")
+    }
+
+    /// Stops everything and removes the containers, the table and the database.
+    pub async fn finish(mut self) {
+        self.stop().await;
+        self.cleanup_sync();
+        if let Some(db) = self.db.take() {
+            db.pool().close().await;
+        }
+        if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+
+    fn cleanup_sync(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f", "-v"]).args(&ids).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Ctx {
+    // Synchronous clean-up only (children, containers, files) for a test that panicked; the
+    // database of a failed test stays for inspection and goes with the throw-away cluster.
+    fn drop(&mut self) {
+        self.cleanup_sync();
+    }
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Waits for `cond` up to `timeout`; returns whether it held.
+pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, mut cond: F) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The published host address of a container port (from `docker inspect`).
+pub fn published(inspect: &Value, container_port: u16) -> SocketAddr {
+    let b = &inspect["NetworkSettings"]["Ports"][format!("{container_port}/tcp")][0];
+    format!("{}:{}", b["HostIp"].as_str().expect("HostIp"), b["HostPort"].as_str().expect("HostPort"))
+        .parse()
+        .expect("addr")
+}

@@ -1,0 +1,238 @@
+//! Environment lifecycle over real PostgreSQL and Docker: create, access, stop/start, delete,
+//! quarantine, ownership.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{published, Ctx};
+use gpugate_routes::Lookup;
+use serde_json::{json, Value};
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_runs_the_workspace_and_delete_leaves_nothing() {
+    let mut ctx = Ctx::new("create").await;
+    ctx.cfg.quarantine_s = 2;
+    let alice = ctx.token("alice", false).await;
+    ctx.start().await;
+
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn test@example";
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "train", "gpus": 1, "ssh_public_keys": [key]})).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["code"], 0);
+    assert_eq!(v["message"], "success");
+    let env = &v["data"];
+    let id = env["id"].as_str().expect("id").to_string();
+    assert_eq!(id.len(), 16);
+    assert!(id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "{id}");
+    assert_eq!(env["status"], "running");
+    assert_eq!(env["routes_live"], true);
+    assert_eq!(env["gpus"], json!([0]));
+    let port = |svc: &str| env["ports"][svc].as_u64().expect("port") as u16;
+    let (ssh, jupyter, code) = (port("ssh"), port("jupyter"), port("code"));
+    assert!((20000..=20009).contains(&ssh) && (21000..=21009).contains(&jupyter) && (22000..=22009).contains(&code));
+
+    // The access document has exactly the seed's shape.
+    let (s, a) = ctx.get(&format!("/api/v1/environments/{id}/access"), &alice).await;
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(keys(&a), set(&["code", "message", "data"]));
+    assert_eq!(keys(&a["data"]), set(&["environment_id", "access_info"]));
+    let info = &a["data"]["access_info"];
+    assert_eq!(keys(info), set(&["ssh", "jupyter", "code_server"]));
+    assert_eq!(keys(&info["ssh"]), set(&["host", "port", "username", "password", "command"]));
+    assert_eq!(keys(&info["jupyter"]), set(&["url", "token"]));
+    assert_eq!(keys(&info["code_server"]), set(&["url", "password"]));
+    let host = format!("{id}.ssh.x-gpu.com");
+    assert_eq!(info["ssh"]["host"], host.as_str());
+    assert_eq!(info["ssh"]["port"], ssh);
+    assert_eq!(info["ssh"]["command"], format!("ssh -p {ssh} remotegpu@{host}").as_str());
+    assert_eq!(info["jupyter"]["url"], format!("https://{id}.jupyter.x-gpu.com:{jupyter}").as_str());
+    assert_eq!(info["code_server"]["url"], format!("https://{id}.code.x-gpu.com:{code}").as_str());
+    let password = info["ssh"]["password"].as_str().expect("password").to_string();
+    let token = info["jupyter"]["token"].as_str().expect("token").to_string();
+    assert!(password.len() >= 16 && token.len() >= 16);
+
+    // The container: labels, hostname, environment, stand-in GPU.
+    let cs = ctx.containers();
+    assert_eq!(cs.len(), 1);
+    let c = ctx.inspect(&cs[0]);
+    assert_eq!(c["State"]["Running"], true);
+    let labels = &c["Config"]["Labels"];
+    assert_eq!(labels["gpugate.managed"], "true");
+    assert_eq!(labels["gpugate.env_id"], id.as_str());
+    assert_eq!(labels["gpugate.deployment"], ctx.deployment.as_str());
+    assert_eq!(c["Config"]["Hostname"], id.as_str());
+    let envs: Vec<String> = serde_json::from_value(c["Config"]["Env"].clone()).expect("env list");
+    for want in [
+        format!("GPUGATE_ENV_ID={id}"),
+        format!("GPUGATE_SSH_PORT={ssh}"),
+        format!("GPUGATE_JUPYTER_PORT={jupyter}"),
+        format!("GPUGATE_CODE_PORT={code}"),
+        "GPUGATE_USER=remotegpu".to_string(),
+        format!("GPUGATE_PASSWORD={password}"),
+        format!("JUPYTER_TOKEN={token}"),
+        "GPUGATE_GPUS=0".to_string(),
+        "NVIDIA_VISIBLE_DEVICES=0".to_string(),
+        format!("GPUGATE_SSH_PUBLIC_KEYS={key}"),
+    ] {
+        assert!(envs.contains(&want), "container env lacks {want}: {envs:?}");
+    }
+    // Inside the container: the GPU's device node and the variables code can print.
+    let inside = ctx.exec(&cs[0], &["env"]);
+    assert!(inside.contains("GPUGATE_GPUS=0") && inside.contains(&format!("GPUGATE_SSH_PORT={ssh}")), "{inside}");
+    ctx.exec(&cs[0], &["ls", "/dev/nvidia0"]);
+    let devs = ctx.exec(&cs[0], &["ls", "/dev"]);
+    assert!(!devs.contains("nvidia1"), "only the allocated GPU is mapped: {devs}");
+
+    // Route slots point at the published addresses on loopback.
+    let table = ctx.table();
+    let now = gpugate_routes::now_ms();
+    for (p, cport, svc) in [(ssh, 22, "ssh"), (jupyter, 8888, "jupyter"), (code, 8080, "code")] {
+        let up = published(&c, cport);
+        assert!(up.ip().is_loopback(), "{up}");
+        match table.lookup(p, now) {
+            Lookup::Live(r) => {
+                assert_eq!(r.upstream, up, "port {p}");
+                assert_eq!(r.env_id.as_str(), id);
+                assert_eq!(r.service.as_str(), svc);
+                assert!(r.generation > 0);
+            }
+            other => panic!("port {p}: {other:?}"),
+        }
+    }
+    let (s, st) = ctx.get("/api/v1/ports/stats", &alice).await;
+    assert_eq!(s, 200);
+    let ssh_stats = st["data"].as_array().expect("list").iter().find(|x| x["service"] == "ssh").expect("ssh").clone();
+    assert_eq!(ssh_stats["total"], 10);
+    assert_eq!(ssh_stats["allocated"], 1);
+    assert_eq!(ssh_stats["available"], 9);
+
+    // Delete: container, routes and the allocation go; ports wait in quarantine.
+    let (s, d) = ctx.delete(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["data"]["status"], "deleted");
+    assert!(ctx.containers().is_empty(), "container left behind");
+    let now = gpugate_routes::now_ms();
+    for p in [ssh, jupyter, code] {
+        assert_eq!(table.lookup(p, now), Lookup::Absent, "port {p} still routed");
+    }
+    assert_eq!(ctx.route_rows().await, 0);
+    for (p, _, status, env) in ctx.port_rows().await {
+        let p = p as u16;
+        if [ssh, jupyter, code].contains(&p) {
+            assert_eq!((status.as_str(), env.as_deref()), ("quarantined", None), "port {p}");
+        } else {
+            assert_eq!(status, "available", "port {p}");
+        }
+    }
+    let gpus: i64 = sqlx::query_scalar("SELECT count(*) FROM gpu_devices WHERE status = 'available'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("gpus");
+    assert_eq!(gpus, 2);
+    let (s, g) = ctx.get(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!((s, g["code"].as_u64()), (404, Some(1005)));
+
+    // After the quarantine the ports are available again.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let (_, st) = ctx.get("/api/v1/ports/stats", &alice).await;
+    for s in st["data"].as_array().expect("list") {
+        assert_eq!(s["quarantined"], 0, "{s}");
+        assert_eq!(s["available"], s["total"], "{s}");
+    }
+    ctx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_port_is_not_handed_out_during_quarantine() {
+    let mut ctx = Ctx::new("quarantine").await;
+    ctx.cfg.quarantine_s = 2;
+    ctx.cfg.pools.retain(|k, _| k == "ssh");
+    ctx.cfg.pools.get_mut("ssh").expect("ssh").range = "20500-20500".parse().expect("range");
+    ctx.cfg.default_services = vec!["ssh".into()];
+    let alice = ctx.token("alice", false).await;
+    ctx.start().await;
+
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "a"})).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["data"]["id"].as_str().expect("id").to_string();
+    let (s, _) = ctx.delete(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!(s, 200);
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "b"})).await;
+    assert_eq!((s, v["code"].as_u64()), (503, Some(1009)), "{v}");
+    assert_eq!(v["message"], "no free ssh port");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "c"})).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["data"]["ports"]["ssh"], 20500);
+    ctx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_start_keeps_ports_and_other_users_get_404() {
+    let mut ctx = Ctx::new("stopstart").await;
+    let alice = ctx.token("alice", false).await;
+    let bob = ctx.token("bob", false).await;
+    ctx.start().await;
+
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "nb", "services": ["ssh", "jupyter"]})).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["data"]["id"].as_str().expect("id").to_string();
+    let ports = v["data"]["ports"].clone();
+    assert_eq!(keys(&ports), set(&["ssh", "jupyter"]));
+    let ssh = ports["ssh"].as_u64().expect("ssh") as u16;
+
+    // Another user's token: 404 everywhere, and an empty list.
+    for (m, path) in [
+        (reqwest::Method::GET, format!("/api/v1/environments/{id}")),
+        (reqwest::Method::GET, format!("/api/v1/environments/{id}/access")),
+        (reqwest::Method::POST, format!("/api/v1/environments/{id}/stop")),
+        (reqwest::Method::POST, format!("/api/v1/environments/{id}/start")),
+        (reqwest::Method::DELETE, format!("/api/v1/environments/{id}")),
+    ] {
+        let (s, v) = ctx.call(&ctx.base, m.clone(), &path, &bob, None).await;
+        assert_eq!((s, v["code"].as_u64()), (404, Some(1005)), "{m} {path}: {v}");
+    }
+    let (_, list) = ctx.get("/api/v1/environments", &bob).await;
+    assert_eq!(list["data"], json!([]));
+    let (_, list) = ctx.get("/api/v1/environments", &alice).await;
+    assert_eq!(list["data"].as_array().expect("list").len(), 1);
+
+    // Stop: routes disabled (connections refused), container stopped, ports kept.
+    let (s, v) = ctx.post(&format!("/api/v1/environments/{id}/stop"), &alice, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["status"], "stopped");
+    assert_eq!(v["data"]["ports"], ports);
+    let table = ctx.table();
+    assert_eq!(table.lookup(ssh, gpugate_routes::now_ms()), Lookup::Absent);
+    let cs = ctx.containers();
+    assert_eq!(cs.len(), 1);
+    assert_eq!(ctx.inspect(&cs[0])["State"]["Running"], false);
+    let (s, v) = ctx.post(&format!("/api/v1/environments/{id}/stop"), &alice, json!({})).await;
+    assert_eq!((s, v["code"].as_u64()), (409, Some(1006)), "{v}");
+
+    // Start: same ports, routes back at the (new) published address.
+    let (s, v) = ctx.post(&format!("/api/v1/environments/{id}/start"), &alice, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["status"], "running");
+    assert_eq!(v["data"]["ports"], ports);
+    assert_eq!(v["data"]["routes_live"], true);
+    let c = ctx.inspect(&cs[0]);
+    assert_eq!(c["State"]["Running"], true);
+    match table.lookup(ssh, gpugate_routes::now_ms()) {
+        Lookup::Live(r) => assert_eq!(r.upstream, published(&c, 22)),
+        other => panic!("{other:?}"),
+    }
+    let (_, a) = ctx.get(&format!("/api/v1/environments/{id}/access"), &alice).await;
+    assert_eq!(a["data"]["access_info"]["ssh"]["port"], ssh);
+    ctx.finish().await;
+}
