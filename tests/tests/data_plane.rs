@@ -276,3 +276,27 @@ fn bad_directives_fail_nginx_t_naming_the_directive() {
     let out = Nginx::test_config(&root, &nginx_conf(good));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn shipped_nginx_conf_passes_nginx_t() {
+    let root = temp_dir("shipped");
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nginx-conf/nginx.conf"),
+    )
+    .unwrap();
+    for needle in ["proxy_timeout          24h;", "proxy_socket_keepalive on;", "gpugate_route on;"] {
+        assert!(shipped.contains(needle), "nginx.conf lost {needle:?}");
+    }
+    // The pools as shipped bind every address; test the same file on loopback test ports.
+    let mut conf = shipped.replace(
+        "load_module modules/",
+        &format!("load_module {}/modules/", dist().display()),
+    );
+    for (i, pool) in ["20000-20999", "21000-21999", "22000-22999", "23000-23999"].iter().enumerate() {
+        let lo = 24000 + i * 10;
+        conf = conf.replace(&format!("listen {pool};"), &format!("listen 127.0.0.1:{lo}-{};", lo + 9));
+    }
+    assert_eq!(conf.matches("listen 127.0.0.1:").count(), 4, "every pool rewritten");
+    let out = Nginx::test_config(&root, &conf);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
