@@ -292,7 +292,7 @@ fn shipped_nginx_conf_passes_nginx_t() {
         "load_module modules/",
         &format!("load_module {}/modules/", dist().display()),
     );
-    for (i, pool) in ["20000-20999", "21000-21999", "22000-22999", "23000-23999"].iter().enumerate() {
+    for (i, pool) in ["20000-20999", "30000-30999", "31000-31999", "32000-32499"].iter().enumerate() {
         let lo = 24000 + i * 10;
         conf = conf.replace(&format!("listen {pool};"), &format!("listen 127.0.0.1:{lo}-{};", lo + 9));
     }
