@@ -221,11 +221,9 @@ unsafe extern "C" fn variable_get(
 /// The upstream of a session whose lookup found a live route, as the balancer hands it to
 /// nginx's connect code: (sockaddr, length, name). Nginx only reads through these pointers.
 pub fn peer_of(ctx: &SessionCtx) -> Option<(*mut ngx::ffi::sockaddr, socklen_t, *mut ngx_str_t)> {
-    (ctx.decision.status == RouteStatus::Ok).then(|| {
-        (
-            &ctx.sockaddr as *const RawSockaddr as *mut ngx::ffi::sockaddr,
-            ctx.socklen,
-            &ctx.name as *const ngx_str_t as *mut ngx_str_t,
-        )
-    })
+    (ctx.decision.status == RouteStatus::Ok).then_some((
+        &ctx.sockaddr as *const RawSockaddr as *mut ngx::ffi::sockaddr,
+        ctx.socklen,
+        &ctx.name as *const ngx_str_t as *mut ngx_str_t,
+    ))
 }

@@ -74,7 +74,9 @@ pub enum Notice {
 pub struct RouteSource {
     path: PathBuf,
     current: Cell<*const Table>,
-    /// Every table ever opened here; boxed so the pointers handed out stay valid.
+    /// Every table ever opened here; boxed so the pointers handed out stay valid when the
+    /// vector reallocates.
+    #[allow(clippy::vec_box)]
     tables: RefCell<Vec<Box<Table>>>,
     next_check_ms: Cell<u64>,
     /// The cause last logged, so that each cause is logged once, not per connection.
