@@ -4,9 +4,9 @@ set -euo pipefail
 pkgs=(
   libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config make   # nginx + bindgen
   postgresql                                                         # tests start their own cluster
-  openssh-client curl                                                # real clients in end-to-end tests
+  openssh-client sshpass curl                                        # real clients in end-to-end tests
+  docker-compose                                                     # the stack (docker/compose.yaml)
   mmdebstrap                                                         # offline base image for docker/
-  nginx-light                                                        # the reload baseline in `make bench`
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -18,5 +18,3 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian starts the packaged nginx on install; gpugate runs its own build, never this one.
-if command -v systemctl >/dev/null && systemctl is-active -q nginx 2>/dev/null; then systemctl stop nginx || true; fi
