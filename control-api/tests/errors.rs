@@ -1,0 +1,179 @@
+//! Bad input and failed steps: each is a clear error in the envelope, and nothing is left
+//! behind (ports free, no container, no route).
+
+mod common;
+
+use common::Ctx;
+use gpugate_routes::Lookup;
+use serde_json::{json, Value};
+
+/// Asserts the deployment holds nothing: no live environment, no allocated port or GPU, no
+/// route row, no container, no live slot.
+async fn assert_nothing_left(ctx: &Ctx) {
+    for (p, _, status, env) in ctx.port_rows().await {
+        assert!(status == "available" || status == "quarantined", "port {p} is {status} ({env:?})");
+        assert_eq!(env, None, "port {p}");
+    }
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM environments WHERE status <> 'deleted'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("count");
+    assert_eq!(live, 0, "a live environment is left");
+    let gpus: i64 = sqlx::query_scalar("SELECT count(*) FROM gpu_devices WHERE status = 'allocated'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("gpus");
+    assert_eq!(gpus, 0, "a GPU is left allocated");
+    assert_eq!(ctx.route_rows().await, 0, "a route row is left");
+    assert!(ctx.containers().is_empty(), "a container is left");
+    if ctx.table.exists() {
+        assert_eq!(ctx.table().routes().count(), 0, "a slot is left in the table");
+    }
+}
+
+fn expect_err(s: u16, v: &Value, status: u16, code: u64, needle: &str) {
+    assert_eq!(s, status, "{v}");
+    assert_eq!(v["code"].as_u64(), Some(code), "{v}");
+    assert_eq!(v["data"], Value::Null, "{v}");
+    let msg = v["message"].as_str().unwrap_or("");
+    assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_steps_are_undone() {
+    let mut ctx = Ctx::new("failsteps").await;
+    let alice = ctx.token("alice", false).await;
+
+    // Image missing: a 422 naming the image, before anything changes.
+    ctx.start().await;
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "x", "image": "gpugate-test/absent:9"})).await;
+    expect_err(s, &v, 422, 1007, "gpugate-test/absent:9");
+    assert_nothing_left(&ctx).await;
+    ctx.stop().await;
+
+    // Docker create fails, then the route write fails: every earlier step is undone.
+    for point in ["docker_create", "route_write"] {
+        ctx.cfg.fault = Some(format!("fail:{point}"));
+        ctx.start().await;
+        let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "x", "gpus": 1})).await;
+        expect_err(s, &v, 500, 1500, "internal error");
+        assert_nothing_left(&ctx).await;
+        let reason: String = sqlx::query_scalar("SELECT status_reason FROM environments ORDER BY created_at DESC LIMIT 1")
+            .fetch_one(ctx.db().pool())
+            .await
+            .expect("reason");
+        assert!(reason.starts_with("create failed"), "{reason}");
+        ctx.stop().await;
+    }
+    // The failed creates went into the audit trail.
+    let undone: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'create_undone'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("events");
+    assert_eq!(undone, 2);
+    ctx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
+    let mut ctx = Ctx::new("badinput").await;
+    ctx.cfg.pools.get_mut("rdp").expect("rdp").range = "23000-23000".parse().expect("range");
+    let alice = ctx.token("alice", false).await;
+    let admin = ctx.token("root", true).await;
+    ctx.start().await;
+    let url = format!("{}/api/v1/environments", ctx.base);
+
+    // Malformed JSON, wrong content type.
+    let r = ctx.http.post(&url).bearer_auth(&alice).header("content-type", "application/json").body("{\"name\": ").send().await.expect("send");
+    let s = r.status().as_u16();
+    let v: Value = r.json().await.expect("json");
+    expect_err(s, &v, 400, 1001, "");
+    let r = ctx.http.post(&url).bearer_auth(&alice).body("name=x").send().await.expect("send");
+    let s = r.status().as_u16();
+    let v: Value = r.json().await.expect("json");
+    expect_err(s, &v, 400, 1001, "Content-Type");
+
+    let cases: Vec<(Value, u16, u64, &str)> = vec![
+        (json!({"name": "x", "colour": "red"}), 422, 1002, "unknown field `colour`"),
+        (json!({"image": "x"}), 422, 1002, "missing field `name`"),
+        (json!({"name": "x", "services": ["ftp"]}), 422, 1002, "unknown service \"ftp\""),
+        (json!({"name": "x", "services": ["ssh", "ssh"]}), 422, 1002, "twice"),
+        (json!({"name": "x", "services": []}), 422, 1002, "at least one"),
+        (json!({"name": "n".repeat(65)}), 422, 1002, "at most 64"),
+        (json!({"name": "  "}), 422, 1002, "empty"),
+        (json!({"name": "x", "gpus": 3}), 422, 1002, "3 GPUs requested, this host has 2"),
+        (json!({"name": "x", "gpus": -1}), 422, 1002, ""),
+        (json!({"name": "x", "ssh_public_keys": ["not a key"]}), 422, 1002, "OpenSSH"),
+        (json!({"name": "x", "image": "bad image"}), 422, 1002, "not a valid image"),
+    ];
+    for (body, status, code, needle) in cases {
+        let (s, v) = ctx.post("/api/v1/environments", &alice, body.clone()).await;
+        expect_err(s, &v, status, code, needle);
+    }
+    assert_nothing_left(&ctx).await;
+
+    // Auth: no token, unknown token, admin endpoint with a user token.
+    let r = ctx.http.get(&url).send().await.expect("send");
+    let s = r.status().as_u16();
+    let v: Value = r.json().await.expect("json");
+    expect_err(s, &v, 401, 1003, "bearer token");
+    let (s, v) = ctx.get("/api/v1/environments", "ggt_nope").await;
+    expect_err(s, &v, 401, 1003, "bearer token");
+    let (s, v) = ctx.get("/api/v1/debug/routes", &alice).await;
+    expect_err(s, &v, 403, 1004, "admin");
+    let (s, v) = ctx.get("/api/v1/environments/aaaaaaaaaaaaaaaa", &alice).await;
+    expect_err(s, &v, 404, 1005, "aaaaaaaaaaaaaaaa");
+    let (s, v) = ctx.get("/api/v1/environments/..%2Fetc", &alice).await;
+    expect_err(s, &v, 404, 1005, "not found");
+    let (s, v) = ctx.get("/api/v1/nothing", &alice).await;
+    expect_err(s, &v, 404, 1005, "no such endpoint");
+
+    // More GPUs than are free: 409, nothing changed.
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "both", "gpus": 2, "services": ["ssh"]})).await;
+    assert_eq!(s, 201, "{v}");
+    let both = v["data"]["id"].as_str().expect("id").to_string();
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "one", "gpus": 1, "services": ["ssh"]})).await;
+    expect_err(s, &v, 409, 1008, "1 GPUs requested, 0 free");
+    // Pool exhaustion: 503 naming the service; the other pools are untouched.
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "r1", "services": ["rdp"]})).await;
+    assert_eq!(s, 201, "{v}");
+    let rdp = v["data"]["id"].as_str().expect("id").to_string();
+    assert_eq!(v["data"]["access_info"]["rdp"]["port"], 23000);
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "r2", "services": ["ssh", "rdp"]})).await;
+    expect_err(s, &v, 503, 1009, "no free rdp port");
+    let allocated: i64 = sqlx::query_scalar("SELECT count(*) FROM port_pool WHERE status = 'allocated'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("count");
+    assert_eq!(allocated, 2, "the refused create must not keep its ssh port");
+    assert_eq!(ctx.containers().len(), 2);
+
+    // The admin's view: the table equals the database.
+    let (s, v) = ctx.get("/api/v1/debug/routes", &admin).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["mismatches"], json!([]));
+    assert_eq!(v["data"]["table"].as_array().expect("slots").len(), 2);
+    assert_eq!(v["data"]["database"].as_array().expect("rows").len(), 2);
+    let (s, v) = ctx.get("/readyz", &alice).await;
+    assert_eq!(s, 200, "{v}");
+    let metrics = ctx.http.get(format!("{}/metrics", ctx.base)).send().await.expect("metrics").text().await.expect("text");
+    for want in [
+        "gpugate_ports{service=\"rdp\",state=\"allocated\"} 1",
+        "gpugate_port_allocation_failures_total{service=\"rdp\"} 1",
+        "gpugate_environment_creates_total{result=\"ok\"} 2",
+        "gpugate_create_step_duration_seconds_count{step=\"docker_start\"} 2",
+        "gpugate_publisher_active 1",
+        &format!("gpugate_environment_connections_total{{env_id=\"{rdp}\",outcome=\"accepted\",service=\"rdp\"}} 0"),
+    ] {
+        assert!(metrics.contains(want), "metrics lack {want}:\n{metrics}");
+    }
+
+    for id in [both, rdp] {
+        let (s, _) = ctx.delete(&format!("/api/v1/environments/{id}"), &alice).await;
+        assert_eq!(s, 200);
+    }
+    assert_nothing_left(&ctx).await;
+    let t = ctx.table();
+    assert_eq!(t.lookup(23000, gpugate_routes::now_ms()), Lookup::Absent);
+    ctx.finish().await;
+}
