@@ -112,7 +112,7 @@ pub async fn instance_alive(db: &Db, instance: i64) -> DbResult<bool> {
     let objid = i32::try_from(instance).unwrap_or(-1);
     let held: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND classid = $1::oid AND objid = $2::oid AND objsubid = 2)",
+         AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 2)",
     )
     .bind(i64::from(INSTANCE_LOCK_SPACE))
     .bind(i64::from(objid as u32))

@@ -66,6 +66,7 @@ pub struct Ctx {
     pub http: reqwest::Client,
     pub db: Option<Db>,
     pub children: Vec<Child>,
+    pub bases: Vec<String>,
 }
 
 impl Ctx {
@@ -118,6 +119,7 @@ impl Ctx {
             http: reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client"),
             db: None,
             children: vec![],
+            bases: vec![],
         }
     }
 
@@ -200,6 +202,7 @@ impl Ctx {
         cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
         let child = cmd.spawn().expect("spawn gpugate-api");
         self.children.push(child);
+        self.bases.push(format!("http://127.0.0.1:{port}"));
         (self.children.len() - 1, format!("http://127.0.0.1:{port}"))
     }
 
@@ -208,6 +211,11 @@ impl Ctx {
         let c = &mut self.children[i];
         let _ = c.kill();
         let _ = c.wait();
+    }
+
+    /// The base URL of child `i`.
+    pub fn base_of(&self, i: usize) -> String {
+        self.bases[i].clone()
     }
 
     /// The pid of child `i`.
@@ -312,7 +320,6 @@ impl Ctx {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.children.clear();
         let ids = self.containers();
         if !ids.is_empty() {
             let _ = Command::new("docker").args(["rm", "-f", "-v"]).args(&ids).output();
