@@ -609,6 +609,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid_and_matches_the_defaults() {
+        let cfg = Config::from_toml(include_str!("../gpugate.example.toml")).expect("example parses");
+        cfg.validate().expect("example validates");
+        let d = Config::default();
+        assert_eq!(cfg.pools, d.pools);
+        assert_eq!((cfg.listen, cfg.quarantine_s, cfg.route_table.clone()), (d.listen, d.quarantine_s, d.route_table));
+    }
+
+    #[test]
     fn range_must_stay_inside_bound() {
         let cfg = Config::from_toml(
             "[pools.ssh]\nrange = \"20000-20100\"\nbound = \"20000-20050\"\n",

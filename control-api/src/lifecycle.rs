@@ -31,6 +31,9 @@ pub struct Outcome {
     pub env: EnvRow,
     /// Whether the routes were seen live in the table within the wait (creates and starts).
     pub routes_live: bool,
+    /// Seconds spent per step (`database`, `docker_create`, `docker_start`, `route_write`,
+    /// `total`); creates only.
+    pub timings: Vec<(&'static str, f64)>,
 }
 
 fn docker_error(e: DockerError) -> ApiError {
@@ -101,6 +104,12 @@ fn validate(st: &State, spec: &CreateSpec) -> Result<(String, Vec<Service>), Api
 /// the routes, wait until they are live.
 pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome, ApiError> {
     let started = Instant::now();
+    let mut timings: Vec<(&'static str, f64)> = vec![];
+    let mut step = |name: &'static str, t: Instant| {
+        let secs = t.elapsed().as_secs_f64();
+        st.metrics.create_step_seconds.with_label_values(&[name]).observe(secs);
+        timings.push((name, secs));
+    };
     let (image, services) = validate(st, &spec)?;
     // Before anything changes: an image that is not here is a 422 naming it.
     st.docker.image_exists(&image).await.map_err(docker_error)?;
@@ -160,7 +169,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     });
     db::event(&mut *tx, Some(&id), "created", detail).await?;
     tx.commit().await?;
-    st.metrics.create_step_seconds.with_label_values(&["database"]).observe(t.elapsed().as_secs_f64());
+    step("database", t);
     tracing::info!(env_id = %id, ports = ?allocated, gpus = ?gpu_list, "environment allocated");
     st.crash_point("after_allocate");
 
@@ -186,7 +195,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         Err(e) => return Err(fail_create(st, &id, None, false, docker_error(e)).await),
     };
     envs::set_container(st.db.pool(), &id, &container).await?;
-    st.metrics.create_step_seconds.with_label_values(&["docker_create"]).observe(t.elapsed().as_secs_f64());
+    step("docker_create", t);
     st.crash_point("after_docker_create");
 
     // Step 3: Docker start, and read the published addresses back.
@@ -195,7 +204,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         Ok(u) => u,
         Err(e) => return Err(fail_create(st, &id, Some(&container), false, e).await),
     };
-    st.metrics.create_step_seconds.with_label_values(&["docker_start"]).observe(t.elapsed().as_secs_f64());
+    step("docker_start", t);
     st.crash_point("after_docker_start");
 
     // Step 4: commit the routes and the running state; the publisher writes the slots.
@@ -207,16 +216,16 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     };
     st.crash_point("after_routes_commit");
     let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
-    st.metrics.create_step_seconds.with_label_values(&["route_write"]).observe(t.elapsed().as_secs_f64());
+    step("route_write", t);
     if !live {
         tracing::warn!(env_id = %id, "routes not live in the table within {} ms", st.cfg.route_wait_ms);
         let _ = st.db.event(Some(&id), "routes_not_live", serde_json::json!({"wait_ms": st.cfg.route_wait_ms})).await;
     }
-    st.metrics.create_step_seconds.with_label_values(&["total"]).observe(started.elapsed().as_secs_f64());
+    step("total", started);
     st.metrics.creates.with_label_values(&["ok"]).inc();
     let env = envs::get(st.db.pool(), &id, None).await?.ok_or_else(|| ApiError::env_not_found(&id))?;
     tracing::info!(env_id = %id, container = %container, "environment running");
-    Ok(Outcome { env, routes_live: live })
+    Ok(Outcome { env, routes_live: live, timings })
 }
 
 async fn start_and_read(
@@ -404,7 +413,7 @@ pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError
         return Err(ApiError::internal("stop", format!("{e:#}")));
     }
     let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
-    Ok(Outcome { env, routes_live: false })
+    Ok(Outcome { env, routes_live: false, timings: vec![] })
 }
 
 /// Starts a stopped environment on the same ports; the routes come back with a new
@@ -431,5 +440,5 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
     };
     let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
     let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
-    Ok(Outcome { env, routes_live: live })
+    Ok(Outcome { env, routes_live: live, timings: vec![] })
 }

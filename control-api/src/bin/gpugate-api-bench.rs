@@ -1,0 +1,289 @@
+//! `gpugate-api-bench`: control-plane measurements side by side in one run. It reports
+//! ratios and percentiles; it never passes or fails on absolute times.
+//!
+//! 1. Port allocation: 32 concurrent clients split over two processes, our one-statement
+//!    `FOR UPDATE SKIP LOCKED` allocation against the seed's method (a process mutex around
+//!    `SELECT ... ORDER BY port LIMIT 1` then `UPDATE`): allocations/s and duplicates.
+//! 2. Route activation: commit of a route transaction until the slot is live in the table.
+//! 3. Create latency by step, with a small local image.
+//!
+//! Needs `DATABASE_URL` (a superuser URL; a scratch database is created and dropped) and a
+//! local Docker with the image given by `--image`.
+#![forbid(unsafe_code)]
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use gpugate_api::config::{Config, PoolConfig, Secret};
+use gpugate_api::db::{self, ports, Db};
+use gpugate_api::lifecycle::{self, CreateSpec};
+use gpugate_routes::Service;
+use sqlx::Connection;
+
+#[derive(Parser)]
+#[command(name = "gpugate-api-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Image for the create benchmark (must exist locally).
+    #[arg(long, default_value = "gpugate-test/tiny:1", global = true)]
+    image: String,
+    /// Creates to time.
+    #[arg(long, default_value_t = 20, global = true)]
+    creates: usize,
+    /// Route activations to time.
+    #[arg(long, default_value_t = 300, global = true)]
+    activations: usize,
+    /// Allocations per client in the allocation benchmark.
+    #[arg(long, default_value_t = 60, global = true)]
+    per_client: usize,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One allocation worker process (started by the benchmark itself).
+    #[command(hide = true)]
+    AllocWorker {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        method: String,
+        #[arg(long)]
+        clients: usize,
+        #[arg(long)]
+        per_client: usize,
+        #[arg(long)]
+        env_id: String,
+    },
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn rand_suffix() -> String {
+    gpugate_api::ids::env_id()[..8].to_string()
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => url.to_string(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Cmd::AllocWorker { url, method, clients, per_client, env_id }) = cli.command {
+        return alloc_worker(&url, &method, clients, per_client, &env_id).await;
+    }
+    let admin = std::env::var("DATABASE_URL").context("DATABASE_URL (a superuser URL) is required")?;
+    let name = format!("gg_bench_{}", rand_suffix());
+    let mut conn = sqlx::PgConnection::connect(&admin).await?;
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await?;
+    let url = with_db(&admin, &name);
+    let dir = std::env::temp_dir().join(format!("gpugate-bench-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&cli, &url, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut conn).await;
+    result
+}
+
+fn config(url: &str, dir: &std::path::Path, image: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.listen = "127.0.0.1:0".parse().expect("constant address");
+    cfg.database_url = Secret::new(url);
+    cfg.database_max_connections = 40;
+    cfg.route_table = dir.join("routes");
+    cfg.deployment = format!("bench{}", rand_suffix());
+    cfg.reconcile_interval_s = 3600;
+    cfg.docker.default_image = image.into();
+    cfg.docker.stop_timeout_s = 1;
+    cfg.pools.clear();
+    cfg.pools.insert("ssh".into(), PoolConfig { range: "40000-47999".parse().expect("constant range"), bound: None, reserved: vec![] });
+    cfg.pools.insert("jupyter".into(), PoolConfig { range: "48000-48999".parse().expect("constant range"), bound: None, reserved: vec![] });
+    cfg.pools.insert("code".into(), PoolConfig { range: "49000-49999".parse().expect("constant range"), bound: None, reserved: vec![] });
+    cfg
+}
+
+async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = config(url, dir, &cli.image);
+    let running = gpugate_api::app::start(cfg.clone(), gpugate_api::app::Mode::Api { publisher: true }).await?;
+    let st = running.state.clone().context("API state")?;
+    let (user, _) = db::users::create_token(&st.db, "bench", false).await?;
+    println!("gpugate control-plane benchmark (ratios side by side; absolute times depend on the machine)");
+
+    // 1. Allocation throughput and duplicates, two processes of 16 clients each.
+    let owner_env = bench_env(&st.db, user.id).await?;
+    let mut rates = vec![];
+    println!("\n## port allocation: 32 concurrent clients over 2 processes, {} allocations each method", 32 * cli.per_client);
+    for method in ["ours", "seed"] {
+        sqlx::query("UPDATE port_pool SET status = 'available', env_id = NULL, released_at = NULL, quarantine_until = NULL WHERE service = 'ssh'")
+            .execute(st.db.pool())
+            .await?;
+        let exe = std::env::current_exe()?;
+        let mut children = vec![];
+        let t = Instant::now();
+        for _ in 0..2 {
+            children.push(
+                tokio::process::Command::new(&exe)
+                    .args(["alloc-worker", "--url", url, "--method", method, "--clients", "16"])
+                    .args(["--per-client", &cli.per_client.to_string(), "--env-id", &owner_env])
+                    .stdout(Stdio::piped())
+                    .spawn()?,
+            );
+        }
+        let mut all: Vec<u16> = vec![];
+        let mut busy = 0f64;
+        for c in children {
+            let out = c.wait_with_output().await?;
+            if !out.status.success() {
+                bail!("allocation worker failed");
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            all.extend(v["ports"].as_array().into_iter().flatten().filter_map(|p| p.as_u64()).map(|p| p as u16));
+            busy = busy.max(v["seconds"].as_f64().unwrap_or(0.0));
+        }
+        let wall = t.elapsed().as_secs_f64();
+        let unique: HashSet<u16> = all.iter().copied().collect();
+        let rate = all.len() as f64 / busy;
+        rates.push(rate);
+        println!(
+            "{method:>5}: {:>8.0} allocations/s  ({} allocations in {busy:.2} s of allocation, {wall:.2} s with process start)  duplicates: {}",
+            rate,
+            all.len(),
+            all.len() - unique.len()
+        );
+    }
+    println!("ratio ours/seed: {:.2}x", rates[0] / rates[1]);
+    sqlx::query("UPDATE port_pool SET status = 'available', env_id = NULL, released_at = NULL WHERE service = 'ssh'")
+        .execute(st.db.pool())
+        .await?;
+
+    // 2. Route activation: commit -> live in the table (through NOTIFY and the publisher).
+    let mut lat = vec![];
+    let env_id: gpugate_routes::EnvId = owner_env.parse()?;
+    for i in 0..cli.activations {
+        let port = 40000 + (i % 1000) as u16;
+        let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", 10000 + i).parse()?;
+        let mut tx = st.db.begin().await?;
+        sqlx::query("UPDATE port_pool SET status = 'allocated', env_id = $2 WHERE port = $1")
+            .bind(i32::from(port))
+            .bind(&owner_env)
+            .execute(&mut *tx)
+            .await?;
+        let generation = db::envs::next_generation(&mut tx, &owner_env).await?;
+        db::routes::put(&mut tx, &owner_env, generation, &[(port, Service::Ssh, upstream)]).await?;
+        tx.commit().await?;
+        let t = Instant::now();
+        let want = gpugate_routes::Route { upstream, env_id, service: Service::Ssh, generation: generation as u64, expires_ms: None };
+        if !st.table.wait_live(&[(port, want)], Duration::from_secs(5)).await {
+            bail!("route {port} never went live");
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    sqlx::query("DELETE FROM routes").execute(st.db.pool()).await?;
+    sqlx::query("UPDATE port_pool SET status = 'available', env_id = NULL WHERE status = 'allocated'")
+        .execute(st.db.pool())
+        .await?;
+    lat.sort_by(f64::total_cmp);
+    println!("\n## route activation: commit -> slot live in the table ({} samples)", lat.len());
+    println!("p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (target p99 < 10 ms)", pct(&lat, 0.5), pct(&lat, 0.99), pct(&lat, 1.0));
+
+    // 3. Create latency by step, small image, sequential creates.
+    let mut steps: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let mut ids = vec![];
+    for i in 0..cli.creates {
+        let spec = CreateSpec { name: format!("b{i}"), image: None, gpus: 0, services: None, ssh_public_keys: vec![] };
+        let out = lifecycle::create(&st, &user, spec).await.map_err(|e| anyhow::anyhow!("create: {e}"))?;
+        for (k, v) in out.timings {
+            steps.entry(k).or_default().push(v * 1000.0);
+        }
+        ids.push(out.env.id);
+    }
+    println!("\n## create environment latency by step ({} creates, image {}, 3 services)", cli.creates, cli.image);
+    for k in ["database", "docker_create", "docker_start", "route_write", "total"] {
+        let mut v = steps.remove(k).unwrap_or_default();
+        v.sort_by(f64::total_cmp);
+        println!("{k:>14}: p50 {:>8.2} ms   p99 {:>8.2} ms", pct(&v, 0.5), pct(&v, 0.99));
+    }
+    for id in ids {
+        if let Err(e) = lifecycle::delete(&st, &user, &id).await {
+            eprintln!("delete {id}: {e}");
+        }
+    }
+    running.shutdown().await;
+    Ok(())
+}
+
+/// An environment row to own the benchmark's allocations.
+async fn bench_env(db: &Db, owner: i64) -> anyhow::Result<String> {
+    let id = gpugate_api::ids::env_id();
+    sqlx::query("INSERT INTO environments (id, owner_id, name, image, status, services, username, password, jupyter_token) VALUES ($1, $2, 'bench', 'none', 'stopped', '{ssh}', 'u', 'p', 't')")
+        .bind(&id)
+        .bind(owner)
+        .execute(db.pool())
+        .await?;
+    Ok(id)
+}
+
+/// One worker process: `clients` concurrent clients, `per_client` allocations each.
+async fn alloc_worker(url: &str, method: &str, clients: usize, per_client: usize, env_id: &str) -> anyhow::Result<()> {
+    let mut cfg = Config::default();
+    cfg.database_url = Secret::new(url);
+    cfg.database_max_connections = clients as u32 + 2;
+    let db = Db::connect(&cfg).await?;
+    // The seed's process-wide mutex: serialises this process only.
+    let mutex = Arc::new(tokio::sync::Mutex::new(()));
+    let t = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..clients {
+        let (db, mutex, method, env_id) = (db.clone(), mutex.clone(), method.to_string(), env_id.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut got = vec![];
+            for _ in 0..per_client {
+                let port = if method == "ours" {
+                    let mut tx = db.begin().await?;
+                    let p = ports::allocate(&mut tx, Service::Ssh, &env_id).await?;
+                    tx.commit().await?;
+                    p
+                } else {
+                    let _guard = mutex.lock().await;
+                    let p: Option<i32> = sqlx::query_scalar(
+                        "SELECT port FROM port_pool WHERE service = 'ssh' AND status = 'available' ORDER BY port LIMIT 1",
+                    )
+                    .fetch_optional(db.pool())
+                    .await?;
+                    if let Some(p) = p {
+                        sqlx::query("UPDATE port_pool SET status = 'allocated', env_id = $2, allocated_at = now() WHERE port = $1")
+                            .bind(p)
+                            .bind(&env_id)
+                            .execute(db.pool())
+                            .await?;
+                    }
+                    p.and_then(|p| u16::try_from(p).ok())
+                };
+                got.extend(port);
+            }
+            Ok::<_, sqlx::Error>(got)
+        }));
+    }
+    let mut all = vec![];
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let out = serde_json::json!({ "ports": all, "seconds": t.elapsed().as_secs_f64() });
+    println!("{out}");
+    Ok(())
+}
+
