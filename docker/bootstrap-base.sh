@@ -2,7 +2,8 @@
 # Builds the base image every gpugate Dockerfile names (gpugate/base:bookworm) from Debian
 # packages when no image registry is reachable: mmdebstrap makes a bookworm root filesystem from
 # the host's own apt mirror and `docker import` turns it into an image. Idempotent: returns at
-# once when the image exists (pass --force to rebuild it).
+# once when the image exists and was made by this version of the script from the same mirrors
+# (pass --force to rebuild it anyway).
 #
 # Where a registry is reachable, `docker pull debian:bookworm-slim && docker tag debian:bookworm-slim
 # gpugate/base:bookworm` gives an equivalent base (see docker/README.md).
@@ -20,10 +21,6 @@ include=ca-certificates
 force=0
 [[ ${1:-} == --force ]] && force=1
 
-if ((!force)) && docker image inspect "$image" >/dev/null 2>&1; then
-  echo "bootstrap-base: $image present"
-  exit 0
-fi
 
 # Prints one "deb URI SUITE COMPONENTS" line per Debian bookworm source the host uses
 # (bookworm, bookworm-updates, bookworm-security), from one-line and deb822 source files.
@@ -72,7 +69,44 @@ if ((${#mirrors[@]} == 0)); then
   echo "bootstrap-base: no Debian $suite source found in /etc/apt/sources.list{,.d/*}; set GPUGATE_DEBIAN_MIRROR" >&2
   exit 1
 fi
-# mmdebstrap takes the first mirror's suite from its SUITE argument; the rest are full lines.
+# apt settings for the Dockerfiles built on this base: apt-get in a RUN step leaves no package
+# cache or downloaded .deb behind in the layer (the binary caches alone are ~80 MB).
+apt_conf='// gpugate images: keep apt caches out of image layers.
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/*.bin || true"; };
+DPkg::Post-Invoke { "rm -f /var/cache/apt/*.bin /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb || true"; };'
+
+# The recipe. Documentation, man pages and translations are dead weight in containers;
+# copyright files stay.
+mm_opts=(
+  --variant=apt
+  --include="$include"
+  --aptopt='APT::Install-Recommends "false"'
+  --aptopt='APT::Install-Suggests "false"'
+  --aptopt='Acquire::Languages "none"'
+  --dpkgopt='path-exclude=/usr/share/man/*'
+  --dpkgopt='path-exclude=/usr/share/info/*'
+  --dpkgopt='path-exclude=/usr/share/doc/*'
+  --dpkgopt='path-include=/usr/share/doc/*/copyright'
+  --dpkgopt='path-exclude=/usr/share/locale/*'
+  --dpkgopt='path-include=/usr/share/locale/locale.alias'
+  --customize-hook='rm -f "$1"/etc/hostname "$1"/etc/resolv.conf'
+)
+
+# The image records what made it (recipe, apt settings, mirrors); a change to any rebuilds it,
+# a change to this script's comments does not.
+inputs=$(printf '%s\n' "$suite" "${mm_opts[@]}" "$apt_conf" "${mirrors[@]}" | sha256sum | cut -c1-16)
+if ((!force)) && docker image inspect "$image" >/dev/null 2>&1; then
+  have=$(docker image inspect -f '{{index .Config.Labels "gpugate.inputs"}}' "$image")
+  if [[ $have == "$inputs" ]]; then
+    echo "bootstrap-base: $image present"
+    exit 0
+  elif [[ -z $have || $have == "<no value>" ]]; then
+    # Not made by this script (pulled from a registry and tagged): the operator's choice stands.
+    echo "bootstrap-base: $image present (not made here; left as it is)"
+    exit 0
+  fi
+  echo "bootstrap-base: $image was made from another recipe or other mirrors; rebuilding"
+fi
 command -v mmdebstrap >/dev/null || {
   echo "bootstrap-base: mmdebstrap is missing (apt-get install mmdebstrap)" >&2
   exit 1
@@ -82,24 +116,17 @@ echo "bootstrap-base: building $image from Debian $suite via:"
 printf '  %s\n' "${mirrors[@]}"
 started=$(date +%s)
 
-# Documentation, man pages and translations are dead weight in containers; copyright files stay.
-mmdebstrap --variant=apt --quiet \
-  --include="$include" \
-  --aptopt='APT::Install-Recommends "false"' \
-  --aptopt='APT::Install-Suggests "false"' \
-  --aptopt='Acquire::Languages "none"' \
-  --dpkgopt='path-exclude=/usr/share/man/*' \
-  --dpkgopt='path-exclude=/usr/share/info/*' \
-  --dpkgopt='path-exclude=/usr/share/doc/*' \
-  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-  --dpkgopt='path-exclude=/usr/share/locale/*' \
-  --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-  --customize-hook='rm -f "$1"/etc/hostname "$1"/etc/resolv.conf' \
+conf_file=$(mktemp)
+trap 'rm -f "$conf_file"' EXIT
+printf '%s\n' "$apt_conf" >"$conf_file"
+mmdebstrap --quiet "${mm_opts[@]}" \
+  --customize-hook="cp '$conf_file' \"\$1/etc/apt/apt.conf.d/90gpugate-image\"" \
   "$suite" - "${mirrors[@]}" |
   docker import \
     --change 'ENV LANG=C.UTF-8' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["/bin/bash"]' \
+    --change "LABEL gpugate.inputs=$inputs" \
     --message "gpugate base: mmdebstrap $suite ($include)" \
     - "$image" >/dev/null
 

@@ -6,7 +6,8 @@
 #   docker/build-images.sh [--force] [workspace|postgres|gateway|api ...]   (default: all)
 #
 # The gateway and API images copy host-built binaries from dist/ (`make build`) and
-# nginx-conf/nginx.conf. Set GPUGATE_IMAGE_TAG to tag something other than "latest".
+# nginx-conf/nginx.conf. Set GPUGATE_IMAGE_TAG to tag something other than "latest",
+# GPUGATE_BASE_IMAGE to build on another base (e.g. debian:bookworm-slim from a registry).
 set -euo pipefail
 docker_dir=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$docker_dir")
@@ -47,7 +48,13 @@ stage_context() { # name file...
       return 1
     fi
     mkdir -p "$ctx/$(dirname "$f")"
-    cp -p "$root/$f" "$ctx/$f"
+    # Binaries lose their DWARF debug info (the API's is most of its 65 MB) but keep their
+    # symbols, so backtraces still name functions. GPUGATE_STRIP=0 copies them untouched.
+    if [[ $f == dist/* && ${GPUGATE_STRIP:-1} != 0 ]] && command -v strip >/dev/null; then
+      strip --strip-debug -o "$ctx/$f" "$root/$f"
+    else
+      cp -p "$root/$f" "$ctx/$f"
+    fi
   done
   echo "$ctx"
 }
