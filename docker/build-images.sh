@@ -94,7 +94,7 @@ for name in "${images[@]}"; do
       ;;
     gateway)
       ctx=$(stage_context gateway dist/sbin/nginx dist/modules/ngx_stream_gpugate_module.so \
-        dist/bin/gpugate-routes nginx-conf/nginx.conf)
+        dist/bin/gpugate-routes nginx-conf/nginx.conf docker/gateway/entrypoint.sh)
       build gateway "gpugate/gateway:$tag" "$ctx" "$docker_dir/gateway/Dockerfile"
       ;;
     api)

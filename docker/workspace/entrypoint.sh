@@ -6,8 +6,10 @@
 #   GPUGATE_USERNAME         login user (default remotegpu; GPUGATE_USER is accepted too)
 #   GPUGATE_PASSWORD         its password (SSH password login); unset: key login only
 #   GPUGATE_SSH_PUBLIC_KEYS  authorized keys, one per line
-#   GPUGATE_JUPYTER_TOKEN    token for JupyterLab and for marimo on the code port (JUPYTER_TOKEN
-#                            is accepted too); unset: a random one nobody is told
+#   GPUGATE_JUPYTER_TOKEN    JupyterLab's token (JUPYTER_TOKEN is accepted too); unset: a random
+#                            one nobody is told
+#   GPUGATE_CODE_PASSWORD    marimo's login password on the code port; default GPUGATE_PASSWORD
+#                            (what the API shows as the code-server password), else the token
 #   GPUGATE_ENV_ID           environment id (the API also sets it as the hostname)
 #   GPUGATE_SSH_PORT, GPUGATE_JUPYTER_PORT, GPUGATE_CODE_PORT
 #                            public gateway ports, shown in the login banner
@@ -22,10 +24,11 @@ user=${GPUGATE_USERNAME:-${GPUGATE_USER:-remotegpu}}
 password=${GPUGATE_PASSWORD:-}
 keys=${GPUGATE_SSH_PUBLIC_KEYS:-}
 token=${GPUGATE_JUPYTER_TOKEN:-${JUPYTER_TOKEN:-}}
+code_password=${GPUGATE_CODE_PASSWORD:-$password}
 env_id=${GPUGATE_ENV_ID:-$(hostname)}
 services=" ${GPUGATE_SERVICES:-ssh jupyter code} "
 # Secrets stay out of every child's environment (sessions, kernels, terminals).
-unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN JUPYTER_TOKEN
+unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN JUPYTER_TOKEN GPUGATE_CODE_PASSWORD
 
 [[ $user =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] || die "GPUGATE_USERNAME '$user' is not a valid user name ([a-z_][a-z0-9_-]{0,31})"
 [[ $password != *$'\n'* ]] || die "GPUGATE_PASSWORD must not contain a newline"
@@ -100,7 +103,7 @@ if [[ $services == *" jupyter "* ]]; then
 fi
 if [[ $services == *" code "* ]]; then
   as_user marimo --quiet --log-level warn edit --headless --skip-update-check --host 0.0.0.0 --port 8080 \
-    --token-password-file - "$home" <<<"$token" &
+    --token-password-file - "$home" <<<"${code_password:-$token}" &
   pids+=($!)
 fi
 ((${#pids[@]})) || die "GPUGATE_SERVICES='${GPUGATE_SERVICES:-}' names no known service (ssh jupyter code)"
