@@ -98,7 +98,7 @@ for name in "${images[@]}"; do
       build gateway "gpugate/gateway:$tag" "$ctx" "$docker_dir/gateway/Dockerfile"
       ;;
     api)
-      ctx=$(stage_context api dist/bin/gpugate-api dist/bin/gpugate-routes)
+      ctx=$(stage_context api dist/bin/gpugate-api dist/bin/gpugate-routes docker/api/healthcheck.sh)
       build api "gpugate/api:$tag" "$ctx" "$docker_dir/api/Dockerfile"
       ;;
   esac

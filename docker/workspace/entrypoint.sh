@@ -14,7 +14,8 @@
 #   GPUGATE_SSH_PORT, GPUGATE_JUPYTER_PORT, GPUGATE_CODE_PORT
 #                            public gateway ports, shown in the login banner
 #   GPUGATE_DOMAIN           public domain (e.g. gpu.example.com), shown in the login banner
-#   GPUGATE_SERVICES         services to run (default "ssh jupyter code")
+#   GPUGATE_SERVICES         services to run; default: those with a GPUGATE_*_PORT above, or
+#                            "ssh jupyter code" when none is set
 set -euo pipefail
 
 log() { echo "gpugate-workspace: $*" >&2; }
@@ -26,7 +27,10 @@ keys=${GPUGATE_SSH_PUBLIC_KEYS:-}
 token=${GPUGATE_JUPYTER_TOKEN:-${JUPYTER_TOKEN:-}}
 code_password=${GPUGATE_CODE_PASSWORD:-$password}
 env_id=${GPUGATE_ENV_ID:-$(hostname)}
-services=" ${GPUGATE_SERVICES:-ssh jupyter code} "
+# Default services: those the API gave a public port (a workspace created with only "ssh" runs
+# only sshd), or all three when no port is given (a plain `docker run`).
+ported="${GPUGATE_SSH_PORT:+ssh }${GPUGATE_JUPYTER_PORT:+jupyter }${GPUGATE_CODE_PORT:+code}"
+services=" ${GPUGATE_SERVICES:-${ported:-ssh jupyter code}} "
 # Secrets stay out of every child's environment (sessions, kernels, terminals).
 unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN JUPYTER_TOKEN GPUGATE_CODE_PASSWORD
 
@@ -85,7 +89,7 @@ fi
 pids=()
 if [[ $services == *" ssh "* ]]; then
   # Per-container host keys: a key baked into the image would be shared by every workspace.
-  for t in ed25519 ecdsa rsa; do
+  for t in ed25519 ecdsa; do
     [[ -f /etc/ssh/ssh_host_${t}_key ]] || ssh-keygen -q -t "$t" -N '' -f "/etc/ssh/ssh_host_${t}_key"
   done
   mkdir -p /run/sshd
