@@ -107,6 +107,11 @@ if ((!force)) && docker image inspect "$image" >/dev/null 2>&1; then
   fi
   echo "bootstrap-base: $image was made from another recipe or other mirrors; rebuilding"
 fi
+if [[ $image != gpugate/base:* ]]; then
+  # Another base was chosen (e.g. debian:bookworm-slim): it comes from a registry, not from here.
+  echo "bootstrap-base: $image is missing; pull it (docker pull $image) or leave GPUGATE_BASE_IMAGE unset" >&2
+  exit 1
+fi
 command -v mmdebstrap >/dev/null || {
   echo "bootstrap-base: mmdebstrap is missing (apt-get install mmdebstrap)" >&2
   exit 1
