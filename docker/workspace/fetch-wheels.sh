@@ -9,7 +9,17 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 wheels=$here/wheels
-pip=${PIP:-pip3}
+# pip only downloads here (nothing is installed on the host), so Debian's python3-pip will do.
+if [[ -n ${PIP:-} ]]; then
+  read -ra pip <<<"$PIP"
+elif command -v pip3 >/dev/null; then
+  pip=(pip3)
+elif python3 -m pip --version >/dev/null 2>&1; then
+  pip=(python3 -m pip)
+else
+  echo "fetch-wheels: pip is missing (apt-get install python3-pip)" >&2
+  exit 1
+fi
 
 target=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311
   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64)
@@ -17,7 +27,7 @@ target=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp31
 if [[ ${1:-} == --resolve ]]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  "$pip" download -q "${target[@]}" -d "$tmp" -r "$here/requirements.in"
+  "${pip[@]}" download -q "${target[@]}" -d "$tmp" -r "$here/requirements.in"
   {
     sed -n '1,2p' "$here/requirements.txt"
     # wheel file names are NAME-VERSION-...; NAME uses _ where the project name may use -.
@@ -37,7 +47,7 @@ fi
 started=$(date +%s)
 rm -rf "$wheels.tmp"
 mkdir -p "$wheels.tmp"
-"$pip" download -q "${target[@]}" --no-deps -d "$wheels.tmp" -r "$here/requirements.txt"
+"${pip[@]}" download -q "${target[@]}" --no-deps -d "$wheels.tmp" -r "$here/requirements.txt"
 echo "$want" >"$wheels.tmp/.requirements.sha256"
 rm -rf "$wheels"
 mv "$wheels.tmp" "$wheels"
