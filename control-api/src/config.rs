@@ -558,10 +558,10 @@ mod tests {
     fn port_ranges_parse_and_refuse() {
         assert_eq!("20000-20999".parse::<PortRange>(), Ok(PortRange { start: 20000, end: 20999 }));
         assert_eq!("22".parse::<PortRange>(), Ok(PortRange { start: 22, end: 22 }));
-        assert!("20000-70000".parse::<PortRange>().unwrap_err().contains("not a TCP port"));
-        assert!("0-10".parse::<PortRange>().unwrap_err().contains("not a TCP port"));
-        assert!("30-20".parse::<PortRange>().unwrap_err().contains("inverted"));
-        assert!("a-b".parse::<PortRange>().unwrap_err().contains("not a number"));
+        assert!("20000-70000".parse::<PortRange>().expect_err("refused").contains("not a TCP port"));
+        assert!("0-10".parse::<PortRange>().expect_err("refused").contains("not a TCP port"));
+        assert!("30-20".parse::<PortRange>().expect_err("refused").contains("inverted"));
+        assert!("a-b".parse::<PortRange>().expect_err("refused").contains("not a number"));
     }
 
     #[test]
@@ -575,18 +575,18 @@ mod tests {
             "[pools.ssh]\nrange = \"20000-20100\"\n[pools.jupyter]\nrange = \"20100-20200\"\n",
         )
         .expect("parses");
-        let err = cfg.validate().unwrap_err().to_string();
+        let err = cfg.validate().expect_err("refused").to_string();
         assert!(err.contains("overlap"), "{err}");
     }
 
     #[test]
     fn out_of_range_and_unknown_fields_are_refused() {
-        let err = Config::from_toml("[pools.ssh]\nrange = \"60000-65536\"\n").unwrap_err();
+        let err = Config::from_toml("[pools.ssh]\nrange = \"60000-65536\"\n").expect_err("refused");
         assert!(err.contains("not a TCP port"), "{err}");
-        let err = Config::from_toml("listen_adress = \"1.2.3.4:1\"\n").unwrap_err();
+        let err = Config::from_toml("listen_adress = \"1.2.3.4:1\"\n").expect_err("refused");
         assert!(err.contains("unknown field"), "{err}");
         let cfg = Config::from_toml("[pools.ftp]\nrange = \"1000-1001\"\n").expect("parses");
-        assert!(cfg.validate().unwrap_err().to_string().contains("unknown service"));
+        assert!(cfg.validate().expect_err("refused").to_string().contains("unknown service"));
     }
 
     #[test]
@@ -604,7 +604,7 @@ mod tests {
         assert_eq!(cfg.quarantine_s, 5);
         assert!(!format!("{cfg:?}").contains("hunter2"), "secret leaked into Debug");
         let bad = |k: &str| (k == "GPUGATE_QUARANTINE_S").then(|| "soon".to_string());
-        assert!(cfg.apply_env(&bad).unwrap_err().to_string().contains("GPUGATE_QUARANTINE_S"));
+        assert!(cfg.apply_env(&bad).expect_err("refused").to_string().contains("GPUGATE_QUARANTINE_S"));
         let _ = no_env("x");
     }
 
@@ -623,6 +623,6 @@ mod tests {
             "[pools.ssh]\nrange = \"20000-20100\"\nbound = \"20000-20050\"\n",
         )
         .expect("parses");
-        assert!(cfg.validate().unwrap_err().to_string().contains("bound"));
+        assert!(cfg.validate().expect_err("refused").to_string().contains("bound"));
     }
 }

@@ -121,6 +121,11 @@ impl Publisher {
     async fn serve(&self, mut writer: Writer, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut listener = PgListener::connect_with(self.db.pool()).await?;
         listener.listen(db::routes::CHANNEL).await?;
+        // The listener runs in its own task and hands batches over a channel, so the loop
+        // below only ever waits on cancel-safe futures.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Notice>(1024);
+        let forward = tokio::spawn(forward_notifications(listener, tx));
+        let _abort = AbortOnDrop(forward);
         // Listening before the first sync: nothing committed in between is missed.
         self.full_sync(&mut writer).await?;
         self.status.active.store(true, Ordering::Relaxed);
@@ -131,21 +136,16 @@ impl Publisher {
                 _ = shutdown.changed() => return Ok(()),
                 _ = self.resync.0.notified() => { self.full_sync(&mut writer).await?; }
                 _ = heartbeat.tick() => writer.heartbeat(),
-                n = listener.try_recv() => match n? {
-                    Some(first) => {
-                        let mut ports = vec![first.payload().to_string()];
-                        while let Some(more) = listener.next_buffered() {
-                            ports.push(more.payload().to_string());
-                        }
-                        let ports: Vec<u16> = ports.iter().filter_map(|p| p.parse().ok()).collect();
-                        self.apply(&mut writer, &ports).await?;
-                    }
-                    None => {
+                notice = rx.recv() => match notice {
+                    Some(Notice::Ports(ports)) => self.apply(&mut writer, &ports).await?,
+                    Some(Notice::Interrupted) => {
                         // The listening connection dropped (and reconnects): re-sync to cover
                         // whatever was announced meanwhile.
                         tracing::warn!("route notifications interrupted; re-syncing the table");
                         self.full_sync(&mut writer).await?;
                     }
+                    Some(Notice::Failed(e)) => anyhow::bail!("listening for route changes: {e}"),
+                    None => anyhow::bail!("route notification task ended"),
                 },
             }
         }
@@ -194,6 +194,48 @@ impl Publisher {
         self.status.last_sync_ms.store(gpugate_routes::now_ms(), Ordering::Relaxed);
         self.status.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// What the notification task hands to the publisher.
+enum Notice {
+    /// Ports whose routes changed.
+    Ports(Vec<u16>),
+    /// The connection dropped; notifications may have been lost.
+    Interrupted,
+    /// Listening failed for good.
+    Failed(String),
+}
+
+/// Aborts a task when dropped (the publisher letting go of the table).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads notifications and sends them on in batches (everything already buffered at once).
+async fn forward_notifications(mut listener: PgListener, tx: tokio::sync::mpsc::Sender<Notice>) {
+    loop {
+        let notice = match listener.try_recv().await {
+            Ok(Some(first)) => {
+                let mut ports: Vec<u16> = first.payload().parse().ok().into_iter().collect();
+                while let Some(more) = listener.next_buffered() {
+                    ports.extend(more.payload().parse::<u16>().ok());
+                }
+                Notice::Ports(ports)
+            }
+            Ok(None) => Notice::Interrupted,
+            Err(e) => {
+                let _ = tx.send(Notice::Failed(e.to_string())).await;
+                return;
+            }
+        };
+        if tx.send(notice).await.is_err() {
+            return;
+        }
     }
 }
 

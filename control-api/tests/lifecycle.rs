@@ -236,3 +236,82 @@ async fn stop_start_keeps_ports_and_other_users_get_404() {
     assert_eq!(a["data"]["access_info"]["ssh"]["port"], ssh);
     ctx.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_grow_within_their_bound_and_reserved_ports_are_never_handed_out() {
+    let mut ctx = Ctx::new("reload").await;
+    ctx.cfg.pools.retain(|k, _| k == "ssh");
+    ctx.cfg.default_services = vec!["ssh".into()];
+    let file = ctx.dir.join("api.toml");
+    let write = |range: &str| {
+        let text = format!("default_services = [\"ssh\"]\n[pools.ssh]\nrange = \"{range}\"\nbound = \"20000-20009\"\nreserved = [20000]\n");
+        std::fs::write(&file, text).expect("write config");
+    };
+    write("20000-20001");
+    let from_file = gpugate_api::config::Config::load_with(Some(&file), &|_| None).expect("config");
+    ctx.cfg.pools = from_file.pools;
+    ctx.cfg.source = Some(file.clone());
+    let alice = ctx.token("alice", false).await;
+    let admin = ctx.token("root", true).await;
+    ctx.start().await;
+
+    // 20000 is reserved, so the pool of two hands out one port.
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "a"})).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["data"]["ports"]["ssh"], 20001);
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "b"})).await;
+    assert_eq!(s, 503, "{v}");
+
+    // Grow within the bound: the next create succeeds, with no restart.
+    write("20000-20003");
+    let (s, v) = ctx.post("/api/v1/admin/pools/reload", &alice, json!({})).await;
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = ctx.post("/api/v1/admin/pools/reload", &admin, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["added"], 2);
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "c"})).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["data"]["ports"]["ssh"], 20002);
+
+    // Leaving the bound, or shrinking under allocated ports, is refused and changes nothing.
+    write("20000-20010");
+    let (s, v) = ctx.post("/api/v1/admin/pools/reload", &admin, json!({})).await;
+    assert_eq!((s, v["code"].as_u64()), (422, Some(1002)), "{v}");
+    write("20000-20000");
+    let (s, v) = ctx.post("/api/v1/admin/pools/reload", &admin, json!({})).await;
+    assert_eq!((s, v["code"].as_u64()), (409, Some(1006)), "{v}");
+    let msg = v["message"].as_str().expect("message");
+    assert!(msg.contains("20001") && msg.contains("20002"), "{msg}");
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM port_pool").fetch_one(ctx.db().pool()).await.expect("count");
+    assert_eq!(total, 4);
+    ctx.finish().await;
+}
+
+#[test]
+fn dns_prints_one_wildcard_record_per_service() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpugate-api"))
+        .args(["dns", "--address", "203.0.113.10"])
+        .env_remove("GPUGATE_CONFIG")
+        .output()
+        .expect("run gpugate-api dns");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "*.code.x-gpu.com. 300 IN A 203.0.113.10",
+            "*.jupyter.x-gpu.com. 300 IN A 203.0.113.10",
+            "*.rdp.x-gpu.com. 300 IN A 203.0.113.10",
+            "*.ssh.x-gpu.com. 300 IN A 203.0.113.10",
+        ]
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_gpugate-api"))
+        .args(["check-config"])
+        .env("GPUGATE_POOL_SSH", "60000-70000")
+        .output()
+        .expect("run gpugate-api");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("GPUGATE_POOL_SSH") && err.contains("not a TCP port"), "{err}");
+}

@@ -100,13 +100,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn config(url: &str, dir: &std::path::Path, image: &str) -> Config {
-    let mut cfg = Config::default();
-    cfg.listen = "127.0.0.1:0".parse().expect("constant address");
-    cfg.database_url = Secret::new(url);
-    cfg.database_max_connections = 40;
-    cfg.route_table = dir.join("routes");
-    cfg.deployment = format!("bench{}", rand_suffix());
-    cfg.reconcile_interval_s = 3600;
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".parse().expect("constant address"),
+        database_url: Secret::new(url),
+        database_max_connections: 40,
+        route_table: dir.join("routes"),
+        deployment: format!("bench{}", rand_suffix()),
+        reconcile_interval_s: 3600,
+        ..Config::default()
+    };
     cfg.docker.default_image = image.into();
     cfg.docker.stop_timeout_s = 1;
     cfg.pools.clear();
@@ -239,9 +241,11 @@ async fn bench_env(db: &Db, owner: i64) -> anyhow::Result<String> {
 
 /// One worker process: `clients` concurrent clients, `per_client` allocations each.
 async fn alloc_worker(url: &str, method: &str, clients: usize, per_client: usize, env_id: &str) -> anyhow::Result<()> {
-    let mut cfg = Config::default();
-    cfg.database_url = Secret::new(url);
-    cfg.database_max_connections = clients as u32 + 2;
+    let cfg = Config {
+        database_url: Secret::new(url),
+        database_max_connections: clients as u32 + 2,
+        ..Config::default()
+    };
     let db = Db::connect(&cfg).await?;
     // The seed's process-wide mutex: serialises this process only.
     let mutex = Arc::new(tokio::sync::Mutex::new(()));

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use gpugate_routes::Service;
 use serde::{Deserialize, Serialize};
 
-use super::{Body, Caller};
+use super::{Body, Caller, IdPath};
 use crate::db::envs::{self, EnvRow};
 use crate::db::ports;
 use crate::error::{ok, ApiError, ApiResult, Success};
@@ -207,32 +207,32 @@ async fn list_environments(State(st): State<AppState>, caller: Caller) -> ApiRes
 }
 
 /// `GET /api/v1/environments/{id}`.
-async fn get_environment(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<EnvironmentView> {
+async fn get_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
     let env = find(&st, &caller, &id).await?;
     Ok(ok(view(&st, env, None).await?))
 }
 
 /// `GET /api/v1/environments/{id}/access` → the seed's access shape.
-async fn get_access(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Access> {
+async fn get_access(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<Access> {
     let env = find(&st, &caller, &id).await?;
     let held = ports::env_ports(st.db.pool(), &env.id).await?;
     Ok(ok(Access { access_info: access_info(&st, &env, &held), environment_id: env.id }))
 }
 
 /// `POST /api/v1/environments/{id}/stop`.
-async fn stop_environment(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<EnvironmentView> {
+async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
     let out = lifecycle::stop(&st, &caller.0, &id).await?;
     Ok(ok(view(&st, out.env, None).await?))
 }
 
 /// `POST /api/v1/environments/{id}/start`.
-async fn start_environment(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<EnvironmentView> {
+async fn start_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
     let out = lifecycle::start(&st, &caller.0, &id).await?;
     Ok(ok(view(&st, out.env, Some(out.routes_live)).await?))
 }
 
 /// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.
-async fn delete_environment(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+async fn delete_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<serde_json::Value> {
     let env = lifecycle::delete(&st, &caller.0, &id).await?;
     Ok(ok(serde_json::json!({ "id": env.id, "status": env.status })))
 }

@@ -62,6 +62,19 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// The `{id}` path segment; one that cannot be decoded is an unknown environment (404).
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<String>::from_request_parts(parts, st).await {
+            Ok(axum::extract::Path(id)) => Ok(IdPath(id)),
+            Err(_) => Err(ApiError::NotFound("environment not found".into())),
+        }
+    }
+}
+
 /// A JSON body; malformed JSON is a 400, a body that does not fit the type is a 422, both in
 /// the envelope.
 pub struct Body<T>(pub T);

@@ -88,15 +88,17 @@ impl Ctx {
         let db_url = with_db(&admin_url(), &db_name);
         let table = dir.join("routes");
         let deployment = format!("t{suffix}");
-        let mut cfg = Config::default();
-        cfg.listen = "127.0.0.1:0".parse().expect("addr");
-        cfg.database_url = gpugate_api::config::Secret::new(db_url.clone());
-        cfg.database_max_connections = 10;
-        cfg.route_table = table.clone();
-        cfg.deployment = deployment.clone();
-        cfg.quarantine_s = 300;
-        cfg.reconcile_interval_s = 3600;
-        cfg.route_wait_ms = 3000;
+        let mut cfg = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            database_url: gpugate_api::config::Secret::new(db_url.clone()),
+            database_max_connections: 10,
+            route_table: table.clone(),
+            deployment: deployment.clone(),
+            quarantine_s: 300,
+            reconcile_interval_s: 3600,
+            route_wait_ms: 3000,
+            ..Config::default()
+        };
         cfg.docker.default_image = IMAGE.into();
         cfg.docker.stop_timeout_s = 2;
         cfg.gpu.devices = vec![0, 1];
