@@ -8,7 +8,7 @@ CARGO ?= cargo
 export NGX_CONFIGURE_ARGS := --with-stream_ssl_preread_module
 
 
-.PHONY: build test bench clean deps
+.PHONY: build test bench clean deps up down demo
 
 build:
 	$(CARGO) build --release --workspace --locked
@@ -29,6 +29,17 @@ bench: build
 
 deps:
 	scripts/install-deps.sh
+
+# The stack (gateway, API, PostgreSQL) in Docker: images built as needed, ready, with a token.
+up: build
+	scripts/up.sh up
+
+down:
+	scripts/up.sh down
+
+# A workspace through the API and an SSH session into it through the gateway.
+demo: build
+	scripts/up.sh demo
 
 clean:
 	$(CARGO) clean

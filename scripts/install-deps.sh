@@ -7,6 +7,7 @@ pkgs=(
   openssh-client sshpass curl                                        # real clients in end-to-end tests
   docker-compose                                                     # the stack (docker/compose.yaml)
   mmdebstrap                                                         # offline base image for docker/
+  python3-pip                                                        # docker/workspace/fetch-wheels.sh (pip download)
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Runs the gpugate stack (gateway, API, PostgreSQL) on this machine with docker/compose.yaml.
+#
+#   scripts/up.sh up     build the images that are missing or stale, start the stack, wait until
+#                        the API is ready, create an API token and print how to use it
+#   scripts/up.sh down   stop and remove the stack's containers (the database volume and the
+#                        workspaces stay; `down --volumes` also drops the database)
+#   scripts/up.sh demo   create a workspace through the API and open an SSH session into it
+#                        through the gateway (runs `hostname` when stdin is not a terminal)
+#
+# `make up`, `make down` and `make demo` call it (after `make build`, which fills dist/). The
+# compose file's variables (GPUGATE_API_LISTEN, GPUGATE_DB_PASSWORD, GPUGATE_DOMAIN, ...; see
+# docker/README.md) apply. GPUGATE_TOKEN_USER names the user the token is made for (default
+# "admin", an admin). Needs docker, docker-compose, curl, python3, ssh and sshpass.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+project=${GPUGATE_STACK:-gpugate}
+compose=(docker-compose -p "$project" -f docker/compose.yaml)
+listen=${GPUGATE_API_LISTEN:-127.0.0.1:8080}
+api=http://${listen/0.0.0.0/127.0.0.1}
+user=${GPUGATE_TOKEN_USER:-admin}
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'gpugate: %s\n' "$*" >&2; exit 1; }
+since() { echo "$(($(date +%s) - $1)) s"; }
+# json EXPR: prints EXPR (Python, over the parsed document `d`) of the JSON on stdin.
+json() { python3 -c 'import json, sys; d = json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
+
+ready() { curl -fsS -m 3 "$api/readyz" >/dev/null 2>&1; }
+
+token() {
+  docker exec "$project-api" gpugate-api token create --user "$user" ${1:+"$1"} 2>/dev/null | tail -n 1
+}
+
+up() {
+  local started t tok
+  started=$(date +%s)
+  for f in dist/sbin/nginx dist/modules/ngx_stream_gpugate_module.so dist/bin/gpugate-api dist/bin/gpugate-routes; do
+    [[ -f $f ]] || die "$f is missing: run \`make build\` first (\`make up\` does)"
+  done
+  say "== images (docker/build-images.sh: builds only what is missing or changed)"
+  docker/build-images.sh
+  say "== starting the stack (docker-compose project \"$project\")"
+  t=$(date +%s)
+  "${compose[@]}" up -d
+  say "== waiting for $api/readyz (database, Docker, route table)"
+  for _ in $(seq 120); do
+    ready && break
+    sleep 1
+  done
+  if ! ready; then
+    curl -sS -m 3 "$api/readyz" >&2 || true
+    "${compose[@]}" logs --tail 20 >&2 || true
+    die "the API is not ready after 120 s"
+  fi
+  say "ready in $(since "$t") (all of \`up\`: $(since "$started"))"
+  tok=$(token --admin) || die "could not create a token"
+  [[ -n $tok ]] || die "could not create a token"
+  cat <<EOF
+
+gpugate is running: gateway (nginx, host network, pools from nginx-conf/nginx.conf), API on
+$api, PostgreSQL. API token for user "$user" (admin; shown once, keep it):
+
+  export GPUGATE_TOKEN=$tok
+
+Create a workspace (SSH, JupyterLab and a code editor; the answer holds ports and passwords):
+
+  curl -sS -X POST -H "Authorization: Bearer \$GPUGATE_TOKEN" -H 'Content-Type: application/json' \\
+    -d '{"name":"my-workspace","gpus":0}' $api/api/v1/environments
+
+then log in through the gateway with data.access_info.ssh (user remotegpu, its password):
+
+  ssh -p <data.ports.ssh> remotegpu@127.0.0.1       # or data.access_info.ssh.command once DNS is set up
+
+Delete it: curl -X DELETE -H "Authorization: Bearer \$GPUGATE_TOKEN" $api/api/v1/environments/<id>
+Or run \`make demo\` (creates one and logs you in); \`make down\` stops the stack.
+EOF
+}
+
+down() {
+  local n
+  "${compose[@]}" down "$@"
+  n=$(docker ps -q --filter label=gpugate.managed=true | wc -l)
+  if ((n)); then
+    say "gpugate: $n workspace container(s) left running (the next \`make up\` takes them back);"
+    say "  remove them with: docker ps -q --filter label=gpugate.managed=true | xargs -r docker rm -f"
+  fi
+}
+
+demo() {
+  local tok body out id port pass
+  ready || up
+  tok=$(token) || die "could not create a token"
+  body='{"name":"demo","gpus":0}'
+  out=$(curl -sS -X POST -H "Authorization: Bearer $tok" -H 'Content-Type: application/json' \
+    -d "$body" "$api/api/v1/environments") || die "create failed"
+  id=$(json 'd["data"]["id"]' <<<"$out" 2>/dev/null) || die "create failed: $out"
+  port=$(json 'd["data"]["ports"]["ssh"]' <<<"$out")
+  pass=$(json 'd["data"]["access_info"]["ssh"]["password"]' <<<"$out")
+  say "created workspace $id:"
+  json '"\n".join("  %-8s %s" % (k, v) for k, v in d["data"]["ports"].items())' <<<"$out"
+  json '"  jupyter  token %s" % d["data"]["access_info"]["jupyter"]["token"] if "jupyter" in d["data"]["access_info"] else ""' <<<"$out"
+  say "  ssh      password $pass"
+  say "  delete:  curl -X DELETE -H 'Authorization: Bearer $tok' $api/api/v1/environments/$id"
+  local ssh=(ssh -p "$port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
+    -o LogLevel=ERROR -o ConnectTimeout=5 -o PubkeyAuthentication=no remotegpu@127.0.0.1)
+  export SSHPASS=$pass
+  # The API answers before sshd listens (about a second): retry briefly.
+  for _ in $(seq 50); do
+    sshpass -e "${ssh[@]}" true </dev/null 2>/dev/null && break
+    sleep 0.2
+  done
+  if [[ -t 0 ]]; then
+    say "== ssh -p $port remotegpu@127.0.0.1 (through the gateway; exit to leave)"
+    exec sshpass -e "${ssh[@]}"
+  fi
+  say "== ssh -p $port remotegpu@127.0.0.1 hostname (stdin is not a terminal)"
+  sshpass -e "${ssh[@]}" hostname </dev/null
+}
+
+case ${1:-up} in
+  up) up ;;
+  down) shift; down "$@" ;;
+  demo) demo ;;
+  *) die "usage: $0 up|down [--volumes]|demo" ;;
+esac
