@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Runs every gpugate test: unit and crate tests, nginx tests over dist/, API tests over a
-# PostgreSQL cluster this script starts (and stops) itself.
+# PostgreSQL cluster this script starts (and stops) itself, and the end-to-end tests over the
+# Docker images (built here first when missing or stale; docker/build-images.sh is cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NGX_CONFIGURE_ARGS="--with-stream_ssl_preread_module"
 export GPUGATE_DIST="$PWD/dist"
+
+# The end-to-end tests (tests/tests/e2e_stack.rs) run the gateway and API images, which copy
+# dist/ (`make test` runs `make build` first).
+docker/build-images.sh
 
 source scripts/pg.sh
 pg_start

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 pub use gpugate_routes::{EnvId, LockMode, Route, Service, Table, Writer};
 
+pub mod stack;
+
 /// The `make build` output folder.
 pub fn dist() -> PathBuf {
     match std::env::var_os("GPUGATE_DIST") {
