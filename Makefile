@@ -31,14 +31,14 @@ deps:
 	scripts/install-deps.sh
 
 # The stack (gateway, API, PostgreSQL) in Docker: images built as needed, ready, with a token.
-up: build
+up: deps build
 	scripts/up.sh up
 
 down:
 	scripts/up.sh down
 
 # A workspace through the API and an SSH session into it through the gateway.
-demo: build
+demo: deps build
 	scripts/up.sh demo
 
 clean:

@@ -98,10 +98,13 @@ demo() {
   id=$(json 'd["data"]["id"]' <<<"$out" 2>/dev/null) || die "create failed: $out"
   port=$(json 'd["data"]["ports"]["ssh"]' <<<"$out")
   pass=$(json 'd["data"]["access_info"]["ssh"]["password"]' <<<"$out")
-  say "created workspace $id:"
-  json '"\n".join("  %-8s %s" % (k, v) for k, v in d["data"]["ports"].items())' <<<"$out"
-  json '"  jupyter  token %s" % d["data"]["access_info"]["jupyter"]["token"] if "jupyter" in d["data"]["access_info"] else ""' <<<"$out"
-  say "  ssh      password $pass"
+  say "created workspace $id (the demo image serves plain HTTP; see the README on TLS):"
+  say "  ssh      ssh -p $port remotegpu@127.0.0.1   password $pass"
+  json '"\n".join(x for x in [
+      "  jupyter  http://127.0.0.1:%d/lab?token=%s" % (d["data"]["ports"]["jupyter"], d["data"]["access_info"]["jupyter"]["token"])
+        if "jupyter" in d["data"]["ports"] else "",
+      "  code     http://127.0.0.1:%d/   password %s" % (d["data"]["ports"]["code"], d["data"]["access_info"]["code_server"]["password"])
+        if "code" in d["data"]["ports"] else ""] if x)' <<<"$out"
   say "  delete:  curl -X DELETE -H 'Authorization: Bearer $tok' $api/api/v1/environments/$id"
   local ssh=(ssh -p "$port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
     -o LogLevel=ERROR -o ConnectTimeout=5 -o PubkeyAuthentication=no remotegpu@127.0.0.1)
