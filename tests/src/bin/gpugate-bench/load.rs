@@ -119,12 +119,20 @@ pub fn bulk(port: u16, total: u64) -> std::io::Result<f64> {
 }
 
 /// Time from `start` until a one-byte round trip through `port` succeeds, retrying every
-/// `poll` (zero: at once) for at most `limit`. `None` if it never succeeded.
-pub fn first_success(port: u16, start: Instant, poll: Duration, limit: Duration) -> Option<Duration> {
+/// `poll` (zero: at once) for at most `limit`, and the number of attempts it took. `None` if it
+/// never succeeded.
+pub fn first_success(
+    port: u16,
+    start: Instant,
+    poll: Duration,
+    limit: Duration,
+) -> Option<(Duration, u32)> {
     let mut reply = [0u8; 1];
+    let mut attempts = 0;
     loop {
+        attempts += 1;
         if round_trip(port, b"?", &mut reply).is_ok() {
-            return Some(start.elapsed());
+            return Some((start.elapsed(), attempts));
         }
         if start.elapsed() > limit {
             return None;

@@ -12,6 +12,7 @@
 //! (criterion) is measured by scripts/bench.sh and passed in to be printed with the rest.
 
 mod load;
+mod ports;
 mod procs;
 mod reload;
 mod report;
@@ -20,10 +21,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use gpugate_tests::{
-    nginx_conf, route, table_dir, temp_dir, Backend, Client, LockMode, Nginx, Service, Writer,
+    dist, route, table_dir, temp_dir, Backend, Client, LockMode, Nginx, Service, Writer,
 };
 
 use load::{bulk, conn_rate, echo_server, first_success, median, percentile, source_server};
+use ports::{listen_lines, Ports};
 use procs::{footprint, settle};
 use reload::ReloadGateway;
 use report::Report;
@@ -76,15 +78,28 @@ impl Config {
     }
 }
 
-// Port plan, all on 127.0.0.1 and below the kernel's ephemeral range (32768-60999).
-/// Data path: static → echo, balancer, variable, static → source.
-const DATA_PORTS: [u16; 4] = [9000, 9001, 9002, 9003];
-/// Gateway pool: `ports` routed ports, then the ports activated by the benchmark.
-const POOL_LO: u16 = 21000;
-/// Baseline: `ports` existing per-port files from here.
-const RELOAD_LO: u16 = 10000;
-/// Baseline: ports activated by a reload, from here.
-const RELOAD_NEW_LO: u16 = 20000;
+/// nginx.conf for every nginx of the run: the gateway's process settings (as the test
+/// support's `nginx_conf`), sized for 10,000+ listening sockets, which each worker counts
+/// against `worker_connections`. The baseline is the same file without `load_module`.
+pub fn nginx_config(module: bool, stream_body: &str) -> String {
+    let load = if module {
+        format!("load_module {};\n", dist().join("modules/ngx_stream_gpugate_module.so").display())
+    } else {
+        String::new()
+    };
+    format!(
+        r#"{load}user nobody nogroup;
+worker_processes 2;
+worker_rlimit_nofile 19000;
+error_log logs/error.log notice;
+pid logs/nginx.pid;
+events {{ worker_connections 16384; }}
+stream {{
+{stream_body}
+}}
+"#
+    )
+}
 
 fn progress(msg: &str) {
     eprintln!("[gpugate-bench] {msg}");
@@ -112,9 +127,6 @@ fn args() -> (Option<f64>, Option<f64>, Option<String>) {
 fn main() {
     let (lookup_live, lookup_miss, out) = args();
     let cfg = Config::from_env();
-    assert!(u32::from(RELOAD_LO) + u32::from(cfg.ports) <= u32::from(RELOAD_NEW_LO));
-    assert!(u32::from(RELOAD_NEW_LO) + u32::from(cfg.reload_activations + cfg.reloads) <= u32::from(POOL_LO));
-    assert!(u32::from(POOL_LO) + u32::from(cfg.ports + cfg.activations) < 32768);
     assert!(cfg.changes as u64 >= cfg.conns as u64, "one connection per changes/conns route changes");
 
     let echo = echo_server(2 * cfg.clients);
@@ -123,9 +135,11 @@ fn main() {
     let hold = Backend::start("hold", "127.0.0.1:0");
 
     let mut report = Report::new(cfg.clients, cfg.rate_rounds, cfg.rate_ms, cfg.bulk_rounds, cfg.bulk_mb);
-    data_path(&cfg, echo, source, &mut report);
-    gateway_control(&cfg, echo, hold.addr, &mut report);
-    reload_control(&cfg, echo, hold.addr, &mut report);
+    // Every port is on 127.0.0.1, below the ephemeral range, and free when handed out; each
+    // phase stops its nginx before the next one takes ports.
+    data_path(&cfg, &mut Ports::new(), echo, source, &mut report);
+    gateway_control(&cfg, &mut Ports::new(), echo, hold.addr, &mut report);
+    reload_control(&cfg, &mut Ports::new(), echo, hold.addr, &mut report);
     report.lookup_ns = (lookup_live, lookup_miss);
 
     let text = report.render(&cfg);
@@ -138,12 +152,13 @@ fn main() {
 }
 
 /// Rate and throughput: one nginx with a static server and both routed forms, same backend.
-fn data_path(cfg: &Config, echo: SocketAddr, source: SocketAddr, report: &mut Report) {
+fn data_path(cfg: &Config, ports: &mut Ports, echo: SocketAddr, source: SocketAddr, report: &mut Report) {
     progress("data path: starting nginx (static, balancer, variable)");
     let root = temp_dir("bench-data");
     let table = table_dir(&root).join("routes");
     let mut w = Writer::open(&table, LockMode::NoWait).expect("open the route table");
-    let [stat, bal, var, stat_src] = DATA_PORTS;
+    let p = ports.take(4);
+    let [stat, bal, var, stat_src] = [p[0], p[1], p[2], p[3]];
     let body = format!(
         r#"
     gpugate_route_table {table};
@@ -155,7 +170,7 @@ fn data_path(cfg: &Config, echo: SocketAddr, source: SocketAddr, report: &mut Re
 "#,
         table = table.display()
     );
-    let ng = Nginx::start(&root, &nginx_conf(&body));
+    let ng = Nginx::start(&root, &nginx_config(true, &body));
     for port in [bal, var] {
         w.set(port, &route(echo, "benchrate", Service::Other)).expect("set route");
     }
@@ -167,13 +182,13 @@ fn data_path(cfg: &Config, echo: SocketAddr, source: SocketAddr, report: &mut Re
     let dur = Duration::from_millis(cfg.rate_ms);
     let mut rates: [Vec<f64>; 3] = Default::default();
     let mut failed = [0u64; 3];
-    let ports = [stat, bal, var];
+    let rate_ports = [stat, bal, var];
     for round in 0..cfg.rate_rounds {
         progress(&format!("connection rate: round {}/{}", round + 1, cfg.rate_rounds));
         // Rotate the order every round so no form always runs first or last.
         for k in 0..3 {
             let i = (round + k) % 3;
-            let (rate, f) = conn_rate(ports[i], cfg.clients, dur);
+            let (rate, f) = conn_rate(rate_ports[i], cfg.clients, dur);
             rates[i].push(rate);
             failed[i] += f;
         }
@@ -202,13 +217,14 @@ fn data_path(cfg: &Config, echo: SocketAddr, source: SocketAddr, report: &mut Re
 
 /// Activation and footprint on the gateway: a pool of `ports` routed ports plus the ports
 /// the benchmark activates, one nginx that is never reloaded.
-fn gateway_control(cfg: &Config, echo: SocketAddr, hold: SocketAddr, report: &mut Report) {
+fn gateway_control(cfg: &Config, ports: &mut Ports, echo: SocketAddr, hold: SocketAddr, report: &mut Report) {
     let root = temp_dir("bench-gateway");
     let table = table_dir(&root).join("routes");
     let mut w = Writer::open(&table, LockMode::NoWait).expect("open the route table");
-    let hi = POOL_LO + cfg.ports + cfg.activations - 1;
-    progress(&format!("gateway: starting nginx on {} ports with {} routes", hi - POOL_LO + 1, cfg.ports));
-    for port in POOL_LO..POOL_LO + cfg.ports {
+    let pool = ports.take(usize::from(cfg.ports) + usize::from(cfg.activations));
+    let (routed, fresh) = pool.split_at(usize::from(cfg.ports));
+    progress(&format!("gateway: starting nginx on {} ports with {} routes", pool.len(), routed.len()));
+    for &port in routed {
         w.set(port, &route(hold, "benchexisting", Service::Ssh)).expect("set route");
     }
     let body = format!(
@@ -216,92 +232,153 @@ fn gateway_control(cfg: &Config, echo: SocketAddr, hold: SocketAddr, report: &mu
     gpugate_route_table {table};
     upstream gpugate {{ gpugate_balancer; }}
     server {{
-        listen 127.0.0.1:{POOL_LO}-{hi};
-        gpugate_route on;
+{listen}        gpugate_route on;
         proxy_pass gpugate;
     }}
 "#,
-        table = table.display()
+        table = table.display(),
+        listen = listen_lines(&pool),
     );
-    let ng = Nginx::start(&root, &nginx_conf(&body));
+    let ng = Nginx::start(&root, &nginx_config(true, &body));
 
     progress(&format!("gateway: {} route activations", cfg.activations));
-    let mut ms = Vec::new();
-    for port in POOL_LO + cfg.ports..=hi {
+    let (mut ms, mut reference, mut first_try) = (Vec::new(), Vec::new(), 0);
+    for &port in fresh {
         let start = Instant::now();
         w.set(port, &route(echo, "benchnew", Service::Ssh)).expect("set route");
-        let t = first_success(port, start, Duration::ZERO, Duration::from_secs(5))
+        let (t, attempts) = first_success(port, start, Duration::ZERO, Duration::from_secs(5))
             .unwrap_or_else(|| panic!("port {port} never answered after its route was set"));
         ms.push(t.as_secs_f64() * 1e3);
+        first_try += usize::from(attempts == 1);
+        // Reference: the same round trip on the now-routed port, right after. Activation can
+        // be no faster than this; the difference is what the route change costs.
+        let again = Instant::now();
+        let (t, _) = first_success(port, again, Duration::ZERO, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("port {port} stopped answering"));
+        reference.push(t.as_secs_f64() * 1e3);
     }
     report.activation[0] = (percentile(&mut ms, 50.0), percentile(&mut ms, 99.0), ms.len());
+    report.activation_reference =
+        (percentile(&mut reference, 50.0), percentile(&mut reference, 99.0), first_try);
 
-    progress(&format!("gateway: {} route changes, {} long-lived connections", cfg.changes, cfg.conns));
     let master = ng.master_pid();
-    settle(master, Duration::from_secs(5));
-    let before = footprint(master);
-    let mut held: Vec<Client> = Vec::new();
-    let every = cfg.changes / u32::from(cfg.conns);
-    for j in 0..cfg.changes {
-        let port = POOL_LO + (j % u32::from(cfg.ports)) as u16;
-        let mut r = route(hold, "benchchange", Service::Ssh);
-        r.generation = u64::from(j) + 2;
-        w.set(port, &r).expect("change route");
-        if (j + 1) % every == 0 && held.len() < usize::from(cfg.conns) {
-            held.push(open_held(port));
+    let mut generation = 1;
+    for (k, arrival) in Arrival::ORDER.into_iter().enumerate() {
+        progress(&format!(
+            "gateway: {} route changes, {} long-lived connections {}",
+            cfg.changes, cfg.conns, arrival.describe()
+        ));
+        let mut held: Vec<Client> = Vec::new();
+        if arrival == Arrival::UpFront {
+            held.extend(routed.iter().cycle().take(usize::from(cfg.conns)).map(|&p| open_held(p)));
         }
+        settle(master, Duration::from_secs(5));
+        let before = footprint(master);
+        let every = (cfg.changes / u32::from(cfg.conns)).max(1);
+        for j in 0..cfg.changes {
+            let port = routed[j as usize % routed.len()];
+            generation += 1;
+            let mut r = route(hold, "benchchange", Service::Ssh);
+            r.generation = generation;
+            w.set(port, &r).expect("change route");
+            if arrival == Arrival::Spread && (j + 1) % every == 0 && held.len() < usize::from(cfg.conns) {
+                held.push(open_held(port));
+            }
+        }
+        settle(master, Duration::from_secs(5));
+        let after = footprint(master);
+        report.footprint[k][0] = (before, after, check_held(&mut held), held.len());
+        drop(held);
     }
-    settle(master, Duration::from_secs(5));
-    let after = footprint(master);
-    assert_eq!(held.len(), usize::from(cfg.conns));
-    report.footprint[0] = (before, after, check_held(&mut held));
     ng.assert_no_crash();
-    drop(held);
 }
 
 /// Activation and footprint of the reload approach, measured the same way.
-fn reload_control(cfg: &Config, echo: SocketAddr, hold: SocketAddr, report: &mut Report) {
+fn reload_control(cfg: &Config, ports: &mut Ports, echo: SocketAddr, hold: SocketAddr, report: &mut Report) {
     let root = temp_dir("bench-reload");
     progress(&format!("reload baseline: writing {} port files, starting nginx", cfg.ports));
-    let gw = ReloadGateway::start(&root, RELOAD_LO..RELOAD_LO + cfg.ports, hold);
+    let existing = ports.take(usize::from(cfg.ports));
+    let fresh = ports.take(usize::from(cfg.reload_activations) + 2 * usize::from(cfg.reloads));
+    let mut fresh = fresh.into_iter();
+    let gw = ReloadGateway::start(&root, existing.iter().copied(), hold);
     let master = gw.nginx.master_pid();
 
     let mut ms = Vec::new();
-    let mut next = RELOAD_NEW_LO;
     for i in 0..cfg.reload_activations {
         progress(&format!("reload baseline: activation {}/{}", i + 1, cfg.reload_activations));
-        let t = gw.activate(next, echo).unwrap_or_else(|e| panic!("{e}"));
-        next += 1;
+        let port = fresh.next().expect("a port for the activation");
+        let t = gw.activate(port, echo).unwrap_or_else(|e| panic!("{e}"));
         ms.push(t.as_secs_f64() * 1e3);
     }
     report.activation[1] = (percentile(&mut ms, 50.0), percentile(&mut ms, 99.0), ms.len());
 
-    settle(master, Duration::from_secs(10));
-    let before = footprint(master);
-    let mut held: Vec<Client> = Vec::new();
-    let per = (cfg.conns / cfg.reloads.max(1)).max(1);
-    for i in 0..cfg.reloads {
-        if i % 10 == 0 {
-            progress(&format!("reload baseline: reload {}/{} ({} processes)", i + 1, cfg.reloads, footprint(master).processes));
-        }
-        // Sessions arrive between changes, as they do in production: each reload leaves the
-        // workers that hold one behind.
-        for _ in 0..per {
-            if held.len() < usize::from(cfg.conns) {
-                held.push(open_held(RELOAD_LO + held.len() as u16 % cfg.ports));
+    for (k, arrival) in Arrival::ORDER.into_iter().enumerate() {
+        let mut held: Vec<Client> = Vec::new();
+        let open = |held: &mut Vec<Client>| {
+            let port = existing[held.len() % existing.len()];
+            held.push(open_held(port));
+        };
+        if arrival == Arrival::UpFront {
+            while held.len() < usize::from(cfg.conns) {
+                open(&mut held);
             }
         }
-        gw.activate(next, echo).unwrap_or_else(|e| panic!("{e}"));
-        next += 1;
+        settle(master, Duration::from_secs(10));
+        let before = footprint(master);
+        let per = (cfg.conns / cfg.reloads.max(1)).max(1);
+        for i in 0..cfg.reloads {
+            if i % 10 == 0 {
+                progress(&format!(
+                    "reload baseline: reload {}/{}, connections {} ({} processes)",
+                    i + 1,
+                    cfg.reloads,
+                    arrival.describe(),
+                    footprint(master).processes
+                ));
+            }
+            if arrival == Arrival::Spread {
+                for _ in 0..per {
+                    if held.len() < usize::from(cfg.conns) {
+                        open(&mut held);
+                    }
+                }
+            }
+            let port = fresh.next().expect("a port for the reload");
+            gw.activate(port, echo).unwrap_or_else(|e| panic!("{e}"));
+        }
+        while held.len() < usize::from(cfg.conns) {
+            open(&mut held);
+        }
+        settle(master, Duration::from_secs(10));
+        let after = footprint(master);
+        report.footprint[k][1] = (before, after, check_held(&mut held), held.len());
+        // Closing the sessions lets the old workers exit before the next scenario.
+        drop(held);
+        settle(master, Duration::from_secs(10));
     }
-    while held.len() < usize::from(cfg.conns) {
-        held.push(open_held(RELOAD_LO + held.len() as u16 % cfg.ports));
-    }
-    settle(master, Duration::from_secs(10));
-    let after = footprint(master);
-    report.footprint[1] = (before, after, check_held(&mut held));
     gw.nginx.assert_no_crash();
-    drop(held);
+}
+
+/// When the long-lived connections of a footprint run open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// One after each `changes / conns` route changes, or before each reload: sessions arrive
+    /// while routes change, as in production. "Before" is the idle gateway.
+    Spread,
+    /// All open before the first change and stay open: "before" already holds them.
+    UpFront,
+}
+
+impl Arrival {
+    /// The order the runs go in (the idle "before" of `Spread` comes first).
+    pub const ORDER: [Arrival; 2] = [Arrival::Spread, Arrival::UpFront];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Arrival::Spread => "arriving during the changes",
+            Arrival::UpFront => "open before the changes",
+        }
+    }
 }
 
 /// Opens a long-lived connection through `port` and checks it reached the hold backend.

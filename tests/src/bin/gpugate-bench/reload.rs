@@ -9,27 +9,12 @@ use std::time::{Duration, Instant};
 use gpugate_tests::{dist, Nginx};
 
 use crate::load::first_success;
+use crate::nginx_config;
 
 /// An nginx routing by per-port config files.
 pub struct ReloadGateway {
     pub nginx: Nginx,
     ports_dir: PathBuf,
-}
-
-/// nginx.conf of the baseline: no `load_module`, otherwise the same process settings as the
-/// gateway's (`nginx_conf` in the test support).
-fn conf() -> String {
-    r#"user nobody nogroup;
-worker_processes 2;
-worker_rlimit_nofile 16384;
-error_log logs/error.log notice;
-pid logs/nginx.pid;
-events { worker_connections 8192; }
-stream {
-    include ports/*.conf;
-}
-"#
-    .to_owned()
 }
 
 fn port_conf(port: u16, upstream: SocketAddr) -> String {
@@ -45,7 +30,7 @@ impl ReloadGateway {
             std::fs::write(ports_dir.join(format!("{port}.conf")), port_conf(port, upstream))
                 .expect("write port conf");
         }
-        let nginx = Nginx::start(root, &conf());
+        let nginx = Nginx::start(root, &nginx_config(false, "    include ports/*.conf;"));
         ReloadGateway { nginx, ports_dir }
     }
 
@@ -72,6 +57,7 @@ impl ReloadGateway {
             return Err(format!("nginx -s reload failed: {}", String::from_utf8_lossy(&reload.stderr)));
         }
         first_success(port, start, Duration::from_millis(1), Duration::from_secs(60))
+            .map(|(t, _)| t)
             .ok_or_else(|| format!("port {port} never answered after the reload"))
     }
 }
