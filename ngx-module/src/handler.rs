@@ -12,6 +12,8 @@ use ngx::ffi::{
     NGX_ERROR, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_STREAM_FORBIDDEN,
     NGX_STREAM_VAR_NOCACHEABLE,
 };
+use std::io::Write;
+
 use ngx::ngx_log_error;
 
 use crate::ffi::{cycle_log, pool_alloc, RawSockaddr, SessionExt};
@@ -146,9 +148,10 @@ unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
         let (sa, len) = RawSockaddr::new(route.upstream);
         ctx_ref.sockaddr = sa;
         ctx_ref.socklen = len;
-        let text = route.upstream.to_string();
-        let n = text.len().min(NAME_CAP);
-        ctx_ref.name_buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+        // Formatted into the context's own buffer: no allocation per connection.
+        let mut cur = std::io::Cursor::new(&mut ctx_ref.name_buf[..]);
+        let _ = write!(cur, "{}", route.upstream);
+        let n = cur.position() as usize;
         ctx_ref.name = ngx_str_t { len: n, data: ctx_ref.name_buf.as_mut_ptr() };
     }
     // SAFETY: `ctx` was allocated from this session's connection pool.
