@@ -24,7 +24,9 @@ use gpugate_tests::{
     dist, route, table_dir, temp_dir, Backend, Client, LockMode, Nginx, Service, Writer,
 };
 
-use load::{bulk, conn_rate, echo_server, first_success, median, percentile, source_server};
+use load::{
+    bulk, conn_rate, echo_server, first_success, median, percentile, source_server, spread,
+};
 use ports::{listen_lines, Ports};
 use procs::{footprint, settle};
 use reload::ReloadGateway;
@@ -193,6 +195,7 @@ fn data_path(cfg: &Config, ports: &mut Ports, echo: SocketAddr, source: SocketAd
             failed[i] += f;
         }
     }
+    report.rate_spread = rates.each_ref().map(|v| spread(v));
     report.rate = rates.map(|mut v| median(&mut v));
     report.rate_failed = failed;
 
@@ -211,6 +214,7 @@ fn data_path(cfg: &Config, ports: &mut Ports, echo: SocketAddr, source: SocketAd
             mbps[i].push(bps / 1e6);
         }
     }
+    report.bulk_spread = mbps.each_ref().map(|v| spread(v));
     report.bulk = mbps.map(|mut v| median(&mut v));
     ng.assert_no_crash();
 }

@@ -14,10 +14,14 @@ pub struct Report {
     bulk_mb: u64,
     /// Connections/s, medians: static, balancer, variable.
     pub rate: [f64; 3],
+    /// (min, max) of the rate runs: static, balancer, variable.
+    pub rate_spread: [(f64, f64); 3],
     /// Failed connections in the rate runs: static, balancer, variable.
     pub rate_failed: [u64; 3],
     /// MB/s of one connection, medians: static, balancer, variable.
     pub bulk: [f64; 3],
+    /// (min, max) of the throughput runs: static, balancer, variable.
+    pub bulk_spread: [(f64, f64); 3],
     /// (p50 ms, p99 ms, samples): gateway, reload baseline.
     pub activation: [(f64, f64, usize); 2],
     /// (p50 ms, p99 ms, activations whose first attempt succeeded): a round trip on a port
@@ -51,6 +55,18 @@ fn thousands(v: f64) -> String {
     out
 }
 
+/// The noise behind the medians: min-max of the runs of each form.
+fn spread_line(o: &mut String, s: &[(f64, f64); 3]) {
+    let r = |(lo, hi): (f64, f64)| format!("{}-{}", thousands(lo), thousands(hi));
+    let _ = writeln!(
+        o,
+        "  (min-max of the runs: static {}, balancer {}, variable {})",
+        r(s[0]),
+        r(s[1]),
+        r(s[2])
+    );
+}
+
 impl Report {
     pub fn new(clients: usize, rate_rounds: usize, rate_ms: u64, bulk_rounds: usize, bulk_mb: u64) -> Report {
         Report {
@@ -60,8 +76,10 @@ impl Report {
             bulk_rounds,
             bulk_mb,
             rate: [0.0; 3],
+            rate_spread: [(0.0, 0.0); 3],
             rate_failed: [0; 3],
             bulk: [0.0; 3],
+            bulk_spread: [(0.0, 0.0); 3],
             activation: [(0.0, 0.0, 0); 2],
             activation_reference: (0.0, 0.0, 0),
             footprint: [[(Footprint::default(), Footprint::default(), 0, 0); 2]; 2],
@@ -103,6 +121,7 @@ impl Report {
                 &format!(">= 0.98  {}", verdict(r >= 0.98)),
             );
         }
+        spread_line(&mut o, &self.rate_spread);
         if self.rate_failed.iter().any(|&f| f > 0) {
             let _ = writeln!(
                 o,
@@ -126,6 +145,7 @@ impl Report {
                 &format!(">= 0.99  {}", verdict(r >= 0.99)),
             );
         }
+        spread_line(&mut o, &self.bulk_spread);
 
         let (g, b) = (self.activation[0], self.activation[1]);
         let _ = writeln!(o);
