@@ -106,90 +106,39 @@ pub struct Inspected {
     pub published: HashMap<u16, SocketAddr>,
 }
 
-/// The Docker client of one deployment.
-#[derive(Clone)]
-pub struct DockerClient {
-    docker: Docker,
+/// How this deployment shapes its containers (pure: no Docker calls, unit-tested).
+#[derive(Clone, Debug)]
+pub struct Plan {
     deployment: String,
     upstream_host: IpAddr,
     gpu_mode: GpuMode,
     gpu_kind: String,
     gpu_node_path: String,
+}
+
+/// The Docker client of one deployment.
+#[derive(Clone)]
+pub struct DockerClient {
+    docker: Docker,
+    plan: Plan,
     stop_timeout_s: u32,
     call_timeout: Duration,
 }
 
-fn server_status(e: &BollardError) -> Option<u16> {
-    match e {
-        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
-fn server_message(e: &BollardError) -> String {
-    match e {
-        BollardError::DockerResponseServerError { message, .. } => message.clone(),
-        other => other.to_string(),
-    }
-}
-
-impl DockerClient {
-    /// Connects to the configured endpoint and negotiates the API version.
-    pub async fn connect(cfg: &Config) -> Result<DockerClient, DockerError> {
-        let timeout = cfg.docker.call_timeout_s.max(1);
-        let ep = cfg.docker.endpoint.trim();
-        let docker = if ep.is_empty() {
-            Docker::connect_with_local_defaults()
-        } else if let Some(path) = ep.strip_prefix("unix://") {
-            Docker::connect_with_unix(path, timeout, bollard::API_DEFAULT_VERSION)
-        } else if ep.starts_with("tcp://") || ep.starts_with("http://") {
-            Docker::connect_with_http(ep, timeout, bollard::API_DEFAULT_VERSION)
-        } else {
-            return Err(DockerError::Connect(format!(
-                "endpoint \"{ep}\" must start with unix://, tcp:// or http://"
-            )));
-        }
-        .map_err(|e| DockerError::Connect(e.to_string()))?;
-        let docker = docker.negotiate_version().await.map_err(|e| DockerError::Connect(e.to_string()))?;
-        Ok(DockerClient {
-            docker,
+impl Plan {
+    /// The plan of a configuration.
+    pub fn from_config(cfg: &Config) -> Plan {
+        Plan {
             deployment: cfg.deployment.clone(),
             upstream_host: cfg.upstream_host,
             gpu_mode: cfg.gpu.mode,
             gpu_kind: cfg.gpu.kind.clone(),
             gpu_node_path: cfg.gpu.node_path.clone(),
-            stop_timeout_s: cfg.docker.stop_timeout_s,
-            call_timeout: Duration::from_secs(timeout),
-        })
-    }
-
-    async fn timed<T>(
-        &self,
-        op: &'static str,
-        fut: impl std::future::Future<Output = Result<T, BollardError>>,
-    ) -> Result<Result<T, BollardError>, DockerError> {
-        tokio::time::timeout(self.call_timeout, fut).await.map_err(|_| DockerError::Timeout(op))
-    }
-
-    /// Whether the engine answers.
-    pub async fn ping(&self) -> Result<(), DockerError> {
-        self.timed("ping", self.docker.ping())
-            .await?
-            .map(|_| ())
-            .map_err(|e| DockerError::Connect(e.to_string()))
-    }
-
-    /// Checks that `image` exists locally (no pull is ever attempted).
-    pub async fn image_exists(&self, image: &str) -> Result<(), DockerError> {
-        match self.timed("inspect image", self.docker.inspect_image(image)).await? {
-            Ok(_) => Ok(()),
-            Err(e) if server_status(&e) == Some(404) => Err(DockerError::ImageMissing(image.into())),
-            Err(e) => Err(DockerError::InspectImage(image.into(), server_message(&e))),
         }
     }
 
-    /// Creates (does not start) the workspace container; returns its id.
-    pub async fn create(&self, spec: &WorkspaceSpec<'_>) -> Result<String, DockerError> {
+    /// The container name and configuration for a workspace.
+    pub fn container(&self, spec: &WorkspaceSpec<'_>) -> (String, ContainerConfig<String>) {
         let mut labels = HashMap::new();
         labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
         labels.insert(LABEL_DEPLOYMENT.to_string(), self.deployment.clone());
@@ -256,7 +205,92 @@ impl DockerClient {
             host_config: Some(host),
             ..Default::default()
         };
-        let name = format!("gpugate-{}-{}", self.deployment, spec.env_id);
+        (format!("gpugate-{}-{}", self.deployment, spec.env_id), config)
+    }
+}
+
+fn server_status(e: &BollardError) -> Option<u16> {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn server_message(e: &BollardError) -> String {
+    match e {
+        BollardError::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl DockerClient {
+    /// Connects to the configured endpoint and negotiates the API version.
+    pub async fn connect(cfg: &Config) -> Result<DockerClient, DockerError> {
+        let timeout = cfg.docker.call_timeout_s.max(1);
+        let ep = cfg.docker.endpoint.trim();
+        let docker = if ep.is_empty() {
+            Docker::connect_with_local_defaults()
+        } else if let Some(path) = ep.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, timeout, bollard::API_DEFAULT_VERSION)
+        } else if ep.starts_with("tcp://") || ep.starts_with("http://") {
+            Docker::connect_with_http(ep, timeout, bollard::API_DEFAULT_VERSION)
+        } else {
+            return Err(DockerError::Connect(format!(
+                "endpoint \"{ep}\" must start with unix://, tcp:// or http://"
+            )));
+        }
+        .map_err(|e| DockerError::Connect(e.to_string()))?;
+        let docker = docker.negotiate_version().await.map_err(|e| DockerError::Connect(e.to_string()))?;
+        if cfg.gpu.mode == GpuMode::Cdi && !cfg.gpu.devices.is_empty() {
+            // CDI device requests need Docker Engine 25 or newer; older engines refuse them
+            // only when a container starts, so say it once now.
+            if let Ok(v) = docker.version().await {
+                let version = v.version.unwrap_or_default();
+                let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                if major < 25 {
+                    tracing::warn!(
+                        "Docker Engine {version} has no CDI support: GPU workspaces will fail to start; \
+                         upgrade to 25+ or set gpu.mode = \"nodes\""
+                    );
+                }
+            }
+        }
+        Ok(DockerClient {
+            docker,
+            plan: Plan::from_config(cfg),
+            stop_timeout_s: cfg.docker.stop_timeout_s,
+            call_timeout: Duration::from_secs(timeout),
+        })
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = Result<T, BollardError>>,
+    ) -> Result<Result<T, BollardError>, DockerError> {
+        tokio::time::timeout(self.call_timeout, fut).await.map_err(|_| DockerError::Timeout(op))
+    }
+
+    /// Whether the engine answers.
+    pub async fn ping(&self) -> Result<(), DockerError> {
+        self.timed("ping", self.docker.ping())
+            .await?
+            .map(|_| ())
+            .map_err(|e| DockerError::Connect(e.to_string()))
+    }
+
+    /// Checks that `image` exists locally (no pull is ever attempted).
+    pub async fn image_exists(&self, image: &str) -> Result<(), DockerError> {
+        match self.timed("inspect image", self.docker.inspect_image(image)).await? {
+            Ok(_) => Ok(()),
+            Err(e) if server_status(&e) == Some(404) => Err(DockerError::ImageMissing(image.into())),
+            Err(e) => Err(DockerError::InspectImage(image.into(), server_message(&e))),
+        }
+    }
+
+    /// Creates (does not start) the workspace container; returns its id.
+    pub async fn create(&self, spec: &WorkspaceSpec<'_>) -> Result<String, DockerError> {
+        let (name, config) = self.plan.container(spec);
         let opts = CreateContainerOptions { name, platform: None };
         match self.timed("create", self.docker.create_container(Some(opts), config)).await? {
             Ok(r) => Ok(r.id),
@@ -321,7 +355,7 @@ impl DockerClient {
                 let host_ip = b.host_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
                 if let (Some(port), Some(ip)) = (host_port, host_ip) {
                     // Prefer the configured upstream address if Docker lists several.
-                    if ip == self.upstream_host || !published.contains_key(&cport) {
+                    if ip == self.plan.upstream_host || !published.contains_key(&cport) {
                         published.insert(cport, SocketAddr::new(ip, port));
                     }
                 }
@@ -356,7 +390,7 @@ impl DockerClient {
             "label".to_string(),
             vec![
                 format!("{LABEL_MANAGED}=true"),
-                format!("{LABEL_DEPLOYMENT}={}", self.deployment),
+                format!("{LABEL_DEPLOYMENT}={}", self.plan.deployment),
             ],
         );
         let opts = ListContainersOptions::<String> { all: true, filters, ..Default::default() };
@@ -375,5 +409,58 @@ impl DockerClient {
                 })
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec<'a>(gpus: &'a [u32], services: &'a [(u16, Service)]) -> WorkspaceSpec<'a> {
+        WorkspaceSpec {
+            env_id: "abc",
+            image: "img",
+            services,
+            gpus,
+            username: "u",
+            password: "p",
+            jupyter_token: "t",
+            ssh_public_keys: &[],
+        }
+    }
+
+    #[test]
+    fn cdi_mode_requests_devices_by_cdi_name() {
+        let mut cfg = Config::default();
+        cfg.gpu.kind = "gpugate.test/gpu".into();
+        let (name, c) = Plan::from_config(&cfg).container(&spec(&[0, 2], &[(20001, Service::Ssh)]));
+        assert_eq!(name, "gpugate-default-abc");
+        let host = c.host_config.expect("host config");
+        let req = &host.device_requests.expect("device requests")[0];
+        assert_eq!(req.driver.as_deref(), Some("cdi"));
+        assert_eq!(req.device_ids.clone().expect("ids"), vec!["gpugate.test/gpu=0", "gpugate.test/gpu=2"]);
+        assert!(host.devices.is_none());
+        let env = c.env.expect("env");
+        assert!(env.contains(&"GPUGATE_GPUS=0,2".to_string()) && env.contains(&"GPUGATE_SSH_PORT=20001".to_string()));
+        let binds = host.port_bindings.expect("bindings");
+        let b = &binds["22/tcp"].as_ref().expect("22")[0];
+        assert_eq!((b.host_ip.as_deref(), b.host_port.as_deref()), (Some("127.0.0.1"), Some("")));
+    }
+
+    #[test]
+    fn nodes_mode_maps_device_nodes_and_no_gpus_means_no_devices() {
+        let mut cfg = Config::default();
+        cfg.gpu.mode = GpuMode::Nodes;
+        cfg.gpu.node_path = "/dev/fake{index}".into();
+        let plan = Plan::from_config(&cfg);
+        let (_, c) = plan.container(&spec(&[1], &[]));
+        let host = c.host_config.expect("host config");
+        let d = &host.devices.expect("devices")[0];
+        assert_eq!(d.path_on_host.as_deref(), Some("/dev/fake1"));
+        assert_eq!(d.path_in_container.as_deref(), Some("/dev/nvidia1"));
+        assert!(c.env.expect("env").contains(&"NVIDIA_VISIBLE_DEVICES=1".to_string()));
+        let (_, c) = plan.container(&spec(&[], &[]));
+        let host = c.host_config.expect("host config");
+        assert!(host.devices.is_none() && host.device_requests.is_none());
     }
 }

@@ -23,7 +23,8 @@ pub struct Repairs {
     pub operations_released: u64,
     /// Labelled containers with no environment, removed.
     pub containers_removed: u64,
-    /// Running environments whose container vanished or exited, marked failed.
+    /// Running environments whose container vanished or exited, and stopped ones whose
+    /// container vanished, marked failed.
     pub environments_failed: u64,
     /// Containers of stopped environments that were running, stopped.
     pub containers_stopped: u64,
@@ -70,13 +71,13 @@ pub async fn run(st: std::sync::Arc<State>, interval: Duration, mut shutdown: wa
     }
 }
 
-/// Marks a running environment failed (only if no operation took it meanwhile) and deletes
+/// Marks a running or stopped environment failed (only if no operation took it meanwhile) and deletes
 /// its routes, in one transaction.
 async fn mark_failed(st: &State, env: &EnvRow, reason: &str) -> anyhow::Result<bool> {
     let mut tx = st.db.begin().await?;
     let n = sqlx::query(
         "UPDATE environments SET status = 'failed', status_reason = $2, updated_at = now() \
-         WHERE id = $1 AND status = 'running' AND op_instance IS NULL",
+         WHERE id = $1 AND status IN ('running', 'stopped') AND op_instance IS NULL",
     )
     .bind(&env.id)
     .bind(reason)
@@ -189,6 +190,11 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
                     }
                 }
             },
+            status::STOPPED if recorded.is_none() => {
+                if mark_failed(st, env, "container vanished").await? {
+                    r.environments_failed += 1;
+                }
+            }
             status::STOPPED => {
                 if let Some(c) = recorded.filter(|c| c.running) {
                     routes::deactivate(st.db.pool(), &env.id).await?;

@@ -48,7 +48,8 @@ async fn get_readyz(State(st): State<AppState>) -> Response {
             false
         }
     };
-    let docker = match st.docker.ping().await {
+    let ping = tokio::time::timeout(std::time::Duration::from_secs(2), st.docker.ping()).await;
+    let docker = match ping.unwrap_or(Err(crate::docker::DockerError::Timeout("ping"))) {
         Ok(()) => true,
         Err(e) => {
             errors.push(format!("docker: {e}"));

@@ -1,0 +1,116 @@
+//! Environment variables that override the configuration file (names in the example file).
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::{Config, ConfigError, GpuMode, PoolConfig, PortRange, Secret};
+
+/// Reads variable `name`, if set and not empty.
+fn env_var(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    env(name).filter(|v| !v.is_empty())
+}
+
+fn parse_env<T: FromStr>(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    slot: &mut T,
+) -> Result<(), ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    if let Some(v) = env_var(env, name) {
+        *slot = v.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+            name,
+            message: format!("\"{v}\": {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+
+impl Config {
+    /// Applies the documented environment variables over the file's values.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        parse_env(env, "GPUGATE_LISTEN", &mut self.listen)?;
+        if let Some(v) = env_var(env, "DATABASE_URL") {
+            self.database_url = Secret::new(v);
+        }
+        parse_env(env, "GPUGATE_DATABASE_MAX_CONNECTIONS", &mut self.database_max_connections)?;
+        parse_env(env, "GPUGATE_DOMAIN", &mut self.domain)?;
+        if let Some(v) = env_var(env, "GPUGATE_GATEWAY_ADDRESS") {
+            let ip = v.trim().parse().map_err(|e| ConfigError::Env {
+                name: "GPUGATE_GATEWAY_ADDRESS",
+                message: format!("\"{v}\": {e}"),
+            })?;
+            self.gateway_address = Some(ip);
+        }
+        parse_env(env, "GPUGATE_UPSTREAM_HOST", &mut self.upstream_host)?;
+        parse_env(env, "GPUGATE_ROUTE_TABLE", &mut self.route_table)?;
+        parse_env(env, "GPUGATE_QUARANTINE_S", &mut self.quarantine_s)?;
+        parse_env(env, "GPUGATE_RECONCILE_INTERVAL_S", &mut self.reconcile_interval_s)?;
+        parse_env(env, "GPUGATE_ROUTE_WAIT_MS", &mut self.route_wait_ms)?;
+        parse_env(env, "GPUGATE_DEPLOYMENT", &mut self.deployment)?;
+        if let Some(v) = env_var(env, "GPUGATE_DEFAULT_SERVICES") {
+            self.default_services = split_list(&v);
+        }
+        for svc in ["ssh", "jupyter", "code", "rdp"] {
+            let name: &'static str = match svc {
+                "ssh" => "GPUGATE_POOL_SSH",
+                "jupyter" => "GPUGATE_POOL_JUPYTER",
+                "code" => "GPUGATE_POOL_CODE",
+                _ => "GPUGATE_POOL_RDP",
+            };
+            if let Some(v) = env_var(env, name) {
+                if v.trim() == "none" {
+                    self.pools.remove(svc);
+                    continue;
+                }
+                let range: PortRange =
+                    v.parse().map_err(|message| ConfigError::Env { name, message })?;
+                let pool = self.pools.entry(svc.to_string()).or_insert_with(|| PoolConfig {
+                    range,
+                    bound: None,
+                    reserved: vec![],
+                });
+                pool.range = range;
+            }
+        }
+        if let Some(v) = env_var(env, "GPUGATE_GPUS") {
+            let mut devices = vec![];
+            for item in split_list(&v) {
+                devices.push(item.parse().map_err(|_| ConfigError::Env {
+                    name: "GPUGATE_GPUS",
+                    message: format!("\"{item}\" is not a GPU index"),
+                })?);
+            }
+            self.gpu.devices = devices;
+        }
+        if let Some(v) = env_var(env, "GPUGATE_GPU_MODE") {
+            self.gpu.mode = match v.trim() {
+                "cdi" => GpuMode::Cdi,
+                "nodes" => GpuMode::Nodes,
+                other => {
+                    return Err(ConfigError::Env {
+                        name: "GPUGATE_GPU_MODE",
+                        message: format!("\"{other}\": expected cdi or nodes"),
+                    })
+                }
+            };
+        }
+        parse_env(env, "GPUGATE_GPU_KIND", &mut self.gpu.kind)?;
+        parse_env(env, "GPUGATE_GPU_NODE_PATH", &mut self.gpu.node_path)?;
+        parse_env(env, "GPUGATE_DOCKER_ENDPOINT", &mut self.docker.endpoint)?;
+        parse_env(env, "GPUGATE_DEFAULT_IMAGE", &mut self.docker.default_image)?;
+        parse_env(env, "GPUGATE_USERNAME", &mut self.docker.username)?;
+        parse_env(env, "GPUGATE_DOCKER_STOP_TIMEOUT_S", &mut self.docker.stop_timeout_s)?;
+        if let Some(v) = env_var(env, "GPUGATE_FAULT") {
+            self.fault = Some(v);
+        }
+        Ok(())
+    }
+
+}

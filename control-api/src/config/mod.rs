@@ -1,0 +1,442 @@
+//! Typed configuration: a TOML file, overridden by environment variables, validated at start.
+//!
+//! Every field has a default that runs a development setup on one host. Secrets (the database
+//! URL's password) never appear in `Debug` output or logs.
+
+mod env;
+mod range;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+pub use range::PortRange;
+
+use gpugate_routes::Service;
+use serde::Deserialize;
+
+/// A configuration problem, worded for the operator who has to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file \"{}\": {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML or has unknown or mistyped fields.
+    #[error("configuration file \"{}\": {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    /// An environment variable has a value that cannot be used.
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+    /// The values parse but do not make a working setup.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A string that is never printed (database URLs carry passwords).
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    /// The secret itself; call only where it is handed to the client library that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether no value was given.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"<redacted>\"" })
+    }
+}
+
+/// One service's port pool.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The ports handed out for this service. May grow at run time (SIGHUP or
+    /// `POST /api/v1/admin/pools/reload`) up to `bound`.
+    pub range: PortRange,
+    /// The range nginx binds for this service (its `listen` line); the pool may never leave
+    /// it. Defaults to `range`. Read at start only.
+    #[serde(default)]
+    pub bound: Option<PortRange>,
+    /// Ports inside `range` that are never handed out.
+    #[serde(default)]
+    pub reserved: Vec<u16>,
+}
+
+impl PoolConfig {
+    fn new(range: &str) -> PoolConfig {
+        PoolConfig { range: range.parse().unwrap_or(PortRange { start: 1, end: 1 }), bound: None, reserved: vec![] }
+    }
+    /// The range nginx binds.
+    pub fn bound(&self) -> PortRange {
+        self.bound.unwrap_or(self.range)
+    }
+}
+
+/// How GPUs reach a workspace container.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuMode {
+    /// Docker device requests with CDI names `<kind>=<index>` (Docker Engine 25 or newer with a
+    /// CDI spec, e.g. from `nvidia-ctk cdi generate`). The production path.
+    #[default]
+    Cdi,
+    /// Map host device nodes (`node_path` with `{index}` replaced) into the container as
+    /// `/dev/nvidia<index>`, and set `NVIDIA_VISIBLE_DEVICES`. For engines without CDI.
+    Nodes,
+}
+
+/// The GPU inventory and how devices are passed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Device indexes this host offers, e.g. `[0, 1, 2, 3]`. Empty: no GPUs.
+    pub devices: Vec<u32>,
+    /// How devices are passed to containers.
+    pub mode: GpuMode,
+    /// CDI device kind (mode `cdi`): devices are requested as `<kind>=<index>`.
+    pub kind: String,
+    /// Host device node per GPU (mode `nodes`); `{index}` is replaced by the index.
+    pub node_path: String,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            devices: vec![],
+            mode: GpuMode::Cdi,
+            kind: "nvidia.com/gpu".into(),
+            node_path: "/dev/nvidia{index}".into(),
+        }
+    }
+}
+
+/// Docker settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// Docker endpoint: empty for the local defaults (`DOCKER_HOST` or
+    /// `/var/run/docker.sock`), or `unix:///path/docker.sock`, or `tcp://host:port`.
+    pub endpoint: String,
+    /// Image used when a create request names none. Must exist locally (`docker pull` it).
+    pub default_image: String,
+    /// Login name inside workspaces (`GPUGATE_USER`).
+    pub username: String,
+    /// Seconds Docker waits for a workspace to stop before killing it.
+    pub stop_timeout_s: u32,
+    /// Seconds any one Docker call may take.
+    pub call_timeout_s: u64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            endpoint: String::new(),
+            default_image: "gpugate/workspace:latest".into(),
+            username: "remotegpu".into(),
+            stop_timeout_s: 10,
+            call_timeout_s: 60,
+        }
+    }
+}
+
+/// The whole configuration of `gpugate-api`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// PostgreSQL URL (`DATABASE_URL`). Required.
+    pub database_url: Secret,
+    /// Most database connections this process opens.
+    pub database_max_connections: u32,
+    /// Base domain: host names are `<env-id>.<service>.<domain>`.
+    pub domain: String,
+    /// Public address of the gateway, for `gpugate-api dns`.
+    pub gateway_address: Option<IpAddr>,
+    /// Address container ports are published on; routes point there.
+    pub upstream_host: IpAddr,
+    /// The route-table file shared with nginx.
+    pub route_table: PathBuf,
+    /// Seconds a released port waits before it can be handed out again.
+    pub quarantine_s: u64,
+    /// Seconds between reconcile passes (each also re-syncs the route table).
+    pub reconcile_interval_s: u64,
+    /// Milliseconds a create or start waits for its routes to be live in the table.
+    pub route_wait_ms: u64,
+    /// Services a workspace gets when the request names none.
+    pub default_services: Vec<String>,
+    /// Name of this deployment; labels its containers so that several deployments can share
+    /// one Docker engine without reaping each other's workspaces.
+    pub deployment: String,
+    /// Port pools per service (`ssh`, `jupyter`, `code`, `rdp`).
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// GPU inventory.
+    pub gpu: GpuConfig,
+    /// Docker settings.
+    pub docker: DockerConfig,
+    /// Testing only: a point at which operations fail or the process aborts
+    /// (`GPUGATE_FAULT`, e.g. `fail:docker_create`, `crash:after_docker_start`). Never set it in
+    /// production.
+    #[serde(skip)]
+    pub fault: Option<String>,
+    /// The file this configuration was read from (for reloads).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut pools = BTreeMap::new();
+        pools.insert("ssh".to_string(), PoolConfig::new("20000-20999"));
+        pools.insert("jupyter".to_string(), PoolConfig::new("30000-30999"));
+        pools.insert("code".to_string(), PoolConfig::new("31000-31999"));
+        pools.insert("rdp".to_string(), PoolConfig::new("32000-32499"));
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: Secret::default(),
+            database_max_connections: 20,
+            domain: "x-gpu.com".into(),
+            gateway_address: None,
+            upstream_host: IpAddr::from([127, 0, 0, 1]),
+            route_table: PathBuf::from(gpugate_routes::DEFAULT_TABLE_PATH),
+            quarantine_s: 300,
+            reconcile_interval_s: 30,
+            route_wait_ms: 2000,
+            default_services: vec!["ssh".into(), "jupyter".into(), "code".into()],
+            deployment: "default".into(),
+            pools,
+            gpu: GpuConfig::default(),
+            docker: DockerConfig::default(),
+            fault: None,
+            source: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `file` (if given), applies environment overrides and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with(file, &|k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load`] with an explicit environment (tests).
+    pub fn load_with(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                let mut cfg = Config::from_toml(&text)
+                    .map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+                cfg.source = Some(path.to_owned());
+                cfg
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment, no validation).
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.message().to_string())
+    }
+
+    /// Checks that the values make a working setup; the message names what to fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.domain.is_empty() || self.domain.starts_with('.') || self.domain.contains(' ') {
+            return bad(format!("domain \"{}\" is not a DNS name", self.domain));
+        }
+        if self.quarantine_s > 7 * 24 * 3600 {
+            return bad(format!("quarantine_s {} is over a week", self.quarantine_s));
+        }
+        if self.reconcile_interval_s == 0 {
+            return bad("reconcile_interval_s must be at least 1".into());
+        }
+        if self.deployment.is_empty()
+            || !self.deployment.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "deployment \"{}\" must be non-empty letters, digits, '-' or '_'",
+                self.deployment
+            ));
+        }
+        for (name, pool) in &self.pools {
+            let service = pool_service(name).map_err(ConfigError::Invalid)?;
+            let _ = service;
+            if !pool.bound().covers(&pool.range) {
+                return bad(format!(
+                    "pool {name}: range {} is not inside its bound {} (the ports nginx binds)",
+                    pool.range,
+                    pool.bound()
+                ));
+            }
+            if let Some(p) = pool.reserved.iter().find(|p| !pool.range.contains(**p)) {
+                return bad(format!("pool {name}: reserved port {p} is outside range {}", pool.range));
+            }
+        }
+        let pools: Vec<_> = self.pools.iter().collect();
+        for (i, (a, pa)) in pools.iter().enumerate() {
+            for (b, pb) in &pools[i + 1..] {
+                if pa.bound().overlaps(&pb.bound()) {
+                    return bad(format!(
+                        "pools {a} ({}) and {b} ({}) overlap; a port routes to one service",
+                        pa.bound(),
+                        pb.bound()
+                    ));
+                }
+            }
+        }
+        if self.default_services.is_empty() {
+            return bad("default_services is empty".into());
+        }
+        for s in &self.default_services {
+            let svc = pool_service(s).map_err(ConfigError::Invalid)?;
+            if !self.pools.contains_key(svc.as_str()) {
+                return bad(format!("default service {s} has no port pool"));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(d) = self.gpu.devices.iter().find(|d| !seen.insert(**d)) {
+            return bad(format!("gpu.devices lists index {d} twice"));
+        }
+        if self.gpu.mode == GpuMode::Cdi && !self.gpu.kind.contains('/') {
+            return bad(format!("gpu.kind \"{}\" is not a CDI kind (vendor/class)", self.gpu.kind));
+        }
+        if self.gpu.mode == GpuMode::Nodes && !self.gpu.node_path.contains("{index}") {
+            return bad(format!("gpu.node_path \"{}\" lacks {{index}}", self.gpu.node_path));
+        }
+        Ok(())
+    }
+
+    /// Warnings that do not stop the start (pools in the kernel's ephemeral port range).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = vec![];
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| {
+                let mut it = s.split_whitespace().filter_map(|t| t.parse::<u16>().ok());
+                Some(PortRange { start: it.next()?, end: it.next()? })
+            });
+        if let Some(eph) = ephemeral {
+            for (name, pool) in &self.pools {
+                if pool.bound().overlaps(&eph) {
+                    out.push(format!(
+                        "pool {name} ({}) overlaps the kernel's ephemeral port range {eph}; \
+                         add it to net.ipv4.ip_local_reserved_ports",
+                        pool.bound()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The configured pools as services.
+    pub fn services(&self) -> Vec<(Service, &PoolConfig)> {
+        self.pools.iter().filter_map(|(n, p)| Some((pool_service(n).ok()?, p))).collect()
+    }
+
+    /// The fault point named `point` is armed with `action` (`fail` or `crash`).
+    pub fn fault_is(&self, action: &str, point: &str) -> bool {
+        self.fault.as_deref().is_some_and(|f| f.split_once(':') == Some((action, point)))
+    }
+}
+
+/// The service a pool key names; only endpoint services have pools.
+pub fn pool_service(name: &str) -> Result<Service, String> {
+    match name.parse::<Service>() {
+        Ok(Service::Other) | Err(_) => Err(format!(
+            "unknown service \"{name}\" (expected ssh, jupyter, code or rdp)"
+        )),
+        Ok(s) => Ok(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn overlapping_pools_are_refused() {
+        let cfg = Config::from_toml(
+            "[pools.ssh]\nrange = \"20000-20100\"\n[pools.jupyter]\nrange = \"20100-20200\"\n",
+        )
+        .expect("parses");
+        let err = cfg.validate().expect_err("refused").to_string();
+        assert!(err.contains("overlap"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_and_unknown_fields_are_refused() {
+        let err = Config::from_toml("[pools.ssh]\nrange = \"60000-65536\"\n").expect_err("refused");
+        assert!(err.contains("not a TCP port"), "{err}");
+        let err = Config::from_toml("listen_adress = \"1.2.3.4:1\"\n").expect_err("refused");
+        assert!(err.contains("unknown field"), "{err}");
+        let cfg = Config::from_toml("[pools.ftp]\nrange = \"1000-1001\"\n").expect("parses");
+        assert!(cfg.validate().expect_err("refused").to_string().contains("unknown service"));
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let env = |k: &str| match k {
+            "GPUGATE_POOL_SSH" => Some("21000-21009".to_string()),
+            "GPUGATE_GPUS" => Some("0,1,3".to_string()),
+            "DATABASE_URL" => Some("postgres://u:hunter2@h/db".to_string()),
+            _ => None,
+        };
+        let mut cfg = Config::from_toml("quarantine_s = 5\n").expect("parses");
+        cfg.apply_env(&env).expect("applies");
+        assert_eq!(cfg.pools["ssh"].range, PortRange { start: 21000, end: 21009 });
+        assert_eq!(cfg.gpu.devices, vec![0, 1, 3]);
+        assert_eq!(cfg.quarantine_s, 5);
+        assert!(!format!("{cfg:?}").contains("hunter2"), "secret leaked into Debug");
+        let bad = |k: &str| (k == "GPUGATE_QUARANTINE_S").then(|| "soon".to_string());
+        assert!(cfg.apply_env(&bad).expect_err("refused").to_string().contains("GPUGATE_QUARANTINE_S"));
+        let _ = no_env("x");
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_matches_the_defaults() {
+        let cfg = Config::from_toml(include_str!("../../gpugate.example.toml")).expect("example parses");
+        cfg.validate().expect("example validates");
+        let d = Config::default();
+        assert_eq!(cfg.pools, d.pools);
+        assert_eq!((cfg.listen, cfg.quarantine_s, cfg.route_table.clone()), (d.listen, d.quarantine_s, d.route_table));
+    }
+
+    #[test]
+    fn range_must_stay_inside_bound() {
+        let cfg = Config::from_toml(
+            "[pools.ssh]\nrange = \"20000-20100\"\nbound = \"20000-20050\"\n",
+        )
+        .expect("parses");
+        assert!(cfg.validate().expect_err("refused").to_string().contains("bound"));
+    }
+}
