@@ -165,3 +165,10 @@ pub fn spread(v: &[f64]) -> (f64, f64) {
     }
     v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))
 }
+
+/// The median over rounds of `ours[r] / base[r]`: each round's runs are minutes closer in time
+/// than the runs of other rounds, so pairing them cancels the drift of the host's load.
+pub fn paired_ratio(ours: &[f64], base: &[f64]) -> f64 {
+    let mut r: Vec<f64> = ours.iter().zip(base).map(|(o, b)| o / b).collect();
+    median(&mut r)
+}

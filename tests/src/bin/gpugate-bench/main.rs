@@ -25,7 +25,8 @@ use gpugate_tests::{
 };
 
 use load::{
-    bulk, conn_rate, echo_server, first_success, median, percentile, source_server, spread,
+    bulk, conn_rate, echo_server, first_success, median, paired_ratio, percentile, source_server,
+    spread,
 };
 use ports::{listen_lines, Ports};
 use procs::{footprint, settle};
@@ -65,10 +66,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 impl Config {
     fn from_env() -> Config {
         Config {
-            rate_rounds: env_or("GPUGATE_BENCH_RATE_ROUNDS", 7),
-            rate_ms: env_or("GPUGATE_BENCH_RATE_MS", 1500),
+            rate_rounds: env_or("GPUGATE_BENCH_RATE_ROUNDS", 9),
+            rate_ms: env_or("GPUGATE_BENCH_RATE_MS", 1200),
             clients: env_or("GPUGATE_BENCH_CLIENTS", 4),
-            bulk_rounds: env_or("GPUGATE_BENCH_BULK_ROUNDS", 5),
+            bulk_rounds: env_or("GPUGATE_BENCH_BULK_ROUNDS", 7),
             bulk_mb: env_or("GPUGATE_BENCH_BULK_MB", 2000),
             ports: env_or("GPUGATE_BENCH_PORTS", 10_000),
             activations: env_or("GPUGATE_BENCH_ACTIVATIONS", 200),
@@ -195,6 +196,7 @@ fn data_path(cfg: &Config, ports: &mut Ports, echo: SocketAddr, source: SocketAd
             failed[i] += f;
         }
     }
+    report.rate_ratio = [1, 2].map(|i| paired_ratio(&rates[i], &rates[0]));
     report.rate_spread = rates.each_ref().map(|v| spread(v));
     report.rate = rates.map(|mut v| median(&mut v));
     report.rate_failed = failed;
@@ -214,6 +216,7 @@ fn data_path(cfg: &Config, ports: &mut Ports, echo: SocketAddr, source: SocketAd
             mbps[i].push(bps / 1e6);
         }
     }
+    report.bulk_ratio = [1, 2].map(|i| paired_ratio(&mbps[i], &mbps[0]));
     report.bulk_spread = mbps.each_ref().map(|v| spread(v));
     report.bulk = mbps.map(|mut v| median(&mut v));
     ng.assert_no_crash();

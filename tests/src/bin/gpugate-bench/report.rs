@@ -14,12 +14,16 @@ pub struct Report {
     bulk_mb: u64,
     /// Connections/s, medians: static, balancer, variable.
     pub rate: [f64; 3],
+    /// Median of per-round ratios to static: balancer, variable.
+    pub rate_ratio: [f64; 2],
     /// (min, max) of the rate runs: static, balancer, variable.
     pub rate_spread: [(f64, f64); 3],
     /// Failed connections in the rate runs: static, balancer, variable.
     pub rate_failed: [u64; 3],
     /// MB/s of one connection, medians: static, balancer, variable.
     pub bulk: [f64; 3],
+    /// Median of per-round ratios to static: balancer, variable.
+    pub bulk_ratio: [f64; 2],
     /// (min, max) of the throughput runs: static, balancer, variable.
     pub bulk_spread: [(f64, f64); 3],
     /// (p50 ms, p99 ms, samples): gateway, reload baseline.
@@ -76,9 +80,11 @@ impl Report {
             bulk_rounds,
             bulk_mb,
             rate: [0.0; 3],
+            rate_ratio: [0.0; 2],
             rate_spread: [(0.0, 0.0); 3],
             rate_failed: [0; 3],
             bulk: [0.0; 3],
+            bulk_ratio: [0.0; 2],
             bulk_spread: [(0.0, 0.0); 3],
             activation: [(0.0, 0.0, 0); 2],
             activation_reference: (0.0, 0.0, 0),
@@ -103,15 +109,16 @@ impl Report {
 
         let _ = writeln!(
             o,
-            "Data path: one nginx, same backend; medians of interleaved runs (A B C, B C A, ...)"
+            "Data path: one nginx, same backend; runs interleaved (A B C, B C A, ...); figures are"
         );
+        let _ = writeln!(o, "  medians, ours/base is the median of the per-round ratios");
         let _ = writeln!(
             o,
             "  connection rate: {} clients, connect + 64-byte round trip + close, {} x {} ms per form",
             self.clients, self.rate_rounds, self.rate_ms
         );
         for (i, form) in [(1, "balancer form"), (2, "variable form")] {
-            let r = self.rate[i] / self.rate[0];
+            let r = self.rate_ratio[i - 1];
             row(
                 &mut o,
                 &format!("conn/s, {form}"),
@@ -135,7 +142,7 @@ impl Report {
             self.bulk_mb, self.bulk_rounds
         );
         for (i, form) in [(1, "balancer form"), (2, "variable form")] {
-            let r = self.bulk[i] / self.bulk[0];
+            let r = self.bulk_ratio[i - 1];
             row(
                 &mut o,
                 &format!("MB/s, {form}"),
