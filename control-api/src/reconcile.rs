@@ -190,19 +190,20 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
                     }
                 }
             },
-            status::STOPPED if recorded.is_none() => {
-                if mark_failed(st, env, "container vanished").await? {
-                    r.environments_failed += 1;
+            status::STOPPED => match recorded {
+                None => {
+                    if mark_failed(st, env, "container vanished").await? {
+                        r.environments_failed += 1;
+                    }
                 }
-            }
-            status::STOPPED => {
-                if let Some(c) = recorded.filter(|c| c.running) {
+                Some(c) if c.running => {
                     routes::deactivate(st.db.pool(), &env.id).await?;
                     st.docker.stop(&c.id).await?;
                     st.db.event(Some(&env.id), "repair_container_stopped", serde_json::json!({ "container": c.id })).await?;
                     r.containers_stopped += 1;
                 }
-            }
+                Some(_) => {}
+            },
             _ => {}
         }
     }
