@@ -15,4 +15,6 @@ source scripts/pg.sh
 pg_start
 trap pg_stop EXIT
 
-cargo test --release --workspace --locked -- --test-threads="${GPUGATE_TEST_THREADS:-2}"
+# --no-fail-fast: one failing test binary does not hide the results of the others (the
+# end-to-end tests run last and take minutes; a failure elsewhere should not skip them).
+cargo test --release --workspace --locked --no-fail-fast -- --test-threads="${GPUGATE_TEST_THREADS:-2}"
