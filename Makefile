@@ -7,8 +7,7 @@ CARGO ?= cargo
 # any change makes nginx-sys rebuild nginx from scratch.
 export NGX_CONFIGURE_ARGS := --with-stream_ssl_preread_module
 
-
-.PHONY: build test bench clean deps up down demo
+.PHONY: build test bench bench-api clean deps up down demo
 
 build:
 	$(CARGO) build --release --workspace --locked
@@ -17,15 +16,21 @@ build:
 	install -m 0755 $$objs/nginx dist/sbin/nginx; \
 	install -m 0755 target/release/libngx_stream_gpugate.so dist/modules/ngx_stream_gpugate_module.so; \
 	install -m 0755 target/release/gpugate-routes dist/bin/gpugate-routes; \
-	if [ -f target/release/gpugate-api ]; then install -m 0755 target/release/gpugate-api dist/bin/gpugate-api; fi; \
-	cp nginx-conf/*.conf dist/conf/ 2>/dev/null || true; \
+	install -m 0755 target/release/gpugate-api dist/bin/gpugate-api; \
+	install -m 0644 nginx-conf/nginx.conf dist/conf/nginx.conf; \
 	echo "dist/ ready: $$(dist/sbin/nginx -v 2>&1)"
 
-test: build
+# Every test; installs missing Debian packages first (a no-op when all are there).
+test: deps build
 	scripts/test.sh
 
+# Data plane vs the reload approach (ratios side by side); report also in .bench/.
 bench: build
 	scripts/bench.sh
+
+# Control plane: port allocation vs the seed's method, route activation, create latency.
+bench-api:
+	scripts/bench-api.sh
 
 deps:
 	scripts/install-deps.sh
