@@ -116,6 +116,19 @@ pub fn nginx_conf_with_pools(conf: &str, pools: &[(u16, u16)]) -> String {
 }
 
 impl Stack {
+    /// Starts a stack named `<prefix>-<pid>` on the first block of 100 ports from `bases`
+    /// whose ports are all free (several test runs may share a machine), after removing the
+    /// stacks of earlier runs of `prefix` whose process is gone; waits until `/readyz` is ready.
+    pub fn start_private(prefix: &str, bases: &[u16]) -> Stack {
+        remove_orphans(prefix);
+        let base = bases
+            .iter()
+            .copied()
+            .find(|&b| (b..b + 100).all(port_free))
+            .unwrap_or_else(|| panic!("no free block of 100 ports at {bases:?}"));
+        Stack::start(&format!("{prefix}-{}", std::process::id()), base)
+    }
+
     /// Starts the stack `name` on pools `base`..`base + 99` and waits until `/readyz` is ready.
     pub fn start(name: &str, base: u16) -> Stack {
         for image in ["gpugate/gateway", "gpugate/api", "gpugate/postgres", "gpugate/workspace"] {
@@ -299,6 +312,40 @@ impl Drop for Stack {
         self.remove_all();
         let _ = std::fs::remove_dir_all(&self.work);
         report(&format!("stack {} removed in {:.1} s", self.name, t.elapsed().as_secs_f64()));
+    }
+}
+
+/// Whether `port` can be bound on every address (the gateway binds pools on all of them).
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// Removes the stacks `<prefix>-<pid>` (containers, network, volume, workspaces, route
+/// directory) whose test process no longer runs: what a killed run left behind.
+fn remove_orphans(prefix: &str) {
+    let out = docker(&["ps", "-a", "--filter", &format!("name={prefix}-"), "--format", "{{.Names}}"]);
+    let mut projects: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|n| {
+            let rest = n.strip_prefix(&format!("{prefix}-"))?;
+            let (pid, _service) = rest.split_once('-')?;
+            let pid: u32 = pid.parse().ok()?;
+            (!Path::new(&format!("/proc/{pid}")).exists()).then(|| format!("{prefix}-{pid}"))
+        })
+        .collect();
+    projects.sort();
+    projects.dedup();
+    for p in projects {
+        report(&format!("removing {p}, left behind by an earlier run"));
+        let _ = run(Command::new("docker-compose")
+            .args(["-p", &p, "-f"])
+            .arg(repo_root().join("docker/compose.yaml"))
+            .args(["down", "-v", "--remove-orphans", "-t", "1"]));
+        let ws = docker(&["ps", "-aq", "--filter", &format!("label=gpugate.deployment={p}")]);
+        for id in String::from_utf8_lossy(&ws.stdout).split_whitespace() {
+            let _ = docker(&["rm", "-f", "-v", id]);
+        }
+        let _ = std::fs::remove_dir_all(format!("/dev/shm/{p}"));
     }
 }
 

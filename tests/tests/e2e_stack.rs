@@ -1,8 +1,10 @@
 //! End-to-end tests of the Dockerized stack: the gateway image (our nginx with the module), the
-//! API image and the PostgreSQL image, started by the test as a private compose project on
-//! pools 26000-26079 (API 26080, database 26081), driven with real curl and OpenSSH through the
-//! gateway into real workspace containers. One test, in phases that build on each other (a
-//! stack takes seconds to start); each phase prints its timing.
+//! API image and the PostgreSQL image, started by the test as a private compose project, driven
+//! with real curl and OpenSSH through the gateway into real workspace containers. Pools take
+//! base..base+79, the API base+80, the database base+81, where base is the first free block of
+//! 100 ports in 26000-26999 (26000 unless another run holds it); each stack has its own name, so
+//! runs on one machine do not collide. One test, in phases that build on each other (a stack
+//! takes seconds to start); each phase prints its timing.
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +13,9 @@ use gpugate_tests::stack::{
 };
 use serde_json::json;
 
+/// Stacks are named `gpugate-e2e-<pid>`; each takes the first free block of 100 ports here.
 const STACK: &str = "gpugate-e2e";
-const BASE_PORT: u16 = 26000;
+const BASES: [u16; 10] = [26000, 26100, 26200, 26300, 26400, 26500, 26600, 26700, 26800, 26900];
 /// Workspaces created and deleted while an SSH session stays open.
 const CHURN: usize = 200;
 /// Concurrent API clients during the churn.
@@ -72,7 +75,7 @@ fn allocated(stack: &Stack, service: &str) -> f64 {
 #[test]
 fn stack_end_to_end() {
     let started = Instant::now();
-    let stack = phase("start the private stack (compose up, /readyz, token)", || Stack::start(STACK, BASE_PORT));
+    let stack = phase("start the private stack (compose up, /readyz, token)", || Stack::start_private(STACK, &BASES));
     let keys = gpugate_tests::temp_dir("e2e-keys");
     let key = keys.join("id_ed25519");
     run(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key));
