@@ -172,28 +172,40 @@ mod tests {
 
     #[test]
     fn concurrent_readers_never_see_a_torn_copy() {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
         let s = slot();
-        let done = std::sync::atomic::AtomicBool::new(false);
+        let done = AtomicBool::new(false);
+        // Reads per reader; the writer keeps writing until every reader has read a lot, so a
+        // loaded machine that schedules the readers late cannot make the test vacuous.
+        let reads = [AtomicU64::new(0), AtomicU64::new(0)];
+        let started = std::time::Instant::now();
         std::thread::scope(|scope| {
-            for _ in 0..2 {
-                scope.spawn(|| {
-                    let mut seen = 0u64;
+            for count in &reads {
+                let (s, done) = (&s, &done);
+                scope.spawn(move || {
                     let mut last = 0u64;
                     while !done.load(Ordering::Relaxed) {
-                        let r = read(&s).expect("a read never gives up");
+                        let r = read(s).expect("a read never gives up");
                         let n = r.generation;
                         assert!(r == raw(n) || r == RawRoute::EMPTY, "torn: {r:?}");
                         assert!(n >= last, "went back from {last} to {n}");
                         last = n;
-                        seen += 1;
+                        count.fetch_add(1, Ordering::Relaxed);
                     }
-                    assert!(seen > 0);
                 });
             }
-            for n in 1..200_000u64 {
+            let mut n = 1u64;
+            while n < 200_000
+                || (reads.iter().any(|c| c.load(Ordering::Relaxed) < 10_000)
+                    && started.elapsed() < std::time::Duration::from_secs(30))
+            {
                 write(&s, &raw(n));
+                n += 1;
             }
             done.store(true, Ordering::Relaxed);
         });
+        for c in &reads {
+            assert!(c.load(Ordering::Relaxed) >= 10_000, "a reader only read {c:?} times");
+        }
     }
 }
