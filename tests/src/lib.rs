@@ -95,21 +95,48 @@ pub fn routed_stream(table: &Path, lo: u16, hi: u16, form: ProxyForm) -> String 
     )
 }
 
-/// A whole nginx.conf around a `stream {}` body.
+/// Process settings of a test nginx.conf.
+#[derive(Clone, Copy, Debug)]
+pub struct ConfOptions {
+    /// Whether to `load_module` ours (a baseline nginx runs without it).
+    pub load_module: bool,
+    /// `worker_connections`; every listening socket counts against it.
+    pub worker_connections: u32,
+    /// `worker_rlimit_nofile`; must stay under the hard limit of the machine.
+    pub rlimit_nofile: u32,
+}
+
+impl Default for ConfOptions {
+    fn default() -> Self {
+        ConfOptions { load_module: true, worker_connections: 8192, rlimit_nofile: 16384 }
+    }
+}
+
+/// A whole nginx.conf around a `stream {}` body, with the default options.
 pub fn nginx_conf(stream_body: &str) -> String {
+    nginx_conf_with(stream_body, ConfOptions::default())
+}
+
+/// A whole nginx.conf around a `stream {}` body.
+pub fn nginx_conf_with(stream_body: &str, opts: ConfOptions) -> String {
+    let load = if opts.load_module {
+        format!("load_module {};\n", dist().join("modules/ngx_stream_gpugate_module.so").display())
+    } else {
+        String::new()
+    };
     format!(
-        r#"load_module {module};
-user nobody nogroup;
+        r#"{load}user nobody nogroup;
 worker_processes 2;
-worker_rlimit_nofile 16384;
+worker_rlimit_nofile {rlimit};
 error_log logs/error.log notice;
 pid logs/nginx.pid;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {conns}; }}
 stream {{
 {stream_body}
 }}
 "#,
-        module = dist().join("modules/ngx_stream_gpugate_module.so").display()
+        rlimit = opts.rlimit_nofile,
+        conns = opts.worker_connections,
     )
 }
 

@@ -20,8 +20,8 @@ mod report;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use gpugate_tests::{
-    dist, route, table_dir, temp_dir, Backend, Client, LockMode, Nginx, Service, Writer,
+use gpugate_tests::{nginx_conf_with, ConfOptions, 
+    route, table_dir, temp_dir, Backend, Client, LockMode, Nginx, Service, Writer,
 };
 
 use load::{
@@ -85,23 +85,8 @@ impl Config {
 /// support's `nginx_conf`), sized for 10,000+ listening sockets, which each worker counts
 /// against `worker_connections`. The baseline is the same file without `load_module`.
 pub fn nginx_config(module: bool, stream_body: &str) -> String {
-    let load = if module {
-        format!("load_module {};\n", dist().join("modules/ngx_stream_gpugate_module.so").display())
-    } else {
-        String::new()
-    };
-    format!(
-        r#"{load}user nobody nogroup;
-worker_processes 2;
-worker_rlimit_nofile 19000;
-error_log logs/error.log notice;
-pid logs/nginx.pid;
-events {{ worker_connections 16384; }}
-stream {{
-{stream_body}
-}}
-"#
-    )
+    let opts = ConfOptions { load_module: module, worker_connections: 16384, rlimit_nofile: 19000 };
+    nginx_conf_with(stream_body, opts)
 }
 
 fn progress(msg: &str) {
