@@ -153,6 +153,11 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"]["mismatches"], json!([]));
     assert_eq!(v["data"]["table"].as_array().expect("slots").len(), 2);
+    // Each slot carries its counters as fields, and the header its generation and writer.
+    for field in ["connections_total", "connections_active", "refused_total", "bytes_in", "bytes_out", "last_activity_ms"] {
+        assert!(v["data"]["table"][0][field].is_u64(), "slot field {field}: {}", v["data"]["table"][0]);
+    }
+    assert!(v["data"]["header"]["generation"].is_u64() && v["data"]["header"]["writer_pid"].is_u64(), "{}", v["data"]["header"]);
     assert_eq!(v["data"]["database"].as_array().expect("rows").len(), 2);
     let (s, v) = ctx.get("/readyz", &alice).await;
     assert_eq!(s, 200, "{v}");

@@ -25,6 +25,7 @@ pub enum Lookup {
 
 /// The header's changing fields, for tools and health checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct HeaderInfo {
     /// Bumped by the writer on every change.
     pub generation: u64,
@@ -36,7 +37,7 @@ pub struct HeaderInfo {
 
 /// A snapshot of one port's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Counters {
     pub connections_total: u64,
     pub connections_active: u64,

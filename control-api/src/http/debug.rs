@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
+use gpugate_routes::{Counters, HeaderInfo};
 use serde::Serialize;
 
 use super::Admin;
@@ -33,12 +34,9 @@ pub struct Slot {
     pub service: String,
     pub generation: u64,
     pub expires_ms: Option<u64>,
-    pub connections_total: u64,
-    pub connections_active: u64,
-    pub refused_total: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub last_activity_ms: u64,
+    /// The port's counters, as fields of the slot.
+    #[serde(flatten)]
+    pub counters: Counters,
 }
 
 /// One difference between the database and the table.
@@ -54,7 +52,7 @@ pub struct Mismatch {
 pub struct DebugRoutes {
     pub table_path: String,
     /// `null` when the table cannot be opened; then `table_error` says why.
-    pub header: Option<serde_json::Value>,
+    pub header: Option<HeaderInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub table_error: Option<String>,
     pub publisher_active_here: bool,
@@ -69,16 +67,10 @@ async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResul
     let wanted: BTreeMap<_, _> = rows.iter().filter(|r| r.active).filter_map(RouteRow::to_route).collect();
     let (header, table_error, slots, have) = match st.table.get() {
         Ok(t) => {
-            let h = t.header_info();
-            let header = serde_json::json!({
-                "generation": h.generation,
-                "heartbeat_ms": h.heartbeat_ms,
-                "writer_pid": h.writer_pid,
-            });
+            let header = t.header_info();
             let mut slots = vec![];
             let mut have = BTreeMap::new();
             for (port, r) in t.routes() {
-                let c = t.counters(port);
                 have.insert(port, r);
                 slots.push(Slot {
                     port,
@@ -87,12 +79,7 @@ async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResul
                     service: r.service.to_string(),
                     generation: r.generation,
                     expires_ms: r.expires_ms,
-                    connections_total: c.connections_total,
-                    connections_active: c.connections_active,
-                    refused_total: c.refused_total,
-                    bytes_in: c.bytes_in,
-                    bytes_out: c.bytes_out,
-                    last_activity_ms: c.last_activity_ms,
+                    counters: t.counters(port),
                 });
             }
             (Some(header), None, slots, have)
