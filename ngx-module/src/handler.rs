@@ -129,17 +129,19 @@ unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
         let c = (*s).connection;
         (c, ngx_inet_get_port((*c).local_sockaddr))
     };
-    let now = gpugate_routes::now_ms();
-    let (decision, notice) = source.decide(port, now);
-    if let Some(n) = notice {
-        log_notice(n);
-    }
+    // Allocated before the lookup, which counts the connection as open: a failed allocation
+    // after it would leave the active gauge counting a session that never closes in our books.
     // SAFETY: the connection's pool lives as long as the session; SessionCtx is valid
     // all-zero and needs no Drop.
     let ctx = match unsafe { pool_alloc::<SessionCtx>((*c).pool) } {
         Some(p) => p,
         None => return NGX_ERROR as ngx_int_t,
     };
+    let now = gpugate_routes::now_ms();
+    let (decision, notice) = source.decide(port, now);
+    if let Some(n) = notice {
+        log_notice(n);
+    }
     // SAFETY: `ctx` is a fresh, exclusively owned allocation.
     let ctx_ref = unsafe { &mut *ctx };
     ctx_ref.port = port;
