@@ -8,16 +8,19 @@ use std::time::{Duration, Instant};
 
 use gpugate_tests::*;
 
-fn writer(dir: &std::path::Path) -> Writer {
-    Writer::open(&dir.join("routes"), LockMode::NoWait).expect("open writer")
+/// A table (writer open first, so nginx maps it at start) and an nginx routing the pool
+/// `lo..=hi` on 127.0.0.1 through it, in a fresh directory.
+fn gateway(tag: &str, lo: u16, hi: u16, form: ProxyForm) -> (Writer, Nginx) {
+    let root = temp_dir(tag);
+    let path = table_dir(&root).join("routes");
+    let w = Writer::open(&path, LockMode::NoWait).expect("open writer");
+    let ng = Nginx::start(&root, &nginx_conf(&routed_stream(&path, lo, hi, form)));
+    (w, ng)
 }
 
 #[test]
 fn set_repoint_remove_and_unrouted_without_reload() {
-    let root = temp_dir("lifecycle");
-    let tdir = table_dir(&root);
-    let mut w = writer(&tdir);
-    let ng = Nginx::start(&root, &nginx_conf(&routed_stream(&tdir.join("routes"), 21000, 21009, ProxyForm::Balancer)));
+    let (mut w, ng) = gateway("lifecycle", 21000, 21009, ProxyForm::Balancer);
     let pids = ng.pids();
     let a = Backend::start("alpha", "127.0.0.1:0");
     let b = Backend::start("beta", "127.0.0.1:0");
@@ -39,11 +42,8 @@ fn set_repoint_remove_and_unrouted_without_reload() {
 
 #[test]
 fn thousand_port_pool_every_port_reaches_its_own_backend() {
-    let root = temp_dir("pool");
-    let tdir = table_dir(&root);
-    let mut w = writer(&tdir);
     let (lo, hi) = (22000u16, 22999u16);
-    let ng = Nginx::start(&root, &nginx_conf(&routed_stream(&tdir.join("routes"), lo, hi, ProxyForm::Balancer)));
+    let (mut w, ng) = gateway("pool", lo, hi, ProxyForm::Balancer);
     let backends: Vec<Backend> =
         (lo..=hi).map(|p| Backend::start(&format!("b{p}"), "127.0.0.1:0")).collect();
     let routes: BTreeMap<u16, Route> = (lo..=hi)
@@ -60,10 +60,7 @@ fn thousand_port_pool_every_port_reaches_its_own_backend() {
 
 #[test]
 fn ipv6_upstream_and_ttl_expiry() {
-    let root = temp_dir("v6ttl");
-    let tdir = table_dir(&root);
-    let mut w = writer(&tdir);
-    let ng = Nginx::start(&root, &nginx_conf(&routed_stream(&tdir.join("routes"), 21100, 21109, ProxyForm::Balancer)));
+    let (mut w, ng) = gateway("v6ttl", 21100, 21109, ProxyForm::Balancer);
     let v6 = Backend::start("six", "[::1]:0");
     assert!(v6.addr.is_ipv6());
     w.set(21100, &route(v6.addr, "envsix", Service::Code)).unwrap();
@@ -82,10 +79,7 @@ fn ipv6_upstream_and_ttl_expiry() {
 
 #[test]
 fn established_connection_keeps_its_upstream_when_the_port_moves_or_goes() {
-    let root = temp_dir("established");
-    let tdir = table_dir(&root);
-    let mut w = writer(&tdir);
-    let ng = Nginx::start(&root, &nginx_conf(&routed_stream(&tdir.join("routes"), 21200, 21209, ProxyForm::Balancer)));
+    let (mut w, ng) = gateway("established", 21200, 21209, ProxyForm::Balancer);
     let a = Backend::start("alpha", "127.0.0.1:0");
     let b = Backend::start("beta", "127.0.0.1:0");
     w.set(21200, &route(a.addr, "enva", Service::Ssh)).unwrap();
@@ -103,11 +97,8 @@ fn established_connection_keeps_its_upstream_when_the_port_moves_or_goes() {
 
 #[test]
 fn writer_flipping_routes_while_clients_connect_never_misroutes() {
-    let root = temp_dir("flip");
-    let tdir = table_dir(&root);
-    let mut w = writer(&tdir);
     let (lo, hi) = (21300u16, 21315u16);
-    let ng = Nginx::start(&root, &nginx_conf(&routed_stream(&tdir.join("routes"), lo, hi, ProxyForm::Balancer)));
+    let (mut w, ng) = gateway("flip", lo, hi, ProxyForm::Balancer);
     let pids = ng.pids();
     // Each port flips between its own two backends; a connection that lands anywhere else
     // read a torn or wrong slot.
@@ -212,10 +203,7 @@ fn garbage_or_short_table_fails_closed_and_logs_once() {
 
 #[test]
 fn variable_form_counters_and_access_log() {
-    let root = temp_dir("variable");
-    let tdir = table_dir(&root);
-    let mut w = writer(&tdir);
-    let ng = Nginx::start(&root, &nginx_conf(&routed_stream(&tdir.join("routes"), 21600, 21609, ProxyForm::Variable)));
+    let (mut w, ng) = gateway("variable", 21600, 21609, ProxyForm::Variable);
     let a = Backend::start("alpha", "127.0.0.1:0");
     w.set(21600, &route(a.addr, "6hiflzwte2xnkroq", Service::Jupyter)).unwrap();
     let mut c = Client::connect(21600).unwrap();
