@@ -72,6 +72,10 @@ fn init_tracing() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
+    // The publisher maps the route table: a file truncated under it must not kill the API.
+    if let Err(e) = gpugate_routes::install_sigbus_guard() {
+        tracing::warn!(error = %e, "cannot install the route table's SIGBUS guard");
+    }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve { no_publisher: false }) {
         Command::Serve { no_publisher } => serve(cfg, Mode::Api { publisher: !no_publisher }).await,

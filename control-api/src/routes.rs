@@ -135,7 +135,9 @@ impl Publisher {
             tokio::select! {
                 _ = shutdown.changed() => return Ok(()),
                 _ = self.resync.0.notified() => { self.full_sync(&mut writer).await?; }
-                _ = heartbeat.tick() => writer.heartbeat(),
+                // An error: the table was deleted, replaced or truncated under us; let go and
+                // open it again (which creates a fresh one).
+                _ = heartbeat.tick() => writer.heartbeat()?,
                 notice = rx.recv() => match notice {
                     Some(Notice::Ports(ports)) => self.apply(&mut writer, &ports).await?,
                     Some(Notice::Interrupted) => {

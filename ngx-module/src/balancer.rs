@@ -18,8 +18,8 @@ use ngx::ffi::{
 };
 use ngx::ngx_conf_log_error;
 
-use crate::ffi::{str_bytes, SessionExt};
-use crate::handler::peer_of;
+use crate::ffi::str_bytes;
+use crate::handler::{peer_of, session_ctx, upstream_name};
 
 /// `gpugate_balancer;` inside `upstream {}`.
 pub unsafe extern "C" fn cmd_set_balancer(
@@ -102,9 +102,19 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let s = data as *mut ngx_stream_session_t;
     // SAFETY: `data` is the session set by init_peer, alive while it connects; `pc` is its
     // upstream's peer connection.
-    let (ctx, pc) = unsafe { (s.gpugate_ctx(), &mut *pc) };
-    match ctx.and_then(peer_of) {
-        Some((sockaddr, socklen, name)) => {
+    let (ctx, pc) = unsafe { (session_ctx(s), &mut *pc) };
+    let Some(ctx) = ctx else { return NGX_BUSY as ngx_int_t };
+    match peer_of(ctx) {
+        Some((sockaddr, socklen)) => {
+            // The peer's name (logs, $upstream_addr), formatted into the session's pool.
+            // SAFETY: a live session; the name lives in its pool, as long as the peer.
+            let Some(name) = (unsafe { upstream_name(s, ctx) }) else {
+                return ngx::ffi::NGX_ERROR as ngx_int_t;
+            };
+            // SAFETY: as above: a pool allocation for the ngx_str_t itself.
+            let Some(name) = (unsafe { crate::ffi::pool_alloc((*(*s).connection).pool, name) }) else {
+                return ngx::ffi::NGX_ERROR as ngx_int_t;
+            };
             pc.sockaddr = sockaddr;
             pc.socklen = socklen;
             pc.name = name;

@@ -17,13 +17,14 @@ use std::path::PathBuf;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_flag_t, ngx_pool_cleanup_add, ngx_str_t,
-    NGX_CONF_UNSET, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
+    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_cycle_t, ngx_flag_t, ngx_pool_cleanup_add,
+    ngx_str_t, ngx_stream_session_t, NGX_CONF_UNSET, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::ngx_conf_log_error;
 
-use crate::ffi::{conf_args, conf_main_conf, pool_alloc, str_bytes};
-use crate::route_source::{Notice, RouteSource};
+use crate::ctx_index;
+use crate::ffi::{conf_args, conf_main_conf, cycle_main_conf, pool_alloc, session_entry, str_bytes, SessionArray};
+use crate::route_source::RouteSource;
 
 /// `stream {}`-level configuration.
 #[repr(C)]
@@ -42,10 +43,42 @@ pub struct SrvConf {
     pub route: ngx_flag_t,
 }
 
+/// This module's main configuration of a session's server.
+///
+/// # Safety
+/// `s` must be a live session of a configuration this module is part of.
+pub unsafe fn session_main_conf<'a>(s: *mut ngx_stream_session_t) -> &'a MainConf {
+    // SAFETY: the entry is the MainConf create_main_conf allocated from the configuration
+    // pool, which outlives every session of that configuration.
+    unsafe { &*(session_entry(s, SessionArray::MainConf, ctx_index()) as *const MainConf) }
+}
+
+/// This module's server configuration of a session.
+///
+/// # Safety
+/// As for [`session_main_conf`].
+pub unsafe fn session_srv_conf<'a>(s: *mut ngx_stream_session_t) -> &'a SrvConf {
+    // SAFETY: as above, for the SrvConf of the session's server.
+    unsafe { &*(session_entry(s, SessionArray::SrvConf, ctx_index()) as *const SrvConf) }
+}
+
+/// The route source of a cycle's configuration, if it has a `stream {}` block with a table.
+///
+/// # Safety
+/// `cycle` must be a live cycle whose configuration was parsed.
+pub unsafe fn cycle_source<'a>(cycle: *mut ngx_cycle_t) -> Option<&'a RouteSource> {
+    // SAFETY: the entry is null or our MainConf; its source is null or a live box owned by
+    // the configuration pool.
+    unsafe {
+        let mcf = (cycle_main_conf(cycle, ctx_index()) as *const MainConf).as_ref()?;
+        mcf.source.as_ref()
+    }
+}
+
 pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
-    // SAFETY: cf->pool is the configuration pool; MainConf is valid all-zero (empty string,
-    // null source) and has no Drop.
-    match unsafe { pool_alloc::<MainConf>((*cf).pool) } {
+    let value = MainConf { table_path: ngx_str_t { len: 0, data: std::ptr::null_mut() }, source: std::ptr::null_mut() };
+    // SAFETY: cf->pool is the configuration pool; MainConf has no Drop.
+    match unsafe { pool_alloc((*cf).pool, value) } {
         Some(p) => p as *mut c_void,
         None => std::ptr::null_mut(),
     }
@@ -72,16 +105,22 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
         (*cln).data = source as *mut c_void;
     }
     mcf.source = source;
+    // A table file that shrinks under a process must not kill it (SIGBUS): installed in the
+    // master, inherited by every worker it forks.
+    if let Err(e) = gpugate_routes::install_sigbus_guard() {
+        ngx_conf_log_error!(NGX_LOG_WARN, cf, "gpugate: cannot install the SIGBUS guard: {e}");
+    }
     // Map the table now, in the master, so that workers inherit the mapping. A missing or
     // unusable table is a warning, not an error: nginx starts and refuses until it is valid.
     // SAFETY: `source` is the live box just stored.
-    let notice = unsafe { &*source }.refresh(gpugate_routes::now_ms());
-    if let Some(Notice::Unusable(e)) = notice {
-        ngx_conf_log_error!(
-            NGX_LOG_WARN,
-            cf,
-            "gpugate: {e}; connections to gpugate_route servers are refused until it is valid"
-        );
+    for notice in unsafe { &*source }.refresh(crate::ffi::monotonic_ms()) {
+        if let crate::route_source::Notice::Unusable(e) = notice {
+            ngx_conf_log_error!(
+                NGX_LOG_WARN,
+                cf,
+                "gpugate: {e}; connections to gpugate_route servers are refused until it is valid"
+            );
+        }
     }
     NGX_CONF_OK
 }
@@ -93,13 +132,10 @@ unsafe extern "C" fn drop_source(data: *mut c_void) {
 }
 
 pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    let value = SrvConf { route: NGX_CONF_UNSET as ngx_flag_t };
     // SAFETY: cf->pool is the configuration pool; SrvConf is plain data.
-    match unsafe { pool_alloc::<SrvConf>((*cf).pool) } {
-        Some(p) => {
-            // SAFETY: `p` is a fresh allocation of a SrvConf.
-            unsafe { (*p).route = NGX_CONF_UNSET as ngx_flag_t };
-            p as *mut c_void
-        }
+    match unsafe { pool_alloc((*cf).pool, value) } {
+        Some(p) => p as *mut c_void,
         None => std::ptr::null_mut(),
     }
 }
@@ -116,7 +152,7 @@ pub unsafe extern "C" fn merge_srv_conf(
     }
     // SAFETY: merging runs inside the stream block, after the whole block was parsed, so
     // the main configuration is final.
-    let mcf = unsafe { conf_main_conf(cf) };
+    let mcf = unsafe { &*(conf_main_conf(cf, ctx_index()) as *const MainConf) };
     if scf.route == 1 && mcf.table_path.len == 0 {
         ngx_conf_log_error!(
             NGX_LOG_EMERG,

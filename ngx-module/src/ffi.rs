@@ -1,95 +1,108 @@
-//! Raw-pointer plumbing between nginx's stream structs and the module's typed state.
-//! Every accessor of nginx memory is here; the handlers above it work on references.
+//! The FFI floor: raw-pointer plumbing over nginx's structs. It knows nothing of the module's
+//! own types (the typed accessors live beside those types, in `conf.rs` and `handler.rs`), so
+//! imports flow one way: they import this, this imports nothing of ours.
 
 use std::ffi::c_void;
 use std::net::SocketAddr;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_cycle, ngx_pcalloc, ngx_pool_t, ngx_stream_conf_ctx_t, ngx_stream_session_t,
-    ngx_str_t, sockaddr_in, sockaddr_in6, socklen_t, AF_INET, AF_INET6,
+    ngx_conf_t, ngx_current_msec, ngx_cycle, ngx_cycle_t, ngx_palloc, ngx_pool_t,
+    ngx_stream_conf_ctx_t, ngx_stream_module, ngx_stream_session_t, ngx_str_t, sockaddr_in,
+    sockaddr_in6, socklen_t, AF_INET, AF_INET6,
 };
 
-use crate::conf::{MainConf, SrvConf};
-use crate::ngx_stream_gpugate_module;
-
-/// Index of this module's slot in the stream contexts (fixed once modules are loaded).
-fn ctx_index() -> usize {
-    // SAFETY: nginx writes ctx_index while loading modules, before any configuration or
-    // session callback of this module runs; afterwards it is only read.
-    unsafe { (*std::ptr::addr_of!(ngx_stream_gpugate_module)).ctx_index }
+/// Which of a session's per-module arrays to read.
+#[derive(Clone, Copy)]
+pub enum SessionArray {
+    MainConf,
+    SrvConf,
+    Ctx,
 }
 
-/// Extension methods on a stream session pointer.
-pub trait SessionExt {
-    /// This module's main configuration.
-    ///
-    /// # Safety
-    /// `self` must be a live session of a server in a configuration this module is part of.
-    unsafe fn gpugate_main_conf<'a>(self) -> &'a MainConf;
-    /// This module's server configuration.
-    ///
-    /// # Safety
-    /// As for `gpugate_main_conf`.
-    unsafe fn gpugate_srv_conf<'a>(self) -> &'a SrvConf;
-    /// The session's route context, if the preread handler set one.
-    ///
-    /// # Safety
-    /// `self` must be a live session.
-    unsafe fn gpugate_ctx<'a>(self) -> Option<&'a crate::handler::SessionCtx>;
-    /// Stores the route context.
-    ///
-    /// # Safety
-    /// `self` must be a live session; `ctx` must be allocated from its connection's pool.
-    unsafe fn set_gpugate_ctx(self, ctx: *mut crate::handler::SessionCtx);
-}
-
-impl SessionExt for *mut ngx_stream_session_t {
-    unsafe fn gpugate_main_conf<'a>(self) -> &'a MainConf {
-        // SAFETY: the caller guarantees a live session; its main_conf array holds one entry
-        // per stream module, ours created by `create_main_conf` and living as long as the
-        // configuration cycle, which outlives every session.
-        unsafe { &*(*(*self).main_conf.add(ctx_index()) as *const MainConf) }
-    }
-
-    unsafe fn gpugate_srv_conf<'a>(self) -> &'a SrvConf {
-        // SAFETY: as above, for the server configuration array.
-        unsafe { &*(*(*self).srv_conf.add(ctx_index()) as *const SrvConf) }
-    }
-
-    unsafe fn gpugate_ctx<'a>(self) -> Option<&'a crate::handler::SessionCtx> {
-        // SAFETY: the ctx array of a live session has one entry per stream module; ours is
-        // null or a SessionCtx allocated from the session's pool by the preread handler.
-        unsafe { (*(*self).ctx.add(ctx_index()) as *const crate::handler::SessionCtx).as_ref() }
-    }
-
-    unsafe fn set_gpugate_ctx(self, ctx: *mut crate::handler::SessionCtx) {
-        // SAFETY: see `gpugate_ctx`; the caller allocated `ctx` from the session's pool.
-        unsafe { *(*self).ctx.add(ctx_index()) = ctx as *mut c_void };
+/// Entry `idx` of one of a session's per-module arrays.
+///
+/// # Safety
+/// `s` must be a live session and `idx` a stream module's `ctx_index`.
+pub unsafe fn session_entry(s: *mut ngx_stream_session_t, which: SessionArray, idx: usize) -> *mut c_void {
+    // SAFETY: the caller guarantees a live session; each array has one entry per stream
+    // module, so `idx` is in bounds.
+    unsafe {
+        match which {
+            SessionArray::MainConf => *(*s).main_conf.add(idx),
+            SessionArray::SrvConf => *(*s).srv_conf.add(idx),
+            SessionArray::Ctx => *(*s).ctx.add(idx),
+        }
     }
 }
 
-/// The main configuration of this module while a stream block is being parsed.
+/// Sets entry `idx` of a session's module context array.
+///
+/// # Safety
+/// As for [`session_entry`]; `p` must live as long as the session (its pool).
+pub unsafe fn set_session_ctx(s: *mut ngx_stream_session_t, idx: usize, p: *mut c_void) {
+    // SAFETY: the caller's contract, as above.
+    unsafe { *(*s).ctx.add(idx) = p };
+}
+
+/// Main configuration entry `idx` of the `stream {}` block being parsed.
 ///
 /// # Safety
 /// `cf` must be the configuration being parsed inside a `stream {}` block.
-pub unsafe fn conf_main_conf<'a>(cf: *mut ngx_conf_t) -> &'a mut MainConf {
+pub unsafe fn conf_main_conf(cf: *mut ngx_conf_t, idx: usize) -> *mut c_void {
     // SAFETY: inside the stream block, cf->ctx is the block's ngx_stream_conf_ctx_t, whose
-    // main_conf array holds our MainConf (created by create_main_conf).
+    // main_conf array has one entry per stream module.
     unsafe {
         let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
-        &mut *(*(*ctx).main_conf.add(ctx_index()) as *mut MainConf)
+        *(*ctx).main_conf.add(idx)
     }
 }
 
-/// Allocates a zeroed `T` from `pool`; `None` if nginx is out of memory.
+/// Main configuration entry `idx` of a cycle's `stream {}` block; null without one.
 ///
 /// # Safety
-/// `pool` must be a live pool; `T` must be valid when all-zero and need no `Drop`.
-pub unsafe fn pool_alloc<T>(pool: *mut ngx_pool_t) -> Option<*mut T> {
-    // SAFETY: the caller passes a live pool; ngx_pcalloc returns zeroed memory aligned for
-    // any type up to NGX_ALIGNMENT, enough for the module's structs (no over-aligned fields).
-    let p = unsafe { ngx_pcalloc(pool, std::mem::size_of::<T>()) } as *mut T;
-    (!p.is_null()).then_some(p)
+/// `cycle` must be a live cycle whose configuration was parsed.
+pub unsafe fn cycle_main_conf(cycle: *mut ngx_cycle_t, idx: usize) -> *mut c_void {
+    // SAFETY: conf_ctx has one entry per module (indexed by the module's `index`); the
+    // stream module's entry is null or the stream block's ngx_stream_conf_ctx_t.
+    unsafe {
+        let stream = *(*cycle).conf_ctx.add((*std::ptr::addr_of!(ngx_stream_module)).index);
+        if stream.is_null() {
+            return std::ptr::null_mut();
+        }
+        *(*(stream as *mut ngx_stream_conf_ctx_t)).main_conf.add(idx)
+    }
+}
+
+/// Moves `value` into memory allocated from `pool`; `None` if nginx is out of memory.
+///
+/// # Safety
+/// `pool` must be a live pool; `T` must need no `Drop` (the pool frees the bytes only).
+pub unsafe fn pool_alloc<T>(pool: *mut ngx_pool_t, value: T) -> Option<*mut T> {
+    const { assert!(std::mem::align_of::<T>() <= 8, "nginx pools align to 8 bytes") };
+    // SAFETY: the caller passes a live pool; ngx_palloc returns memory aligned to
+    // NGX_ALIGNMENT (8), enough for T (checked above).
+    let p = unsafe { ngx_palloc(pool, std::mem::size_of::<T>()) } as *mut T;
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` is a fresh, suitably sized and aligned allocation: written, not read.
+    unsafe { p.write(value) };
+    Some(p)
+}
+
+/// Copies `bytes` into memory allocated from `pool`, as an nginx string.
+///
+/// # Safety
+/// `pool` must be a live pool.
+pub unsafe fn pool_str(pool: *mut ngx_pool_t, bytes: &[u8]) -> Option<ngx_str_t> {
+    // SAFETY: a live pool; the allocation is sized for `bytes`.
+    let p = unsafe { ngx_palloc(pool, bytes.len().max(1)) } as *mut u8;
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` has room for `bytes`, which do not overlap a fresh allocation.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
+    Some(ngx_str_t { len: bytes.len(), data: p })
 }
 
 /// The string arguments of the directive being parsed (the directive name first).
@@ -121,6 +134,13 @@ pub fn cycle_log() -> *mut ngx::ffi::ngx_log_t {
     unsafe { (*ngx_cycle).log }
 }
 
+/// nginx's cached monotonic time in milliseconds (updated once per event-loop turn).
+pub fn monotonic_ms() -> u64 {
+    // SAFETY: a plain integer nginx updates from its single event-loop thread, which is the
+    // thread every module callback runs on.
+    unsafe { ngx_current_msec as u64 }
+}
+
 /// A socket address in the form nginx's connect code takes.
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -146,7 +166,7 @@ impl RawSockaddr {
                 let mut sa: sockaddr_in6 = unsafe { std::mem::zeroed() };
                 sa.sin6_family = AF_INET6 as _;
                 sa.sin6_port = a.port().to_be();
-                sa.sin6_scope_id = a.scope_id();
+                // Routes never carry a scope id (the table refuses them).
                 let octets = a.ip().octets();
                 // SAFETY: in6_addr is exactly 16 bytes of address in network order.
                 unsafe {

@@ -1,39 +1,90 @@
-//! The per-connection work: the preread lookup, the log-phase counters and the variables.
+//! The per-connection work: the preread lookup, the log-phase counters, the variables, and
+//! the worker start and exit hooks.
 //!
 //! Preread asks the table once where the connection's local port goes and keeps the answer
 //! in the session context; everything later (variables, the balancer, the counters at close)
 //! reads that snapshot, so a route changed mid-session never splits one connection's view.
 
+use std::io::Write;
+use std::net::SocketAddr;
+
+use gpugate_routes::{EnvId, Outcome, Service};
 use ngx::ffi::{
-    ngx_array_push, ngx_conf_t, ngx_inet_get_port, ngx_int_t, ngx_stream_add_variable,
+    ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_inet_get_port, ngx_int_t, ngx_stream_add_variable,
     ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
     ngx_stream_phases_NGX_STREAM_LOG_PHASE, ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
     ngx_stream_session_t, ngx_stream_variable_value_t, ngx_str_t, socklen_t, NGX_DECLINED,
-    NGX_ERROR, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_STREAM_FORBIDDEN,
-    NGX_STREAM_VAR_NOCACHEABLE,
+    NGX_ERROR, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_STREAM_BAD_GATEWAY,
+    NGX_STREAM_FORBIDDEN, NGX_STREAM_VAR_NOCACHEABLE,
 };
-use std::io::Write;
-
 use ngx::ngx_log_error;
 
-use crate::ffi::{cycle_log, pool_alloc, RawSockaddr, SessionExt};
-use crate::route_source::{count_close, Decision, Notice, RouteStatus};
+use crate::conf::{cycle_source, session_main_conf, session_srv_conf};
+use crate::ctx_index;
+use crate::ffi::{
+    cycle_log, monotonic_ms, pool_alloc, pool_str, session_entry, set_session_ctx, RawSockaddr,
+    SessionArray,
+};
+use crate::route_source::{Decision, Notice, RouteStatus};
 
-/// Longest "ip:port" text: "[" + 39-char IPv6 + "%" scope + "]:" + 5 digits, rounded up.
-const NAME_CAP: usize = 64;
-
-/// What a session keeps of its lookup. Allocated zeroed from the connection's pool; plain
-/// data, no Drop.
+/// What a session keeps of its lookup: a valid Rust value moved into the connection's pool
+/// (no Drop). Kept small (about 100 bytes) so it is a small allocation of the pool, not a
+/// malloc of its own.
 pub struct SessionCtx {
     pub port: u16,
-    pub decision: Decision,
+    pub status: RouteStatus,
+    pub service: Service,
+    pub env_id: EnvId,
+    /// The route's owner stamp (tags the counters) and where the close is counted.
+    pub owner: u64,
+    pub sink: *const crate::route_source::CounterSink,
+    /// The upstream, for `$gpugate_upstream` and the balancer's peer name.
+    pub upstream: Option<SocketAddr>,
     /// The upstream as a socket address, for the balancer.
     pub sockaddr: RawSockaddr,
     pub socklen: socklen_t,
-    /// The upstream as text ("10.0.0.5:22", "[::1]:22"), for `$gpugate_upstream` and the
-    /// balancer's peer name; `name.data` points into `name_buf`.
-    pub name: ngx_str_t,
-    pub name_buf: [u8; NAME_CAP],
+}
+
+const _: () = assert!(std::mem::size_of::<SessionCtx>() <= 128);
+
+impl SessionCtx {
+    fn new(port: u16, d: &Decision) -> SessionCtx {
+        let (sockaddr, socklen) = match (d.status, d.route) {
+            (RouteStatus::Ok, Some(r)) => RawSockaddr::new(r.upstream),
+            _ => RawSockaddr::new(SocketAddr::from(([0, 0, 0, 0], 0))),
+        };
+        SessionCtx {
+            port,
+            status: d.status,
+            service: d.route.map_or(Service::Other, |r| r.service),
+            env_id: d.route.map_or(EnvId::default(), |r| r.env_id),
+            owner: d.owner,
+            sink: d.sink,
+            upstream: d.route.filter(|_| d.status == RouteStatus::Ok).map(|r| r.upstream),
+            sockaddr,
+            socklen,
+        }
+    }
+
+    /// Whether the lookup found a route (live or expired): env id and service are known.
+    fn has_route(&self) -> bool {
+        matches!(self.status, RouteStatus::Ok | RouteStatus::Expired)
+    }
+
+    /// The decision again, for counting the close.
+    fn decision(&self) -> Decision {
+        Decision { status: self.status, route: None, owner: self.owner, sink: self.sink }
+    }
+}
+
+/// The session's route context, if the preread handler set one.
+///
+/// # Safety
+/// `s` must be a live session of a configuration this module is part of.
+pub unsafe fn session_ctx<'a>(s: *mut ngx_stream_session_t) -> Option<&'a SessionCtx> {
+    // SAFETY: our entry of the session's ctx array is null or a SessionCtx moved into the
+    // session's pool by the preread handler.
+    unsafe { (session_entry(s, SessionArray::Ctx, ctx_index()) as *const SessionCtx).as_ref() }
 }
 
 /// The variables, in the order of `VAR_*` indices passed as the handler's `data`.
@@ -88,76 +139,62 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
-/// Logs a change of the table's state on the cycle's log (once per cause, by construction
+/// Logs changes of the table's state on the cycle's log (each cause once, by construction
 /// of [`Notice`]).
-fn log_notice(notice: Notice) {
-    match notice {
-        Notice::Opened { path, replaced, counters } => {
-            let how = if replaced { "re-mapped (the file was replaced)" } else { "mapped" };
-            let level = if counters { NGX_LOG_NOTICE } else { NGX_LOG_WARN };
-            let note = if counters {
-                ""
-            } else {
-                " read-only: counters are not recorded; give the worker user write access \
-                 (group of the file)"
-            };
-            ngx_log_error!(
-                level,
-                cycle_log(),
-                "gpugate: route table file \"{}\" {how}{note}",
-                path.display()
-            );
-        }
-        Notice::Unusable(e) => {
-            ngx_log_error!(NGX_LOG_ERR, cycle_log(), "gpugate: {e}; refusing connections");
+fn log_notices(notices: Vec<Notice>) {
+    for notice in notices {
+        match notice {
+            Notice::Opened { path, replaced } => {
+                let how = if replaced { "re-mapped (the file was replaced)" } else { "mapped" };
+                ngx_log_error!(NGX_LOG_NOTICE, cycle_log(), "gpugate: route table file \"{}\" {how}", path.display());
+            }
+            Notice::Counting { path, writable: true } => {
+                ngx_log_error!(NGX_LOG_NOTICE, cycle_log(), "gpugate: counters file \"{}\" mapped", path.display());
+            }
+            Notice::Counting { path, writable: false } => {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    cycle_log(),
+                    "gpugate: counters file \"{}\" mapped read-only: counters are not recorded; \
+                     give the worker user write access (group of the file)",
+                    path.display()
+                );
+            }
+            Notice::Unusable(e) => {
+                ngx_log_error!(NGX_LOG_ERR, cycle_log(), "gpugate: {e}; refusing connections");
+            }
+            Notice::CountersUnusable(e) => {
+                ngx_log_error!(NGX_LOG_WARN, cycle_log(), "gpugate: {e}; connections are routed but not counted");
+            }
         }
     }
 }
 
 unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     // SAFETY: nginx calls phase handlers with a live session of a configured server.
-    let (scf, mcf) = unsafe { (s.gpugate_srv_conf(), s.gpugate_main_conf()) };
+    let (scf, mcf) = unsafe { (session_srv_conf(s), session_main_conf(s)) };
     // SAFETY: as above.
-    if scf.route != 1 || mcf.source.is_null() || unsafe { s.gpugate_ctx() }.is_some() {
+    if scf.route != 1 || mcf.source.is_null() || unsafe { session_ctx(s) }.is_some() {
         return NGX_DECLINED as ngx_int_t;
     }
     // SAFETY: a non-null source lives as long as the configuration (pool cleanup).
     let source = unsafe { &*mcf.source };
     // SAFETY: a live session has a live connection whose local_sockaddr is the listening
     // address (for `listen PORT` on a wildcard address too: the port is what matters).
-    let (c, port) = unsafe {
+    let (pool, port) = unsafe {
         let c = (*s).connection;
-        (c, ngx_inet_get_port((*c).local_sockaddr))
+        ((*c).pool, ngx_inet_get_port((*c).local_sockaddr))
     };
-    // Allocated before the lookup, which counts the connection as open: a failed allocation
-    // after it would leave the active gauge counting a session that never closes in our books.
-    // SAFETY: the connection's pool lives as long as the session; SessionCtx is valid
-    // all-zero and needs no Drop.
-    let ctx = match unsafe { pool_alloc::<SessionCtx>((*c).pool) } {
-        Some(p) => p,
-        None => return NGX_ERROR as ngx_int_t,
+    let (decision, notices) = source.decide(port, monotonic_ms(), gpugate_routes::now_ms());
+    log_notices(notices);
+    // SAFETY: the connection's pool lives as long as the session; SessionCtx needs no Drop.
+    let Some(ctx) = (unsafe { pool_alloc(pool, SessionCtx::new(port, &decision)) }) else {
+        // Out of memory: the session never reaches the log phase's count, so undo the open.
+        source.close(&decision, port, Outcome::UpstreamFailed, 0, 0, gpugate_routes::now_ms());
+        return NGX_ERROR as ngx_int_t;
     };
-    let now = gpugate_routes::now_ms();
-    let (decision, notice) = source.decide(port, now);
-    if let Some(n) = notice {
-        log_notice(n);
-    }
-    // SAFETY: `ctx` is a fresh, exclusively owned allocation.
-    let ctx_ref = unsafe { &mut *ctx };
-    ctx_ref.port = port;
-    ctx_ref.decision = decision;
-    if let (RouteStatus::Ok, Some(route)) = (decision.status, decision.route) {
-        let (sa, len) = RawSockaddr::new(route.upstream);
-        ctx_ref.sockaddr = sa;
-        ctx_ref.socklen = len;
-        // Formatted into the context's own buffer: no allocation per connection.
-        let mut cur = std::io::Cursor::new(&mut ctx_ref.name_buf[..]);
-        let _ = write!(cur, "{}", route.upstream);
-        let n = cur.position() as usize;
-        ctx_ref.name = ngx_str_t { len: n, data: ctx_ref.name_buf.as_mut_ptr() };
-    }
     // SAFETY: `ctx` was allocated from this session's connection pool.
-    unsafe { s.set_gpugate_ctx(ctx) };
+    unsafe { set_session_ctx(s, ctx_index(), ctx as *mut std::ffi::c_void) };
     if decision.status == RouteStatus::Ok {
         NGX_DECLINED as ngx_int_t
     } else {
@@ -169,21 +206,61 @@ unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
 
 unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     // SAFETY: nginx runs log handlers with the session still alive.
-    let Some(ctx) = (unsafe { s.gpugate_ctx() }) else { return NGX_OK as ngx_int_t };
-    // SAFETY: as above; `received` counts bytes from the client, `sent` bytes to it.
-    let (bytes_in, bytes_out) = unsafe { ((*s).received, (*(*s).connection).sent) };
-    // SAFETY: the decision's table belongs to the configuration's RouteSource, which lives
-    // longer than any session of that configuration.
-    unsafe {
-        count_close(
-            &ctx.decision,
-            ctx.port,
-            u64::try_from(bytes_in).unwrap_or(0),
-            u64::try_from(bytes_out).unwrap_or(0),
-            gpugate_routes::now_ms(),
-        )
+    let Some(ctx) = (unsafe { session_ctx(s) }) else { return NGX_OK as ngx_int_t };
+    // SAFETY: as above.
+    let mcf = unsafe { session_main_conf(s) };
+    // SAFETY: a session with a context had a source when preread ran; the source lives as
+    // long as the configuration.
+    let Some(source) = (unsafe { mcf.source.as_ref() }) else { return NGX_OK as ngx_int_t };
+    // SAFETY: as above; `received` counts bytes from the client, `sent` bytes to it, and
+    // `status` is the session's final status (502 when the upstream could not be connected).
+    let (bytes_in, bytes_out, status) = unsafe { ((*s).received, (*(*s).connection).sent, (*s).status) };
+    let outcome = if status == NGX_STREAM_BAD_GATEWAY as usize {
+        Outcome::UpstreamFailed
+    } else {
+        Outcome::Proxied
     };
+    source.close(
+        &ctx.decision(),
+        ctx.port,
+        outcome,
+        u64::try_from(bytes_in).unwrap_or(0),
+        u64::try_from(bytes_out).unwrap_or(0),
+        gpugate_routes::now_ms(),
+    );
     NGX_OK as ngx_int_t
+}
+
+/// `init_process`: a worker maps the table and claims its counter row, clearing the rows of
+/// workers that died (the master respawns a killed worker at once).
+pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx passes the live cycle whose configuration the worker runs.
+    if let Some(source) = unsafe { cycle_source(cycle) } {
+        log_notices(source.worker_start(monotonic_ms()));
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// `exit_process`: a worker gives its counter row back (its open sessions end with it).
+pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
+    // SAFETY: as above.
+    if let Some(source) = unsafe { cycle_source(cycle) } {
+        source.worker_exit();
+    }
+}
+
+/// Formats the session's upstream ("10.0.0.5:22", "[::1]:22") into the connection's pool.
+///
+/// # Safety
+/// `s` must be a live session.
+pub unsafe fn upstream_name(s: *mut ngx_stream_session_t, ctx: &SessionCtx) -> Option<ngx_str_t> {
+    let up = ctx.upstream?;
+    let mut buf = [0u8; 64];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    write!(cur, "{up}").ok()?;
+    let n = usize::try_from(cur.position()).ok()?;
+    // SAFETY: a live session's connection pool.
+    unsafe { pool_str((*(*s).connection).pool, &buf[..n]) }
 }
 
 unsafe extern "C" fn variable_get(
@@ -192,21 +269,19 @@ unsafe extern "C" fn variable_get(
     data: usize,
 ) -> ngx_int_t {
     // SAFETY: nginx passes a live session and a value record to fill.
-    let (ctx, v) = unsafe { (s.gpugate_ctx(), &mut *v) };
-    let value: Option<&[u8]> = ctx.and_then(|ctx| {
-        let d = &ctx.decision;
-        match data {
-            VAR_UPSTREAM if d.status == RouteStatus::Ok => {
-                // SAFETY: name points into ctx.name_buf, which lives in the session's pool.
-                Some(unsafe { std::slice::from_raw_parts(ctx.name.data, ctx.name.len) })
-            }
-            VAR_UPSTREAM => None,
-            // Borrowed from the context in the session's pool, not from a copy.
-            VAR_ENV_ID => d.route.as_ref().map(|r| r.env_id.as_str().as_bytes()),
-            VAR_SERVICE => d.route.as_ref().map(|r| r.service.as_str().as_bytes()),
-            VAR_STATUS => Some(d.status.as_str().as_bytes()),
-            _ => None,
+    let (ctx, v) = unsafe { (session_ctx(s), &mut *v) };
+    let value: Option<&[u8]> = ctx.and_then(|ctx| match data {
+        VAR_UPSTREAM => {
+            // SAFETY: a live session; the name lives in its pool.
+            let name = unsafe { upstream_name(s, ctx) }?;
+            // SAFETY: `name` points at `len` bytes in the session's pool.
+            Some(unsafe { std::slice::from_raw_parts(name.data, name.len) })
         }
+        // Borrowed from the context in the session's pool, not from a copy.
+        VAR_ENV_ID if ctx.has_route() => Some(ctx.env_id.as_str().as_bytes()),
+        VAR_SERVICE if ctx.has_route() => Some(ctx.service.as_str().as_bytes()),
+        VAR_STATUS => Some(ctx.status.as_str().as_bytes()),
+        _ => None,
     });
     match value {
         Some(bytes) => {
@@ -224,11 +299,10 @@ unsafe extern "C" fn variable_get(
 }
 
 /// The upstream of a session whose lookup found a live route, as the balancer hands it to
-/// nginx's connect code: (sockaddr, length, name). Nginx only reads through these pointers.
-pub fn peer_of(ctx: &SessionCtx) -> Option<(*mut ngx::ffi::sockaddr, socklen_t, *mut ngx_str_t)> {
-    (ctx.decision.status == RouteStatus::Ok).then_some((
+/// nginx's connect code: (sockaddr, length). Nginx only reads through the pointer.
+pub fn peer_of(ctx: &SessionCtx) -> Option<(*mut ngx::ffi::sockaddr, socklen_t)> {
+    (ctx.status == RouteStatus::Ok).then_some((
         &ctx.sockaddr as *const RawSockaddr as *mut ngx::ffi::sockaddr,
         ctx.socklen,
-        &ctx.name as *const ngx_str_t as *mut ngx_str_t,
     ))
 }

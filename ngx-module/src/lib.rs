@@ -3,11 +3,19 @@
 //!
 //! This file holds the module wiring only (context, command table, `ngx_module_t`). The
 //! decision per connection is plain Rust in [`route_source`]; the nginx glue (`conf`,
-//! `handler`, `balancer`, `ffi`) is left out of test builds because a test binary cannot link
+//! `handler`, `balancer`, and the FFI floor `ffi` under them) is left out of test builds because a test binary cannot link
 //! nginx's symbols — it is tested through a real nginx in `tests/`.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod route_source;
+
+/// Index of this module's slot in the stream contexts (fixed once modules are loaded).
+#[cfg(not(test))]
+pub(crate) fn ctx_index() -> usize {
+    // SAFETY: nginx writes ctx_index while loading modules, before any configuration or
+    // session callback of this module runs; afterwards it is only read.
+    unsafe { (*std::ptr::addr_of!(ngx_stream_gpugate_module)).ctx_index }
+}
 
 #[cfg(not(test))]
 mod balancer;
@@ -80,6 +88,8 @@ mod wiring {
         ctx: std::ptr::addr_of!(MODULE_CTX) as *mut c_void,
         commands: std::ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
         type_: NGX_STREAM_MODULE as ngx_uint_t,
+        init_process: Some(handler::init_process),
+        exit_process: Some(handler::exit_process),
         ..ngx_module_t::default()
     };
 

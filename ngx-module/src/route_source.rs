@@ -1,26 +1,33 @@
 //! The per-process view of the route table and the one decision made per connection.
 //!
 //! Plain Rust with no nginx symbols, so unit tests reach every branch. The nginx glue calls
-//! [`RouteSource::decide`] once per connection and logs the [`Notice`] it may return.
+//! [`RouteSource::decide`] once per connection and [`RouteSource::close`] when it ends, and
+//! logs the [`Notice`]s they return.
 //!
-//! The table may be missing when nginx starts, may appear later, may be garbage, and may be
-//! replaced by a new file at the same path: the source retries opening at most every
-//! [`RETRY_MS`] while it has no valid table, and checks the path for a new file at most every
-//! [`RECHECK_MS`] while it has one. Tables it stops using are kept mapped until the process
-//! exits, because sessions still hold pointers to them for their counters.
+//! The table may be missing when nginx starts, may appear later, may be deleted, truncated,
+//! made unreadable or replaced. The source re-checks its files at most every [`RETRY_MS`]
+//! (monotonic milliseconds) while it has no table and every [`RECHECK_MS`] while it has one:
+//! the path must still name the mapped file, the file must still be long enough and valid.
+//! Anything else fails closed: the mapping is dropped and connections are refused until a
+//! valid table is back. A routes mapping is released at once (sessions copy what they need);
+//! a counters mapping is kept until the last session that counts into it has ended.
 
 use std::cell::{Cell, RefCell};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use gpugate_routes::{Error, Lookup, Route, Table};
+use gpugate_routes::{
+    counters_path, CounterFile, Error, Lookup, Outcome, Route, Table, WorkerRow,
+};
 
-/// How often a process without a valid table tries to open it again.
+/// How often (monotonic ms) a process without a valid table tries to open it again.
 pub const RETRY_MS: u64 = 100;
-/// How often a process with a table checks that the path still names the mapped file.
+/// How often (monotonic ms) a process with a table checks that it is still the valid file at
+/// the path.
 pub const RECHECK_MS: u64 = 1000;
 
 /// What the module answers for one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum RouteStatus {
     /// A live route: proxy to it.
     Ok,
@@ -28,7 +35,7 @@ pub enum RouteStatus {
     NoRoute,
     /// The port's route has expired.
     Expired,
-    /// The slot was being written for too long (a writer died mid-write).
+    /// The writer kept rewriting the slot during every retry of the read.
     Busy,
     /// The table file does not exist.
     NoTable,
@@ -50,286 +57,305 @@ impl RouteStatus {
     }
 }
 
+/// A mapped counters file and this process's row in it.
+pub struct CounterSink {
+    file: CounterFile,
+    /// `None` until the first session (or worker start) claims a row; `Some(None)` when no
+    /// row could be had (read-only file, every row taken).
+    row: Cell<Option<Option<WorkerRow>>>,
+    /// Sessions that will count their close here.
+    sessions: Cell<usize>,
+}
+
+impl CounterSink {
+    fn row(&self) -> Option<WorkerRow> {
+        match self.row.get() {
+            Some(r) => r,
+            None => {
+                let r = self.file.claim_worker();
+                self.row.set(Some(r));
+                r
+            }
+        }
+    }
+}
+
 /// The decision for one connection, kept in the session for every later use.
 #[derive(Clone, Copy, Debug)]
 pub struct Decision {
     pub status: RouteStatus,
     /// The route found (also for `Expired`, for the log).
     pub route: Option<Route>,
-    /// The table the decision came from; counters of this session go there.
-    pub table: *const Table,
+    /// The route's owner stamp, which tags this session's counters.
+    pub owner: u64,
+    /// Where this session's close is counted (null: not counted).
+    pub sink: *const CounterSink,
 }
 
 /// Something the process should log once: a change of the table's state.
 #[derive(Debug)]
 pub enum Notice {
-    /// A table was opened (`replaced`: a new file took the place of the mapped one;
-    /// `counters`: whether this process may write the counters).
-    Opened { path: PathBuf, replaced: bool, counters: bool },
-    /// The table cannot be used; logged once per cause until it can.
+    /// The routes file was mapped (`replaced`: a new file took the place of another).
+    Opened { path: PathBuf, replaced: bool },
+    /// The counters file was mapped; `writable`: whether this process may count.
+    Counting { path: PathBuf, writable: bool },
+    /// The routes file cannot be used; logged once per cause until it can.
     Unusable(Error),
+    /// The counters file cannot be used (routing goes on, uncounted); once per cause.
+    CountersUnusable(Error),
 }
 
-/// One process's handle on the configured table file.
+/// One process's handle on the configured table files.
 pub struct RouteSource {
     path: PathBuf,
-    current: Cell<*const Table>,
-    /// Every table ever opened here; boxed so the pointers handed out stay valid when the
-    /// vector reallocates.
+    counters_path: PathBuf,
+    routes: RefCell<Option<Table>>,
+    /// Whether a routes table was ever mapped (to tell "replaced" from "opened").
+    ever_opened: Cell<bool>,
+    counters: Cell<*const CounterSink>,
+    /// Every counters mapping some session or `counters` still points at; boxed so the
+    /// pointers stay valid when the vector reallocates.
     #[allow(clippy::vec_box)]
-    tables: RefCell<Vec<Box<Table>>>,
+    sinks: RefCell<Vec<Box<CounterSink>>>,
     next_check_ms: Cell<u64>,
-    /// The cause last logged, so that each cause is logged once, not per connection.
+    /// The cause last logged for each file, so each cause is logged once.
     logged_cause: Cell<Option<&'static str>>,
+    logged_counters_cause: Cell<Option<&'static str>>,
     /// Whether the last failure was "missing" (NoTable) rather than unusable (BadTable).
     missing: Cell<bool>,
 }
 
+fn same_file(path: &Path, id: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id)
+}
+
 impl RouteSource {
-    /// A source for `path`; nothing is opened until [`RouteSource::refresh`] or a decision.
+    /// A source for the routes file at `path` (its counters file beside it); nothing is
+    /// opened until [`RouteSource::refresh`] or a decision.
     pub fn new(path: PathBuf) -> RouteSource {
         RouteSource {
+            counters_path: counters_path(&path),
             path,
-            current: Cell::new(std::ptr::null()),
-            tables: RefCell::new(Vec::new()),
+            routes: RefCell::new(None),
+            ever_opened: Cell::new(false),
+            counters: Cell::new(std::ptr::null()),
+            sinks: RefCell::new(Vec::new()),
             next_check_ms: Cell::new(0),
             logged_cause: Cell::new(None),
+            logged_counters_cause: Cell::new(None),
             missing: Cell::new(true),
         }
     }
 
     /// The configured path.
-    pub fn path(&self) -> &std::path::Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn table(&self) -> Option<&Table> {
-        let p = self.current.get();
-        // SAFETY: `current` is null or points into a Box owned by `self.tables`, which only
-        // grows and lives as long as `self`; the borrow is tied to `&self`.
+    /// Re-checks both files now (at configuration time, worker start and on the schedule);
+    /// returns what to log.
+    pub fn refresh(&self, mono_ms: u64) -> Vec<Notice> {
+        let mut notices = Vec::new();
+        self.refresh_routes(&mut notices);
+        self.refresh_counters(&mut notices);
+        let next = if self.routes.borrow().is_some() { RECHECK_MS } else { RETRY_MS };
+        self.next_check_ms.set(mono_ms.saturating_add(next));
+        notices
+    }
+
+    fn refresh_routes(&self, notices: &mut Vec<Notice>) {
+        let mut slot = self.routes.borrow_mut();
+        if let Some(t) = slot.as_ref() {
+            let broken = if t.poisoned() {
+                Some(t.check().err().unwrap_or(Error::Replaced { path: self.path.clone() }))
+            } else if !same_file(&self.path, t.file_id()) {
+                None
+            } else {
+                match t.check() {
+                    Ok(()) => return,
+                    Err(e) => Some(e),
+                }
+            };
+            // Deleted, replaced, shrunk or overwritten: stop using it at once.
+            *slot = None;
+            if let Some(e) = broken {
+                self.fail(e, notices);
+                return;
+            }
+        }
+        match Table::open_routes(&self.path) {
+            Ok(t) => {
+                *slot = Some(t);
+                self.logged_cause.set(None);
+                notices.push(Notice::Opened {
+                    path: self.path.clone(),
+                    replaced: self.ever_opened.replace(true),
+                });
+            }
+            Err(e) => self.fail(e, notices),
+        }
+    }
+
+    fn fail(&self, err: Error, notices: &mut Vec<Notice>) {
+        self.missing.set(matches!(err, Error::Missing { .. }));
+        if self.logged_cause.get() != Some(err.cause()) {
+            self.logged_cause.set(Some(err.cause()));
+            notices.push(Notice::Unusable(err));
+        }
+    }
+
+    fn sink(&self) -> Option<&CounterSink> {
+        let p = self.counters.get();
+        // SAFETY: `counters` is null or points into a Box owned by `self.sinks`, which frees
+        // a sink only after `counters` stopped pointing at it; the borrow is tied to `&self`.
         (!p.is_null()).then(|| unsafe { &*p })
     }
 
-    /// Opens the table now if it can (at configuration time, and on the retry schedule).
-    pub fn refresh(&self, now_ms: u64) -> Option<Notice> {
-        self.next_check_ms.set(now_ms.saturating_add(match self.table() {
-            Some(_) => RECHECK_MS,
-            None => RETRY_MS,
-        }));
-        if let Some(t) = self.table() {
-            // A valid mapped table is kept unless the path now names another valid file.
-            if t.validate().is_ok() && same_file(t, &self.path) {
-                return None;
+    fn refresh_counters(&self, notices: &mut Vec<Notice>) {
+        if let Some(s) = self.sink() {
+            let ok = !s.file.poisoned()
+                && same_file(&self.counters_path, s.file.file_id())
+                && s.file.check().is_ok();
+            if ok {
+                return;
             }
+            self.retire_current();
         }
-        match Table::open(&self.path) {
-            Ok(t) => {
-                if self.table().is_some_and(|cur| cur.file_id() == t.file_id()) {
-                    // Same file, still invalid (validate failed above): keep failing closed.
-                    return self.fail(self.table().and_then(|cur| cur.validate().err()));
-                }
-                let replaced = self.table().is_some();
-                let counters = t.counters_writable();
-                let boxed = Box::new(t);
-                self.current.set(&*boxed as *const Table);
-                self.tables.borrow_mut().push(boxed);
-                self.logged_cause.set(None);
-                self.next_check_ms.set(now_ms.saturating_add(RECHECK_MS));
-                Some(Notice::Opened { path: self.path.clone(), replaced, counters })
+        let opened = match CounterFile::open(&self.counters_path, true) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                CounterFile::open(&self.counters_path, false)
+            }
+            other => other,
+        };
+        match opened {
+            Ok(file) => {
+                let writable = file.writable();
+                let sink = Box::new(CounterSink { file, row: Cell::new(None), sessions: Cell::new(0) });
+                self.counters.set(&*sink as *const CounterSink);
+                self.sinks.borrow_mut().push(sink);
+                self.logged_counters_cause.set(None);
+                notices.push(Notice::Counting { path: self.counters_path.clone(), writable });
             }
             Err(e) => {
-                if self.table().is_some_and(|cur| cur.validate().is_ok()) {
-                    // The path is gone or broken but the mapped table is fine: keep using it.
-                    return None;
+                if self.logged_counters_cause.get() != Some(e.cause()) {
+                    self.logged_counters_cause.set(Some(e.cause()));
+                    notices.push(Notice::CountersUnusable(e));
                 }
-                self.fail(Some(e))
             }
         }
     }
 
-    fn fail(&self, err: Option<Error>) -> Option<Notice> {
-        let err = err?;
-        self.missing.set(matches!(err, Error::Missing { .. }));
-        if self.logged_cause.get() == Some(err.cause()) {
-            return None;
-        }
-        self.logged_cause.set(Some(err.cause()));
-        Some(Notice::Unusable(err))
+    /// Stops counting into the current counters file; frees it once no session uses it.
+    fn retire_current(&self) {
+        let p = self.counters.replace(std::ptr::null());
+        self.release_row(p);
+        self.free_idle_sinks();
     }
 
-    /// The one lookup of a connection to local `port` at `now_ms` (unix milliseconds).
-    pub fn decide(&self, port: u16, now_ms: u64) -> (Decision, Option<Notice>) {
-        let mut notice = None;
-        if now_ms >= self.next_check_ms.get() {
-            notice = self.refresh(now_ms);
+    fn release_row(&self, p: *const CounterSink) {
+        if p.is_null() {
+            return;
         }
-        let table = match self.table() {
-            Some(t) => t,
-            None => return (self.unavailable(), notice),
+        // SAFETY: `p` was the current sink, owned by `self.sinks` and not yet freed.
+        let s = unsafe { &*p };
+        if let Some(Some(row)) = s.row.get() {
+            // Only if the file is still safe to touch (not shrunk).
+            if !s.file.poisoned() && s.file.check().is_ok() {
+                s.file.release_worker(row);
+            }
+        }
+        s.row.set(Some(None));
+    }
+
+    fn free_idle_sinks(&self) {
+        let current = self.counters.get();
+        self.sinks
+            .borrow_mut()
+            .retain(|s| std::ptr::eq(&**s, current) || s.sessions.get() > 0);
+    }
+
+    /// At worker start: map the table if needed and claim this worker's counter row, which
+    /// also clears the rows of workers that died (so the open-session gauge is true again).
+    pub fn worker_start(&self, mono_ms: u64) -> Vec<Notice> {
+        let notices = self.refresh(mono_ms);
+        if let Some(s) = self.sink() {
+            let _ = s.row();
+        }
+        notices
+    }
+
+    /// At worker exit: give back this worker's counter rows (its sessions end with it).
+    pub fn worker_exit(&self) {
+        for s in self.sinks.borrow().iter() {
+            if let Some(Some(row)) = s.row.get() {
+                if !s.file.poisoned() && s.file.check().is_ok() {
+                    s.file.release_worker(row);
+                }
+            }
+        }
+    }
+
+    /// The one lookup of a connection to local `port`: `mono_ms` schedules re-checks,
+    /// `wall_ms` (unix milliseconds) decides expiry.
+    pub fn decide(&self, port: u16, mono_ms: u64, wall_ms: u64) -> (Decision, Vec<Notice>) {
+        let poisoned = self.routes.borrow().as_ref().is_some_and(|t| t.poisoned())
+            || self.sink().is_some_and(|s| s.file.poisoned());
+        let notices = if mono_ms >= self.next_check_ms.get() || poisoned {
+            self.refresh(mono_ms)
+        } else {
+            Vec::new()
         };
-        if let Err(e) = table.validate() {
-            // The mapped file was overwritten with something else: fail closed, and look again
-            // soon (the retry schedule, not every connection).
-            self.next_check_ms.set(self.next_check_ms.get().min(now_ms.saturating_add(RETRY_MS)));
-            let n = self.fail(Some(e));
-            return (
-                Decision { status: RouteStatus::BadTable, route: None, table },
-                notice.or(n),
-            );
-        }
-        let (status, route) = match table.lookup(port, now_ms) {
+        let routes = self.routes.borrow();
+        let Some(table) = routes.as_ref() else {
+            let status = if self.missing.get() { RouteStatus::NoTable } else { RouteStatus::BadTable };
+            return (Decision { status, route: None, owner: 0, sink: std::ptr::null() }, notices);
+        };
+        let (lookup, owner) = table.lookup_owned(port, wall_ms);
+        let (status, route) = match lookup {
             Lookup::Live(r) => (RouteStatus::Ok, Some(r)),
             Lookup::Absent => (RouteStatus::NoRoute, None),
             Lookup::Expired(r) => (RouteStatus::Expired, Some(r)),
             Lookup::Busy => (RouteStatus::Busy, None),
         };
-        match status {
-            RouteStatus::Ok => table.count_open(port, now_ms),
-            _ => table.count_refused(port, now_ms),
+        let mut sink = std::ptr::null();
+        if let Some(s) = self.sink() {
+            if status == RouteStatus::Ok {
+                s.file.session_open(s.row(), port, owner, wall_ms);
+                s.sessions.set(s.sessions.get() + 1);
+                sink = s as *const CounterSink;
+            } else {
+                s.file.count_refused(port);
+            }
         }
-        (Decision { status, route, table }, notice)
+        (Decision { status, route, owner, sink }, notices)
     }
 
-    fn unavailable(&self) -> Decision {
-        let status = if self.missing.get() { RouteStatus::NoTable } else { RouteStatus::BadTable };
-        Decision { status, route: None, table: std::ptr::null() }
+    /// Counts the end of a session that [`RouteSource::decide`] gave `d`.
+    pub fn close(&self, d: &Decision, port: u16, outcome: Outcome, bytes_in: u64, bytes_out: u64, wall_ms: u64) {
+        if d.sink.is_null() {
+            return;
+        }
+        // SAFETY: a sink a session points at stays in `self.sinks` until its session count
+        // is back to zero, which only this call brings about.
+        let s = unsafe { &*d.sink };
+        // A file that shrank is not touched; its sessions are simply not counted.
+        if !s.file.poisoned() {
+            s.file.session_close(s.row.get().flatten(), port, d.owner, outcome, bytes_in, bytes_out, wall_ms);
+        }
+        s.sessions.set(s.sessions.get().saturating_sub(1));
+        if s.sessions.get() == 0 && !std::ptr::eq(d.sink, self.counters.get()) {
+            self.free_idle_sinks();
+        }
     }
-}
 
-fn same_file(t: &Table, path: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(m) => (m.dev(), m.ino()) == t.file_id(),
-        // Gone: keep the mapped table (it still serves); a new file is picked up when it appears.
-        Err(_) => true,
+    /// How many counters mappings this process holds (the current one and retired ones still
+    /// used by open sessions).
+    pub fn mapped_counters(&self) -> usize {
+        self.sinks.borrow().len()
     }
-}
-
-/// Counts the end of a session that [`RouteSource::decide`] counted as open.
-///
-/// # Safety
-/// `d.table` must be null or a pointer handed out by a [`RouteSource`] that is still alive.
-pub unsafe fn count_close(d: &Decision, port: u16, bytes_in: u64, bytes_out: u64, now_ms: u64) {
-    if d.status != RouteStatus::Ok || d.table.is_null() {
-        return;
-    }
-    // SAFETY: the caller guarantees the source that handed out the pointer is alive, and a
-    // source never frees a table it handed out.
-    let table = unsafe { &*d.table };
-    table.count_close(port, bytes_in, bytes_out, now_ms);
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use gpugate_routes::{LockMode, Writer};
-
-    fn tmp() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "gpugate-src-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("routes")
-    }
-
-    fn route(up: &str) -> Route {
-        Route::to(up.parse().unwrap())
-    }
-
-    #[test]
-    fn missing_table_is_logged_once_then_picked_up_when_created() {
-        let path = tmp();
-        let src = RouteSource::new(path.clone());
-        let (d, n) = src.decide(20000, 1_000);
-        assert_eq!(d.status, RouteStatus::NoTable);
-        assert!(matches!(n, Some(Notice::Unusable(Error::Missing { .. }))));
-        // Within the retry interval: no new attempt, no new log line.
-        let (d, n) = src.decide(20000, 1_050);
-        assert_eq!(d.status, RouteStatus::NoTable);
-        assert!(n.is_none());
-        // Past it, still missing: same cause, not logged again.
-        let (_, n) = src.decide(20000, 1_200);
-        assert!(n.is_none());
-
-        let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
-        w.set(20000, &route("127.0.0.1:22")).unwrap();
-        let (d, n) = src.decide(20000, 1_400);
-        assert_eq!(d.status, RouteStatus::Ok);
-        assert_eq!(d.route.unwrap().upstream, "127.0.0.1:22".parse().unwrap());
-        assert!(matches!(n, Some(Notice::Opened { replaced: false, .. })));
-        let (d, _) = src.decide(20001, 1_401);
-        assert_eq!(d.status, RouteStatus::NoRoute);
-        let t = w.table();
-        assert_eq!(t.counters(20000).connections_total, 1);
-        assert_eq!(t.counters(20000).connections_active, 1);
-        assert_eq!(t.counters(20001).refused_total, 1);
-        // SAFETY: `src` is alive.
-        unsafe { count_close(&d, 20001, 5, 5, 1_500) };
-        assert_eq!(t.counters(20001).bytes_in, 0, "a refused session adds no bytes");
-    }
-
-    #[test]
-    fn garbage_file_fails_closed_and_is_logged_once() {
-        let path = tmp();
-        std::fs::write(&path, vec![0xabu8; 16 << 20]).unwrap();
-        let src = RouteSource::new(path.clone());
-        let (d, n) = src.decide(20000, 1_000);
-        assert_eq!(d.status, RouteStatus::BadTable);
-        let msg = match n {
-            Some(Notice::Unusable(e)) => e.to_string(),
-            other => panic!("{other:?}"),
-        };
-        assert!(msg.contains("not a gpugate route table"), "{msg}");
-        let (d, n) = src.decide(20000, 2_000);
-        assert_eq!(d.status, RouteStatus::BadTable);
-        assert!(n.is_none(), "logged once per cause");
-
-        // A short file is another cause.
-        std::fs::write(&path, b"short").unwrap();
-        let (_, n) = src.decide(20000, 3_000);
-        assert!(matches!(n, Some(Notice::Unusable(Error::TooShort { .. }))), "{n:?}");
-    }
-
-    #[test]
-    fn table_replaced_by_a_new_file_is_remapped() {
-        let path = tmp();
-        let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
-        w.set(20000, &route("127.0.0.1:1000")).unwrap();
-        let src = RouteSource::new(path.clone());
-        let (d, _) = src.decide(20000, 1_000);
-        assert_eq!(d.route.unwrap().upstream.port(), 1000);
-        drop(w);
-        std::fs::remove_file(&path).unwrap();
-        // Path gone: the mapped table keeps serving.
-        let (d, n) = src.decide(20000, 5_000);
-        assert_eq!(d.route.unwrap().upstream.port(), 1000);
-        assert!(n.is_none());
-        let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
-        w.set(20000, &route("127.0.0.1:2000")).unwrap();
-        let (d, n) = src.decide(20000, 10_000);
-        assert_eq!(d.route.unwrap().upstream.port(), 2000);
-        assert!(matches!(n, Some(Notice::Opened { replaced: true, .. })));
-    }
-
-    #[test]
-    fn expired_route_is_refused() {
-        let path = tmp();
-        let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
-        let mut r = route("[::1]:22");
-        r.expires_ms = Some(5_000);
-        w.set(20000, &r).unwrap();
-        let src = RouteSource::new(path);
-        assert_eq!(src.decide(20000, 4_999).0.status, RouteStatus::Ok);
-        let (d, _) = src.decide(20000, 5_000);
-        assert_eq!(d.status, RouteStatus::Expired);
-        assert_eq!(d.route.unwrap().upstream, "[::1]:22".parse().unwrap());
-    }
-
-    #[test]
-    fn status_names() {
-        assert_eq!(RouteStatus::Ok.as_str(), "ok");
-        assert_eq!(RouteStatus::NoTable.as_str(), "no_table");
-    }
-}
+#[path = "route_source_tests.rs"]
+mod tests;

@@ -15,8 +15,19 @@ pub enum Error {
     #[error("route table file \"{}\" is {len} bytes, expected at least {need}", path.display())]
     TooShort { path: PathBuf, len: u64, need: u64 },
     /// The file does not start with the gpugate magic number.
-    #[error("route table file \"{}\" is not a gpugate route table (magic {found:#018x})", path.display())]
+    #[error("route table file \"{}\" is not a gpugate route table (magic {found:#018x}); \
+        remove it and let the writer create the table", path.display())]
     BadMagic { path: PathBuf, found: u64 },
+    /// The path is a symbolic link; tables are never opened through one.
+    #[error("route table file \"{}\" is a symbolic link; refusing to follow it \
+        (remove the link and let the writer create the file)", path.display())]
+    Symlink { path: PathBuf },
+    /// The table's directory or file could be changed by someone other than the writer.
+    #[error("route table {what} \"{}\" {why}", path.display())]
+    Unsafe { path: PathBuf, what: &'static str, why: String },
+    /// The writer's file was deleted or replaced by another file while it held the lock.
+    #[error("route table file \"{}\" was deleted or replaced under the writer", path.display())]
+    Replaced { path: PathBuf },
     /// The file has a layout version this build does not understand.
     #[error("route table file \"{}\" has layout version {found}, expected {expected}", path.display())]
     Version { path: PathBuf, found: u32, expected: u32 },
@@ -54,6 +65,9 @@ impl Error {
             Error::Version { .. } => "version",
             Error::Geometry { .. } => "geometry",
             Error::Locked { .. } => "locked",
+            Error::Symlink { .. } => "symlink",
+            Error::Unsafe { .. } => "unsafe",
+            Error::Replaced { .. } => "replaced",
             Error::InvalidRoute(_) => "invalid",
         }
     }

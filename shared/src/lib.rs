@@ -1,19 +1,27 @@
 //! `gpugate-routes`: the route table shared by the gpugate control plane and nginx module.
 //!
-//! One fixed-size file (default `/dev/shm/gpugate/routes`) maps every local TCP port to the
-//! workspace it reaches. One process writes it ([`Writer`], holding the file's `flock`); nginx
-//! workers and tools read it without locks ([`Table`]) and add to per-port counters.
+//! Two fixed-size files in a directory of their own (default `/dev/shm/gpugate/`): `routes`
+//! maps every local TCP port to the workspace it reaches, and `routes.counters` holds the
+//! per-port traffic counters. One process writes routes ([`Writer`], holding the directory's
+//! `flock`); nginx workers and tools map `routes` read-only and read it without locks
+//! ([`Table`]); workers add to the counters ([`CounterFile`]), which live apart so that a
+//! process allowed to count can never change a route.
 //!
-//! - [`layout`]: the byte layout and its version (the contract; see the diagram there).
-//! - [`seqlock`]: the read and write protocol of a slot, with the argument for its orderings.
+//! - [`layout`]: the byte layout and its version (the contract; see the diagrams there).
+//! - [`seqlock`]: the read and write protocol of a slot, the argument for its orderings and
+//!   how a writer's crash is repaired.
 //! - [`route`]: what a route is in plain Rust, and its encoding.
-//! - [`reader`] / [`writer`]: the two sides.
+//! - [`reader`] / [`writer`]: the two sides; [`counters`]: tagged totals and per-worker gauges.
 //!
-//! The file is only ever changed in place and only ever grows: nginx maps it once, so a file
-//! replaced by rename would be invisible to it and a truncated one would kill its workers.
+//! Files are only ever changed in place: nginx maps them once, so a file replaced by rename is
+//! only seen at the readers' next re-check, and a truncated one is caught by
+//! [`install_sigbus_guard`] instead of killing the process that maps it.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod counters;
 pub mod error;
+mod files;
+mod guard;
 pub mod layout;
 mod mapping;
 pub mod reader;
@@ -21,10 +29,12 @@ pub mod route;
 pub mod seqlock;
 pub mod writer;
 
+pub use counters::{counters_path, CounterFile, Counters, Outcome, WorkerRow};
 pub use error::{Error, Result};
-pub use reader::{now_ms, Counters, HeaderInfo, Lookup, Table};
+pub use guard::install_sigbus_guard;
+pub use reader::{now_ms, HeaderInfo, Lookup, Table};
 pub use route::{parse_upstream, EnvId, Route, Service};
-pub use writer::{LockMode, SyncReport, Writer};
+pub use writer::{LockMode, OpenReport, SyncReport, Writer};
 
 /// Where the table lives unless configured otherwise.
 pub const DEFAULT_TABLE_PATH: &str = "/dev/shm/gpugate/routes";

@@ -1,40 +1,71 @@
-//! Mapping the table file into memory and viewing it as the layout's structs.
-//! All of the crate's `unsafe` that touches the mapping lives here.
+//! Mapping the table files into memory and viewing them as the layout's structs.
+//! All of the crate's `unsafe` that turns mapped bytes into references lives here.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
+use crate::guard;
 use crate::layout::{
-    CounterSlot, Header, PortSlot, COUNTERS_OFFSET, COUNTER_SIZE, FILE_SIZE, HEADER_SIZE,
-    LAYOUT_VERSION, MAGIC, PORTS_OFFSET, PORT_SLOTS, SLOT_SIZE,
+    CounterSlot, CountersHeader, Header, PortSlot, WorkerSlot, CELLS_OFFSET, CELLS_PER_WORKER,
+    COUNTERS_FILE_SIZE, COUNTERS_MAGIC, COUNTERS_OFFSET, COUNTER_SIZE, FILE_SIZE, HEADER_SIZE,
+    LAYOUT_VERSION, MAGIC, MAX_WORKERS, PORTS_OFFSET, PORT_SLOTS, SLOT_SIZE, WORKERS_OFFSET,
+    WORKER_SLOT_SIZE,
 };
 
-/// A shared mapping of a table file at least [`FILE_SIZE`] bytes long.
+/// Which of the two files a mapping holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Routes,
+    Counters,
+}
+
+impl Kind {
+    pub fn len(self) -> usize {
+        match self {
+            Kind::Routes => FILE_SIZE,
+            Kind::Counters => COUNTERS_FILE_SIZE,
+        }
+    }
+}
+
+/// A shared mapping of a table file, with the file kept open to re-check its size.
 pub(crate) struct Mapping {
     map: MmapRaw,
+    file: File,
     path: PathBuf,
+    kind: Kind,
     writable: bool,
     file_id: (u64, u64),
+    guard: Option<usize>,
 }
 
 impl Mapping {
-    /// Maps `file` (already opened by the caller) shared, after checking its length.
-    pub fn new(file: &File, path: &Path, writable: bool) -> Result<Mapping> {
-        use std::os::unix::fs::MetadataExt;
+    /// Maps `file` shared (read-only unless `writable`), after checking its length.
+    pub fn new(file: File, path: &Path, kind: Kind, writable: bool) -> Result<Mapping> {
         let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
-        let len = meta.len();
-        if len < FILE_SIZE as u64 {
-            return Err(Error::TooShort { path: path.to_owned(), len, need: FILE_SIZE as u64 });
+        let need = kind.len() as u64;
+        if meta.len() < need {
+            return Err(Error::TooShort { path: path.to_owned(), len: meta.len(), need });
         }
         let mut opts = MmapOptions::new();
-        opts.len(FILE_SIZE);
-        let map = if writable { opts.map_raw(file) } else { opts.map_raw_read_only(file) }
+        opts.len(kind.len());
+        let map = if writable { opts.map_raw(&file) } else { opts.map_raw_read_only(&file) }
             .map_err(|e| Error::io(path, "mmap", e))?;
-        Ok(Mapping { map, path: path.to_owned(), writable, file_id: (meta.dev(), meta.ino()) })
+        let guard = guard::register(map.as_ptr() as usize, kind.len());
+        Ok(Mapping {
+            map,
+            file,
+            path: path.to_owned(),
+            kind,
+            writable,
+            file_id: (meta.dev(), meta.ino()),
+            guard,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -46,48 +77,120 @@ impl Mapping {
         self.file_id
     }
 
-    /// Whether counters may be written through this mapping.
+    /// Whether the mapping may be written.
     pub fn writable(&self) -> bool {
         self.writable
     }
 
+    /// Checks that the file is still long enough for the mapping and that no access faulted
+    /// past its end: a file that shrank must not be touched again (SIGBUS).
+    pub fn check_size(&self) -> Result<()> {
+        let need = self.kind.len() as u64;
+        if self.guard.is_some_and(guard::poisoned) {
+            let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+            return Err(Error::TooShort { path: self.path.clone(), len, need });
+        }
+        let len = self.file.metadata().map_err(|e| Error::io(&self.path, "stat", e))?.len();
+        if len < need {
+            return Err(Error::TooShort { path: self.path.clone(), len, need });
+        }
+        Ok(())
+    }
+
+    /// Whether the SIGBUS guard caught an access past the file's end (one atomic load).
+    pub fn poisoned(&self) -> bool {
+        self.guard.is_some_and(guard::poisoned)
+    }
+
+    /// A reference to the `T` at `off`.
+    ///
+    /// # Safety
+    /// `T` must consist of atomics only (every bit pattern valid, shared only through atomic
+    /// operations), `off + size_of::<T>()` must be within the mapping and `off` aligned for
+    /// `T` (the mapping itself is page-aligned).
+    unsafe fn at<T>(&self, off: usize) -> &T {
+        debug_assert!(off + std::mem::size_of::<T>() <= self.kind.len());
+        debug_assert!(off % std::mem::align_of::<T>() == 0);
+        // SAFETY: the caller's contract; the reference is tied to `self`, which owns the
+        // mapping.
+        unsafe { &*(self.map.as_ptr().add(off) as *const T) }
+    }
+
     pub fn header(&self) -> &Header {
-        // SAFETY: the mapping is FILE_SIZE >= HEADER_SIZE bytes long and page-aligned, which
-        // satisfies Header's size and 64-byte alignment; Header is made of atomics only, for
-        // which every bit pattern is valid, and other processes change it only through atomic
-        // operations; the reference lives no longer than `self`, which owns the mapping.
-        unsafe { &*(self.map.as_ptr() as *const Header) }
+        debug_assert_eq!(self.kind, Kind::Routes);
+        // SAFETY: Header is atomics only, 128 <= HEADER_SIZE bytes at offset 0 (page-aligned).
+        unsafe { self.at(0) }
     }
 
     /// The slot of `port` (0..=65535; slot 0 exists but is never routed).
     pub fn port_slot(&self, port: u16) -> &PortSlot {
-        let off = PORTS_OFFSET + usize::from(port) * SLOT_SIZE;
-        debug_assert!(off + SLOT_SIZE <= FILE_SIZE);
-        // SAFETY: `off + SLOT_SIZE <= FILE_SIZE` for every u16 port (PORT_SLOTS = 65536), the
-        // offset is a multiple of 64 from a page-aligned base, PortSlot is atomics only (any
-        // bit pattern valid), shared only through atomic operations, and borrowed from `self`.
-        unsafe { &*(self.map.as_ptr().add(off) as *const PortSlot) }
+        debug_assert_eq!(self.kind, Kind::Routes);
+        // SAFETY: PortSlot is atomics only; PORTS_OFFSET + 65535 * SLOT_SIZE + SLOT_SIZE ==
+        // FILE_SIZE for every u16 port; offsets are multiples of 64 from a page-aligned base.
+        unsafe { self.at(PORTS_OFFSET + usize::from(port) * SLOT_SIZE) }
+    }
+
+    pub fn counters_header(&self) -> &CountersHeader {
+        debug_assert_eq!(self.kind, Kind::Counters);
+        // SAFETY: CountersHeader is atomics only and fits the header page at offset 0.
+        unsafe { self.at(0) }
     }
 
     /// The counters of `port`.
     pub fn counter_slot(&self, port: u16) -> &CounterSlot {
-        let off = COUNTERS_OFFSET + usize::from(port) * COUNTER_SIZE;
-        debug_assert!(off + COUNTER_SIZE <= FILE_SIZE);
-        // SAFETY: as for `port_slot`: in bounds for every u16, 64-byte aligned, atomics only,
-        // shared only through atomic operations, borrowed from `self`.
-        unsafe { &*(self.map.as_ptr().add(off) as *const CounterSlot) }
+        debug_assert_eq!(self.kind, Kind::Counters);
+        // SAFETY: CounterSlot is atomics only; in bounds for every u16 port, 64-byte aligned.
+        unsafe { self.at(COUNTERS_OFFSET + usize::from(port) * COUNTER_SIZE) }
+    }
+
+    /// Row `i` (< MAX_WORKERS) of worker slots.
+    pub fn worker_slot(&self, i: usize) -> &WorkerSlot {
+        debug_assert!(i < MAX_WORKERS);
+        let i = i.min(MAX_WORKERS - 1);
+        // SAFETY: WorkerSlot is atomics only; i < MAX_WORKERS keeps it inside the region,
+        // 64-byte aligned.
+        unsafe { self.at(WORKERS_OFFSET + i * WORKER_SLOT_SIZE) }
+    }
+
+    /// The open-session cell of worker row `i` (< MAX_WORKERS) for `port`.
+    pub fn cell(&self, i: usize, port: u16) -> &std::sync::atomic::AtomicU64 {
+        debug_assert!(i < MAX_WORKERS);
+        let i = i.min(MAX_WORKERS - 1);
+        // SAFETY: an AtomicU64 at an 8-byte aligned offset inside the cells region
+        // (i < MAX_WORKERS, port < PORT_SLOTS).
+        unsafe { self.at(CELLS_OFFSET + i * CELLS_PER_WORKER + usize::from(port) * 8) }
     }
 
     /// Checks the header against the layout this build knows. Cheap: a few atomic loads.
     pub fn validate(&self) -> Result<()> {
-        let h = self.header();
-        // Acquire pairs with the writer's Release store of `magic`, which it makes last when it
-        // initialises a file: seeing the magic means seeing the rest of the header.
-        let magic = h.magic.load(Ordering::Acquire);
-        if magic != MAGIC {
+        let (magic, version, checks) = match self.kind {
+            Kind::Routes => {
+                let h = self.header();
+                // Acquire pairs with the writer's Release store of `magic`, made last at init:
+                // seeing the magic means seeing the rest of the header.
+                let checks: [(bool, &'static str); 4] = [
+                    (h.header_size.load(Ordering::Relaxed) as usize == HEADER_SIZE, "header size"),
+                    (h.port_slots.load(Ordering::Relaxed) as usize == PORT_SLOTS, "port slot count"),
+                    (h.slot_size.load(Ordering::Relaxed) as usize == SLOT_SIZE, "slot size"),
+                    (h.ports_offset.load(Ordering::Relaxed) as usize == PORTS_OFFSET, "ports offset"),
+                ];
+                (h.magic.load(Ordering::Acquire), h.version.load(Ordering::Relaxed), checks)
+            }
+            Kind::Counters => {
+                let h = self.counters_header();
+                let checks: [(bool, &'static str); 4] = [
+                    (h.port_slots.load(Ordering::Relaxed) as usize == PORT_SLOTS, "port slot count"),
+                    (h.counter_size.load(Ordering::Relaxed) as usize == COUNTER_SIZE, "counter size"),
+                    (h.worker_slots.load(Ordering::Relaxed) as usize == MAX_WORKERS, "worker slots"),
+                    (h.cells_offset.load(Ordering::Relaxed) as usize == CELLS_OFFSET, "cells offset"),
+                ];
+                (h.magic.load(Ordering::Acquire), h.version.load(Ordering::Relaxed), checks)
+            }
+        };
+        let want = if self.kind == Kind::Routes { MAGIC } else { COUNTERS_MAGIC };
+        if magic != want {
             return Err(Error::BadMagic { path: self.path.clone(), found: magic });
         }
-        let version = h.version.load(Ordering::Relaxed);
         if version != LAYOUT_VERSION {
             return Err(Error::Version {
                 path: self.path.clone(),
@@ -95,21 +198,13 @@ impl Mapping {
                 expected: LAYOUT_VERSION,
             });
         }
-        let checks: [(bool, &'static str); 6] = [
-            (h.header_size.load(Ordering::Relaxed) as usize == HEADER_SIZE, "header size"),
-            (h.port_slots.load(Ordering::Relaxed) as usize == PORT_SLOTS, "port slot count"),
-            (h.slot_size.load(Ordering::Relaxed) as usize == SLOT_SIZE, "slot size"),
-            (h.counter_size.load(Ordering::Relaxed) as usize == COUNTER_SIZE, "counter size"),
-            (h.ports_offset.load(Ordering::Relaxed) as usize == PORTS_OFFSET, "ports offset"),
-            (h.counters_offset.load(Ordering::Relaxed) as usize == COUNTERS_OFFSET, "counters offset"),
-        ];
         if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(Error::Geometry { path: self.path.clone(), what });
         }
         Ok(())
     }
 
-    /// Writes a fresh header: every field, then the magic last (Release).
+    /// Writes a fresh routes header: every field, then the magic last (Release).
     pub fn init_header(&self, pid: u32, now_ms: u64) {
         let h = self.header();
         h.magic.store(0, Ordering::Relaxed);
@@ -120,19 +215,44 @@ impl Mapping {
         h.counter_size.store(COUNTER_SIZE as u32, Ordering::Relaxed);
         h.host_slots.store(0, Ordering::Relaxed);
         h.ports_offset.store(PORTS_OFFSET as u64, Ordering::Relaxed);
-        h.counters_offset.store(COUNTERS_OFFSET as u64, Ordering::Relaxed);
+        h.counters_offset.store(0, Ordering::Relaxed);
         h.hosts_offset.store(0, Ordering::Relaxed);
         h.file_size.store(FILE_SIZE as u64, Ordering::Relaxed);
         h.generation.store(0, Ordering::Relaxed);
         h.heartbeat_ms.store(now_ms, Ordering::Relaxed);
         h.writer_pid.store(pid, Ordering::Relaxed);
-        h.reserved.store(0, Ordering::Relaxed);
+        h.clean.store(1, Ordering::Relaxed);
         // Release: publishes every store above to a reader that Acquire-loads the magic.
         h.magic.store(MAGIC, Ordering::Release);
+    }
+
+    /// Writes a fresh counters header, magic last.
+    pub fn init_counters_header(&self) {
+        let h = self.counters_header();
+        h.magic.store(0, Ordering::Relaxed);
+        h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.header_size.store(HEADER_SIZE as u32, Ordering::Relaxed);
+        h.port_slots.store(PORT_SLOTS as u32, Ordering::Relaxed);
+        h.counter_size.store(COUNTER_SIZE as u32, Ordering::Relaxed);
+        h.worker_slots.store(MAX_WORKERS as u32, Ordering::Relaxed);
+        h.reserved.store(0, Ordering::Relaxed);
+        h.counters_offset.store(COUNTERS_OFFSET as u64, Ordering::Relaxed);
+        h.workers_offset.store(WORKERS_OFFSET as u64, Ordering::Relaxed);
+        h.cells_offset.store(CELLS_OFFSET as u64, Ordering::Relaxed);
+        h.file_size.store(COUNTERS_FILE_SIZE as u64, Ordering::Relaxed);
+        h.magic.store(COUNTERS_MAGIC, Ordering::Release);
     }
 
     /// Flushes the mapping to the file (a no-op for tmpfs, meaningful on disk).
     pub fn flush(&self) -> Result<()> {
         self.map.flush().map_err(|e| Error::io(&self.path, "msync", e))
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if let Some(slot) = self.guard {
+            guard::unregister(slot);
+        }
     }
 }

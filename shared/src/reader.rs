@@ -1,12 +1,15 @@
-//! The lock-free reader: route lookups and counter updates, as nginx workers and tools use them.
+//! The lock-free reader: route lookups, as nginx workers, the API and tools make them, and
+//! counter snapshots. Readers map the routes file read-only: nothing but the writer can change
+//! a route.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use crate::counters::{counters_path, CounterFile, Counters};
 use crate::error::{Error, Result};
-use crate::layout::CounterSlot;
-use crate::mapping::Mapping;
+use crate::mapping::{Kind, Mapping};
 use crate::route::Route;
 use crate::seqlock;
 
@@ -19,7 +22,7 @@ pub enum Lookup {
     Absent,
     /// The port had a route that expired.
     Expired(Route),
-    /// The writer stayed inside the slot for all retries (it died mid-write): fail closed.
+    /// The writer rewrote the slot throughout every retry of the read: fail closed.
     Busy,
 }
 
@@ -33,53 +36,60 @@ pub struct HeaderInfo {
     pub heartbeat_ms: u64,
     /// The pid that last took the writer lock.
     pub writer_pid: u32,
+    /// Whether no writer is inside the table (the last one closed cleanly).
+    pub clean: bool,
 }
 
-/// A snapshot of one port's counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-pub struct Counters {
-    pub connections_total: u64,
-    pub connections_active: u64,
-    pub refused_total: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub last_activity_ms: u64,
-}
-
-/// A mapped, validated route table, opened for reading (and for counters, when writable).
+/// A mapped, validated routes file, with its counters file when there is one.
 pub struct Table {
     map: Mapping,
+    counters: Option<CounterFile>,
+}
+
+/// Opens `path` read-only without following a final symbolic link.
+fn open_file(path: &Path, write: bool) -> Result<std::fs::File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::Symlink { path: path.to_owned() },
+            _ => Error::io(path, "open", e),
+        })
 }
 
 impl Table {
-    /// Opens and validates the table at `path`: read-write if permitted (so counters can be
-    /// added), read-only otherwise.
-    pub fn open(path: &Path) -> Result<Table> {
-        let rw = OpenOptions::new().read(true).write(true).open(path);
-        let (file, writable) = match rw {
-            Ok(f) => (f, true),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                (std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?, false)
-            }
-            Err(e) => return Err(Error::io(path, "open", e)),
-        };
-        Table::from_mapping(Mapping::new(&file, path, writable)?)
+    /// Opens the routes file at `path` alone, read-only: what nginx needs to route.
+    pub fn open_routes(path: &Path) -> Result<Table> {
+        let map = Mapping::new(open_file(path, false)?, path, Kind::Routes, false)?;
+        Table::from_parts(map, None)
     }
 
-    /// Opens the table read-only: lookups and counter snapshots, no counter updates.
+    /// Opens the routes file read-only and its counters file read-only, for tools and the API
+    /// (a missing counters file reads as zero counters).
     pub fn open_read_only(path: &Path) -> Result<Table> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        Table::from_mapping(Mapping::new(&file, path, false)?)
+        let mut t = Table::open_routes(path)?;
+        t.counters = match CounterFile::open(&counters_path(path), false) {
+            Ok(c) => Some(c),
+            Err(Error::Missing { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(t)
     }
 
-    pub(crate) fn from_mapping(map: Mapping) -> Result<Table> {
+    pub(crate) fn from_parts(map: Mapping, counters: Option<CounterFile>) -> Result<Table> {
         map.validate()?;
-        Ok(Table { map })
+        Ok(Table { map, counters })
     }
 
     pub(crate) fn mapping(&self) -> &Mapping {
         &self.map
+    }
+
+    /// The counters file opened with this table, if any.
+    pub fn counter_file(&self) -> Option<&CounterFile> {
+        self.counters.as_ref()
     }
 
     /// The file this table maps.
@@ -93,35 +103,51 @@ impl Table {
         self.map.file_id()
     }
 
-    /// Whether this process may add to the counters.
-    pub fn counters_writable(&self) -> bool {
-        self.map.writable()
-    }
-
     /// Re-checks the header (magic, version, geometry); a few atomic loads.
     pub fn validate(&self) -> Result<()> {
         self.map.validate()
     }
 
-    /// The header's generation, heartbeat and writer pid.
+    /// Re-checks the file's size (one `fstat`) and the header: a file that shrank must not be
+    /// read again.
+    pub fn check(&self) -> Result<()> {
+        self.map.check_size()?;
+        self.map.validate()
+    }
+
+    /// Whether an access faulted past the end of a shrunken file (one atomic load; see
+    /// [`crate::install_sigbus_guard`]).
+    pub fn poisoned(&self) -> bool {
+        self.map.poisoned()
+    }
+
+    /// The header's generation, heartbeat, writer pid and clean mark.
     pub fn header_info(&self) -> HeaderInfo {
         let h = self.map.header();
         HeaderInfo {
             generation: h.generation.load(Ordering::Acquire),
             heartbeat_ms: h.heartbeat_ms.load(Ordering::Relaxed),
             writer_pid: h.writer_pid.load(Ordering::Relaxed),
+            clean: h.clean.load(Ordering::Relaxed) == 1,
         }
     }
 
     /// Looks `port` up at wall-clock time `now_ms` (unix milliseconds). One seqlock read.
     #[inline]
     pub fn lookup(&self, port: u16, now_ms: u64) -> Lookup {
+        self.lookup_owned(port, now_ms).0
+    }
+
+    /// [`Table::lookup`], with the owner stamp of the route found (0 when there is none), which
+    /// tags the session's counters.
+    #[inline]
+    pub fn lookup_owned(&self, port: u16, now_ms: u64) -> (Lookup, u64) {
         match seqlock::read(self.map.port_slot(port)) {
-            None => Lookup::Busy,
+            None => (Lookup::Busy, 0),
             Some(raw) => match raw.decode() {
-                None => Lookup::Absent,
-                Some(r) if r.expired_at(now_ms) => Lookup::Expired(r),
-                Some(r) => Lookup::Live(r),
+                None => (Lookup::Absent, 0),
+                Some(r) if r.expired_at(now_ms) => (Lookup::Expired(r), raw.owner),
+                Some(r) => (Lookup::Live(r), raw.owner),
             },
         }
     }
@@ -133,56 +159,13 @@ impl Table {
         })
     }
 
-    /// A snapshot of `port`'s counters.
+    /// A snapshot of `port`'s counters for its current route (zero without a counters file).
     pub fn counters(&self, port: u16) -> Counters {
-        let c = self.map.counter_slot(port);
-        // Relaxed: each counter is an independent value; a snapshot need not be consistent
-        // across fields.
-        Counters {
-            connections_total: c.connections_total.load(Ordering::Relaxed),
-            connections_active: c.connections_active.load(Ordering::Relaxed),
-            refused_total: c.refused_total.load(Ordering::Relaxed),
-            bytes_in: c.bytes_in.load(Ordering::Relaxed),
-            bytes_out: c.bytes_out.load(Ordering::Relaxed),
-            last_activity_ms: c.last_activity_ms.load(Ordering::Relaxed),
-        }
-    }
-
-    fn counter_slot(&self, port: u16) -> Option<&CounterSlot> {
-        self.map.writable().then(|| self.map.counter_slot(port))
-    }
-
-    /// Counts a connection refused on `port` (no live route).
-    pub fn count_refused(&self, port: u16, now_ms: u64) {
-        if let Some(c) = self.counter_slot(port) {
-            // Relaxed: a statistic; no other memory is published through it.
-            c.refused_total.fetch_add(1, Ordering::Relaxed);
-            c.last_activity_ms.fetch_max(now_ms, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts a connection accepted on `port` and now being proxied.
-    pub fn count_open(&self, port: u16, now_ms: u64) {
-        if let Some(c) = self.counter_slot(port) {
-            // Relaxed: statistics only.
-            c.connections_total.fetch_add(1, Ordering::Relaxed);
-            c.connections_active.fetch_add(1, Ordering::Relaxed);
-            c.last_activity_ms.fetch_max(now_ms, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts the close of a connection that `count_open` counted, with its bytes.
-    pub fn count_close(&self, port: u16, bytes_in: u64, bytes_out: u64, now_ms: u64) {
-        if let Some(c) = self.counter_slot(port) {
-            // Relaxed: statistics only. Saturating, so that a table re-initialised under open
-            // connections never shows a wrapped gauge.
-            let _ = c.connections_active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(1))
-            });
-            c.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-            c.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
-            c.last_activity_ms.fetch_max(now_ms, Ordering::Relaxed);
-        }
+        let Some(c) = &self.counters else { return Counters::default() };
+        let owner = seqlock::read(self.map.port_slot(port))
+            .filter(|raw| raw.decode().is_some())
+            .map(|raw| raw.owner);
+        c.snapshot(port, owner)
     }
 }
 

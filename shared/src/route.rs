@@ -166,13 +166,22 @@ impl Route {
         matches!(self.expires_ms, Some(t) if now_ms >= t)
     }
 
-    /// Checks that the route can be stored: the upstream port must not be 0.
+    /// Checks that the route can be stored: the upstream port must not be 0, an IPv6
+    /// upstream must have no scope id (the slot has no room for one, and dropping it would
+    /// route elsewhere), and an expiry must be a real time (0 would read as "never").
     pub fn validate(&self) -> Result<(), Error> {
         if self.upstream.port() == 0 {
             return Err(Error::InvalidRoute(format!(
                 "upstream \"{}\" has port 0",
                 self.upstream
             )));
+        }
+        check_scope(&self.upstream)?;
+        if self.expires_ms == Some(0) {
+            return Err(Error::InvalidRoute(
+                "expiry 0 is not a time; leave the expiry out for a route that never expires"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -187,6 +196,7 @@ pub(crate) struct RawRoute {
     pub env_id: [u64; 2],
     pub generation: u64,
     pub expires_ms: u64,
+    pub owner: u64,
 }
 
 impl RawRoute {
@@ -198,9 +208,11 @@ impl RawRoute {
         env_id: [0; 2],
         generation: 0,
         expires_ms: 0,
+        owner: 0,
     };
 
-    pub fn encode(route: &Route) -> RawRoute {
+    /// The words of `route`, owned by the writer's stamp `owner`.
+    pub fn encode(route: &Route, owner: u64) -> RawRoute {
         let mut addr = [0u32; 4];
         let family = match route.upstream.ip() {
             IpAddr::V4(ip) => {
@@ -222,6 +234,7 @@ impl RawRoute {
             env_id: route.env_id.to_words(),
             generation: route.generation,
             expires_ms: route.expires_ms.unwrap_or(0),
+            owner,
         }
     }
 
@@ -264,7 +277,18 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, Error> {
     if addr.port() == 0 {
         return Err(Error::InvalidRoute(format!("upstream \"{s}\" has port 0")));
     }
+    check_scope(&addr)?;
     Ok(addr)
+}
+
+fn check_scope(addr: &SocketAddr) -> Result<(), Error> {
+    match addr {
+        SocketAddr::V6(a) if a.scope_id() != 0 => Err(Error::InvalidRoute(format!(
+            "upstream \"{addr}\" has an IPv6 scope id; link-local upstreams are not supported, \
+             use a global or loopback address"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -285,17 +309,18 @@ mod tests {
     fn encode_decode_round_trips_v4_and_v6() {
         for up in ["10.1.2.3:22", "[::1]:8888", "[2001:db8::7:1]:65535", "127.0.0.1:1"] {
             let r = route(up);
-            assert_eq!(RawRoute::encode(&r).decode(), Some(r), "{up}");
+            assert_eq!(RawRoute::encode(&r, 9).decode(), Some(r), "{up}");
+            assert_eq!(RawRoute::encode(&r, 9).owner, 9);
         }
     }
 
     #[test]
     fn empty_and_malformed_slots_decode_to_none() {
         assert_eq!(RawRoute::EMPTY.decode(), None);
-        let mut raw = RawRoute::encode(&route("10.0.0.1:22"));
+        let mut raw = RawRoute::encode(&route("10.0.0.1:22"), 1);
         raw.meta = crate::layout::pack_meta(true, 1, 5);
         assert_eq!(raw.decode(), None, "unknown family");
-        let mut raw = RawRoute::encode(&route("10.0.0.1:22"));
+        let mut raw = RawRoute::encode(&route("10.0.0.1:22"), 1);
         raw.upstream_port = 0;
         assert_eq!(raw.decode(), None, "port 0");
         raw.upstream_port = 70000;
@@ -336,5 +361,18 @@ mod tests {
         assert!(parse_upstream("10.0.0.1").is_err());
         assert!(parse_upstream("10.0.0.1:0").unwrap_err().to_string().contains("port 0"));
         assert!(parse_upstream("10.0.0.1:65536").is_err());
+        let err = parse_upstream("[fe80::1%2]:22").unwrap_err().to_string();
+        assert!(err.contains("scope id"), "{err}");
+    }
+
+    #[test]
+    fn validate_refuses_scope_ids_and_expiry_zero() {
+        let mut r = route("10.0.0.1:22");
+        r.expires_ms = Some(0);
+        assert!(r.validate().unwrap_err().to_string().contains("expiry 0"));
+        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(Ipv6Addr::LOCALHOST, 22, 0, 3));
+        let err = Route::to(scoped).validate().unwrap_err().to_string();
+        assert!(err.contains("scope id"), "{err}");
+        assert!(route("[::1]:22").validate().is_ok());
     }
 }

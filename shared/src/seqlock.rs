@@ -29,9 +29,19 @@
 //! - Every word is an atomic, so a concurrent copy is never undefined behaviour, only
 //!   possibly discarded.
 //!
-//! A writer that dies after W1 leaves the sequence odd and copy 0 half-written; readers use
-//! copy 1, which still holds the previous route. The next writer [`repair`]s such a slot
-//! before its first write.
+//! A writer can die (SIGKILL, OOM) at any store. The next writer, holding the lock, first
+//! [`settle`]s every slot before it writes anything:
+//! - odd sequence (died inside W2, or between W1 and W3): readers use copy 1, which still
+//!   holds the previous route whole; copy 0 is restored from it and the sequence made even.
+//! - even sequence (died inside W4, or before W1): readers use copy 0, which is whole (W3
+//!   published it); copy 1 may be half old, half new. Readers never read copy 1 while the
+//!   sequence is even, and the next write's W1 would send them there, so copy 0 is copied
+//!   into copy 1 first. Without this, a torn copy 1 (meta and env id of the new route, address
+//!   of the old) would be served between the next W1 and W3.
+//!
+//! A writer that dies inside `settle` leaves the same two cases, so settling is idempotent and
+//! needs no state of its own. The table's header says whether the last writer closed
+//! cleanly; only then may a new writer skip the O(slots) pass (see [`crate::writer`]).
 
 use std::sync::atomic::{fence, Ordering};
 
@@ -56,20 +66,72 @@ fn load(w: &RouteWords) -> RawRoute {
         env_id: [w.env_id[0].load(Ordering::Relaxed), w.env_id[1].load(Ordering::Relaxed)],
         generation: w.generation.load(Ordering::Relaxed),
         expires_ms: w.expires_ms.load(Ordering::Relaxed),
+        owner: w.owner.load(Ordering::Relaxed),
     }
 }
 
+/// Stores every word of a copy, each one a separate store (a writer may die between any two).
 fn store(w: &RouteWords, raw: &RawRoute) {
+    step();
     w.meta.store(raw.meta, Ordering::Relaxed);
+    step();
     w.upstream_port.store(raw.upstream_port, Ordering::Relaxed);
     for (dst, src) in w.addr.iter().zip(raw.addr) {
+        step();
         dst.store(src, Ordering::Relaxed);
     }
+    step();
     w.env_id[0].store(raw.env_id[0], Ordering::Relaxed);
+    step();
     w.env_id[1].store(raw.env_id[1], Ordering::Relaxed);
+    step();
     w.generation.store(raw.generation, Ordering::Relaxed);
+    step();
     w.expires_ms.store(raw.expires_ms, Ordering::Relaxed);
+    step();
+    w.owner.store(raw.owner, Ordering::Relaxed);
 }
+
+/// Stores made by one [`write`]: two sequence stores and two copies of 11 words.
+pub const STORES_PER_WRITE: u32 = 2 + 2 * 11;
+
+#[cfg(feature = "test-hooks")]
+pub mod hooks {
+    //! A stepping hook for crash tests, compiled only with the `test-hooks` feature: the hook
+    //! runs before every store a write makes, numbered from 0 in each [`super::write`], so a
+    //! test can kill the writer at each of them.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+
+    static HOOK: Mutex<Option<fn(u32)>> = Mutex::new(None);
+    static STEP: AtomicU32 = AtomicU32::new(0);
+
+    /// Installs (or removes) the hook for every later write of this process.
+    pub fn set(hook: Option<fn(u32)>) {
+        *HOOK.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    pub(super) fn start_write() {
+        STEP.store(0, Ordering::Relaxed);
+    }
+
+    pub(super) fn step() {
+        let n = STEP.fetch_add(1, Ordering::Relaxed);
+        let hook = *HOOK.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = hook {
+            f(n);
+        }
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+use hooks::{start_write, step};
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+fn start_write() {}
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+fn step() {}
 
 /// Copies a slot's current route out whole; `None` only if the writer kept completing
 /// steps for [`MAX_READ_SPINS`] tries.
@@ -87,30 +149,43 @@ pub(crate) fn read(slot: &PortSlot) -> Option<RawRoute> {
 }
 
 /// Writes a slot. The caller must be the table's only writer (it holds the `flock`) and
-/// must have [`repair`]ed the slot since taking the lock.
+/// must have [`settle`]d the slot since taking the lock.
 pub(crate) fn write(slot: &PortSlot, raw: &RawRoute) {
     // Relaxed: only this process writes `seq`, so it reads its own last store.
     let s = slot.seq.load(Ordering::Relaxed);
-    debug_assert!(s & 1 == 0, "write to an unrepaired slot");
+    debug_assert!(s & 1 == 0, "write to an unsettled slot");
+    start_write();
+    step();
     slot.seq.store(s + 1, Ordering::Release);
     fence(Ordering::Release);
     store(&slot.copies[0], raw);
+    step();
     slot.seq.store(s + 2, Ordering::Release);
     fence(Ordering::Release);
     store(&slot.copies[1], raw);
 }
 
-/// Finishes the write of a writer that died between its two sequence bumps: copy 0 is
-/// restored from copy 1 (what readers have been using) and the sequence made even.
-/// Returns whether the slot needed it. The caller holds the writer lock.
-pub(crate) fn repair(slot: &PortSlot) -> bool {
+/// Makes a slot safe to write after a writer may have died inside it (see the module docs):
+/// an odd slot gets copy 0 restored from copy 1 and an even sequence; an even slot gets copy 0
+/// (what readers use) copied into copy 1. Returns whether the slot needed a repair (copies
+/// differed or the sequence was odd). The caller holds the writer lock.
+pub(crate) fn settle(slot: &PortSlot) -> bool {
     let s = slot.seq.load(Ordering::Relaxed);
-    if s & 1 == 0 {
+    if s & 1 == 1 {
+        let stable = load(&slot.copies[1]);
+        store(&slot.copies[0], &stable);
+        // Release: the restored copy 0 is visible to a reader that sees the even sequence.
+        slot.seq.store(s + 1, Ordering::Release);
+        fence(Ordering::Release);
+        return true;
+    }
+    let current = load(&slot.copies[0]);
+    if load(&slot.copies[1]) == current {
         return false;
     }
-    let stable = load(&slot.copies[1]);
-    store(&slot.copies[0], &stable);
-    slot.seq.store(s + 1, Ordering::Release);
+    // Readers are on copy 0 and stay there (the sequence does not change here), so copy 1
+    // may be rewritten with plain stores; the next write's W1 (Release) publishes them.
+    store(&slot.copies[1], &current);
     true
 }
 
@@ -127,6 +202,7 @@ mod tests {
             env_id: [AtomicU64::new(0), AtomicU64::new(0)],
             generation: AtomicU64::new(0),
             expires_ms: AtomicU64::new(0),
+            owner: AtomicU64::new(0),
         }
     }
 
@@ -142,6 +218,7 @@ mod tests {
             env_id: [n, n],
             generation: n,
             expires_ms: n,
+            owner: n,
         }
     }
 
@@ -162,12 +239,40 @@ mod tests {
         s.seq.store(3, Ordering::Release);
         s.copies[0].generation.store(99, Ordering::Relaxed);
         assert_eq!(read(&s), Some(raw(3)), "readers use the untouched copy, without waiting");
-        assert!(repair(&s));
+        assert!(settle(&s));
         assert_eq!(read(&s), Some(raw(3)));
         assert_eq!(s.seq.load(Ordering::Relaxed) & 1, 0);
-        assert!(!repair(&s));
+        assert!(!settle(&s));
         write(&s, &raw(4));
         assert_eq!(read(&s), Some(raw(4)));
+    }
+
+    /// Reads copy `i` of a slot directly, as a reader does when the sequence names it.
+    fn copy(s: &PortSlot, i: usize) -> RawRoute {
+        load(&s.copies[i])
+    }
+
+    #[test]
+    fn writer_killed_inside_the_second_copy_is_settled_before_the_next_write() {
+        let s = slot();
+        write(&s, &raw(5));
+        // A writer that did W1..W3 of a write of route 6 and died half-way through W4: the
+        // sequence is even, readers see copy 0 (whole, route 6), copy 1 is mixed.
+        s.seq.fetch_add(1, Ordering::Relaxed);
+        store(&s.copies[0], &raw(6));
+        s.seq.fetch_add(1, Ordering::Relaxed);
+        s.copies[1].meta.store(raw(6).meta, Ordering::Relaxed);
+        s.copies[1].env_id[0].store(6, Ordering::Relaxed);
+        assert_eq!(read(&s), Some(raw(6)));
+        let mixed = copy(&s, 1);
+        assert!(mixed != raw(5) && mixed != raw(6), "copy 1 is torn: {mixed:?}");
+        // The next writer settles first: copy 1 becomes whole before any W1 exposes it.
+        assert!(settle(&s));
+        assert_eq!(copy(&s, 1), raw(6));
+        assert!(!settle(&s), "settling twice changes nothing");
+        // What readers see between the next write's W1 and W3 is copy 1: whole.
+        s.seq.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(read(&s), Some(raw(6)));
     }
 
     #[test]

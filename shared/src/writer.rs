@@ -1,15 +1,28 @@
-//! The single writer: creates and initialises the file, holds its `flock`, writes routes in place.
+//! The single writer: creates the table files, holds the lock, writes routes in place.
+//!
+//! Trust nothing already on disk: the directory must be the writer's own and writable by no one
+//! else, so that nobody else can delete, replace or plant a file there; files are opened
+//! without following symbolic links and must be the writer's own and carry the table's magic
+//! and layout version (a file of zeros is not a table). New files are initialised under a
+//! temporary name and linked into place, so a reader never sees a half-made one.
+//!
+//! The lock is an `flock` on the directory, not on the file: a writer whose file is deleted
+//! keeps the lock, so a standby cannot create a second table and become a second writer
+//! meanwhile; the holder notices the deletion at its next [`Writer::heartbeat`] and gives up
+//! the table, and whoever takes the lock next creates a fresh one. One directory holds one
+//! table.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use crate::counters::{counters_path, CounterFile};
 use crate::error::{Error, Result};
-use crate::layout::{FILE_SIZE, MAGIC, PORT_SLOTS};
-use crate::mapping::Mapping;
+use crate::files;
+use crate::layout::{FILE_SIZE, COUNTERS_FILE_SIZE, MAGIC, PORT_SLOTS};
+use crate::mapping::{Kind, Mapping};
 use crate::reader::{now_ms, Table};
 use crate::route::{RawRoute, Route};
 use crate::seqlock;
@@ -32,65 +45,106 @@ pub struct SyncReport {
     pub removed: usize,
 }
 
-/// The one process allowed to change the table. Dropping it releases the lock.
+/// What [`Writer::open`] found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The routes file did not exist and was created.
+    pub created: bool,
+    /// The previous writer did not close cleanly, so every slot was settled.
+    pub settled: bool,
+    /// Slots whose copies had to be repaired (a writer died inside them).
+    pub repaired: usize,
+}
+
+/// The one process allowed to change the table. Dropping it marks the table clean and
+/// releases the lock.
 pub struct Writer {
     table: Table,
-    // Holds the flock for as long as the writer lives (closing the file releases it).
-    _file: File,
+    path: PathBuf,
+    counters_path: PathBuf,
+    report: OpenReport,
+    /// Whether dropping marks the table clean (false only in tests that play a crash).
+    clean_on_drop: bool,
+    // Holds the flock for as long as the writer lives (closing it releases the lock).
+    _dir: File,
+}
+
+fn mode_of(file: &File, path: &Path) -> Result<u32> {
+    Ok(file.metadata().map_err(|e| Error::io(path, "stat", e))?.mode() & 0o7777)
 }
 
 impl Writer {
-    /// Opens the table at `path` for writing, creating and initialising it if it is missing
-    /// or empty, and takes the writer lock. A file that is not a gpugate table (wrong magic,
-    /// other version) is refused, never overwritten. Parent directories are created.
+    /// Opens the table at `path` for writing, creating its directory and files when missing,
+    /// and takes the writer lock. Anything it did not make is refused, never overwritten.
     pub fn open(path: &Path, lock: LockMode) -> Result<Writer> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
+        let dir_path = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let dir = files::writer_dir(&dir_path)?;
+        let locked = files::flock(&dir, lock == LockMode::Wait).map_err(|e| Error::io(&dir_path, "lock", e))?;
+        if !locked {
+            return Err(Error::Locked { path: path.to_owned(), holder: holder_pid(path) });
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o664)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))?;
-        lock_file(&file, path, lock)?;
-
-        let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
-        let mut magic = [0u8; 8];
-        let head = usize::try_from(len.min(8)).unwrap_or(8);
-        file.read_exact_at(&mut magic[..head], 0).map_err(|e| Error::io(path, "read", e))?;
-        let magic = u64::from_le_bytes(magic);
-        let fresh = magic == 0;
-        if !fresh && magic != MAGIC {
-            return Err(Error::BadMagic { path: path.to_owned(), found: magic });
-        }
-        // Grow only: a shorter file would kill every process that has it mapped (SIGBUS).
-        if len < FILE_SIZE as u64 {
-            file.set_len(FILE_SIZE as u64).map_err(|e| Error::io(path, "resize", e))?;
-        }
-        let map = Mapping::new(&file, path, true)?;
+        let mut report = OpenReport::default();
         let pid = std::process::id();
-        if fresh {
-            // Group-writable regardless of the umask: nginx workers (another user, same group)
-            // add to the counters in this file.
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(0o664))
-                .map_err(|e| Error::io(path, "chmod", e))?;
-            for port in 0..=u16::MAX {
-                seqlock::write(map.port_slot(port), &RawRoute::EMPTY);
+
+        let routes = match files::open_owned(&dir, path)? {
+            Some(f) => f,
+            None => {
+                report.created = true;
+                files::create_whole(&dir, path, FILE_SIZE as u64, 0o644, |f| {
+                    let map = Mapping::new(f.try_clone().map_err(|e| Error::io(path, "dup", e))?, path, Kind::Routes, true)?;
+                    for port in 0..=u16::MAX {
+                        seqlock::write(map.port_slot(port), &RawRoute::EMPTY);
+                    }
+                    map.init_header(pid, now_ms());
+                    Ok(())
+                })?
             }
-            map.init_header(pid, now_ms());
+        };
+        // Only the writer's user may write routes; readers keep whatever read access the
+        // operator gave (0644, or 0640 with a group).
+        let mode = mode_of(&routes, path)?;
+        if mode != (mode & 0o644) | 0o600 {
+            files::set_mode(&routes, path, (mode & 0o644) | 0o600)?;
         }
-        let table = Table::from_mapping(map)?;
-        let writer = Writer { table, _file: file };
-        writer.header().writer_pid.store(pid, Ordering::Relaxed);
-        // We hold the lock: any odd slot was left by a writer that died mid-write.
-        for port in 0..=u16::MAX {
-            seqlock::repair(writer.mapping().port_slot(port));
+        let map = Mapping::new(routes, path, Kind::Routes, true)?;
+        map.validate()?;
+
+        let cpath = counters_path(path);
+        let counters = match files::open_owned(&dir, &cpath)? {
+            Some(f) => f,
+            None => files::create_whole(&dir, &cpath, COUNTERS_FILE_SIZE as u64, 0o664, |f| {
+                let map = Mapping::new(f.try_clone().map_err(|e| Error::io(&cpath, "dup", e))?, &cpath, Kind::Counters, true)?;
+                map.init_counters_header();
+                Ok(())
+            })?,
+        };
+        // Workers write counters (group write, the group of a setgid directory); never others.
+        let cmode = mode_of(&counters, &cpath)?;
+        if cmode & 0o002 != 0 {
+            files::set_mode(&counters, &cpath, cmode & !0o002)?;
         }
-        writer.heartbeat();
+        let counters = CounterFile::from_mapping(Mapping::new(counters, &cpath, Kind::Counters, true)?)?;
+
+        let table = Table::from_parts(map, Some(counters))?;
+        let h = table.mapping().header();
+        // Relaxed: `clean` is only read and written by writers, which the lock serialises.
+        if h.clean.load(Ordering::Relaxed) != 1 {
+            report.settled = true;
+            for port in 0..=u16::MAX {
+                if seqlock::settle(table.mapping().port_slot(port)) {
+                    report.repaired += 1;
+                }
+            }
+        }
+        h.clean.store(0, Ordering::Relaxed);
+        h.writer_pid.store(pid, Ordering::Relaxed);
+        let writer =
+            Writer { table, path: path.to_owned(), counters_path: cpath, report, clean_on_drop: true, _dir: dir };
+        writer.counters().sweep_dead();
+        writer.heartbeat()?;
         Ok(writer)
     }
 
@@ -98,8 +152,14 @@ impl Writer {
         self.table.mapping()
     }
 
-    fn header(&self) -> &crate::layout::Header {
-        self.mapping().header()
+    fn counters(&self) -> &CounterFile {
+        // Always present: `open` maps the counters file before building the table.
+        self.table.counter_file().expect("the writer's table has its counters file")
+    }
+
+    /// What opening the table found (created, settled after a crash, slots repaired).
+    pub fn open_report(&self) -> OpenReport {
+        self.report
     }
 
     /// The reader view of the table this writer holds.
@@ -107,37 +167,60 @@ impl Writer {
         &self.table
     }
 
-    /// Records a sign of life in the header.
-    pub fn heartbeat(&self) {
+    /// Records a sign of life in the header, after checking that the table's paths still name
+    /// the files this writer holds and that they have not shrunk. An error means this writer
+    /// must let go of the table: it was deleted, replaced or truncated under it.
+    pub fn heartbeat(&self) -> Result<()> {
+        self.verify()?;
         // Relaxed: an informational timestamp, published with no other data.
-        self.header().heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+        self.mapping().header().heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn verify(&self) -> Result<()> {
+        let ours = [(&self.path, self.table.file_id()), (&self.counters_path, self.counters().file_id())];
+        for (path, id) in ours {
+            if files::path_id(path) != Some(id) {
+                return Err(Error::Replaced { path: path.clone() });
+            }
+        }
+        self.mapping().check_size()?;
+        self.counters().mapping().check_size()
     }
 
     fn bump_generation(&self) {
         // Release: a reader that sees the new generation also sees the slot just written.
-        self.header().generation.fetch_add(1, Ordering::Release);
+        self.mapping().header().generation.fetch_add(1, Ordering::Release);
     }
 
     /// Points `port` at `route`. Port 0 is refused. Writes nothing if the slot already holds
-    /// exactly this route. Counters are reset when the route's environment or generation
-    /// differs from the one they were counted for.
+    /// exactly this route. When the port changes hands (another environment or generation)
+    /// the route gets a new owner stamp and its counters start over first.
     pub fn set(&mut self, port: u16, route: &Route) -> Result<bool> {
         if port == 0 {
             return Err(Error::InvalidRoute("port 0 cannot be routed".into()));
         }
         route.validate()?;
-        let raw = RawRoute::encode(route);
         let slot = self.mapping().port_slot(port);
         let current = seqlock::read(slot);
-        if current == Some(raw) {
-            return Ok(false);
-        }
-        let same_owner = current
-            .and_then(|c| c.decode())
-            .is_some_and(|c| c.env_id == route.env_id && c.generation == route.generation);
-        if !same_owner {
-            self.reset_counters(port, route.generation);
-        }
+        let same_owner = current.and_then(|c| c.decode().map(|r| (r, c.owner))).and_then(|(r, owner)| {
+            (r.env_id == route.env_id && r.generation == route.generation).then_some(owner)
+        });
+        let raw = match same_owner {
+            Some(owner) => {
+                let raw = RawRoute::encode(route, owner);
+                if current == Some(raw) {
+                    return Ok(false);
+                }
+                raw
+            }
+            None => {
+                let owner = self.counters().next_owner();
+                // Before the route write, so the new owner's sessions find their tag.
+                self.counters().reset(port, owner);
+                RawRoute::encode(route, owner)
+            }
+        };
         seqlock::write(slot, &raw);
         self.bump_generation();
         Ok(true)
@@ -160,6 +243,7 @@ impl Writer {
     /// Makes the table hold exactly `routes`: writes the ones that differ and clears every
     /// other slot. The whole-table re-sync of the publisher.
     pub fn sync(&mut self, routes: &BTreeMap<u16, Route>) -> Result<SyncReport> {
+        self.verify()?;
         let mut report = SyncReport::default();
         for (&port, route) in routes {
             if self.set(port, route)? {
@@ -177,51 +261,34 @@ impl Writer {
                 report.removed += 1;
             }
         }
-        self.heartbeat();
+        self.counters().sweep_dead();
+        self.heartbeat()?;
         Ok(report)
     }
 
-    fn reset_counters(&self, port: u16, generation: u64) {
-        let c = self.mapping().counter_slot(port);
-        // Relaxed: statistics; the active gauge is left alone because connections opened under
-        // the previous route are still open and will be subtracted when they close.
-        c.connections_total.store(0, Ordering::Relaxed);
-        c.refused_total.store(0, Ordering::Relaxed);
-        c.bytes_in.store(0, Ordering::Relaxed);
-        c.bytes_out.store(0, Ordering::Relaxed);
-        c.route_generation.store(generation, Ordering::Relaxed);
-    }
-
-    /// Flushes the mapping to its file (meaningful when the table is on disk, not tmpfs).
+    /// Flushes the mappings to their files (meaningful when the table is on disk, not tmpfs).
     pub fn flush(&self) -> Result<()> {
-        self.mapping().flush()
+        self.mapping().flush()?;
+        self.counters().mapping().flush()
     }
 }
 
-fn lock_file(file: &File, path: &Path, mode: LockMode) -> Result<()> {
-    let flags = match mode {
-        LockMode::NoWait => libc::LOCK_EX | libc::LOCK_NB,
-        LockMode::Wait => libc::LOCK_EX,
-    };
-    loop {
-        // SAFETY: flock on a descriptor this function borrows for the call; no memory involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), flags) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => {
-                return Err(Error::Locked { path: path.to_owned(), holder: holder_pid(file) })
-            }
-            _ => return Err(Error::io(path, "lock", err)),
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Every write is complete: the next writer may skip settling. Not on a file that
+        // shrank (touching it would fault) or that is no longer the table.
+        if self.clean_on_drop && self.verify().is_ok() {
+            // Release: a later writer (after the lock passes, which orders it anyway) sees
+            // every slot store before the mark.
+            self.mapping().header().clean.store(1, Ordering::Release);
         }
     }
 }
 
-/// The pid recorded by the current holder, if the file already has a valid header.
-fn holder_pid(file: &File) -> Option<u32> {
+/// The pid recorded by the current holder, if the routes file already has a valid header.
+fn holder_pid(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
     let mut head = [0u8; 84];
     file.read_exact_at(&mut head, 0).ok()?;
     let magic = u64::from_le_bytes(head[0..8].try_into().ok()?);
@@ -230,3 +297,7 @@ fn holder_pid(file: &File) -> Option<u32> {
 }
 
 const _: () = assert!(PORT_SLOTS == u16::MAX as usize + 1);
+
+#[cfg(test)]
+#[path = "writer_tests.rs"]
+mod tests;

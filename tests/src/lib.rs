@@ -44,15 +44,16 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-/// A directory for the route table that nginx workers (nobody:nogroup) may write counters
-/// in: group nogroup, setgid so the table file inherits the group — the operator recipe
-/// from the README.
+/// A directory for the route table, the operator recipe from the README: owned by the writer
+/// (root here) and writable by no one else, group nogroup and setgid so the counters file
+/// inherits the group of nginx's workers (nobody:nogroup), who may write counters but not
+/// routes.
 pub fn table_dir(root: &Path) -> PathBuf {
     let dir = root.join("table");
     std::fs::create_dir_all(&dir).expect("create table dir");
     let ok = Command::new("chgrp").arg("nogroup").arg(&dir).status().map(|s| s.success());
     assert!(matches!(ok, Ok(true)), "chgrp nogroup {}", dir.display());
-    chmod(&dir, 0o2775);
+    chmod(&dir, 0o2755);
     dir
 }
 

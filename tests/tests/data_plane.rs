@@ -169,8 +169,11 @@ fn missing_table_at_start_is_picked_up_without_reload() {
         "the table created after start must be picked up"
     );
     // Workers (nobody:nogroup) opened the table themselves: the setgid group directory of the
-    // README lets them record counters.
-    assert!(w.table().counters(21400).connections_total >= 1, "workers count on a table they opened");
+    // README lets them record counters (a session is counted when it ends).
+    assert!(
+        wait_until(Duration::from_secs(2), || w.table().counters(21400).connections_total >= 1),
+        "workers count on a table they opened"
+    );
     assert!(!ng.error_log().contains("read-only"), "{}", ng.error_log());
     assert_eq!(ng.pids(), pids, "without a reload");
     ng.assert_no_crash();

@@ -1,0 +1,177 @@
+//! Unit tests of the per-connection decision and the table's life cycle in one process.
+
+use super::*;
+use gpugate_routes::{LockMode, Writer};
+use std::os::unix::fs::PermissionsExt;
+
+fn tmp() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "gpugate-src-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir.join("routes")
+}
+
+fn route(up: &str) -> Route {
+    Route::to(up.parse().unwrap())
+}
+
+fn unusable(notices: &[Notice]) -> Option<String> {
+    notices.iter().find_map(|n| match n {
+        Notice::Unusable(e) => Some(e.to_string()),
+        _ => None,
+    })
+}
+
+#[test]
+fn missing_table_is_logged_once_then_picked_up_when_created() {
+    let path = tmp();
+    let src = RouteSource::new(path.clone());
+    let (d, n) = src.decide(20000, 1_000, 1);
+    assert_eq!(d.status, RouteStatus::NoTable);
+    assert!(unusable(&n).unwrap().contains("does not exist"));
+    // Within the retry interval: no new attempt, no new log line.
+    let (d, n) = src.decide(20000, 1_050, 1);
+    assert_eq!(d.status, RouteStatus::NoTable);
+    assert!(n.is_empty());
+    // Past it, still missing: same cause, not logged again.
+    let (_, n) = src.decide(20000, 1_200, 1);
+    assert!(n.is_empty());
+
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("127.0.0.1:22")).unwrap();
+    let (d, n) = src.decide(20000, 1_400, 1);
+    assert_eq!(d.status, RouteStatus::Ok);
+    assert_eq!(d.route.unwrap().upstream, "127.0.0.1:22".parse().unwrap());
+    assert!(n.iter().any(|n| matches!(n, Notice::Opened { replaced: false, .. })));
+    assert!(n.iter().any(|n| matches!(n, Notice::Counting { writable: true, .. })));
+    let (refused, _) = src.decide(20001, 1_401, 1);
+    assert_eq!(refused.status, RouteStatus::NoRoute);
+    let t = w.table();
+    assert_eq!(t.counters(20000).connections_active, 1);
+    assert_eq!(t.counters(20001).refused_total, 1);
+    src.close(&d, 20000, Outcome::Proxied, 5, 7, 2);
+    let c = t.counters(20000);
+    assert_eq!((c.connections_total, c.connections_active, c.bytes_in, c.bytes_out), (1, 0, 5, 7));
+    src.close(&refused, 20001, Outcome::Proxied, 5, 5, 2);
+    assert_eq!(t.counters(20001).bytes_in, 0, "a refused session adds nothing");
+}
+
+#[test]
+fn garbage_file_fails_closed_and_is_logged_once_per_cause() {
+    let path = tmp();
+    std::fs::write(&path, vec![0xabu8; 16 << 20]).unwrap();
+    let src = RouteSource::new(path.clone());
+    let (d, n) = src.decide(20000, 1_000, 1);
+    assert_eq!(d.status, RouteStatus::BadTable);
+    assert!(unusable(&n).unwrap().contains("not a gpugate route table"));
+    let (d, n) = src.decide(20000, 2_000, 1);
+    assert_eq!(d.status, RouteStatus::BadTable);
+    assert!(unusable(&n).is_none(), "logged once per cause");
+    // A short file is another cause.
+    std::fs::write(&path, b"short").unwrap();
+    let (_, n) = src.decide(20000, 3_000, 1);
+    assert!(unusable(&n).unwrap().contains("is 5 bytes"), "{n:?}");
+}
+
+#[test]
+fn deleted_truncated_or_overwritten_tables_are_refused_not_served_from_the_old_mapping() {
+    let path = tmp();
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("127.0.0.1:1000")).unwrap();
+    drop(w);
+    let src = RouteSource::new(path.clone());
+    assert_eq!(src.decide(20000, 1_000, 1).0.status, RouteStatus::Ok);
+
+    // Deleted: refused at the next re-check, logged.
+    let saved = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let (d, n) = src.decide(20000, 2_000, 1);
+    assert_eq!(d.status, RouteStatus::NoTable);
+    assert!(unusable(&n).unwrap().contains("does not exist"));
+
+    // Back (a copy of the same bytes, a new file): served again.
+    std::fs::write(&path, &saved).unwrap();
+    let (d, n) = src.decide(20000, 2_100, 1);
+    assert_eq!(d.status, RouteStatus::Ok);
+    assert!(n.iter().any(|n| matches!(n, Notice::Opened { replaced: true, .. })));
+
+    // Overwritten in place with garbage (same inode): refused and logged.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0x5a; 64], 0).unwrap();
+    }
+    let (d, n) = src.decide(20000, 3_100, 1);
+    assert_eq!(d.status, RouteStatus::BadTable);
+    assert!(unusable(&n).unwrap().contains("not a gpugate route table"));
+
+    // Truncated: refused without touching the mapping (this process would die of SIGBUS).
+    std::fs::write(&path, &saved).unwrap();
+    assert_eq!(src.decide(20000, 3_300, 1).0.status, RouteStatus::Ok);
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+    let (d, n) = src.decide(20000, 4_400, 1);
+    assert_eq!(d.status, RouteStatus::BadTable);
+    assert!(unusable(&n).unwrap().contains("expected at least"), "{n:?}");
+}
+
+#[test]
+fn rechecks_follow_the_monotonic_clock_not_the_wall_clock() {
+    let path = tmp();
+    let src = RouteSource::new(path.clone());
+    assert_eq!(src.decide(20000, 1_000, 1_700_000_000_000).0.status, RouteStatus::NoTable);
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("127.0.0.1:22")).unwrap();
+    // The wall clock was stepped back an hour; the monotonic one moved on: picked up.
+    let (d, _) = src.decide(20000, 1_200, 1_699_996_400_000);
+    assert_eq!(d.status, RouteStatus::Ok);
+}
+
+#[test]
+fn replaced_counters_are_kept_until_their_last_session_ends() {
+    let path = tmp();
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("127.0.0.1:1000")).unwrap();
+    let src = RouteSource::new(path.clone());
+    let (open, _) = src.decide(20000, 1_000, 10);
+    assert!(!open.sink.is_null());
+    drop(w);
+    // A new table (both files) takes the path while a session is open.
+    let dir = path.parent().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(dir.join("routes.counters")).unwrap();
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("127.0.0.1:2000")).unwrap();
+    let (d, _) = src.decide(20000, 2_500, 20);
+    assert_eq!(d.route.unwrap().upstream.port(), 2000);
+    assert_eq!(src.mapped_counters(), 2, "the old counters stay mapped for the open session");
+    src.close(&open, 20000, Outcome::Proxied, 1, 1, 30);
+    assert_eq!(src.mapped_counters(), 1, "released when its last session ended");
+    assert_eq!(w.table().counters(20000).connections_total, 0, "the old session counts nowhere new");
+    src.close(&d, 20000, Outcome::Proxied, 1, 1, 30);
+    assert_eq!(w.table().counters(20000).connections_total, 1);
+}
+
+#[test]
+fn expired_route_is_refused() {
+    let path = tmp();
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    let mut r = route("[::1]:22");
+    r.expires_ms = Some(5_000);
+    w.set(20000, &r).unwrap();
+    let src = RouteSource::new(path);
+    assert_eq!(src.decide(20000, 1, 4_999).0.status, RouteStatus::Ok);
+    let (d, _) = src.decide(20000, 2, 5_000);
+    assert_eq!(d.status, RouteStatus::Expired);
+    assert_eq!(d.route.unwrap().upstream, "[::1]:22".parse().unwrap());
+}
+
+#[test]
+fn status_names() {
+    assert_eq!(RouteStatus::Ok.as_str(), "ok");
+    assert_eq!(RouteStatus::NoTable.as_str(), "no_table");
+}

@@ -1,0 +1,236 @@
+//! Unit tests of the writer: what it refuses, what it repairs, what it resets.
+
+use super::*;
+use crate::counters::Outcome;
+use crate::route::Service;
+use std::os::unix::fs::PermissionsExt;
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "gpugate-w-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn route(env: &str, port: u16, generation: u64) -> Route {
+    Route {
+        upstream: SocketAddr::from(([127, 0, 0, 2], port)),
+        env_id: env.parse().unwrap(),
+        service: Service::Ssh,
+        generation,
+        expires_ms: None,
+    }
+}
+use std::net::SocketAddr;
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn creates_files_only_the_writer_can_route_with() {
+    let dir = tmp_dir("modes").join("table");
+    let path = dir.join("routes");
+    let w = Writer::open(&path, LockMode::NoWait).unwrap();
+    assert!(w.open_report().created);
+    assert_eq!(mode(&dir), 0o755, "directory");
+    assert_eq!(mode(&path), 0o644, "routes: nobody but the writer writes");
+    assert_eq!(mode(&counters_path(&path)), 0o664, "counters: the workers' group writes");
+    // A routes file made group-writable by hand is put back.
+    drop(w);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let _w = Writer::open(&path, LockMode::NoWait).unwrap();
+    assert_eq!(mode(&path), 0o644);
+}
+
+#[test]
+fn refuses_symlinks_and_directories_others_can_change() {
+    let dir = tmp_dir("links");
+    let target = dir.join("elsewhere");
+    std::fs::write(&target, b"").unwrap();
+    let link = dir.join("routes");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let err = Writer::open(&link, LockMode::NoWait).err().unwrap();
+    assert!(matches!(err, Error::Symlink { .. }), "{err}");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert!(matches!(Table::open_read_only(&link).err().unwrap(), Error::Symlink { .. }));
+    assert_eq!(std::fs::read(&target).unwrap().len(), 0, "the link's target is untouched");
+
+    for (m, who) in [(0o775, "its group"), (0o777, "everyone"), (0o1777, "everyone")] {
+        let d = tmp_dir("open");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(m)).unwrap();
+        let err = Writer::open(&d.join("routes"), LockMode::NoWait).err().unwrap().to_string();
+        assert!(err.contains(&format!("writable by {who}")) && err.contains("chmod go-w"), "{m:o}: {err}");
+        assert!(!d.join("routes").exists(), "nothing created in an unsafe directory");
+    }
+    // A setgid directory (the workers' group) that only the writer can write is fine.
+    let d = tmp_dir("setgid");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o2755)).unwrap();
+    assert!(Writer::open(&d.join("routes"), LockMode::NoWait).is_ok());
+}
+
+#[test]
+fn refuses_directories_and_files_of_another_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root to give files away; covered when tests run as root (CI)");
+        return;
+    }
+    let d = tmp_dir("foreign-dir");
+    std::os::unix::fs::chown(&d, Some(65534), None).unwrap();
+    let err = Writer::open(&d.join("routes"), LockMode::NoWait).err().unwrap().to_string();
+    assert!(err.contains("is owned by uid 65534"), "{err}");
+
+    let d = tmp_dir("foreign-file");
+    let path = d.join("routes");
+    drop(Writer::open(&path, LockMode::NoWait).unwrap());
+    std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+    let err = Writer::open(&path, LockMode::NoWait).err().unwrap().to_string();
+    assert!(err.contains("file") && err.contains("is owned by uid 65534"), "{err}");
+}
+
+#[test]
+fn refuses_files_that_are_not_its_tables_and_leaves_them_alone() {
+    let d = tmp_dir("foreign");
+    let path = d.join("routes");
+    for (content, expect) in [
+        (vec![0u8; FILE_SIZE], "not a gpugate route table (magic 0x0000000000000000)"),
+        (vec![0x5au8; FILE_SIZE], "not a gpugate route table"),
+        (b"short".to_vec(), "is 5 bytes, expected at least"),
+    ] {
+        std::fs::write(&path, &content).unwrap();
+        let err = Writer::open(&path, LockMode::NoWait).err().unwrap().to_string();
+        assert!(err.contains(expect), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), content, "the file is never overwritten");
+    }
+    // A table of ours, truncated: refused by the writer and by readers, never grown back.
+    std::fs::remove_file(&path).unwrap();
+    drop(Writer::open(&path, LockMode::NoWait).unwrap());
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(8192).unwrap();
+    assert!(matches!(Writer::open(&path, LockMode::NoWait).err().unwrap(), Error::TooShort { .. }));
+    assert!(matches!(Table::open_read_only(&path).err().unwrap(), Error::TooShort { .. }));
+}
+
+#[test]
+fn a_deleted_table_never_makes_two_writers() {
+    let d = tmp_dir("twice");
+    let path = d.join("routes");
+    let mut w1 = Writer::open(&path, LockMode::NoWait).unwrap();
+    w1.set(20000, &route("a", 22, 1)).unwrap();
+    let err = Writer::open(&path, LockMode::NoWait).err().unwrap();
+    assert!(matches!(err, Error::Locked { holder: Some(p), .. } if p == std::process::id()), "{err}");
+    std::fs::remove_file(&path).unwrap();
+    // The lock is the directory's: deleting the file frees nothing.
+    assert!(matches!(Writer::open(&path, LockMode::NoWait).err().unwrap(), Error::Locked { .. }));
+    assert!(matches!(w1.heartbeat().err().unwrap(), Error::Replaced { .. }), "the holder notices");
+    assert!(matches!(w1.sync(&BTreeMap::new()).err().unwrap(), Error::Replaced { .. }));
+    drop(w1);
+    let w2 = Writer::open(&path, LockMode::NoWait).unwrap();
+    assert!(w2.open_report().created, "the next writer makes a fresh table");
+    assert_eq!(w2.table().lookup(20000, 0), crate::Lookup::Absent);
+}
+
+#[test]
+fn clean_close_skips_settling_and_a_crash_does_not() {
+    let d = tmp_dir("clean");
+    let path = d.join("routes");
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("a", 22, 1)).unwrap();
+    drop(w);
+    assert!(Writer::open(&path, LockMode::NoWait).unwrap().table().header_info().clean == false);
+    let w = Writer::open(&path, LockMode::NoWait).unwrap();
+    assert!(!w.open_report().settled, "a cleanly closed table is not walked");
+    // Play a writer killed inside the second copy of a write: the copy readers do not use
+    // is half rewritten, and the writer never marks the table clean.
+    let mut w = w;
+    w.clean_on_drop = false;
+    let slot = w.mapping().port_slot(20000);
+    slot.copies[1].upstream_port.store(9999, Ordering::Relaxed);
+    drop(w);
+    let w = Writer::open(&path, LockMode::NoWait).unwrap();
+    assert!(w.open_report().settled);
+    assert_eq!(w.open_report().repaired, 1, "exactly the torn slot");
+    let slot = w.mapping().port_slot(20000);
+    assert_eq!(slot.copies[1].upstream_port.load(Ordering::Relaxed), 22);
+}
+
+#[test]
+fn counters_start_over_when_the_port_changes_hands() {
+    let d = tmp_dir("counters");
+    let path = d.join("routes");
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("alpha", 22, 1)).unwrap();
+    let worker = CounterFile::open(&counters_path(&path), true).unwrap();
+    let row = worker.claim_worker();
+    assert!(row.is_some());
+    let reader = Table::open_read_only(&path).unwrap();
+    let (_, owner_a) = reader.lookup_owned(20000, 0);
+    worker.session_open(row, 20000, owner_a, 1_000);
+    worker.session_open(row, 20000, owner_a, 1_000);
+    worker.session_close(row, 20000, owner_a, Outcome::Proxied, 10, 20, 2_000);
+    let c = reader.counters(20000);
+    assert_eq!((c.connections_total, c.connections_active, c.bytes_in, c.bytes_out), (1, 1, 10, 20));
+    assert_eq!(c.last_activity_ms, 2_000);
+
+    // Same owner re-written (another upstream port): counters carry on.
+    w.set(20000, &route("alpha", 23, 1)).unwrap();
+    assert_eq!(reader.counters(20000).connections_total, 1);
+    assert_eq!(reader.lookup_owned(20000, 0).1, owner_a);
+
+    // Another tenant takes the port while alpha's session is still open.
+    w.set(20000, &route("beta", 22, 2)).unwrap();
+    let (_, owner_b) = reader.lookup_owned(20000, 0);
+    assert_ne!(owner_a, owner_b);
+    assert_eq!(reader.counters(20000), crate::Counters::default(), "beta starts at zero");
+    worker.session_close(row, 20000, owner_a, Outcome::Proxied, 1000, 1000, 3_000);
+    assert_eq!(reader.counters(20000), crate::Counters::default(), "alpha's late close is not beta's");
+    worker.session_open(row, 20000, owner_b, 4_000);
+    worker.session_close(row, 20000, owner_b, Outcome::UpstreamFailed, 0, 0, 4_001);
+    let c = reader.counters(20000);
+    assert_eq!((c.connections_total, c.upstream_failed_total, c.connections_active), (0, 1, 0));
+    worker.count_refused(20001);
+    assert_eq!(reader.counters(20001).refused_total, 1);
+}
+
+#[test]
+fn rows_of_dead_workers_leave_the_gauge() {
+    let d = tmp_dir("gauge");
+    let path = d.join("routes");
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("alpha", 22, 1)).unwrap();
+    let reader = Table::open_read_only(&path).unwrap();
+    let (_, owner) = reader.lookup_owned(20000, 0);
+    // A worker that opened 50 sessions and was then killed: a real process that is gone.
+    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = child.id();
+    let start = crate::files::process_start(pid).unwrap();
+    let counters = w.table().counter_file().unwrap();
+    let m = counters.mapping();
+    m.worker_slot(5).owner.store(u64::from(pid) | ((start & 0x7fff_ffff) << 32), Ordering::Release);
+    m.worker_slot(5).pid_ns.store(crate::files::pid_namespace(), Ordering::Relaxed);
+    m.cell(5, 20000).store((crate::counters::tag(owner) << 48) | 50, Ordering::Relaxed);
+    assert_eq!(reader.counters(20000).connections_active, 50);
+    assert_eq!(counters.sweep_dead(), 0, "alive: kept");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(counters.sweep_dead(), 1);
+    assert_eq!(reader.counters(20000).connections_active, 0);
+    assert_eq!(m.worker_slot(5).owner.load(Ordering::Relaxed), 0, "the row is free again");
+}
+
+#[test]
+fn sync_writes_differences_and_removes_the_rest() {
+    let d = tmp_dir("sync");
+    let mut w = Writer::open(&d.join("routes"), LockMode::NoWait).unwrap();
+    w.set(20000, &route("a", 22, 1)).unwrap();
+    w.set(20001, &route("b", 22, 1)).unwrap();
+    let want: BTreeMap<u16, Route> = [(20001, route("b", 22, 1)), (20002, route("c", 22, 1))].into();
+    assert_eq!(w.sync(&want).unwrap(), SyncReport { written: 1, removed: 1 });
+    assert_eq!(w.sync(&want).unwrap(), SyncReport::default());
+    let ports: Vec<u16> = w.table().routes().map(|(p, _)| p).collect();
+    assert_eq!(ports, vec![20001, 20002]);
+}
