@@ -196,6 +196,18 @@ fn apply_of_a_missing_file_takes_no_lock_and_creates_no_table() {
     assert!(!s.table().exists(), "the table was created");
 }
 
+#[test]
+fn apply_of_unreadable_input_is_a_message_and_status_1() {
+    let s = Scratch::new("unreadable");
+    // A directory opens but cannot be read.
+    let out = s.run(&["apply", s.0.to_str().expect("utf-8 path")], "");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot read") && err.contains("Is a directory"), "{err}");
+    assert!(err.contains("applied 0, failed 1"), "{err}");
+    assert_no_panic("apply DIR", &err);
+}
+
 /// `apply --echo -` as a session: each line is applied and answered before the next is sent,
 /// and the change is visible to a reader while the session still holds the lock.
 #[test]

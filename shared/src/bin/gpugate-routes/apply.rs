@@ -123,14 +123,20 @@ impl Session<'_> {
         let mut n = 0u64;
         loop {
             buf.clear();
-            let read = input.read_until(b'\n', &mut buf).map_err(|e| {
-                let from = if name.as_os_str() == "-" {
-                    "stdin".into()
-                } else {
-                    name.display().to_string()
-                };
-                format!("cannot read {from} after line {n}: {e}")
-            })?;
+            let read = match input.read_until(b'\n', &mut buf) {
+                Ok(read) => read,
+                // Counted as a failure, so the summary still says what was applied before.
+                Err(e) => {
+                    let from = if name.as_os_str() == "-" {
+                        "stdin".to_owned()
+                    } else {
+                        name.display().to_string()
+                    };
+                    let at = if n == 0 { String::new() } else { format!(" after line {n}") };
+                    warn(format_args!("gpugate-routes: cannot read {from}{at}: {e}"));
+                    return Ok((applied, failed + 1));
+                }
+            };
             if read == 0 {
                 return Ok((applied, failed));
             }
