@@ -5,6 +5,7 @@
 #
 #   1. lookup cost (criterion, shared/benches/lookup.rs)
 #   2. data path, route activation and footprint (tests/src/bin/gpugate-bench/)
+#   3. the route-table CLI: single commands vs apply (scripts/bench-cli.sh, which runs alone too)
 #
 # Sizes: GPUGATE_BENCH_* variables (see gpugate-bench's Config). Needs an open-files limit above
 # the number of listening ports (10,200 by default): the soft limit is raised to the hard one.
@@ -82,5 +83,8 @@ TMPDIR="$work" "$target_dir/release/gpugate-bench" \
 bench_pid=$!
 wait "$bench_pid"
 bench_pid=""
+
+echo "bench: route-table CLI, single commands vs apply (bench-cli.sh)" >&2
+TMPDIR="$work" scripts/bench-cli.sh "$target_dir/release/gpugate-routes" | tee -a ".bench/report-$stamp.txt"
 cp ".bench/report-$stamp.txt" .bench/report.txt
 echo "bench: report written to .bench/report.txt" >&2
