@@ -92,7 +92,8 @@ pub fn run(table: &Path, args: &ApplyArgs) -> Result<(), Failure> {
     };
     let started = Instant::now();
     let mut w = Writer::open(table, LockMode::NoWait)?;
-    let mut session = Session { w: &mut w, parser: LineParser::new(), echo: args.echo };
+    let mut session =
+        Session { w: &mut w, parser: LineParser::new(), echo: args.echo, last_beat: std::time::Instant::now() };
     let (applied, failed) = session.apply_all(input, &args.file, args.keep_going)?;
     let secs = started.elapsed().as_secs_f64();
     let rate = if secs > 0.0 { applied as f64 / secs } else { 0.0 };
@@ -105,6 +106,8 @@ pub fn run(table: &Path, args: &ApplyArgs) -> Result<(), Failure> {
 
 struct Session<'w> {
     w: &'w mut Writer,
+    /// When the writer last checked its files and beat (at most every 100 ms, not per line).
+    last_beat: std::time::Instant,
     parser: LineParser,
     echo: bool,
 }
@@ -175,7 +178,11 @@ impl Session<'_> {
             return Ok(false);
         };
         change.check()?.apply(self.w)?;
-        self.w.heartbeat();
+        if self.last_beat.elapsed() >= std::time::Duration::from_millis(100) {
+            // Also checks that the table is still the file this writer holds.
+            self.w.heartbeat().map_err(|e| e.to_string())?;
+            self.last_beat = std::time::Instant::now();
+        }
         Ok(true)
     }
 }
