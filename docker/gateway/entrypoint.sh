@@ -1,17 +1,19 @@
 #!/bin/sh
-# gpugate gateway entrypoint: lets nginx's workers write the route table's counters, then runs
-# nginx in the foreground. Arguments go to nginx (default: -g "daemon off;").
+# gpugate gateway entrypoint: lets nginx's workers write the route table's counters (and only
+# those), then runs nginx in the foreground. Arguments go to nginx (default: -g "daemon off;").
 #
-# The API creates the table file mode 0664; the workers (nginx.conf's `user`, group nogroup)
-# need it group-writable in their group. A setgid table directory gives a file created later that
-# group; a file that already exists (the API started first) is given it here.
+# The writer (the API, root) creates `routes` mode 0644 and `routes.counters` mode 0664 in a
+# directory only it may write. The workers (nginx.conf's `user`, group nogroup) need the counters
+# file group-writable in their group: a setgid directory gives a file created later that group;
+# a counters file that already exists (the API started first) is given it here. The routes file
+# is never made writable for the workers: they must not be able to change a route.
 set -eu
 dir=${GPUGATE_ROUTE_DIR:-/dev/shm/gpugate}
 group=${GPUGATE_WORKER_GROUP:-nogroup}
 mkdir -p "$dir"
 chgrp "$group" "$dir"
 chmod 2755 "$dir"
-for f in "$dir"/*; do
+for f in "$dir"/*.counters; do
   [ -f "$f" ] || continue
   chgrp "$group" "$f"
   chmod g+rw "$f"

@@ -2,9 +2,7 @@
 //! without a reload; every failure closes the connection; nothing crashes.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gpugate_tests::*;
 
@@ -93,59 +91,6 @@ fn established_connection_keeps_its_upstream_when_the_port_moves_or_goes() {
     assert_eq!(live.round_trip("two").as_deref(), Some("alpha:two"), "removal keeps live sessions");
     assert_eq!(probe(21200), Seen::Refused);
     ng.assert_no_crash();
-}
-
-#[test]
-fn writer_flipping_routes_while_clients_connect_never_misroutes() {
-    let (lo, hi) = (21300u16, 21315u16);
-    let (mut w, ng) = gateway("flip", lo, hi, ProxyForm::Balancer);
-    let pids = ng.pids();
-    // Each port flips between its own two backends; a connection that lands anywhere else
-    // read a torn or wrong slot.
-    let pairs: Vec<(Backend, Backend)> = (lo..=hi)
-        .map(|p| (Backend::start(&format!("p{p}a"), "127.0.0.1:0"), Backend::start(&format!("p{p}b"), "127.0.0.1:0")))
-        .collect();
-    for (p, (a, _)) in (lo..=hi).zip(&pairs) {
-        w.set(p, &route(a.addr, &format!("e{p}"), Service::Ssh)).unwrap();
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let targets: Vec<(u16, [std::net::SocketAddr; 2])> =
-        (lo..=hi).zip(&pairs).map(|(p, (a, b))| (p, [a.addr, b.addr])).collect();
-    let flips = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                for (p, addrs) in &targets {
-                    let mut r = route(addrs[(n % 2) as usize], &format!("e{p}"), Service::Ssh);
-                    r.generation = n;
-                    w.set(*p, &r).unwrap();
-                }
-                n += 1;
-            }
-            n
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(4);
-    let mut connections = 0u32;
-    while Instant::now() < deadline {
-        for p in lo..=hi {
-            match probe(p) {
-                Seen::Backend(name) => {
-                    assert!(name == format!("p{p}a") || name == format!("p{p}b"), "port {p} reached {name}");
-                    connections += 1;
-                }
-                Seen::Refused => panic!("port {p} refused while it always had a route"),
-            }
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    let rounds = flips.join().unwrap();
-    assert!(connections > 200, "only {connections} connections");
-    assert!(rounds > 1000, "only {rounds} flip rounds");
-    assert_eq!(ng.pids(), pids, "no worker crashed or restarted");
-    ng.assert_no_crash();
-    eprintln!("{connections} connections during {rounds} rounds of {} route flips", hi - lo + 1);
 }
 
 #[test]
