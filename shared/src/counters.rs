@@ -353,7 +353,9 @@ impl CounterFile {
         let get = |w: &AtomicU64| value_for(w.load(Ordering::Relaxed), t).unwrap_or(0);
         let mut active = 0u64;
         for i in 0..MAX_WORKERS {
-            let o = self.map.worker_slot(i).owner.load(Ordering::Acquire);
+            // Relaxed: readers may map this file read-only; a row being claimed or cleared
+            // reads as a transient under- or over-count, never as a lasting one.
+            let o = self.map.worker_slot(i).owner.load(Ordering::Relaxed);
             if o == 0 || o & SWEEPING != 0 {
                 continue;
             }

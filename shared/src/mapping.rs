@@ -163,18 +163,24 @@ impl Mapping {
 
     /// Checks the header against the layout this build knows. Cheap: a few atomic loads.
     pub fn validate(&self) -> Result<()> {
-        let (magic, version, checks) = match self.kind {
+        // The magic first, then an Acquire fence, then the rest: the writer stores the magic
+        // last with Release at init, so seeing it means seeing the header. (Relaxed + fence:
+        // readers map the file read-only, where only Relaxed loads are plain loads.)
+        let magic = match self.kind {
+            Kind::Routes => self.header().magic.load(Ordering::Relaxed),
+            Kind::Counters => self.counters_header().magic.load(Ordering::Relaxed),
+        };
+        std::sync::atomic::fence(Ordering::Acquire);
+        let (version, checks) = match self.kind {
             Kind::Routes => {
                 let h = self.header();
-                // Acquire pairs with the writer's Release store of `magic`, made last at init:
-                // seeing the magic means seeing the rest of the header.
                 let checks: [(bool, &'static str); 4] = [
                     (h.header_size.load(Ordering::Relaxed) as usize == HEADER_SIZE, "header size"),
                     (h.port_slots.load(Ordering::Relaxed) as usize == PORT_SLOTS, "port slot count"),
                     (h.slot_size.load(Ordering::Relaxed) as usize == SLOT_SIZE, "slot size"),
                     (h.ports_offset.load(Ordering::Relaxed) as usize == PORTS_OFFSET, "ports offset"),
                 ];
-                (h.magic.load(Ordering::Acquire), h.version.load(Ordering::Relaxed), checks)
+                (h.version.load(Ordering::Relaxed), checks)
             }
             Kind::Counters => {
                 let h = self.counters_header();
@@ -184,7 +190,7 @@ impl Mapping {
                     (h.worker_slots.load(Ordering::Relaxed) as usize == MAX_WORKERS, "worker slots"),
                     (h.cells_offset.load(Ordering::Relaxed) as usize == CELLS_OFFSET, "cells offset"),
                 ];
-                (h.magic.load(Ordering::Acquire), h.version.load(Ordering::Relaxed), checks)
+                (h.version.load(Ordering::Relaxed), checks)
             }
         };
         let want = if self.kind == Kind::Routes { MAGIC } else { COUNTERS_MAGIC };

@@ -124,8 +124,12 @@ impl Table {
     /// The header's generation, heartbeat, writer pid and clean mark.
     pub fn header_info(&self) -> HeaderInfo {
         let h = self.map.header();
+        // Relaxed + fence(Acquire) (read-only mapping): a reader that sees a generation also
+        // sees the slot writes before it.
+        let generation = h.generation.load(Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
         HeaderInfo {
-            generation: h.generation.load(Ordering::Acquire),
+            generation,
             heartbeat_ms: h.heartbeat_ms.load(Ordering::Relaxed),
             writer_pid: h.writer_pid.load(Ordering::Relaxed),
             clean: h.clean.load(Ordering::Relaxed) == 1,

@@ -13,7 +13,7 @@
 //! 4. store copy 1 with `Relaxed` stores.
 //!
 //! Read protocol (nginx workers, the CLI, the API):
-//! 1. `s1 = seq.load(Acquire)`; `i = s1 & 1`.
+//! 1. `s1 = seq.load(Relaxed)`; `fence(Acquire)`; `i = s1 & 1`.
 //! 2. load copy `i` with `Relaxed` loads.
 //! 3. `fence(Acquire)`.
 //! 4. `s2 = seq.load(Relaxed)`; the copy is whole if `s1 == s2`, otherwise retry.
@@ -25,7 +25,7 @@
 //!   the fence happens before R4, and `s2 != s1`: the copy is discarded.
 //! - Fresh: the `Release` store that produced `s1` was made after the stores of copy `i` it
 //!   names (W2 before W3 for copy 0; the previous write's W4 before this write's W1 for copy 1),
-//!   and R1's `Acquire` synchronises with it, so R2 sees at least those stores.
+//!   and R1's fence synchronises with it, so R2 sees at least those stores.
 //! - Every word is an atomic, so a concurrent copy is never undefined behaviour, only
 //!   possibly discarded.
 //!
@@ -137,7 +137,11 @@ fn step() {}
 /// steps for [`MAX_READ_SPINS`] tries.
 pub(crate) fn read(slot: &PortSlot) -> Option<RawRoute> {
     for _ in 0..MAX_READ_SPINS {
-        let s1 = slot.seq.load(Ordering::Acquire);
+        // Relaxed + fence(Acquire) rather than an Acquire load: readers map the file read-only,
+        // where only Relaxed loads are guaranteed to be plain loads; the fence gives the same
+        // synchronisation with the writer's Release store of the sequence.
+        let s1 = slot.seq.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
         let raw = load(&slot.copies[(s1 & 1) as usize]);
         fence(Ordering::Acquire);
         if slot.seq.load(Ordering::Relaxed) == s1 {
