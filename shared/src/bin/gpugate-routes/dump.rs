@@ -119,7 +119,7 @@ fn write(t: &Table, args: &DumpArgs, o: &mut impl Write) -> io::Result<()> {
     )?;
     writeln!(
         o,
-        "{:>5}  {:<40} {:<16} {:<7} {:>6} {:<7} {:>8} {:>6} {:>7} {:>12} {:>12}",
+        "{:>5}  {:<40} {:<16} {:<7} {:>6} {:<7} {:>8} {:>6} {:>7} {:>6} {:>12} {:>12}",
         "PORT",
         "UPSTREAM",
         "ENV",
@@ -129,13 +129,14 @@ fn write(t: &Table, args: &DumpArgs, o: &mut impl Write) -> io::Result<()> {
         "CONNS",
         "ACTIVE",
         "REFUSED",
+        "FAILED",
         "BYTES_IN",
         "BYTES_OUT"
     )?;
     for r in rows {
         writeln!(
             o,
-            "{:>5}  {:<40} {:<16} {:<7} {:>6} {:<7} {:>8} {:>6} {:>7} {:>12} {:>12}",
+            "{:>5}  {:<40} {:<16} {:<7} {:>6} {:<7} {:>8} {:>6} {:>7} {:>6} {:>12} {:>12}",
             r.port,
             r.upstream,
             r.env_id,
@@ -145,6 +146,7 @@ fn write(t: &Table, args: &DumpArgs, o: &mut impl Write) -> io::Result<()> {
             r.counters.connections_total,
             r.counters.connections_active,
             r.counters.refused_total,
+            r.counters.upstream_failed_total,
             r.counters.bytes_in,
             r.counters.bytes_out
         )?;
