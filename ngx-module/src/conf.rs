@@ -3,6 +3,7 @@
 //! ```nginx
 //! stream {
 //!     gpugate_route_table /dev/shm/gpugate/routes;   # MainConf
+//!     gpugate_flush_interval 1s;                     # SrvConf (stream or server level)
 //!     upstream gpugate { gpugate_balancer; }          # balancer.rs
 //!     server {
 //!         listen 20000-20999;
@@ -17,7 +18,8 @@ use std::path::PathBuf;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_cycle_t, ngx_flag_t, ngx_pool_cleanup_add,
+    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_cycle_t, ngx_flag_t, ngx_msec_t,
+    ngx_pool_cleanup_add,
     ngx_str_t, ngx_stream_session_t, NGX_CONF_UNSET, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::ngx_conf_log_error;
@@ -36,12 +38,20 @@ pub struct MainConf {
     pub source: *mut RouteSource,
 }
 
-/// `server {}`-level configuration (also allocated, unused, for `upstream {}` blocks).
+/// `server {}`-level configuration (also allocated, unused, for `upstream {}` blocks;
+/// `gpugate_flush_interval` at `stream {}` level is inherited by every server).
 #[repr(C)]
 pub struct SrvConf {
     /// `gpugate_route on|off`.
     pub route: ngx_flag_t,
+    /// `gpugate_flush_interval`, milliseconds (0: off); `NGX_CONF_UNSET_MSEC` until merged.
+    pub flush_interval: ngx_msec_t,
 }
+
+/// Default `gpugate_flush_interval`: one second.
+pub const DEFAULT_FLUSH_MS: ngx_msec_t = 1000;
+const UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+
 
 /// This module's main configuration of a session's server.
 ///
@@ -132,7 +142,7 @@ unsafe extern "C" fn drop_source(data: *mut c_void) {
 }
 
 pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
-    let value = SrvConf { route: NGX_CONF_UNSET as ngx_flag_t };
+    let value = SrvConf { route: NGX_CONF_UNSET as ngx_flag_t, flush_interval: UNSET_MSEC };
     // SAFETY: cf->pool is the configuration pool; SrvConf is plain data.
     match unsafe { pool_alloc((*cf).pool, value) } {
         Some(p) => p as *mut c_void,
@@ -142,13 +152,18 @@ pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
 
 pub unsafe extern "C" fn merge_srv_conf(
     cf: *mut ngx_conf_t,
-    _prev: *mut c_void,
+    prev: *mut c_void,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: nginx passes the server's SrvConf created by create_srv_conf.
-    let scf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: nginx passes the server's SrvConf created by create_srv_conf, and the one of
+    // the enclosing level (the stream block's) as `prev`.
+    let (scf, prev) = unsafe { (&mut *(conf as *mut SrvConf), &*(prev as *const SrvConf)) };
     if scf.route == NGX_CONF_UNSET as ngx_flag_t {
         scf.route = 0;
+    }
+    if scf.flush_interval == UNSET_MSEC {
+        scf.flush_interval =
+            if prev.flush_interval == UNSET_MSEC { DEFAULT_FLUSH_MS } else { prev.flush_interval };
     }
     // SAFETY: merging runs inside the stream block, after the whole block was parsed, so
     // the main configuration is final.
@@ -162,6 +177,42 @@ pub unsafe extern "C" fn merge_srv_conf(
         return NGX_CONF_ERROR;
     }
     NGX_CONF_OK
+}
+
+/// `gpugate_flush_interval TIME;`
+pub unsafe extern "C" fn cmd_set_flush_interval(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: registered with NGX_STREAM_SRV_CONF_OFFSET, so `conf` is a SrvConf.
+    let scf = unsafe { &mut *(conf as *mut SrvConf) };
+    if scf.flush_interval != UNSET_MSEC {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    // SAFETY: called as a directive handler; NGX_CONF_TAKE1 guarantees two arguments.
+    let mut value = unsafe { conf_args(cf) }[1];
+    let text = String::from_utf8_lossy(str_bytes(&value)).into_owned();
+    // SAFETY: parses the argument nginx holds for the duration of the call.
+    let ms = unsafe { ngx::ffi::ngx_parse_time(&mut value, 0) };
+    if ms < 0 {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"gpugate_flush_interval\" \"{text}\" is not a time (expected e.g. 1s or 500ms)"
+        );
+        return NGX_CONF_ERROR;
+    }
+    match crate::route_source::check_flush_interval(ms as u64) {
+        Ok(ms) => {
+            scf.flush_interval = ms as ngx_msec_t;
+            NGX_CONF_OK
+        }
+        Err(why) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"gpugate_flush_interval\" \"{text}\" {why}");
+            NGX_CONF_ERROR
+        }
+    }
 }
 
 /// `gpugate_route_table PATH;`

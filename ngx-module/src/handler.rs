@@ -25,11 +25,11 @@ use crate::ffi::{
     cycle_log, monotonic_ms, pool_alloc, pool_str, session_entry, set_session_ctx, RawSockaddr,
     SessionArray,
 };
+use crate::live::{self, Live};
 use crate::route_source::{Decision, Notice, RouteStatus};
 
 /// What a session keeps of its lookup: a valid Rust value moved into the connection's pool
-/// (no Drop). Kept small (about 100 bytes) so it is a small allocation of the pool, not a
-/// malloc of its own.
+/// (no Drop).
 pub struct SessionCtx {
     pub port: u16,
     pub status: RouteStatus,
@@ -43,9 +43,17 @@ pub struct SessionCtx {
     /// The upstream as a socket address, for the balancer.
     pub sockaddr: RawSockaddr,
     pub socklen: socklen_t,
+    /// The port's revoke epoch at open and the table mapping it came from.
+    pub epoch: u64,
+    pub table_serial: u32,
+    /// The live-session timer's state.
+    pub live: Live,
 }
 
-const _: () = assert!(std::mem::size_of::<SessionCtx>() <= 128);
+/// The connection pool's blocks are 256 bytes, of which 176 serve small allocations; the
+/// context stays below that so it is carved from a block, not malloc'ed on its own.
+pub const SESSION_CTX_SIZE: usize = std::mem::size_of::<SessionCtx>();
+const _: () = assert!(SESSION_CTX_SIZE <= 176);
 
 impl SessionCtx {
     fn new(port: u16, d: &Decision) -> SessionCtx {
@@ -63,6 +71,9 @@ impl SessionCtx {
             upstream: d.route.filter(|_| d.status == RouteStatus::Ok).map(|r| r.upstream),
             sockaddr,
             socklen,
+            epoch: d.epoch,
+            table_serial: d.table_serial,
+            live: Live::new(),
         }
     }
 
@@ -71,9 +82,16 @@ impl SessionCtx {
         matches!(self.status, RouteStatus::Ok | RouteStatus::Expired)
     }
 
-    /// The decision again, for counting the close.
-    fn decision(&self) -> Decision {
-        Decision { status: self.status, route: None, owner: self.owner, sink: self.sink }
+    /// The decision again, for counting, flushing and revoke checks.
+    pub fn decision(&self) -> Decision {
+        Decision {
+            status: self.status,
+            route: None,
+            owner: self.owner,
+            sink: self.sink,
+            epoch: self.epoch,
+            table_serial: self.table_serial,
+        }
     }
 }
 
@@ -196,6 +214,11 @@ unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
     // SAFETY: `ctx` was allocated from this session's connection pool.
     unsafe { set_session_ctx(s, ctx_index(), ctx as *mut std::ffi::c_void) };
     if decision.status == RouteStatus::Ok {
+        if scf.flush_interval > 0 {
+            // SAFETY: a live session whose context was just set; without memory for the timer
+            // the session runs with its bytes counted at close only.
+            let _ = unsafe { live::start(s, &*ctx, scf.flush_interval) };
+        }
         NGX_DECLINED as ngx_int_t
     } else {
         // Fail closed: finalize the session now; the log phase still runs (access log shows
@@ -212,22 +235,19 @@ unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     // SAFETY: a session with a context had a source when preread ran; the source lives as
     // long as the configuration.
     let Some(source) = (unsafe { mcf.source.as_ref() }) else { return NGX_OK as ngx_int_t };
-    // SAFETY: as above; `received` counts bytes from the client, `sent` bytes to it, and
-    // `status` is the session's final status (502 when the upstream could not be connected).
-    let (bytes_in, bytes_out, status) = unsafe { ((*s).received, (*(*s).connection).sent, (*s).status) };
-    let outcome = if status == NGX_STREAM_BAD_GATEWAY as usize {
+    // SAFETY: the session's context; its timer (if any) is in its live pool.
+    unsafe { live::stop(ctx) };
+    // SAFETY: as above; `status` is the session's final status (502 when the upstream could
+    // not be connected).
+    let (status, (bytes_in, bytes_out)) = unsafe { ((*s).status, live::take_pending(s, &ctx.live)) };
+    let outcome = if ctx.live.revoked.get() {
+        Outcome::Revoked
+    } else if status == NGX_STREAM_BAD_GATEWAY as usize {
         Outcome::UpstreamFailed
     } else {
         Outcome::Proxied
     };
-    source.close(
-        &ctx.decision(),
-        ctx.port,
-        outcome,
-        u64::try_from(bytes_in).unwrap_or(0),
-        u64::try_from(bytes_out).unwrap_or(0),
-        gpugate_routes::now_ms(),
-    );
+    source.close(&ctx.decision(), ctx.port, outcome, bytes_in, bytes_out, gpugate_routes::now_ms());
     NGX_OK as ngx_int_t
 }
 

@@ -25,6 +25,8 @@ mod conf;
 mod ffi;
 #[cfg(not(test))]
 mod handler;
+#[cfg(not(test))]
+mod live;
 
 #[cfg(not(test))]
 pub use wiring::ngx_stream_gpugate_module;
@@ -53,7 +55,7 @@ mod wiring {
     };
 
     // nginx takes `*mut` command and context pointers but never writes through them.
-    static mut COMMANDS: [ngx_command_t; 4] = [
+    static mut COMMANDS: [ngx_command_t; 5] = [
         ngx_command_t {
             name: ngx_string!("gpugate_route_table"),
             type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -68,6 +70,14 @@ mod wiring {
             set: Some(ngx_conf_set_flag_slot),
             conf: NGX_STREAM_SRV_CONF_OFFSET,
             offset: std::mem::offset_of!(conf::SrvConf, route),
+            post: std::ptr::null_mut(),
+        },
+        ngx_command_t {
+            name: ngx_string!("gpugate_flush_interval"),
+            type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+            set: Some(conf::cmd_set_flush_interval),
+            conf: NGX_STREAM_SRV_CONF_OFFSET,
+            offset: 0,
             post: std::ptr::null_mut(),
         },
         ngx_command_t {

@@ -25,6 +25,15 @@ pub const RETRY_MS: u64 = 100;
 /// the path.
 pub const RECHECK_MS: u64 = 1000;
 
+/// Checks a `gpugate_flush_interval` value in milliseconds: 0 (off) or 50 ms to 1 hour.
+pub fn check_flush_interval(ms: u64) -> Result<u64, &'static str> {
+    match ms {
+        0 | 50..=3_600_000 => Ok(ms),
+        1..50 => Err("is too short: at least 50ms (or 0 to turn live accounting and revoke off)"),
+        _ => Err("is too long: at most 1h"),
+    }
+}
+
 /// What the module answers for one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -90,6 +99,10 @@ pub struct Decision {
     pub owner: u64,
     /// Where this session's close is counted (null: not counted).
     pub sink: *const CounterSink,
+    /// The port's revoke epoch when the session opened, and which mapping of the table it
+    /// was read from (epochs of another file mean nothing).
+    pub epoch: u64,
+    pub table_serial: u32,
 }
 
 /// Something the process should log once: a change of the table's state.
@@ -110,8 +123,9 @@ pub struct RouteSource {
     path: PathBuf,
     counters_path: PathBuf,
     routes: RefCell<Option<Table>>,
-    /// Whether a routes table was ever mapped (to tell "replaced" from "opened").
-    ever_opened: Cell<bool>,
+    /// How many routes tables were mapped so far: names the current one for revoke checks
+    /// (and tells "replaced" from "opened").
+    serial: Cell<u32>,
     counters: Cell<*const CounterSink>,
     /// Every counters mapping some session or `counters` still points at; boxed so the
     /// pointers stay valid when the vector reallocates.
@@ -138,7 +152,7 @@ impl RouteSource {
             counters_path: counters_path(&path),
             path,
             routes: RefCell::new(None),
-            ever_opened: Cell::new(false),
+            serial: Cell::new(0),
             counters: Cell::new(std::ptr::null()),
             sinks: RefCell::new(Vec::new()),
             next_check_ms: Cell::new(0),
@@ -188,10 +202,9 @@ impl RouteSource {
             Ok(t) => {
                 *slot = Some(t);
                 self.logged_cause.set(None);
-                notices.push(Notice::Opened {
-                    path: self.path.clone(),
-                    replaced: self.ever_opened.replace(true),
-                });
+                let serial = self.serial.get();
+                self.serial.set(serial.wrapping_add(1));
+                notices.push(Notice::Opened { path: self.path.clone(), replaced: serial > 0 });
             }
             Err(e) => self.fail(e, notices),
         }
@@ -309,9 +322,13 @@ impl RouteSource {
         let routes = self.routes.borrow();
         let Some(table) = routes.as_ref() else {
             let status = if self.missing.get() { RouteStatus::NoTable } else { RouteStatus::BadTable };
-            return (Decision { status, route: None, owner: 0, sink: std::ptr::null() }, notices);
+            let d = Decision { status, route: None, owner: 0, sink: std::ptr::null(), epoch: 0, table_serial: 0 };
+            return (d, notices);
         };
         let (lookup, owner) = table.lookup_owned(port, wall_ms);
+        // Read after the route: a revoke that lands in between is one this session need not
+        // obey (it opened as good as after it).
+        let epoch = table.revoke_epoch(port);
         let (status, route) = match lookup {
             Lookup::Live(r) => (RouteStatus::Ok, Some(r)),
             Lookup::Absent => (RouteStatus::NoRoute, None),
@@ -328,7 +345,31 @@ impl RouteSource {
                 s.file.count_refused(port);
             }
         }
-        (Decision { status, route, owner, sink }, notices)
+        (Decision { status, route, owner, sink, epoch, table_serial: self.serial.get() }, notices)
+    }
+
+    /// Whether the session given `d` on `port` was revoked since it opened: the table it was
+    /// routed by is still the mapped one and the port's revoke epoch moved on.
+    pub fn revoked(&self, d: &Decision, port: u16) -> bool {
+        let routes = self.routes.borrow();
+        match routes.as_ref() {
+            Some(t) if self.serial.get() == d.table_serial && !t.poisoned() => {
+                t.revoke_epoch(port) != d.epoch
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds the bytes an open session moved since its last flush (deltas) to its counters.
+    pub fn flush(&self, d: &Decision, port: u16, bytes_in: u64, bytes_out: u64, wall_ms: u64) {
+        if d.sink.is_null() {
+            return;
+        }
+        // SAFETY: as in `close`: the sink outlives every session that points at it.
+        let s = unsafe { &*d.sink };
+        if !s.file.poisoned() {
+            s.file.session_flush(port, d.owner, bytes_in, bytes_out, wall_ms);
+        }
     }
 
     /// Counts the end of a session that [`RouteSource::decide`] gave `d`.

@@ -175,3 +175,34 @@ fn status_names() {
     assert_eq!(RouteStatus::Ok.as_str(), "ok");
     assert_eq!(RouteStatus::NoTable.as_str(), "no_table");
 }
+
+#[test]
+fn live_flushes_and_revoke() {
+    let path = tmp();
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("127.0.0.1:1000")).unwrap();
+    let src = RouteSource::new(path.clone());
+    let (d, _) = src.decide(20000, 1_000, 10);
+    src.flush(&d, 20000, 100, 200, 20);
+    let c = w.table().counters(20000);
+    assert_eq!((c.bytes_in, c.bytes_out, c.connections_active, c.last_activity_ms), (100, 200, 1, 20));
+    src.flush(&d, 20000, 0, 0, 30);
+    assert_eq!(w.table().counters(20000).last_activity_ms, 20, "no bytes moved, no activity");
+    assert!(!src.revoked(&d, 20000));
+    w.revoke(20000).unwrap();
+    assert!(src.revoked(&d, 20000));
+    let (after, _) = src.decide(20000, 1_001, 40);
+    assert!(!src.revoked(&after, 20000), "a session opened after the revoke stays");
+    src.close(&d, 20000, Outcome::Revoked, 1, 2, 50);
+    let c = w.table().counters(20000);
+    assert_eq!((c.bytes_in, c.bytes_out, c.connections_total, c.revoked_total), (101, 202, 1, 1));
+    assert_eq!(c.connections_active, 1);
+}
+
+#[test]
+fn flush_interval_bounds() {
+    assert_eq!(check_flush_interval(0), Ok(0));
+    assert_eq!(check_flush_interval(1000), Ok(1000));
+    assert!(check_flush_interval(10).unwrap_err().contains("at least 50ms"));
+    assert!(check_flush_interval(3_600_001).unwrap_err().contains("at most 1h"));
+}

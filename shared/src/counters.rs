@@ -80,11 +80,13 @@ pub struct Counters {
     pub refused_total: u64,
     /// Sessions whose upstream could not be connected.
     pub upstream_failed_total: u64,
-    /// Bytes from clients to the workspace, added when each session ends.
+    /// Sessions closed by a revoke (also in `connections_total`).
+    pub revoked_total: u64,
+    /// Bytes from clients to the workspace (flushed while sessions are open, exact at the end).
     pub bytes_in: u64,
-    /// Bytes from the workspace to clients, added when each session ends.
+    /// Bytes from the workspace to clients (likewise).
     pub bytes_out: u64,
-    /// Last session start or end, unix milliseconds.
+    /// Last session start or end, or last flush that saw bytes move, unix milliseconds.
     pub last_activity_ms: u64,
 }
 
@@ -93,6 +95,8 @@ pub struct Counters {
 pub enum Outcome {
     /// The upstream was connected and the session ran.
     Proxied,
+    /// The session was proxied and then closed by a revoke.
+    Revoked,
     /// The upstream could not be connected (refused, timed out, unreachable).
     UpstreamFailed,
 }
@@ -316,8 +320,25 @@ impl CounterFile {
         let s = self.slot(port);
         match outcome {
             Outcome::Proxied => tagged_add(&s.connections_total, t, 1),
+            Outcome::Revoked => {
+                tagged_add(&s.connections_total, t, 1);
+                tagged_add(&s.revoked_total, t, 1);
+            }
             Outcome::UpstreamFailed => tagged_add(&s.upstream_failed_total, t, 1),
         }
+        tagged_add(&s.bytes_in, t, bytes_in);
+        tagged_add(&s.bytes_out, t, bytes_out);
+        tagged_max(&s.last_activity_ms, t, now_ms);
+    }
+
+    /// Adds the bytes a still-open session moved since its last flush (`bytes_in`,
+    /// `bytes_out` are deltas); a flush that saw bytes move is activity at `now_ms`.
+    pub fn session_flush(&self, port: u16, owner: u64, bytes_in: u64, bytes_out: u64, now_ms: u64) {
+        if bytes_in == 0 && bytes_out == 0 {
+            return;
+        }
+        let s = self.slot(port);
+        let t = tag(owner);
         tagged_add(&s.bytes_in, t, bytes_in);
         tagged_add(&s.bytes_out, t, bytes_out);
         tagged_max(&s.last_activity_ms, t, now_ms);
@@ -331,7 +352,14 @@ impl CounterFile {
         // Release store) is ordered after them, so a worker that sees the new route also sees
         // its tag here.
         s.owner.store(owner, Ordering::Relaxed);
-        for w in [&s.connections_total, &s.upstream_failed_total, &s.bytes_in, &s.bytes_out, &s.last_activity_ms] {
+        for w in [
+            &s.connections_total,
+            &s.upstream_failed_total,
+            &s.revoked_total,
+            &s.bytes_in,
+            &s.bytes_out,
+            &s.last_activity_ms,
+        ] {
             w.store(pack(t, 0), Ordering::Relaxed);
         }
         s.refused_total.store(0, Ordering::Relaxed);
@@ -366,6 +394,7 @@ impl CounterFile {
             connections_active: active,
             refused_total: s.refused_total.load(Ordering::Relaxed),
             upstream_failed_total: get(&s.upstream_failed_total),
+            revoked_total: get(&s.revoked_total),
             bytes_in: get(&s.bytes_in),
             bytes_out: get(&s.bytes_out),
             last_activity_ms: get(&s.last_activity_ms),

@@ -21,7 +21,8 @@
 //!  80  writer_pid       u32  pid of the process holding the writer lock
 //!  84  clean            u32  1 while no writer is inside the table (set at a clean close)
 //!
-//! ports_offset       PortSlot[65536]   (192 bytes each: sequence + two copies of the route)
+//! ports_offset       PortSlot[65536]   (192 bytes each: sequence, two copies of the route,
+//!                                       revoke epoch at 136, padding)
 //! ```
 //!
 //! The counters file (`<routes>.counters`) is written by nginx workers as well, so that a
@@ -42,7 +43,9 @@
 //!  48  cells_offset    u64 workers_offset + MAX_WORKERS * 64
 //!  56  file_size       u64
 //!  64  owners          u64  last owner stamp handed out by the writer
-//! counters_offset  CounterSlot[65536]           per-port totals, tagged with the route owner
+//! counters_offset  CounterSlot[65536]           per-port totals, tagged with the route owner:
+//!                  0 connections_total, 8 refused_total, 16 upstream_failed_total,
+//!                  24 bytes_in, 32 bytes_out, 40 last_activity_ms, 48 owner, 56 revoked_total
 //! workers_offset   WorkerSlot[MAX_WORKERS]      which process owns each row of cells
 //! cells_offset     [u64; 65536][MAX_WORKERS]    open sessions per worker and port
 //! ```
@@ -143,6 +146,10 @@ pub struct PortSlot {
     /// Sequence: bumped twice per write; its low bit names the copy readers use.
     pub seq: AtomicU64,
     pub copies: [RouteWords; 2],
+    /// Revoke epoch, outside the latch: bumped by the writer to end every session opened on
+    /// this port before the bump. A session remembers the epoch it opened under; nginx closes
+    /// it within one flush interval once the epoch moved on. Re-pointing does not bump it.
+    pub revoke_epoch: AtomicU64,
 }
 
 /// The counters file header.
@@ -184,7 +191,8 @@ pub struct CounterSlot {
     pub last_activity_ms: AtomicU64,
     /// The full owner stamp these counters were last reset for (written by the writer).
     pub owner: AtomicU64,
-    pub reserved: AtomicU64,
+    /// Sessions closed by a revoke (tagged; also in `connections_total`).
+    pub revoked_total: AtomicU64,
 }
 
 /// One row of session cells: which process owns it.
@@ -214,6 +222,7 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, clean) == 84);
     assert!(std::mem::size_of::<RouteWords>() == 64);
     assert!(std::mem::offset_of!(PortSlot, copies) == 8);
+    assert!(std::mem::offset_of!(PortSlot, revoke_epoch) == 136);
     assert!(std::mem::offset_of!(RouteWords, addr) == 8);
     assert!(std::mem::offset_of!(RouteWords, env_id) == 24);
     assert!(std::mem::offset_of!(RouteWords, expires_ms) == 48);

@@ -156,6 +156,14 @@ impl Table {
         }
     }
 
+    /// The revoke epoch of `port`: sessions opened under an earlier epoch are to be closed.
+    #[inline]
+    pub fn revoke_epoch(&self, port: u16) -> u64 {
+        // Relaxed: a session compares it with the value it read at open; a late sight of a
+        // bump only delays the close to the next flush.
+        self.map.port_slot(port).revoke_epoch.load(Ordering::Relaxed)
+    }
+
     /// Every port with a route (live or expired), in port order.
     pub fn routes(&self) -> impl Iterator<Item = (u16, Route)> + '_ {
         (1..=u16::MAX).filter_map(move |port| {

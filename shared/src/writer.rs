@@ -240,6 +240,20 @@ impl Writer {
         Ok(true)
     }
 
+    /// Revokes every session open on `port` now: bumps the port's revoke epoch, and nginx
+    /// closes each session opened before it within one flush interval (`gpugate_flush_interval`).
+    /// The route itself is unchanged: new connections still go where it points. Returns the
+    /// new epoch.
+    pub fn revoke(&mut self, port: u16) -> Result<u64> {
+        if port == 0 {
+            return Err(Error::InvalidRoute("port 0 cannot be routed".into()));
+        }
+        // Release: ordered after everything written before it (a removal that goes with it).
+        let epoch = self.mapping().port_slot(port).revoke_epoch.fetch_add(1, Ordering::Release) + 1;
+        self.bump_generation();
+        Ok(epoch)
+    }
+
     /// Makes the table hold exactly `routes`: writes the ones that differ and clears every
     /// other slot. The whole-table re-sync of the publisher.
     pub fn sync(&mut self, routes: &BTreeMap<u16, Route>) -> Result<SyncReport> {

@@ -221,9 +221,12 @@ fn stack_end_to_end() {
                 }
                 n
             });
-            let made: usize = workers.into_iter().map(|w| w.join().expect("churn client panicked")).sum();
+            // Join every client before judging any, and stop the checker either way: a failed
+            // client must fail the test, not leave the checker looping forever.
+            let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             let checks = checker.join().expect("session checker panicked");
+            let made: usize = joined.into_iter().map(|r| r.expect("churn client panicked")).sum();
             assert_eq!(made, CHURN);
             report(&format!(
                 "  {made} created and deleted in {:.1} s ({:.0} ms each, {CHURN_CLIENTS} clients); session answered {checks} round trips",

@@ -1,4 +1,4 @@
-//! One route change (`set` or `rm`): its arguments, defined once for the single commands and for
+//! One route change (`set`, `rm` or `revoke`): its arguments, defined once for the single commands and for
 //! the lines of `apply` so the two syntaxes cannot drift, its checks, and how it is written.
 
 use std::fmt;
@@ -14,6 +14,9 @@ pub enum Change {
     Set(SetArgs),
     /// Remove the route of PORT.
     Rm(RmArgs),
+    /// Close every session open on PORT (within nginx's gpugate_flush_interval); the route
+    /// stays and new connections still work.
+    Revoke(RmArgs),
 }
 
 #[derive(Args, Debug)]
@@ -61,12 +64,16 @@ pub enum Checked {
     Rm {
         port: u16,
     },
+    Revoke {
+        port: u16,
+    },
 }
 
 /// What a change did, worded for the single commands' confirmation line.
 pub enum Done {
     Set { port: u16, route: Route },
     Removed { port: u16 },
+    Revoked { port: u16, epoch: u64 },
 }
 
 impl fmt::Display for Done {
@@ -78,6 +85,7 @@ impl fmt::Display for Done {
                 route.upstream, route.env_id, route.service, route.generation
             ),
             Done::Removed { port } => write!(f, "{port} removed"),
+            Done::Revoked { port, epoch } => write!(f, "{port} sessions revoked (epoch {epoch})"),
         }
     }
 }
@@ -113,6 +121,7 @@ impl Change {
                 })
             }
             Change::Rm(a) => Ok(Checked::Rm { port: routable(a.port)? }),
+            Change::Revoke(a) => Ok(Checked::Revoke { port: routable(a.port)? }),
         }
     }
 }
@@ -135,6 +144,10 @@ impl Checked {
                     return Err(format!("port {port} has no route"));
                 }
                 Ok(Done::Removed { port })
+            }
+            Checked::Revoke { port } => {
+                let epoch = w.revoke(port).map_err(|e| e.to_string())?;
+                Ok(Done::Revoked { port, epoch })
             }
         }
     }

@@ -16,6 +16,7 @@ mod ports;
 mod procs;
 mod reload;
 mod report;
+mod timers;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -57,6 +58,10 @@ struct Config {
     reloads: u16,
     /// GPUGATE_BENCH_CONNS: long-lived connections opened during the footprint runs.
     conns: u16,
+    /// GPUGATE_BENCH_IDLE_SESSIONS: idle sessions held for the flush-timer cost (0: skip).
+    idle_sessions: usize,
+    /// GPUGATE_BENCH_IDLE_SECS: how long their CPU is measured, per side.
+    idle_secs: u64,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -77,6 +82,8 @@ impl Config {
             changes: env_or("GPUGATE_BENCH_CHANGES", 10_000),
             reloads: env_or("GPUGATE_BENCH_RELOADS", 100),
             conns: env_or("GPUGATE_BENCH_CONNS", 100),
+            idle_sessions: env_or("GPUGATE_BENCH_IDLE_SESSIONS", 5000),
+            idle_secs: env_or("GPUGATE_BENCH_IDLE_SECS", 60),
         }
     }
 }
@@ -89,7 +96,7 @@ pub fn nginx_config(module: bool, stream_body: &str) -> String {
     nginx_conf_with(stream_body, opts)
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("[gpugate-bench] {msg}");
 }
 
@@ -129,8 +136,12 @@ fn main() {
     gateway_control(&cfg, &mut Ports::new(), echo, hold.addr, &mut report);
     reload_control(&cfg, &mut Ports::new(), echo, hold.addr, &mut report);
     report.lookup_ns = (lookup_live, lookup_miss);
+    let timers = (cfg.idle_sessions > 0).then(|| timers::measure(hold.addr, cfg.idle_sessions, cfg.idle_secs));
 
-    let text = report.render(&cfg);
+    let mut text = report.render(&cfg);
+    if let Some(t) = timers {
+        t.render(&mut text);
+    }
     print!("{text}");
     if let Some(path) = out {
         if let Err(e) = std::fs::write(&path, &text) {
@@ -374,7 +385,7 @@ impl Arrival {
 }
 
 /// Opens a long-lived connection through `port` and checks it reached the hold backend.
-fn open_held(port: u16) -> Client {
+pub(crate) fn open_held(port: u16) -> Client {
     let mut c = Client::connect(port).unwrap_or_else(|e| panic!("connect to {port}: {e}"));
     let greeting = c.read_line();
     assert_eq!(greeting.as_deref(), Some("hold"), "long-lived connection on port {port}");
@@ -382,6 +393,6 @@ fn open_held(port: u16) -> Client {
 }
 
 /// How many held connections still answer a round trip.
-fn check_held(held: &mut [Client]) -> usize {
+pub(crate) fn check_held(held: &mut [Client]) -> usize {
     held.iter_mut().filter_map(|c| c.round_trip("ping").filter(|r| r == "hold:ping")).count()
 }
