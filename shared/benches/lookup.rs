@@ -1,5 +1,5 @@
-//! Cost of one `Table::lookup` — the whole per-connection work of the data plane — on a live
-//! route and on a miss (a port with no route), measured with criterion.
+//! Cost of one `Table::lookup_owned` — the table read the module makes per connection — on a
+//! live route and on a miss (a port with no route), measured with criterion.
 //!
 //! `scripts/bench.sh` runs it and quotes criterion's median estimate from
 //! `target/criterion/lookup/{live,miss}/new/estimates.json`.
@@ -27,8 +27,8 @@ fn lookup(c: &mut Criterion) {
         expires_ms: None,
     };
     writer.set(LIVE_PORT, &route).expect("set the route");
-    // A separate mapping, as an nginx worker has: the reader never shares the writer's view.
-    let table = Table::open(&path).expect("open the table for reading");
+    // A separate, read-only mapping of the routes file, as an nginx worker has.
+    let table = Table::open_routes(&path).expect("open the table for reading");
     let now = now_ms();
     assert!(matches!(table.lookup(LIVE_PORT, now), Lookup::Live(_)));
     assert_eq!(table.lookup(MISS_PORT, now), Lookup::Absent);
@@ -37,10 +37,10 @@ fn lookup(c: &mut Criterion) {
     group.warm_up_time(Duration::from_millis(500));
     group.measurement_time(Duration::from_secs(2));
     group.bench_function("live", |b| {
-        b.iter(|| table.lookup(black_box(LIVE_PORT), black_box(now)))
+        b.iter(|| table.lookup_owned(black_box(LIVE_PORT), black_box(now)))
     });
     group.bench_function("miss", |b| {
-        b.iter(|| table.lookup(black_box(MISS_PORT), black_box(now)))
+        b.iter(|| table.lookup_owned(black_box(MISS_PORT), black_box(now)))
     });
     group.finish();
 

@@ -211,7 +211,7 @@ mod tests {
     }
 
     fn slot() -> PortSlot {
-        PortSlot { seq: AtomicU64::new(0), copies: [words(), words()] }
+        PortSlot { seq: AtomicU64::new(0), copies: [words(), words()], revoke_epoch: AtomicU64::new(0) }
     }
 
     fn raw(n: u64) -> RawRoute {

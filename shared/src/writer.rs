@@ -116,8 +116,16 @@ impl Writer {
         let counters = match files::open_owned(&dir, &cpath)? {
             Some(f) => f,
             None => files::create_whole(&dir, &cpath, COUNTERS_FILE_SIZE as u64, 0o664, |f| {
-                let map = Mapping::new(f.try_clone().map_err(|e| Error::io(&cpath, "dup", e))?, &cpath, Kind::Counters, true)?;
-                map.init_counters_header();
+                let cmap = Mapping::new(f.try_clone().map_err(|e| Error::io(&cpath, "dup", e))?, &cpath, Kind::Counters, true)?;
+                cmap.init_counters_header();
+                // Routes kept from an earlier counters file carry its owner stamps: hand out
+                // new ones above them, so a stamp never names two owners of one port.
+                let highest = (0..=u16::MAX)
+                    .filter_map(|port| seqlock::read(map.port_slot(port)))
+                    .map(|raw| raw.owner)
+                    .max()
+                    .unwrap_or(0);
+                cmap.counters_header().owners.store(highest, Ordering::Relaxed);
                 Ok(())
             })?,
         };

@@ -234,3 +234,19 @@ fn sync_writes_differences_and_removes_the_rest() {
     let ports: Vec<u16> = w.table().routes().map(|(p, _)| p).collect();
     assert_eq!(ports, vec![20001, 20002]);
 }
+
+#[test]
+fn a_new_counters_file_never_reuses_the_owner_stamps_of_kept_routes() {
+    let d = tmp_dir("restamp");
+    let path = d.join("routes");
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    for port in 20000..20010 {
+        w.set(port, &route("a", 22, 1)).unwrap();
+    }
+    let highest = w.table().lookup_owned(20009, 0).1;
+    drop(w);
+    std::fs::remove_file(counters_path(&path)).unwrap();
+    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    w.set(20000, &route("b", 22, 2)).unwrap();
+    assert!(w.table().lookup_owned(20000, 0).1 > highest, "stamps continue above the kept ones");
+}
