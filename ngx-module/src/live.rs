@@ -17,6 +17,16 @@ use ngx::ngx_log_error;
 use crate::conf::{session_main_conf, session_srv_conf};
 use crate::ffi::pool_alloc;
 use crate::handler::{session_ctx, SessionCtx};
+use crate::route_source::grid_delay;
+
+/// Arms `ev` for the next tick.
+///
+/// # Safety
+/// `ev` must be a live event of a live session.
+unsafe fn arm(ev: *mut ngx_event_t, interval: ngx_msec_t) {
+    // SAFETY: nginx's cached time, read on its only thread; the caller's contract for `ev`.
+    unsafe { ngx_add_timer(ev, grid_delay(ngx_current_msec as u64, interval as u64) as ngx_msec_t) };
+}
 
 /// What a session keeps for its timer.
 pub struct Live {
@@ -70,7 +80,7 @@ pub unsafe fn start(s: *mut ngx_stream_session_t, ctx: &SessionCtx, interval: ng
         (*ev).data = s as *mut c_void;
         (*ev).log = (*(*s).connection).log;
         (*ev).set_cancelable(1);
-        ngx_add_timer(ev, interval);
+        arm(ev, interval);
     }
     ctx.live.timer.set(ev);
     true
@@ -124,7 +134,7 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
         return;
     }
     // SAFETY: the event is the session's, which lives on.
-    unsafe { ngx_add_timer(ev, scf.flush_interval) };
+    unsafe { arm(ev, scf.flush_interval) };
 }
 
 /// Ends a proxied session from outside the proxy module, as the proxy's own finalize does:

@@ -34,6 +34,17 @@ pub fn check_flush_interval(ms: u64) -> Result<u64, &'static str> {
     }
 }
 
+/// Timer deadlines are rounded up to this grid (ms), so the timers of many sessions expire
+/// together and a worker wakes about 1000 / TICK_GRID_MS times a second, not once per
+/// millisecond in which some session was opened.
+pub const TICK_GRID_MS: u64 = 64;
+
+/// The delay to the first grid point at least `interval` from now.
+pub fn grid_delay(now: u64, interval: u64) -> u64 {
+    let at = now.wrapping_add(interval);
+    interval + (TICK_GRID_MS - at % TICK_GRID_MS) % TICK_GRID_MS
+}
+
 /// What the module answers for one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

@@ -206,3 +206,14 @@ fn flush_interval_bounds() {
     assert!(check_flush_interval(10).unwrap_err().contains("at least 50ms"));
     assert!(check_flush_interval(3_600_001).unwrap_err().contains("at most 1h"));
 }
+
+#[test]
+fn timer_deadlines_fall_on_the_grid_at_least_an_interval_away() {
+    for now in [0u64, 1, 63, 64, 1_000_003, u64::MAX - 10] {
+        for interval in [50u64, 200, 1000] {
+            let d = grid_delay(now, interval);
+            assert!(d >= interval && d < interval + TICK_GRID_MS, "{now} {interval} {d}");
+            assert_eq!(now.wrapping_add(d) % TICK_GRID_MS, 0, "{now} {interval} {d}");
+        }
+    }
+}

@@ -23,12 +23,10 @@
 //! (the master respawns a killed worker at once; a restarted nginx starts new ones) and by the
 //! writer when it shares that namespace. Readers add the cells whose tag is the route's.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::files::{pid_namespace, process_start};
 use crate::layout::{CounterSlot, MAX_WORKERS, PORT_SLOTS};
 use crate::mapping::{Kind, Mapping};
@@ -146,15 +144,7 @@ impl CounterFile {
     /// Opens and validates the counters file at `path`, writable or read-only, never through
     /// a symbolic link.
     pub fn open(path: &Path, writable: bool) -> Result<CounterFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => Error::Symlink { path: path.to_owned() },
-                _ => Error::io(path, "open", e),
-            })?;
+        let file = crate::files::open_nofollow(path, writable)?;
         CounterFile::from_mapping(Mapping::new(file, path, Kind::Counters, writable)?)
     }
 

@@ -133,6 +133,21 @@ pub(crate) fn open_owned(dir: &File, path: &Path) -> Result<Option<File>> {
     Ok(Some(file))
 }
 
+/// Opens `path` for reading (and writing, with `write`) without following a final symbolic
+/// link: the readers' way in.
+pub(crate) fn open_nofollow(path: &Path, write: bool) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::Symlink { path: path.to_owned() },
+            _ => Error::io(path, "open", e),
+        })
+}
+
 /// Sets `file`'s permission bits to `mode` (regardless of the umask).
 pub(crate) fn set_mode(file: &File, path: &Path, mode: u32) -> Result<()> {
     file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| Error::io(path, "chmod", e))

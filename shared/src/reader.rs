@@ -2,8 +2,6 @@
 //! counter snapshots. Readers map the routes file read-only: nothing but the writer can change
 //! a route.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
@@ -46,23 +44,10 @@ pub struct Table {
     counters: Option<CounterFile>,
 }
 
-/// Opens `path` read-only without following a final symbolic link.
-fn open_file(path: &Path, write: bool) -> Result<std::fs::File> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => Error::Symlink { path: path.to_owned() },
-            _ => Error::io(path, "open", e),
-        })
-}
-
 impl Table {
     /// Opens the routes file at `path` alone, read-only: what nginx needs to route.
     pub fn open_routes(path: &Path) -> Result<Table> {
-        let map = Mapping::new(open_file(path, false)?, path, Kind::Routes, false)?;
+        let map = Mapping::new(crate::files::open_nofollow(path, false)?, path, Kind::Routes, false)?;
         Table::from_parts(map, None)
     }
 

@@ -7,7 +7,6 @@
 //! Without the settling pass on open (see `seqlock::settle`), the kill points inside the
 //! second copy leave it half old, half new, and the readers catch it.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -15,26 +14,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use gpugate_routes::seqlock::{hooks, STORES_PER_WRITE};
-use gpugate_routes::{LockMode, Lookup, Route, Service, Table, Writer};
+mod common;
+
+use gpugate_routes::{LockMode, Lookup, Route, Table, Writer};
 
 const PORT: u16 = 30000;
 const READERS: usize = 2;
 
-/// The route written at generation `n`: IPv4 on even, IPv6 on odd generations.
 fn route_for(n: u64) -> Route {
-    let port = (n % 60000) as u16 + 1;
-    let upstream = if n % 2 == 0 {
-        SocketAddr::new(Ipv4Addr::from((n as u32).wrapping_mul(2654435761)).into(), port)
-    } else {
-        SocketAddr::new(Ipv6Addr::from((n as u128) << 64 | n as u128).into(), port)
-    };
-    Route {
-        upstream,
-        env_id: format!("c{:x}", n % 0xffff_ffff).parse().expect("env id"),
-        service: Service::ALL[(n % 5) as usize],
-        generation: n,
-        expires_ms: Some(u64::MAX - n),
-    }
+    common::route_for('c', n)
 }
 
 fn reader(path: &Path, stop: &Path) -> Result<u64, String> {

@@ -4,32 +4,20 @@
 //! Every field of a written route is derived from its generation, so a reader can tell a
 //! torn copy (fields from two writes) from a whole one.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use gpugate_routes::{LockMode, Lookup, Route, Service, Table, Writer};
+mod common;
+
+use gpugate_routes::{LockMode, Lookup, Route, Table, Writer};
 
 const PORTS: std::ops::RangeInclusive<u16> = 30000..=30015;
 const READERS: usize = 3;
 const SECONDS: u64 = 3;
 
-/// The route written at generation `n`: IPv4 on even, IPv6 on odd generations.
 fn route_for(n: u64) -> Route {
-    let port = (n % 60000) as u16 + 1;
-    let upstream = if n % 2 == 0 {
-        SocketAddr::new(Ipv4Addr::from((n as u32).wrapping_mul(2654435761)).into(), port)
-    } else {
-        SocketAddr::new(Ipv6Addr::from((n as u128) << 64 | n as u128).into(), port)
-    };
-    Route {
-        upstream,
-        env_id: format!("g{:x}", n % 0xffff_ffff).parse().expect("env id"),
-        service: Service::ALL[(n % 5) as usize],
-        generation: n,
-        expires_ms: Some(u64::MAX - n),
-    }
+    common::route_for('g', n)
 }
 
 fn reader(path: &Path) -> Result<u64, String> {
