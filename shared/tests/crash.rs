@@ -98,7 +98,8 @@ fn main() -> ExitCode {
 
     let dir = std::env::temp_dir().join(format!("gpugate-crash-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("routes");
+    // The writer makes the table directory itself (0755, whatever the umask of the run).
+    let path = dir.join("table").join("routes");
     let stop: PathBuf = dir.join("stop");
     let mut n = 2u64;
     {

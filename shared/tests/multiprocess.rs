@@ -63,7 +63,8 @@ fn main() -> ExitCode {
 
     let dir = std::env::temp_dir().join(format!("gpugate-mp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("routes");
+    // The writer makes the table directory itself (0755, whatever the umask of the run).
+    let path = dir.join("table").join("routes");
     let mut w = Writer::open(&path, LockMode::NoWait).expect("writer");
     let mut n = 1u64;
     for port in PORTS {
