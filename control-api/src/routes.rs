@@ -167,9 +167,9 @@ impl Publisher {
                     }
                 }
                 None => {
-                    if writer.remove(port)? {
+                    if remove_and_revoke(writer, port)? {
                         self.metrics.route_writes.with_label_values(&["remove"]).inc();
-                        tracing::debug!(port, "route removed");
+                        tracing::debug!(port, "route removed, its sessions revoked");
                     }
                 }
             }
@@ -197,6 +197,17 @@ impl Publisher {
         self.status.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Removes a port's route and revokes the sessions still open on it: a route leaves the
+/// database when its environment stops, is deleted or fails, and each of those must end its
+/// sessions too (nginx closes them within `gpugate_flush_interval`), before the container goes.
+fn remove_and_revoke(writer: &mut Writer, port: u16) -> Result<bool, TableError> {
+    if writer.table().lookup(port, gpugate_routes::now_ms()) == Lookup::Absent {
+        return Ok(false);
+    }
+    writer.revoke(port)?;
+    writer.remove(port)
 }
 
 /// What the notification task hands to the publisher.

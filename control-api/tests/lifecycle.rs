@@ -214,6 +214,8 @@ async fn stop_start_keeps_ports_and_other_users_get_404() {
     assert_eq!(v["data"]["ports"], ports);
     let table = ctx.table();
     assert_eq!(table.lookup(ssh, gpugate_routes::now_ms()), Lookup::Absent);
+    let revoked = table.revoke_epoch(ssh);
+    assert!(revoked >= 1, "stopping revokes the sessions open on the port (epoch {revoked})");
     let cs = ctx.containers();
     assert_eq!(cs.len(), 1);
     assert_eq!(ctx.inspect(&cs[0])["State"]["Running"], false);

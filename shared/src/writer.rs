@@ -263,7 +263,8 @@ impl Writer {
     }
 
     /// Makes the table hold exactly `routes`: writes the ones that differ and clears every
-    /// other slot. The whole-table re-sync of the publisher.
+    /// other slot, revoking the sessions still open there (a route nobody wants any more must
+    /// not keep carrying traffic). The whole-table re-sync of the publisher.
     pub fn sync(&mut self, routes: &BTreeMap<u16, Route>) -> Result<SyncReport> {
         self.verify()?;
         let mut report = SyncReport::default();
@@ -279,6 +280,7 @@ impl Writer {
             .filter(|port| !routes.contains_key(port))
             .collect();
         for port in stale {
+            self.revoke(port)?;
             if self.remove(port)? {
                 report.removed += 1;
             }

@@ -233,6 +233,8 @@ fn sync_writes_differences_and_removes_the_rest() {
     assert_eq!(w.sync(&want).unwrap(), SyncReport::default());
     let ports: Vec<u16> = w.table().routes().map(|(p, _)| p).collect();
     assert_eq!(ports, vec![20001, 20002]);
+    assert_eq!(w.table().revoke_epoch(20000), 1, "the removed route's sessions are revoked");
+    assert_eq!(w.table().revoke_epoch(20001), 0, "the kept ones' are not");
 }
 
 #[test]
