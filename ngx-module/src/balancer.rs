@@ -19,7 +19,7 @@ use ngx::ffi::{
 use ngx::ngx_conf_log_error;
 
 use crate::ffi::str_bytes;
-use crate::handler::{peer_of, session_ctx, upstream_name};
+use crate::session::{peer_of, session_ctx, upstream_name};
 
 /// `gpugate_balancer;` inside `upstream {}`.
 pub unsafe extern "C" fn cmd_set_balancer(

@@ -5,15 +5,12 @@
 //! in the session context; everything later (variables, the balancer, the counters at close)
 //! reads that snapshot, so a route changed mid-session never splits one connection's view.
 
-use std::io::Write;
-use std::net::SocketAddr;
-
-use gpugate_routes::{EnvId, Outcome, Service};
+use gpugate_routes::Outcome;
 use ngx::ffi::{
     ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_inet_get_port, ngx_int_t, ngx_stream_add_variable,
     ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
     ngx_stream_phases_NGX_STREAM_LOG_PHASE, ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
-    ngx_stream_session_t, ngx_stream_variable_value_t, ngx_str_t, socklen_t, NGX_DECLINED,
+    ngx_stream_session_t, ngx_stream_variable_value_t, ngx_str_t, NGX_DECLINED,
     NGX_ERROR, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_STREAM_BAD_GATEWAY,
     NGX_STREAM_FORBIDDEN, NGX_STREAM_VAR_NOCACHEABLE,
 };
@@ -21,89 +18,10 @@ use ngx::ngx_log_error;
 
 use crate::conf::{cycle_source, session_main_conf, session_srv_conf};
 use crate::ctx_index;
-use crate::ffi::{
-    cycle_log, monotonic_ms, pool_alloc, pool_str, session_entry, set_session_ctx, RawSockaddr,
-    SessionArray,
-};
-use crate::live::{self, Live};
-use crate::route_source::{Decision, Notice, RouteStatus};
-
-/// What a session keeps of its lookup: a valid Rust value moved into the connection's pool
-/// (no Drop).
-pub struct SessionCtx {
-    pub port: u16,
-    pub status: RouteStatus,
-    pub service: Service,
-    pub env_id: EnvId,
-    /// The route's owner stamp (tags the counters) and where the close is counted.
-    pub owner: u64,
-    pub sink: *const crate::route_source::CounterSink,
-    /// The upstream, for `$gpugate_upstream` and the balancer's peer name.
-    pub upstream: Option<SocketAddr>,
-    /// The upstream as a socket address, for the balancer.
-    pub sockaddr: RawSockaddr,
-    pub socklen: socklen_t,
-    /// The port's revoke epoch at open and the table mapping it came from.
-    pub epoch: u64,
-    pub table_serial: u32,
-    /// The live-session timer's state.
-    pub live: Live,
-}
-
-/// The connection pool's blocks are 256 bytes, of which 176 serve small allocations; the
-/// context stays below that so it is carved from a block, not malloc'ed on its own.
-pub const SESSION_CTX_SIZE: usize = std::mem::size_of::<SessionCtx>();
-const _: () = assert!(SESSION_CTX_SIZE <= 176);
-
-impl SessionCtx {
-    fn new(port: u16, d: &Decision) -> SessionCtx {
-        let (sockaddr, socklen) = match (d.status, d.route) {
-            (RouteStatus::Ok, Some(r)) => RawSockaddr::new(r.upstream),
-            _ => RawSockaddr::new(SocketAddr::from(([0, 0, 0, 0], 0))),
-        };
-        SessionCtx {
-            port,
-            status: d.status,
-            service: d.route.map_or(Service::Other, |r| r.service),
-            env_id: d.route.map_or(EnvId::default(), |r| r.env_id),
-            owner: d.owner,
-            sink: d.sink,
-            upstream: d.route.filter(|_| d.status == RouteStatus::Ok).map(|r| r.upstream),
-            sockaddr,
-            socklen,
-            epoch: d.epoch,
-            table_serial: d.table_serial,
-            live: Live::new(),
-        }
-    }
-
-    /// Whether the lookup found a route (live or expired): env id and service are known.
-    fn has_route(&self) -> bool {
-        matches!(self.status, RouteStatus::Ok | RouteStatus::Expired)
-    }
-
-    /// The decision again, for counting, flushing and revoke checks.
-    pub fn decision(&self) -> Decision {
-        Decision {
-            status: self.status,
-            route: None,
-            owner: self.owner,
-            sink: self.sink,
-            epoch: self.epoch,
-            table_serial: self.table_serial,
-        }
-    }
-}
-
-/// The session's route context, if the preread handler set one.
-///
-/// # Safety
-/// `s` must be a live session of a configuration this module is part of.
-pub unsafe fn session_ctx<'a>(s: *mut ngx_stream_session_t) -> Option<&'a SessionCtx> {
-    // SAFETY: our entry of the session's ctx array is null or a SessionCtx moved into the
-    // session's pool by the preread handler.
-    unsafe { (session_entry(s, SessionArray::Ctx, ctx_index()) as *const SessionCtx).as_ref() }
-}
+use crate::ffi::{cycle_log, monotonic_ms, pool_alloc, set_session_ctx};
+use crate::live;
+use crate::route_source::{Notice, RouteStatus};
+use crate::session::{session_ctx, upstream_name, SessionCtx};
 
 /// The variables, in the order of `VAR_*` indices passed as the handler's `data`.
 const VARIABLES: [&str; 4] =
@@ -269,20 +187,6 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     }
 }
 
-/// Formats the session's upstream ("10.0.0.5:22", "[::1]:22") into the connection's pool.
-///
-/// # Safety
-/// `s` must be a live session.
-pub unsafe fn upstream_name(s: *mut ngx_stream_session_t, ctx: &SessionCtx) -> Option<ngx_str_t> {
-    let up = ctx.upstream?;
-    let mut buf = [0u8; 64];
-    let mut cur = std::io::Cursor::new(&mut buf[..]);
-    write!(cur, "{up}").ok()?;
-    let n = usize::try_from(cur.position()).ok()?;
-    // SAFETY: a live session's connection pool.
-    unsafe { pool_str((*(*s).connection).pool, &buf[..n]) }
-}
-
 unsafe extern "C" fn variable_get(
     s: *mut ngx_stream_session_t,
     v: *mut ngx_stream_variable_value_t,
@@ -316,13 +220,4 @@ unsafe extern "C" fn variable_get(
         }
     }
     NGX_OK as ngx_int_t
-}
-
-/// The upstream of a session whose lookup found a live route, as the balancer hands it to
-/// nginx's connect code: (sockaddr, length). Nginx only reads through the pointer.
-pub fn peer_of(ctx: &SessionCtx) -> Option<(*mut ngx::ffi::sockaddr, socklen_t)> {
-    (ctx.status == RouteStatus::Ok).then_some((
-        &ctx.sockaddr as *const RawSockaddr as *mut ngx::ffi::sockaddr,
-        ctx.socklen,
-    ))
 }

@@ -27,6 +27,8 @@ mod ffi;
 mod handler;
 #[cfg(not(test))]
 mod live;
+#[cfg(not(test))]
+mod session;
 
 #[cfg(not(test))]
 pub use wiring::ngx_stream_gpugate_module;

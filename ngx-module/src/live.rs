@@ -4,7 +4,6 @@
 //! cancelable (a worker shutting down gracefully does not wait for it) and deleted when the
 //! session ends; the log phase makes the last flush, so the totals are exact.
 
-use std::cell::Cell;
 use std::ffi::c_void;
 
 use ngx::ffi::{
@@ -16,7 +15,7 @@ use ngx::ngx_log_error;
 
 use crate::conf::{session_main_conf, session_srv_conf};
 use crate::ffi::pool_alloc;
-use crate::handler::{session_ctx, SessionCtx};
+use crate::session::{session_ctx, Live, SessionCtx};
 use crate::route_source::grid_delay;
 
 /// Arms `ev` for the next tick.
@@ -26,28 +25,6 @@ use crate::route_source::grid_delay;
 unsafe fn arm(ev: *mut ngx_event_t, interval: ngx_msec_t) {
     // SAFETY: nginx's cached time, read on its only thread; the caller's contract for `ev`.
     unsafe { ngx_add_timer(ev, grid_delay(ngx_current_msec as u64, interval as u64) as ngx_msec_t) };
-}
-
-/// What a session keeps for its timer.
-pub struct Live {
-    /// The timer event (in the session's pool); null when live accounting is off.
-    pub timer: Cell<*mut ngx_event_t>,
-    /// Bytes already flushed: client to workspace, workspace to client.
-    pub flushed_in: Cell<u64>,
-    pub flushed_out: Cell<u64>,
-    /// Set when the timer closed the session for a revoke.
-    pub revoked: Cell<bool>,
-}
-
-impl Live {
-    pub fn new() -> Live {
-        Live {
-            timer: Cell::new(std::ptr::null_mut()),
-            flushed_in: Cell::new(0),
-            flushed_out: Cell::new(0),
-            revoked: Cell::new(false),
-        }
-    }
 }
 
 /// Bytes the session moved since its last flush, marked as flushed.

@@ -141,7 +141,7 @@ fn clean_close_skips_settling_and_a_crash_does_not() {
     let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
     w.set(20000, &route("a", 22, 1)).unwrap();
     drop(w);
-    assert!(Writer::open(&path, LockMode::NoWait).unwrap().table().header_info().clean == false);
+    assert!(!Writer::open(&path, LockMode::NoWait).unwrap().table().header_info().clean, "an open writer is inside");
     let w = Writer::open(&path, LockMode::NoWait).unwrap();
     assert!(!w.open_report().settled, "a cleanly closed table is not walked");
     // Play a writer killed inside the second copy of a write: the copy readers do not use
