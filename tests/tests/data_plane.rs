@@ -224,7 +224,7 @@ fn shipped_nginx_conf_passes_nginx_t() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nginx-conf/nginx.conf"),
     )
     .unwrap();
-    for needle in ["proxy_timeout          24h;", "proxy_socket_keepalive on;", "gpugate_route on;"] {
+    for needle in ["proxy_timeout          24h;", "proxy_socket_keepalive on;", "gpugate_route on;", "gpugate_flush_interval 1s;"] {
         assert!(shipped.contains(needle), "nginx.conf lost {needle:?}");
     }
     // The pools as shipped bind every address; test the same file on loopback test ports.
