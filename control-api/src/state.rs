@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::docker::DockerClient;
 use crate::metrics::Metrics;
+use crate::ops::{Liveness, Operations};
 use crate::routes::{PublisherStatus, Resync, TableView};
 
 /// Everything a request needs; cheap to clone.
@@ -29,6 +30,10 @@ pub struct State {
     pub resync: Resync,
     /// This process's instance id (its liveness lock key).
     pub instance: i64,
+    /// Whether this process holds its liveness lock now.
+    pub liveness: Arc<Liveness>,
+    /// The lifecycle operations running in this process.
+    pub ops: Operations,
 }
 
 impl State {

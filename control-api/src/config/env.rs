@@ -54,6 +54,8 @@ impl Config {
         parse_env(env, "GPUGATE_RECONCILE_INTERVAL_S", &mut self.reconcile_interval_s)?;
         parse_env(env, "GPUGATE_ROUTE_WAIT_MS", &mut self.route_wait_ms)?;
         parse_env(env, "GPUGATE_DEPLOYMENT", &mut self.deployment)?;
+        parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
+        parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
         if let Some(v) = env_var(env, "GPUGATE_DEFAULT_SERVICES") {
             self.default_services = split_list(&v);
         }

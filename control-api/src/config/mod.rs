@@ -187,6 +187,11 @@ pub struct Config {
     pub gpu: GpuConfig,
     /// Docker settings.
     pub docker: DockerConfig,
+    /// Seconds an `Idempotency-Key` keeps answering with the environment it created.
+    pub idempotency_retention_s: u64,
+    /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
+    /// the publisher and releases the liveness lock anyway.
+    pub shutdown_grace_s: u64,
     /// Testing only: a point at which operations fail or the process aborts
     /// (`GPUGATE_FAULT`, e.g. `fail:docker_create`, `crash:after_docker_start`). Never set it in
     /// production.
@@ -220,6 +225,8 @@ impl Default for Config {
             pools,
             gpu: GpuConfig::default(),
             docker: DockerConfig::default(),
+            idempotency_retention_s: 24 * 3600,
+            shutdown_grace_s: 60,
             fault: None,
             source: None,
         }
@@ -266,6 +273,12 @@ impl Config {
         }
         if self.quarantine_s > 7 * 24 * 3600 {
             return bad(format!("quarantine_s {} is over a week", self.quarantine_s));
+        }
+        if self.idempotency_retention_s < 24 * 3600 {
+            return bad(format!(
+                "idempotency_retention_s {} is under 24 h (86400); clients retry for a day",
+                self.idempotency_retention_s
+            ));
         }
         if self.reconcile_interval_s == 0 {
             return bad("reconcile_interval_s must be at least 1".into());
