@@ -188,7 +188,8 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
     let report = ports::sync_pools(&db, &cfg).await.context("synchronising port pools")?;
     tracing::info!(?report, "port pools synchronised");
     gpus::sync_inventory(&db, &cfg.gpu.devices).await.context("synchronising the GPU inventory")?;
-    let docker = DockerClient::connect(&cfg).await.context("connecting to Docker")?;
+    let mut docker = DockerClient::connect(&cfg).await.context("connecting to Docker")?;
+    docker.ensure_network().await.context("preparing the workspace network")?;
 
     let instance = crate::ids::instance_id();
     let liveness = Arc::new(Liveness::default());

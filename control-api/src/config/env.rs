@@ -109,6 +109,17 @@ impl Config {
         parse_env(env, "GPUGATE_DEFAULT_IMAGE", &mut self.docker.default_image)?;
         parse_env(env, "GPUGATE_USERNAME", &mut self.docker.username)?;
         parse_env(env, "GPUGATE_DOCKER_STOP_TIMEOUT_S", &mut self.docker.stop_timeout_s)?;
+        if let Some(v) = env_var(env, "GPUGATE_ALLOWED_IMAGES") {
+            self.docker.allowed_images = split_list(&v);
+        }
+        parse_env(env, "GPUGATE_DOCKER_NETWORK", &mut self.docker.network)?;
+        let l = &mut self.docker.limits;
+        parse_env(env, "GPUGATE_MEMORY_MB", &mut l.memory_mb)?;
+        parse_env(env, "GPUGATE_MAX_MEMORY_MB", &mut l.max_memory_mb)?;
+        parse_env(env, "GPUGATE_CPUS", &mut l.cpus)?;
+        parse_env(env, "GPUGATE_MAX_CPUS", &mut l.max_cpus)?;
+        parse_env(env, "GPUGATE_PIDS", &mut l.pids)?;
+        parse_env(env, "GPUGATE_MAX_PIDS", &mut l.max_pids)?;
         if let Some(v) = env_var(env, "GPUGATE_FAULT") {
             self.fault = Some(v);
         }

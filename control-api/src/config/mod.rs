@@ -5,6 +5,7 @@
 
 mod env;
 mod range;
+mod workspace;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 pub use range::PortRange;
+pub use workspace::{image_allowed, LimitsConfig, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
 
 use gpugate_routes::Service;
 use serde::Deserialize;
@@ -138,6 +140,14 @@ pub struct DockerConfig {
     pub stop_timeout_s: u32,
     /// Seconds any one Docker call may take.
     pub call_timeout_s: u64,
+    /// Images a create may name: exact names, or prefixes ending in `*`. Empty: only
+    /// `default_image`.
+    pub allowed_images: Vec<String>,
+    /// The bridge network workspaces join (created with inter-container traffic disabled
+    /// when missing). Empty: `gpugate-<deployment>`.
+    pub network: String,
+    /// Resource limits of each workspace.
+    pub limits: LimitsConfig,
 }
 
 impl Default for DockerConfig {
@@ -148,6 +158,9 @@ impl Default for DockerConfig {
             username: "remotegpu".into(),
             stop_timeout_s: 10,
             call_timeout_s: 60,
+            allowed_images: vec![],
+            network: String::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -274,6 +287,7 @@ impl Config {
         if self.quarantine_s > 7 * 24 * 3600 {
             return bad(format!("quarantine_s {} is over a week", self.quarantine_s));
         }
+        self.docker.limits.validate().map_err(ConfigError::Invalid)?;
         if self.idempotency_retention_s < 24 * 3600 {
             return bad(format!(
                 "idempotency_retention_s {} is under 24 h (86400); clients retry for a day",
@@ -365,6 +379,15 @@ impl Config {
     /// The configured pools as services.
     pub fn services(&self) -> Vec<(Service, &PoolConfig)> {
         self.pools.iter().filter_map(|(n, p)| Some((pool_service(n).ok()?, p))).collect()
+    }
+
+    /// The Docker network workspaces join.
+    pub fn network(&self) -> String {
+        if self.docker.network.is_empty() {
+            format!("gpugate-{}", self.deployment)
+        } else {
+            self.docker.network.clone()
+        }
     }
 
     /// The fault point named `point` is armed with `action` (`fail` or `crash`).

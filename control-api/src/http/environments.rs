@@ -47,6 +47,15 @@ pub struct CreateEnvironment {
     /// OpenSSH public keys to authorise.
     #[serde(default)]
     pub ssh_public_keys: Option<Vec<String>>,
+    /// Memory limit in MiB (default and maximum: `docker.limits`).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Process (pids) limit.
+    #[serde(default)]
+    pub pids: Option<u32>,
 }
 
 /// SSH access.
@@ -215,6 +224,9 @@ async fn create_environment(
         gpus: req.gpus.unwrap_or(0),
         services: req.services,
         ssh_public_keys: req.ssh_public_keys.unwrap_or_default(),
+        memory_mb: req.memory_mb,
+        cpus: req.cpus,
+        pids: req.pids,
     };
     let (st2, user, id) = (st.clone(), caller.0.clone(), spec.id.clone());
     let out = st.ops.run(&st, &id, async move { lifecycle::create(&st2, &user, spec).await }).await?;

@@ -27,6 +27,12 @@ pub struct CreateSpec {
     pub gpus: u32,
     pub services: Option<Vec<String>>,
     pub ssh_public_keys: Vec<String>,
+    /// Memory limit in MiB (default and maximum from configuration).
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores.
+    pub cpus: Option<f64>,
+    /// Process limit.
+    pub pids: Option<u32>,
 }
 
 /// An `Idempotency-Key` header value and the digest of its request.
@@ -80,7 +86,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             return replay(st, user, k, used).await;
         }
     }
-    let (image, services) = validate::validate(st, &spec)?;
+    let validate::Valid { image, services, limits } = validate::validate(st, &spec)?;
     // Before anything changes: an image that is not here is a 422 naming it.
     st.docker.image_exists(&image).await.map_err(docker_error)?;
 
@@ -169,6 +175,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             password: &password,
             jupyter_token: &token,
             ssh_public_keys: &spec.ssh_public_keys,
+            limits,
         };
         let created = if st.fail_point("docker_create") {
             Err(DockerError::Create("fault injection: docker_create".into()))

@@ -2,14 +2,63 @@
 
 use gpugate_routes::Service;
 
-use crate::config::pool_service;
+use crate::config::{image_allowed, pool_service, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
+use crate::docker::Limits;
 use crate::error::ApiError;
 use crate::state::State;
 
 use super::CreateSpec;
 
-/// Checks a create request; returns the image and the services.
-pub fn validate(st: &State, spec: &CreateSpec) -> Result<(String, Vec<Service>), ApiError> {
+/// A create request that passed validation.
+#[derive(Debug)]
+pub struct Valid {
+    /// The image to run (allowed and well formed; presence is checked apart).
+    pub image: String,
+    /// The services, in request order.
+    pub services: Vec<Service>,
+    /// The workspace's resource limits.
+    pub limits: Limits,
+}
+
+/// Characters a name may not hold although they print as nothing or reorder what follows:
+/// controls, bidirectional overrides and isolates, zero-width characters, soft hyphen, line
+/// and paragraph separators, interlinear annotation marks.
+fn invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
+/// The resource limits a request asks for, each between its floor and the configured maximum.
+fn limits(st: &State, spec: &CreateSpec) -> Result<Limits, ApiError> {
+    let l = &st.cfg.docker.limits;
+    let memory_mb = spec.memory_mb.unwrap_or(l.memory_mb);
+    if !(MIN_MEMORY_MB..=l.max_memory_mb).contains(&memory_mb) {
+        return Err(ApiError::Validation(format!(
+            "memory_mb {memory_mb} is outside {MIN_MEMORY_MB}..={} (the deployment's maximum)",
+            l.max_memory_mb
+        )));
+    }
+    let cpus = spec.cpus.unwrap_or(l.cpus);
+    if !(cpus.is_finite() && cpus >= MIN_CPUS && cpus <= l.max_cpus) {
+        return Err(ApiError::Validation(format!(
+            "cpus {cpus} is outside {MIN_CPUS}..={} (the deployment's maximum)",
+            l.max_cpus
+        )));
+    }
+    let pids = spec.pids.unwrap_or(l.pids);
+    if !(MIN_PIDS..=l.max_pids).contains(&pids) {
+        return Err(ApiError::Validation(format!(
+            "pids {pids} is outside {MIN_PIDS}..={} (the deployment's maximum)",
+            l.max_pids
+        )));
+    }
+    Ok(Limits { memory_mb, cpus, pids })
+}
+
+/// Checks a create request.
+pub fn validate(st: &State, spec: &CreateSpec) -> Result<Valid, ApiError> {
     let name = spec.name.trim();
     if name.is_empty() {
         return Err(ApiError::Validation("name must not be empty".into()));
@@ -18,13 +67,19 @@ pub fn validate(st: &State, spec: &CreateSpec) -> Result<(String, Vec<Service>),
     if chars > 64 {
         return Err(ApiError::Validation(format!("name is {chars} characters, at most 64 allowed")));
     }
-    if name.chars().any(char::is_control) {
-        return Err(ApiError::Validation("name must not contain control characters".into()));
+    if let Some(c) = name.chars().find(|c| invisible(*c)) {
+        return Err(ApiError::Validation(format!(
+            "name must be printable: it contains U+{:04X} (a control, bidirectional or zero-width character)",
+            u32::from(c)
+        )));
     }
     let image = spec.image.clone().unwrap_or_else(|| st.cfg.docker.default_image.clone());
     if image.is_empty() || image.len() > 255 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(ApiError::Validation(format!("image \"{image}\" is not a valid image reference")));
     }
+    image_allowed(&st.cfg.docker.allowed_images, &st.cfg.docker.default_image, &image)
+        .map_err(ApiError::Validation)?;
+    let limits = limits(st, spec)?;
     let names = spec.services.clone().unwrap_or_else(|| st.cfg.default_services.clone());
     if names.is_empty() {
         return Err(ApiError::Validation("services must name at least one service".into()));
@@ -59,6 +114,6 @@ pub fn validate(st: &State, spec: &CreateSpec) -> Result<(String, Vec<Service>),
             ));
         }
     }
-    Ok((image, services))
+    Ok(Valid { image, services, limits })
 }
 

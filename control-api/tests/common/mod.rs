@@ -16,6 +16,8 @@ use sqlx::Connection;
 
 /// The image the tests run.
 pub const IMAGE: &str = "gpugate-test/tiny:1";
+/// The isolation tests' image: busybox and a real SSH server (dropbear).
+pub const ISO_IMAGE: &str = "gpugate-test/iso:1";
 
 /// The superuser URL of the test cluster.
 pub fn admin_url() -> String {
@@ -46,6 +48,22 @@ pub fn ensure_image() {
     }
 }
 
+/// Builds the isolation image once per machine if it is missing.
+pub fn ensure_iso_image() {
+    let present = Command::new("docker")
+        .args(["image", "inspect", ISO_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("docker CLI available")
+        .success();
+    if !present {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/image/build-iso.sh");
+        let ok = Command::new("bash").arg(script).arg(ISO_IMAGE).status().expect("run build-iso.sh").success();
+        assert!(ok, "building the isolation image failed");
+    }
+}
+
 fn rand_suffix() -> String {
     let mut b = [0u8; 6];
     getrandom::getrandom(&mut b).expect("rng");
@@ -72,6 +90,10 @@ pub struct Ctx {
 impl Ctx {
     /// A fresh database, table path, deployment label and stand-in GPU nodes (indexes 0, 1).
     pub async fn new(name: &str) -> Ctx {
+        // GPUGATE_LOG=warn (or debug) shows the in-process API's logs with the test's output.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("GPUGATE_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         ensure_image();
         let suffix = rand_suffix();
         let db_name = format!("gg_{name}_{suffix}");
@@ -100,6 +122,7 @@ impl Ctx {
             ..Config::default()
         };
         cfg.docker.default_image = IMAGE.into();
+        cfg.docker.allowed_images = vec!["gpugate-test/*".into()];
         cfg.docker.stop_timeout_s = 2;
         cfg.gpu.devices = vec![0, 1];
         cfg.gpu.mode = GpuMode::Nodes;
@@ -174,6 +197,7 @@ impl Ctx {
             ("GPUGATE_RECONCILE_INTERVAL_S".into(), c.reconcile_interval_s.to_string()),
             ("GPUGATE_ROUTE_WAIT_MS".into(), c.route_wait_ms.to_string()),
             ("GPUGATE_DEFAULT_IMAGE".into(), IMAGE.into()),
+            ("GPUGATE_ALLOWED_IMAGES".into(), c.docker.allowed_images.join(",")),
             ("GPUGATE_DOCKER_STOP_TIMEOUT_S".into(), c.docker.stop_timeout_s.to_string()),
             ("GPUGATE_GPUS".into(), c.gpu.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
             ("GPUGATE_GPU_MODE".into(), "nodes".into()),
@@ -326,6 +350,8 @@ impl Ctx {
         if !ids.is_empty() {
             let _ = Command::new("docker").args(["rm", "-f", "-v"]).args(&ids).output();
         }
+        // The deployment's workspace network (made by the API at start).
+        let _ = Command::new("docker").args(["network", "rm", &self.cfg.network()]).output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
