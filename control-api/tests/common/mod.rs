@@ -350,8 +350,16 @@ impl Ctx {
         if !ids.is_empty() {
             let _ = Command::new("docker").args(["rm", "-f", "-v"]).args(&ids).output();
         }
-        // The deployment's workspace network (made by the API at start).
-        let _ = Command::new("docker").args(["network", "rm", &self.cfg.network()]).output();
+        // The deployment's workspace networks (made by the API at start; processes starting
+        // together may have made two).
+        let out = Command::new("docker")
+            .args(["network", "ls", "-q", "--filter", &format!("label=gpugate.deployment={}", self.deployment)])
+            .output();
+        if let Ok(out) = out {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("docker").args(["network", "rm", id]).output();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
