@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Manage users: quotas.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Print the effective configuration (secrets redacted) and exit.
@@ -60,6 +65,46 @@ enum TokenCommand {
         #[arg(long)]
         admin: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Set a user's quota overrides; an omitted limit falls back to the deployment default
+    /// ([quotas] in the configuration); with none given, the overrides are removed.
+    SetQuota {
+        /// The user's name.
+        #[arg(long)]
+        user: String,
+        /// Most environments (any status but deleted).
+        #[arg(long)]
+        environments: Option<u32>,
+        /// Most GPUs across the user's environments.
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// Most environments creating or running at once.
+        #[arg(long)]
+        running: Option<u32>,
+    },
+}
+
+async fn connect(cfg: &Config) -> anyhow::Result<gpugate_api::db::Db> {
+    let db = gpugate_api::db::Db::connect(cfg).await.context("connecting to PostgreSQL")?;
+    db.migrate().await?;
+    Ok(db)
+}
+
+async fn user_command(cfg: &Config, command: UserCommand) -> anyhow::Result<()> {
+    let db = connect(cfg).await?;
+    match command {
+        UserCommand::SetQuota { user, environments, gpus, running } => {
+            let o = gpugate_api::db::quotas::Overrides { environments, gpus, running };
+            if !gpugate_api::db::quotas::set(&db, &user, o).await? {
+                anyhow::bail!("no user named {user} (token create --user {user} makes one)");
+            }
+            eprintln!("quota of {user}: environments {environments:?}, gpus {gpus:?}, running {running:?} (None: the default)");
+        }
+    }
+    Ok(())
 }
 
 fn init_tracing() {
@@ -96,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::User { command } => user_command(&cfg, command).await,
         Command::Migrate => {
             let db = gpugate_api::db::Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
             db.migrate().await?;

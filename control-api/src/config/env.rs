@@ -54,6 +54,17 @@ impl Config {
         parse_env(env, "GPUGATE_RECONCILE_INTERVAL_S", &mut self.reconcile_interval_s)?;
         parse_env(env, "GPUGATE_ROUTE_WAIT_MS", &mut self.route_wait_ms)?;
         parse_env(env, "GPUGATE_DEPLOYMENT", &mut self.deployment)?;
+        for (name, slot) in [
+            ("GPUGATE_QUOTA_ENVIRONMENTS", &mut self.quotas.environments),
+            ("GPUGATE_QUOTA_GPUS", &mut self.quotas.gpus),
+            ("GPUGATE_QUOTA_RUNNING", &mut self.quotas.running),
+        ] {
+            if let Some(v) = env_var(env, name) {
+                *slot = super::tenant::parse_quota(&v).map_err(|message| ConfigError::Env { name, message })?;
+            }
+        }
+        parse_env(env, "GPUGATE_RATE_LIMIT_PER_S", &mut self.rate_limit.per_second)?;
+        parse_env(env, "GPUGATE_RATE_LIMIT_BURST", &mut self.rate_limit.burst)?;
         parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
         parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
         if let Some(v) = env_var(env, "GPUGATE_DEFAULT_SERVICES") {

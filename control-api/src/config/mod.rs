@@ -5,6 +5,7 @@
 
 mod env;
 mod range;
+mod tenant;
 mod workspace;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 pub use range::PortRange;
+pub use tenant::{QuotaConfig, RateLimitConfig};
 pub use workspace::{image_allowed, LimitsConfig, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
 
 use gpugate_routes::Service;
@@ -200,6 +202,10 @@ pub struct Config {
     pub gpu: GpuConfig,
     /// Docker settings.
     pub docker: DockerConfig,
+    /// Default quotas per user (overrides: `gpugate-api user set-quota`).
+    pub quotas: QuotaConfig,
+    /// Per-token request rate limit.
+    pub rate_limit: RateLimitConfig,
     /// Seconds an `Idempotency-Key` keeps answering with the environment it created.
     pub idempotency_retention_s: u64,
     /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
@@ -238,6 +244,8 @@ impl Default for Config {
             pools,
             gpu: GpuConfig::default(),
             docker: DockerConfig::default(),
+            quotas: QuotaConfig::default(),
+            rate_limit: RateLimitConfig::default(),
             idempotency_retention_s: 24 * 3600,
             shutdown_grace_s: 60,
             fault: None,
@@ -288,6 +296,7 @@ impl Config {
             return bad(format!("quarantine_s {} is over a week", self.quarantine_s));
         }
         self.docker.limits.validate().map_err(ConfigError::Invalid)?;
+        self.rate_limit.validate().map_err(ConfigError::Invalid)?;
         if self.idempotency_retention_s < 24 * 3600 {
             return bad(format!(
                 "idempotency_retention_s {} is under 24 h (86400); clients retry for a day",

@@ -6,6 +6,7 @@ pub mod envs;
 pub mod gpus;
 pub mod idempotency;
 pub mod ports;
+pub mod quotas;
 pub mod routes;
 pub mod users;
 

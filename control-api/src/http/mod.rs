@@ -6,6 +6,7 @@ pub use debug::reload_pools_from_config as reload_pools;
 mod environments;
 mod health;
 mod ports;
+mod ratelimit;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -20,10 +21,10 @@ use crate::state::AppState;
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
+    let api = Router::new().merge(environments::router()).merge(ports::router()).merge(debug::router());
+    let api = ratelimit::apply(api, &state.cfg.rate_limit);
     Router::new()
-        .merge(environments::router())
-        .merge(ports::router())
-        .merge(debug::router())
+        .merge(api)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use gpugate_routes::{EnvId, Route, Service};
 
+mod quota;
 mod validate;
 
 use crate::db::envs::{self, status, EnvRow, NewEnv};
-use crate::db::{self, gpus, idempotency, ports, routes, users::User};
+use crate::db::{self, gpus, idempotency, ports, quotas, routes, users::User};
 use crate::docker::{DockerError, WorkspaceSpec};
 use crate::error::ApiError;
 use crate::state::State;
@@ -98,6 +99,14 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     // Step 1: one transaction allocates everything, or nothing.
     let t = Instant::now();
     let mut tx = st.db.begin().await?;
+    // The user's row stays locked to the commit: their creates check and take quota one at a time.
+    let usage = quotas::lock_usage(&mut tx, user.id).await?;
+    let overrides = quotas::overrides(&mut tx, user.id).await?;
+    let adds = quota::Adds { environments: 1, gpus: spec.gpus, running: 1 };
+    if let Err(e) = quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds) {
+        st.metrics.creates.with_label_values(&["quota"]).inc();
+        return Err(e);
+    }
     envs::insert_creating(
         &mut tx,
         &NewEnv {
@@ -431,6 +440,17 @@ pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError
 /// Starts a stopped environment on the same ports; the routes come back with a new
 /// generation and the container's (possibly new) published addresses.
 pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
+    if id.parse::<EnvId>().is_err() || envs::get(st.db.pool(), id, Some(user.id)).await?.is_none() {
+        return Err(ApiError::env_not_found(id));
+    }
+    {
+        let mut tx = st.db.begin().await?;
+        let usage = quotas::lock_usage(&mut tx, user.id).await?;
+        let overrides = quotas::overrides(&mut tx, user.id).await?;
+        let adds = quota::Adds { environments: 0, gpus: 0, running: 1 };
+        quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds)?;
+        tx.commit().await?;
+    }
     let env = claim(st, user, id, &[status::STOPPED], status::STOPPED, "start").await?;
     let result: Result<Vec<(u16, Route)>, ApiError> = async {
         let held = ports::env_ports(st.db.pool(), &env.id).await?;

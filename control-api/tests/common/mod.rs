@@ -123,6 +123,8 @@ impl Ctx {
         };
         cfg.docker.default_image = IMAGE.into();
         cfg.docker.allowed_images = vec!["gpugate-test/*".into()];
+        // Tests send bursts from one token; the rate-limit test turns it on.
+        cfg.rate_limit.per_second = 0.0;
         cfg.docker.stop_timeout_s = 2;
         cfg.gpu.devices = vec![0, 1];
         cfg.gpu.mode = GpuMode::Nodes;
@@ -198,6 +200,7 @@ impl Ctx {
             ("GPUGATE_ROUTE_WAIT_MS".into(), c.route_wait_ms.to_string()),
             ("GPUGATE_DEFAULT_IMAGE".into(), IMAGE.into()),
             ("GPUGATE_ALLOWED_IMAGES".into(), c.docker.allowed_images.join(",")),
+            ("GPUGATE_RATE_LIMIT_PER_S".into(), c.rate_limit.per_second.to_string()),
             ("GPUGATE_DOCKER_STOP_TIMEOUT_S".into(), c.docker.stop_timeout_s.to_string()),
             ("GPUGATE_GPUS".into(), c.gpu.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
             ("GPUGATE_GPU_MODE".into(), "nodes".into()),
@@ -211,6 +214,20 @@ impl Ctx {
         }
         env.push(("GPUGATE_DEFAULT_SERVICES".into(), c.default_services.join(",")));
         env
+    }
+
+    /// Runs `gpugate-api <args>` to completion (admin commands) with this test's database;
+    /// returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpugate-api"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.db_url)
+            .output()
+            .expect("run gpugate-api");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
     }
 
     /// Spawns `gpugate-api <args>` listening on a free port; returns its index and base URL.
