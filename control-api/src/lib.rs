@@ -8,10 +8,11 @@
 //! - [`ops`]: runs accepted operations to completion in their own tasks.
 //! - [`reconcile`]: converges Docker and the table to the database.
 //! - [`http`]: the REST API; [`error`]: its error type and envelope.
-//! - [`app`]: start-up, used by `main.rs` and the tests.
+//! - [`app`]: start-up, used by `main.rs` and the tests; [`cli`]: the admin commands.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod docker;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gpugate_api::app::{self, Mode};
+use gpugate_api::cli::{self as admin, TokenCommand, UserCommand};
 use gpugate_api::config::Config;
 
 /// The gpugate control plane: REST API, port pools, workspaces, route publisher.
@@ -43,7 +44,7 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// Manage users: quotas.
+    /// Manage users: admin rights and quotas.
     User {
         #[command(subcommand)]
         command: UserCommand,
@@ -52,59 +53,6 @@ enum Command {
     Migrate,
     /// Print the effective configuration (secrets redacted) and exit.
     CheckConfig,
-}
-
-#[derive(Subcommand)]
-enum TokenCommand {
-    /// Create a token for a user (created if missing) and print it once.
-    Create {
-        /// The user's name.
-        #[arg(long)]
-        user: String,
-        /// Make the user an admin.
-        #[arg(long)]
-        admin: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum UserCommand {
-    /// Set a user's quota overrides; an omitted limit falls back to the deployment default
-    /// ([quotas] in the configuration); with none given, the overrides are removed.
-    SetQuota {
-        /// The user's name.
-        #[arg(long)]
-        user: String,
-        /// Most environments (any status but deleted).
-        #[arg(long)]
-        environments: Option<u32>,
-        /// Most GPUs across the user's environments.
-        #[arg(long)]
-        gpus: Option<u32>,
-        /// Most environments creating or running at once.
-        #[arg(long)]
-        running: Option<u32>,
-    },
-}
-
-async fn connect(cfg: &Config) -> anyhow::Result<gpugate_api::db::Db> {
-    let db = gpugate_api::db::Db::connect(cfg).await.context("connecting to PostgreSQL")?;
-    db.migrate().await?;
-    Ok(db)
-}
-
-async fn user_command(cfg: &Config, command: UserCommand) -> anyhow::Result<()> {
-    let db = connect(cfg).await?;
-    match command {
-        UserCommand::SetQuota { user, environments, gpus, running } => {
-            let o = gpugate_api::db::quotas::Overrides { environments, gpus, running };
-            if !gpugate_api::db::quotas::set(&db, &user, o).await? {
-                anyhow::bail!("no user named {user} (token create --user {user} makes one)");
-            }
-            eprintln!("quota of {user}: environments {environments:?}, gpus {gpus:?}, running {running:?} (None: the default)");
-        }
-    }
-    Ok(())
 }
 
 fn init_tracing() {
@@ -131,17 +79,8 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Token { command: TokenCommand::Create { user, admin } } => {
-            let db = gpugate_api::db::Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
-            db.migrate().await?;
-            let (u, token) = gpugate_api::db::users::create_token(&db, &user, admin)
-                .await
-                .with_context(|| format!("creating a token for {user}"))?;
-            eprintln!("token for {}{} (shown once):", u.name, if u.is_admin { " (admin)" } else { "" });
-            println!("{token}");
-            Ok(())
-        }
-        Command::User { command } => user_command(&cfg, command).await,
+        Command::Token { command } => admin::token(&cfg, command).await,
+        Command::User { command } => admin::user(&cfg, command).await,
         Command::Migrate => {
             let db = gpugate_api::db::Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
             db.migrate().await?;

@@ -103,3 +103,65 @@ async fn a_token_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
     }
     ctx.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_expired_tokens_are_refused_at_once_and_admin_can_be_removed() {
+    let mut ctx = Ctx::new("tokens").await;
+    let alice = ctx.token("alice", false).await;
+    ctx.start().await;
+    let status = |v: (u16, Value)| v.0;
+
+    // An expiring token works until its time is up, then is a 401.
+    let (ok, short, err) = ctx.cli(&["token", "create", "--user", "bob", "--expires-in", "2s"]);
+    assert!(ok, "{err}");
+    let short = short.trim().to_string();
+    assert!(short.starts_with("ggt_") && err.contains("expires in 2 s"), "{short} {err}");
+    assert_eq!(status(ctx.get("/api/v1/environments", &short).await), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+    let (s, v) = ctx.get("/api/v1/environments", &short).await;
+    assert_eq!((s, v["code"].as_u64()), (401, Some(1003)), "{v}");
+    let (ok, _, err) = ctx.cli(&["token", "create", "--user", "bob", "--expires-in", "5w"]);
+    assert!(!ok && err.contains("unit must be s, m, h or d"), "{err}");
+
+    // The scheme is case-insensitive.
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let r = ctx.http.get(format!("{}/api/v1/environments", ctx.base)).header("authorization", format!("{scheme} {alice}")).send().await.expect("send");
+        assert_eq!(r.status().as_u16(), 200, "scheme {scheme}");
+    }
+    let r = ctx.http.get(format!("{}/api/v1/environments", ctx.base)).header("authorization", format!("Basic {alice}")).send().await.expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+
+    // token list shows the tokens (not the secrets) with their last use; revoke is immediate.
+    let (ok, list, err) = ctx.cli(&["token", "list", "--user", "alice"]);
+    assert!(ok, "{err}");
+    assert!(!list.contains(&alice), "token list printed a token");
+    let line = list.lines().find(|l| l.contains("alice")).expect("alice's token listed").to_string();
+    assert!(line.contains(&alice[..8]), "hint missing: {line}");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_ne!(fields[5], "-", "last used not recorded: {line}");
+    assert_eq!(fields[6], "-", "not revoked yet: {line}");
+    let id = fields[0];
+    let (ok, _, err) = ctx.cli(&["token", "revoke", "--id", id]);
+    assert!(ok, "{err}");
+    let (s, v) = ctx.get("/api/v1/environments", &alice).await;
+    assert_eq!((s, v["code"].as_u64()), (401, Some(1003)), "a revoked token still works: {v}");
+    let (ok, _, err) = ctx.cli(&["token", "revoke", "--id", id]);
+    assert!(!ok && err.contains("already revoked"), "{err}");
+    let (_, list, _) = ctx.cli(&["token", "list", "--user", "alice"]);
+    assert!(list.lines().any(|l| l.starts_with(&format!("{id:>6}")) && !l.trim_end().ends_with('-')), "{list}");
+
+    // Admin rights can be granted and removed; a token create without --admin keeps them.
+    let carol = ctx.token("carol", false).await;
+    assert_eq!(status(ctx.get("/api/v1/debug/routes", &carol).await), 403);
+    let (ok, _, err) = ctx.cli(&["user", "set-admin", "--user", "carol"]);
+    assert!(ok, "{err}");
+    assert_eq!(status(ctx.get("/api/v1/debug/routes", &carol).await), 200);
+    let (ok, _, err) = ctx.cli(&["token", "create", "--user", "carol"]);
+    assert!(ok && err.contains("(admin)"), "{err}");
+    let (ok, _, err) = ctx.cli(&["user", "unset-admin", "--user", "carol"]);
+    assert!(ok, "{err}");
+    assert_eq!(status(ctx.get("/api/v1/debug/routes", &carol).await), 403);
+    let (ok, _, err) = ctx.cli(&["user", "unset-admin", "--user", "nobody"]);
+    assert!(!ok && err.contains("no user named nobody"), "{err}");
+    ctx.finish().await;
+}

@@ -122,7 +122,7 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     let cfg = config(url, dir, &cli.image);
     let running = gpugate_api::app::start(cfg.clone(), gpugate_api::app::Mode::Api { publisher: true }).await?;
     let st = running.state.clone().context("API state")?;
-    let (user, _) = db::users::create_token(&st.db, "bench", false).await?;
+    let (user, _) = db::users::create_token(&st.db, "bench", false, None).await?;
     println!("gpugate control-plane benchmark (ratios side by side; absolute times depend on the machine)");
 
     // 1. Allocation throughput and duplicates, two processes of 16 clients each.

@@ -30,7 +30,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The authenticated caller (`Authorization: Bearer <token>`).
+/// The authenticated caller (`Authorization: Bearer <token>`): a token that is neither revoked
+/// nor expired, looked up on every request (no cache outlives a revocation).
 pub struct Caller(pub User);
 
 impl FromRequestParts<AppState> for Caller {
@@ -38,10 +39,12 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         let value = parts.headers.get(header::AUTHORIZATION).ok_or(ApiError::Unauthorized)?;
         let value = value.to_str().map_err(|_| ApiError::Unauthorized)?;
+        // The scheme is case-insensitive (RFC 7235 section 2.1).
         let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
+            .trim()
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or(ApiError::Unauthorized)?;
         let user = users::user_for_token(&st.db, token).await?.ok_or(ApiError::Unauthorized)?;

@@ -185,7 +185,7 @@ impl Ctx {
         if self.db.is_none() {
             self.connect().await;
         }
-        gpugate_api::db::users::create_token(self.db(), user, admin).await.expect("token").1
+        gpugate_api::db::users::create_token(self.db(), user, admin, None).await.expect("token").1
     }
 
     /// Environment variables that configure a `gpugate-api` child process like `self.cfg`.
