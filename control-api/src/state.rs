@@ -37,16 +37,17 @@ pub struct State {
 }
 
 impl State {
-    /// Aborts the process if the testing fault `crash:<point>` is armed (crash-safety tests).
+    /// Aborts the process if the testing fault `crash:<point>` is armed (crash-safety tests;
+    /// only in builds with the `fault-injection` feature).
     pub fn crash_point(&self, point: &str) {
-        if self.cfg.fault_is("crash", point) {
+        if cfg!(feature = "fault-injection") && self.cfg.fault_is("crash", point) {
             tracing::warn!(point, "fault injection: aborting the process");
             std::process::abort();
         }
     }
 
-    /// Whether the testing fault `fail:<point>` is armed.
+    /// Whether the testing fault `fail:<point>` is armed (only with `fault-injection`).
     pub fn fail_point(&self, point: &str) -> bool {
-        self.cfg.fault_is("fail", point)
+        cfg!(feature = "fault-injection") && self.cfg.fault_is("fail", point)
     }
 }

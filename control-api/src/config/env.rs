@@ -132,6 +132,12 @@ impl Config {
         parse_env(env, "GPUGATE_PIDS", &mut l.pids)?;
         parse_env(env, "GPUGATE_MAX_PIDS", &mut l.max_pids)?;
         if let Some(v) = env_var(env, "GPUGATE_FAULT") {
+            if !cfg!(feature = "fault-injection") {
+                return Err(ConfigError::Env {
+                    name: "GPUGATE_FAULT",
+                    message: "fault injection is compiled out of this build (feature fault-injection, tests only)".into(),
+                });
+            }
             self.fault = Some(v);
         }
         Ok(())

@@ -7,6 +7,7 @@ mod environments;
 mod health;
 mod ports;
 mod ratelimit;
+mod requests;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -23,11 +24,15 @@ use crate::state::AppState;
 pub fn router(state: AppState) -> Router {
     let api = Router::new().merge(environments::router()).merge(ports::router()).merge(debug::router());
     let api = ratelimit::apply(api, &state.cfg.rate_limit);
-    Router::new()
+    let app = Router::new()
         .merge(api)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
-        .with_state(state)
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this endpoint does not accept that method".into())
+        })
+        .with_state(state);
+    requests::layer(app)
 }
 
 /// The authenticated caller (`Authorization: Bearer <token>`): a token that is neither revoked
@@ -79,7 +84,10 @@ impl<S: Send + Sync> FromRequestParts<S> for IdPath {
     }
 }
 
-/// A JSON body; malformed JSON is a 400, a body that does not fit the type is a 422, both in
+/// The largest request body accepted (axum's default limit): 32 SSH keys of 16 KiB fit.
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// A JSON body; over [`BODY_LIMIT`] is a 413; malformed JSON is a 400, a body that does not fit the type is a 422, both in
 /// the envelope.
 pub struct Body<T>(pub T);
 
@@ -92,6 +100,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
             Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::BadRequest(e.body_text())),
             Err(JsonRejection::MissingJsonContentType(_)) => {
                 Err(ApiError::BadRequest("expected Content-Type: application/json".into()))
+            }
+            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge(format!("request body over the limit of {BODY_LIMIT} bytes")))
             }
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }

@@ -125,6 +125,8 @@ impl Ctx {
         cfg.docker.allowed_images = vec!["gpugate-test/*".into()];
         // Tests send bursts from one token; the rate-limit test turns it on.
         cfg.rate_limit.per_second = 0.0;
+        // Likewise no quotas unless a test sets them.
+        cfg.quotas = gpugate_api::config::QuotaConfig { environments: None, gpus: None, running: None };
         cfg.docker.stop_timeout_s = 2;
         cfg.gpu.devices = vec![0, 1];
         cfg.gpu.mode = GpuMode::Nodes;
@@ -201,6 +203,9 @@ impl Ctx {
             ("GPUGATE_DEFAULT_IMAGE".into(), IMAGE.into()),
             ("GPUGATE_ALLOWED_IMAGES".into(), c.docker.allowed_images.join(",")),
             ("GPUGATE_RATE_LIMIT_PER_S".into(), c.rate_limit.per_second.to_string()),
+            ("GPUGATE_QUOTA_ENVIRONMENTS".into(), quota(c.quotas.environments)),
+            ("GPUGATE_QUOTA_GPUS".into(), quota(c.quotas.gpus)),
+            ("GPUGATE_QUOTA_RUNNING".into(), quota(c.quotas.running)),
             ("GPUGATE_DOCKER_STOP_TIMEOUT_S".into(), c.docker.stop_timeout_s.to_string()),
             ("GPUGATE_GPUS".into(), c.gpu.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
             ("GPUGATE_GPU_MODE".into(), "nodes".into()),
@@ -387,6 +392,10 @@ impl Drop for Ctx {
     fn drop(&mut self) {
         self.cleanup_sync();
     }
+}
+
+fn quota(q: Option<u32>) -> String {
+    q.map(|n| n.to_string()).unwrap_or_else(|| "none".into())
 }
 
 /// A free loopback TCP port.
