@@ -34,7 +34,7 @@ pub struct RateLimitConfig {
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        RateLimitConfig { per_second: 20.0, burst: 40 }
+        RateLimitConfig { per_second: 50.0, burst: 100 }
     }
 }
 

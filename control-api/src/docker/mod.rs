@@ -206,7 +206,7 @@ impl DockerClient {
             }
             found = self.networks_named(&name).await?;
         }
-        found.sort_by(|a, b| (a.created.clone(), a.id.clone()).cmp(&(b.created.clone(), b.id.clone())));
+        found.sort_by_key(|n| (n.created.clone(), n.id.clone()));
         let Some(keep) = found.first().cloned() else {
             return Err(DockerError::Network(name, "missing right after it was created".into()));
         };
