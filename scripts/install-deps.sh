@@ -8,6 +8,7 @@ pkgs=(
   docker-compose                                                     # the stack (docker/compose.yaml)
   mmdebstrap                                                         # offline base image for docker/
   python3-pip                                                        # docker/workspace/fetch-wheels.sh (pip download)
+  busybox-static dropbear-bin                                        # control-api/tests/image/build-iso.sh (isolation tests)
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::db::{self, gpus, ports, Db};
 use crate::docker::DockerClient;
 use crate::metrics::Metrics;
+use crate::ops::{Liveness, Operations};
 use crate::routes::{Publisher, PublisherStatus, Resync, TableView};
 use crate::state::{AppState, State};
 
@@ -36,13 +37,41 @@ pub struct Running {
     pub state: Option<AppState>,
     /// The publisher's status.
     pub publisher: Arc<PublisherStatus>,
+    /// Stops the HTTP server (it stops accepting, then finishes open requests).
+    http_stop: watch::Sender<bool>,
+    http: Option<JoinHandle<()>>,
+    /// Stops the reconciler.
+    reconcile_stop: watch::Sender<bool>,
+    reconciler: Option<JoinHandle<()>>,
+    /// Stops the publisher and the liveness lock, last.
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Signals every task to stop and waits for them.
+    /// Graceful shutdown: stop accepting requests, finish the operations in flight (bounded
+    /// by `shutdown_grace_s`), stop the reconciler, then stop the publisher and release the
+    /// liveness lock, so that no other process undoes an operation this one is finishing and
+    /// creates in flight still see their routes go live.
     pub async fn shutdown(self) {
+        let _ = self.http_stop.send(true);
+        if let Some(st) = &self.state {
+            let grace = Duration::from_secs(st.cfg.shutdown_grace_s);
+            if !st.ops.drain(grace).await {
+                tracing::warn!(
+                    in_flight = st.ops.in_flight(),
+                    "operations still running after {grace:?}; the reconciler of another process will finish them"
+                );
+            }
+        }
+        if let Some(h) = self.http {
+            // Open requests waited for their operations above; give their answers a moment.
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+        let _ = self.reconcile_stop.send(true);
+        if let Some(r) = self.reconciler {
+            let _ = r.await;
+        }
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -51,33 +80,54 @@ impl Running {
 }
 
 /// Holds this instance's liveness lock on a dedicated connection for the life of the process,
-/// re-taking it if the connection drops.
-async fn hold_liveness(db: Db, instance: i32, mut shutdown: watch::Receiver<bool>) {
+/// re-taking it after the connection drops, and retrying while another session still holds it
+/// (a dropped connection's session may linger on the server). `live` says whether it is held.
+async fn hold_liveness(db: Db, instance: i32, live: Arc<Liveness>, mut shutdown: watch::Receiver<bool>) {
+    let retry = Duration::from_secs(1);
     loop {
+        live.set(false);
         let mut conn = match db.dedicated().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(error = %e, "liveness connection failed");
+                tracing::error!(error = %e, "liveness connection failed; not operating until it is back");
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::time::sleep(retry) => continue,
                     _ = shutdown.changed() => return,
                 }
             }
         };
         match db::hold_instance_lock(&mut conn, instance).await {
-            Ok(true) => {}
-            Ok(false) => tracing::error!(instance, "instance id already locked; liveness unknown"),
-            Err(e) => tracing::error!(error = %e, "taking the liveness lock"),
+            Ok(true) => {
+                live.set(true);
+                tracing::debug!(instance, "liveness lock held");
+            }
+            Ok(false) => {
+                tracing::warn!(instance, "liveness lock still held by an old session; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "taking the liveness lock");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
         }
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                    if sqlx::query("SELECT 1").execute(&mut conn).await.is_err() {
-                        tracing::warn!("liveness connection lost; reconnecting");
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                    if Db::ping_conn(&mut conn).await.is_err() {
+                        tracing::warn!("liveness connection lost; not operating until the lock is back");
                         break;
                     }
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    live.set(false);
+                    return;
+                }
             }
         }
     }
@@ -120,16 +170,35 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
                 }
             }
         }));
-        return Ok(Running { addr: None, state: None, publisher: status, shutdown: tx, tasks });
+        let (http_stop, _) = watch::channel(false);
+        let (reconcile_stop, _) = watch::channel(false);
+        return Ok(Running {
+            addr: None,
+            state: None,
+            publisher: status,
+            http_stop,
+            http: None,
+            reconcile_stop,
+            reconciler: None,
+            shutdown: tx,
+            tasks,
+        });
     }
 
     let report = ports::sync_pools(&db, &cfg).await.context("synchronising port pools")?;
     tracing::info!(?report, "port pools synchronised");
     gpus::sync_inventory(&db, &cfg.gpu.devices).await.context("synchronising the GPU inventory")?;
-    let docker = DockerClient::connect(&cfg).await.context("connecting to Docker")?;
+    let mut docker = DockerClient::connect(&cfg).await.context("connecting to Docker")?;
+    docker.ensure_network().await.context("preparing the workspace network")?;
 
     let instance = crate::ids::instance_id();
-    tasks.push(tokio::spawn(hold_liveness(db.clone(), instance, rx.clone())));
+    let liveness = Arc::new(Liveness::default());
+    tasks.push(tokio::spawn(hold_liveness(db.clone(), instance, liveness.clone(), rx.clone())));
+    // Operate only once the lock is held (a second or so at most on a healthy database).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !liveness.holding() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let state: AppState = Arc::new(State {
         cfg: cfg.clone(),
@@ -140,20 +209,23 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         publisher: status.clone(),
         resync,
         instance: i64::from(instance),
+        liveness,
+        ops: Operations::default(),
     });
-    tasks.push(tokio::spawn(crate::reconcile::run(
+    let (reconcile_stop, reconcile_rx) = watch::channel(false);
+    let reconciler = tokio::spawn(crate::reconcile::run(
         state.clone(),
         Duration::from_secs(cfg.reconcile_interval_s),
-        rx.clone(),
-    )));
+        reconcile_rx,
+    ));
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let app = crate::http::router(state.clone());
-    let mut stop = rx.clone();
-    tasks.push(tokio::spawn(async move {
+    let (http_stop, mut stop) = watch::channel(false);
+    let http = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stop.changed().await;
@@ -162,7 +234,17 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server failed");
         }
-    }));
+    });
     tracing::info!(%addr, instance, "gpugate-api listening");
-    Ok(Running { addr: Some(addr), state: Some(state), publisher: status, shutdown: tx, tasks })
+    Ok(Running {
+        addr: Some(addr),
+        state: Some(state),
+        publisher: status,
+        http_stop,
+        http: Some(http),
+        reconcile_stop,
+        reconciler: Some(reconciler),
+        shutdown: tx,
+        tasks,
+    })
 }

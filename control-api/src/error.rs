@@ -36,6 +36,18 @@ pub enum ApiError {
     /// 409, code 1008: more GPUs requested than are free right now.
     #[error("{0}")]
     GpusUnavailable(String),
+    /// 409, code 1011: the operation would take the user past a quota (the message names it).
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// 429, code 1012: this token sent more requests than its rate allows.
+    #[error("too many requests; retry after {0} s")]
+    RateLimited(u64),
+    /// 413, code 1013: the request body is larger than the API accepts.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 405, code 1014: the path exists but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// 503, code 1009: a service's port pool has no free port.
     #[error("no free {0} port")]
     PoolExhausted(Service),
@@ -56,7 +68,10 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) | ApiError::GpusUnavailable(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::GpusUnavailable(_) | ApiError::QuotaExceeded(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PoolExhausted(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -75,6 +90,10 @@ impl ApiError {
             ApiError::GpusUnavailable(_) => 1008,
             ApiError::PoolExhausted(_) => 1009,
             ApiError::Unavailable(_) => 1010,
+            ApiError::QuotaExceeded(_) => 1011,
+            ApiError::RateLimited(_) => 1012,
+            ApiError::PayloadTooLarge(_) => 1013,
+            ApiError::MethodNotAllowed(_) => 1014,
             ApiError::Internal(_) => 1500,
         }
     }
@@ -132,7 +151,11 @@ impl<T: Serialize> IntoResponse for Success<T> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body: Envelope<()> = Envelope { code: self.code(), message: self.to_string(), data: None };
-        (self.status(), Json(body)).into_response()
+        let mut resp = (self.status(), Json(body)).into_response();
+        if let ApiError::RateLimited(secs) = self {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs.max(1)));
+        }
+        resp
     }
 }
 

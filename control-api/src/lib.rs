@@ -5,12 +5,14 @@
 //! - [`docker`]: the workspace containers.
 //! - [`routes`]: the publisher, the route table's one writer, and the API's read view of it.
 //! - [`lifecycle`]: create / stop / start / delete, each undone in reverse on failure.
+//! - [`ops`]: runs accepted operations to completion in their own tasks.
 //! - [`reconcile`]: converges Docker and the table to the database.
 //! - [`http`]: the REST API; [`error`]: its error type and envelope.
-//! - [`app`]: start-up, used by `main.rs` and the tests.
+//! - [`app`]: start-up, used by `main.rs` and the tests; [`cli`]: the admin commands.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod docker;
@@ -19,6 +21,7 @@ pub mod http;
 pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
+pub mod ops;
 pub mod reconcile;
 pub mod routes;
 pub mod state;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gpugate_api::app::{self, Mode};
+use gpugate_api::cli::{self as admin, TokenCommand, UserCommand};
 use gpugate_api::config::Config;
 
 /// The gpugate control plane: REST API, port pools, workspaces, route publisher.
@@ -43,23 +44,15 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Manage users: admin rights and quotas.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Print the effective configuration (secrets redacted) and exit.
     CheckConfig,
-}
-
-#[derive(Subcommand)]
-enum TokenCommand {
-    /// Create a token for a user (created if missing) and print it once.
-    Create {
-        /// The user's name.
-        #[arg(long)]
-        user: String,
-        /// Make the user an admin.
-        #[arg(long)]
-        admin: bool,
-    },
 }
 
 fn init_tracing() {
@@ -90,16 +83,8 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Token { command: TokenCommand::Create { user, admin } } => {
-            let db = gpugate_api::db::Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
-            db.migrate().await?;
-            let (u, token) = gpugate_api::db::users::create_token(&db, &user, admin)
-                .await
-                .with_context(|| format!("creating a token for {user}"))?;
-            eprintln!("token for {}{} (shown once):", u.name, if u.is_admin { " (admin)" } else { "" });
-            println!("{token}");
-            Ok(())
-        }
+        Command::Token { command } => admin::token(&cfg, command).await,
+        Command::User { command } => admin::user(&cfg, command).await,
         Command::Migrate => {
             let db = gpugate_api::db::Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
             db.migrate().await?;

@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::db::envs::{self, status, EnvRow};
-use crate::db::{self, gpus, ports, routes};
+use crate::db::{self, gpus, idempotency, ports, routes};
 use crate::lifecycle;
 use crate::state::State;
 
@@ -71,20 +71,11 @@ pub async fn run(st: std::sync::Arc<State>, interval: Duration, mut shutdown: wa
     }
 }
 
-/// Marks a running or stopped environment failed (only if no operation took it meanwhile) and deletes
-/// its routes, in one transaction.
+/// Marks a running or stopped environment failed (only if no operation took it meanwhile) and
+/// deletes its routes, in one transaction.
 async fn mark_failed(st: &State, env: &EnvRow, reason: &str) -> anyhow::Result<bool> {
     let mut tx = st.db.begin().await?;
-    let n = sqlx::query(
-        "UPDATE environments SET status = 'failed', status_reason = $2, updated_at = now() \
-         WHERE id = $1 AND status IN ('running', 'stopped') AND op_instance IS NULL",
-    )
-    .bind(&env.id)
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if n == 0 {
+    if !envs::mark_failed(&mut tx, &env.id, reason).await? {
         return Ok(false);
     }
     routes::delete_env(&mut *tx, &env.id).await?;
@@ -93,32 +84,63 @@ async fn mark_failed(st: &State, env: &EnvRow, reason: &str) -> anyhow::Result<b
     Ok(true)
 }
 
-/// One pass. Errors on one environment are logged and the pass goes on.
+/// Takes the row of an operation that is not running anywhere: claimed by a dead process, or
+/// by this one with no operation registered here (it ended without settling). Registers the
+/// repair as an operation of this process while it runs; returns whether the row was taken.
+async fn take_orphan(st: &State, env: &EnvRow, op: i64) -> anyhow::Result<bool> {
+    let mut active = st.ops.lock_active().await;
+    if active.contains(&env.id) {
+        return Ok(false);
+    }
+    if op != st.instance && db::instance_alive(&st.db, op).await? {
+        return Ok(false);
+    }
+    if !envs::take_over(&st.db, &env.id, op, st.instance).await? {
+        return Ok(false);
+    }
+    active.insert(env.id.clone());
+    Ok(true)
+}
+
+/// Takes the row of an environment that no operation holds, registering the repair.
+async fn take_unowned(st: &State, env: &EnvRow) -> anyhow::Result<bool> {
+    let mut active = st.ops.lock_active().await;
+    if active.contains(&env.id) || !envs::take_over_unowned(&st.db, &env.id, st.instance).await? {
+        return Ok(false);
+    }
+    active.insert(env.id.clone());
+    Ok(true)
+}
+
+/// Ends a repair registered by [`take_orphan`] or [`take_unowned`], releasing the row if the
+/// repair left it claimed.
+async fn end_repair(st: &State, id: &str) {
+    if let Err(e) = envs::release_claim(&st.db, id, st.instance).await {
+        tracing::warn!(env_id = %id, error = %e, "reconcile: releasing a repaired row failed");
+    }
+    st.ops.lock_active().await.remove(id);
+}
+
+/// One pass. Errors on one environment are logged and the pass goes on. A process that does
+/// not hold its liveness lock repairs nothing (another process may be taking over its rows).
 pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
     let mut r = Repairs::default();
+    if !st.liveness.holding() {
+        anyhow::bail!("this process does not hold its liveness lock; skipping the pass");
+    }
 
-    // 1. Operations whose instance died (or that gave up): finish or undo them.
+    // 1. Operations that are not running in any live process: finish or undo them.
     for env in envs::list_live(&st.db).await? {
-        let owned_by_dead = match env.op_instance {
-            Some(op) if op == st.instance => continue,
-            Some(op) => {
-                if db::instance_alive(&st.db, op).await? {
-                    continue;
-                }
-                if !envs::take_over(&st.db, &env.id, op, st.instance).await? {
-                    continue;
-                }
-                true
-            }
+        let taken = match env.op_instance {
+            Some(op) => take_orphan(st, &env, op).await?,
+            None if matches!(env.status.as_str(), status::CREATING | status::DELETING) => take_unowned(st, &env).await?,
             None => false,
         };
+        if !taken {
+            continue;
+        }
         let outcome = match env.status.as_str() {
             status::CREATING => {
-                if !owned_by_dead
-                    && !envs::take_over_unowned(&st.db, &env.id, st.instance).await?
-                {
-                    continue;
-                }
                 let res = lifecycle::undo_create(st, &env.id, env.container_id.as_deref(), false, "create interrupted; undone by the reconciler").await;
                 if res.is_ok() {
                     r.creates_undone += 1;
@@ -126,38 +148,30 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
                 res
             }
             status::DELETING => {
-                if !owned_by_dead
-                    && !envs::take_over_unowned(&st.db, &env.id, st.instance).await?
-                {
-                    continue;
-                }
                 let res = lifecycle::finish_delete(st, &env).await;
                 if res.is_ok() {
                     r.deletes_finished += 1;
                 }
                 res
             }
-            _ if owned_by_dead => {
-                envs::settle(st.db.pool(), &env.id, &env.status, env.status_reason.as_deref(), None).await?;
+            _ => {
                 r.operations_released += 1;
                 Ok(())
             }
-            _ => Ok(()),
         };
         if let Err(e) = outcome {
             tracing::error!(env_id = %env.id, error = %format!("{e:#}"), "reconcile: repair failed");
-            let _ = sqlx::query("UPDATE environments SET op_instance = NULL WHERE id = $1 AND op_instance = $2")
-                .bind(&env.id)
-                .bind(st.instance)
-                .execute(st.db.pool())
-                .await;
         }
+        end_repair(st, &env.id).await;
     }
 
-    // 2. Docker against the database.
+    // 2. Docker against the database. Docker is listed first: a create inserts its row before
+    // it makes its container, so every container listed here whose row is missing from the
+    // later database listing really has no environment (listing the database first would
+    // remove the container of a create in flight).
+    let containers = st.docker.list_managed().await?;
     let live = envs::list_live(&st.db).await?;
     let known: HashSet<&str> = live.iter().map(|e| e.id.as_str()).collect();
-    let containers = st.docker.list_managed().await?;
     let mut by_env: HashMap<&str, Vec<&crate::docker::Managed>> = HashMap::new();
     for c in &containers {
         if known.contains(c.env_id.as_str()) {
@@ -197,9 +211,19 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
                     }
                 }
                 Some(c) if c.running => {
-                    routes::deactivate(st.db.pool(), &env.id).await?;
-                    st.docker.stop(&c.id).await?;
-                    st.db.event(Some(&env.id), "repair_container_stopped", serde_json::json!({ "container": c.id })).await?;
+                    // Claimed like an operation, so a start in flight cannot interleave.
+                    if !take_unowned(st, env).await? {
+                        continue;
+                    }
+                    let res: anyhow::Result<()> = async {
+                        routes::deactivate(st.db.pool(), &env.id).await?;
+                        st.docker.stop(&c.id).await?;
+                        st.db.event(Some(&env.id), "repair_container_stopped", serde_json::json!({ "container": c.id })).await?;
+                        Ok(())
+                    }
+                    .await;
+                    end_repair(st, &env.id).await;
+                    res?;
                     r.containers_stopped += 1;
                 }
                 Some(_) => {}
@@ -218,6 +242,7 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
     }
     r.gpus_released += gpus::release_orphans(&st.db).await?;
     ports::end_quarantine(&st.db).await?;
+    idempotency::purge(&st.db, st.cfg.idempotency_retention_s).await?;
 
     // 4. The table against the routes (the publisher counts what it rewrites).
     st.resync.request();
@@ -261,12 +286,7 @@ async fn repair_routes(st: &State, env: &EnvRow, container: &str) -> anyhow::Res
         return Ok(false);
     }
     let mut tx = st.db.begin().await?;
-    let still: Option<(String, Option<i64>)> =
-        sqlx::query_as("SELECT status, op_instance FROM environments WHERE id = $1 FOR UPDATE")
-            .bind(&env.id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if still != Some((status::RUNNING.to_string(), None)) {
+    if !envs::lock_if_idle_running(&mut tx, &env.id).await? {
         return Ok(false);
     }
     routes::delete_env(&mut *tx, &env.id).await?;

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::docker::DockerClient;
 use crate::metrics::Metrics;
+use crate::ops::{Liveness, Operations};
 use crate::routes::{PublisherStatus, Resync, TableView};
 
 /// Everything a request needs; cheap to clone.
@@ -29,19 +30,24 @@ pub struct State {
     pub resync: Resync,
     /// This process's instance id (its liveness lock key).
     pub instance: i64,
+    /// Whether this process holds its liveness lock now.
+    pub liveness: Arc<Liveness>,
+    /// The lifecycle operations running in this process.
+    pub ops: Operations,
 }
 
 impl State {
-    /// Aborts the process if the testing fault `crash:<point>` is armed (crash-safety tests).
+    /// Aborts the process if the testing fault `crash:<point>` is armed (crash-safety tests;
+    /// only in builds with the `fault-injection` feature).
     pub fn crash_point(&self, point: &str) {
-        if self.cfg.fault_is("crash", point) {
+        if cfg!(feature = "fault-injection") && self.cfg.fault_is("crash", point) {
             tracing::warn!(point, "fault injection: aborting the process");
             std::process::abort();
         }
     }
 
-    /// Whether the testing fault `fail:<point>` is armed.
+    /// Whether the testing fault `fail:<point>` is armed (only with `fault-injection`).
     pub fn fail_point(&self, point: &str) -> bool {
-        self.cfg.fault_is("fail", point)
+        cfg!(feature = "fault-injection") && self.cfg.fault_is("fail", point)
     }
 }

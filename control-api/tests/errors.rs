@@ -32,11 +32,37 @@ async fn assert_nothing_left(ctx: &Ctx) {
 }
 
 fn expect_err(s: u16, v: &Value, status: u16, code: u64, needle: &str) {
+    assert!(!needle.is_empty(), "every expected error names what its message must say");
     assert_eq!(s, status, "{v}");
     assert_eq!(v["code"].as_u64(), Some(code), "{v}");
     assert_eq!(v["data"], Value::Null, "{v}");
     let msg = v["message"].as_str().unwrap_or("");
     assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+}
+
+/// POSTs a 3 MiB create over a raw connection (the server answers before reading it all and
+/// closes, which an HTTP client library reports as a failed send); returns (status, body).
+async fn oversized_post(base: &str, token: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let body = format!("{{\"name\": \"{}\"}}", "x".repeat(3 * 1024 * 1024));
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /api/v1/environments HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.expect("write head");
+    let _ = conn.write_all(body.as_bytes()).await; // may fail once the server has answered
+    let mut raw = vec![];
+    let _ = conn.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {text}"));
+    let json = text.find("\r\n\r\n").map(|i| &text[i + 4..]).unwrap_or("");
+    // The body may be chunked: take the JSON object inside.
+    let start = json.find('{').unwrap_or(0);
+    let end = json.rfind('}').map(|e| e + 1).unwrap_or(json.len());
+    (status, serde_json::from_str(&json[start..end]).unwrap_or_else(|_| panic!("not JSON: {text}")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +113,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let r = ctx.http.post(&url).bearer_auth(&alice).header("content-type", "application/json").body("{\"name\": ").send().await.expect("send");
     let s = r.status().as_u16();
     let v: Value = r.json().await.expect("json");
-    expect_err(s, &v, 400, 1001, "");
+    expect_err(s, &v, 400, 1001, "Failed to parse the request body as JSON");
     let r = ctx.http.post(&url).bearer_auth(&alice).body("name=x").send().await.expect("send");
     let s = r.status().as_u16();
     let v: Value = r.json().await.expect("json");
@@ -102,7 +128,12 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         (json!({"name": "n".repeat(65)}), 422, 1002, "at most 64"),
         (json!({"name": "  "}), 422, 1002, "empty"),
         (json!({"name": "x", "gpus": 3}), 422, 1002, "3 GPUs requested, this host has 2"),
-        (json!({"name": "x", "gpus": -1}), 422, 1002, ""),
+        (json!({"name": "x", "gpus": -1}), 422, 1002, "expected u32"),
+        (json!({"name": "a\u{202E}gpj.exe"}), 422, 1002, "U+202E"),
+        (json!({"name": "zero\u{200B}width"}), 422, 1002, "U+200B"),
+        (json!({"name": "bell\u{7}"}), 422, 1002, "must be printable"),
+        (json!({"name": "x", "memory_mb": 8}), 422, 1002, "memory_mb 8 is outside"),
+        (json!({"name": "x", "image": "postgres:15"}), 422, 1002, "docker.allowed_images"),
         (json!({"name": "x", "ssh_public_keys": ["not a key"]}), 422, 1002, "OpenSSH"),
         (json!({"name": "x", "image": "bad image"}), 422, 1002, "not a valid image"),
     ];
@@ -111,6 +142,19 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         expect_err(s, &v, status, code, needle);
     }
     assert_nothing_left(&ctx).await;
+
+    // A body over the limit is a 413, a known path with another method a 405, both in the
+    // envelope; every answer carries a request id (the client's, if it sent one).
+    let (s, v) = oversized_post(&ctx.base, &alice).await;
+    expect_err(s, &v, 413, 1013, "over the limit");
+    let r = ctx.http.put(&url).bearer_auth(&alice).header("x-request-id", "trace-me-42").send().await.expect("send");
+    assert_eq!(r.headers().get("x-request-id").and_then(|h| h.to_str().ok()), Some("trace-me-42"));
+    let s = r.status().as_u16();
+    let v: Value = r.json().await.expect("json");
+    expect_err(s, &v, 405, 1014, "does not accept that method");
+    let r = ctx.http.get(format!("{}/healthz", ctx.base)).send().await.expect("send");
+    let id = r.headers().get("x-request-id").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+    assert_eq!(id.len(), 16, "a generated request id: {id:?}");
 
     // Auth: no token, unknown token, admin endpoint with a user token.
     let r = ctx.http.get(&url).send().await.expect("send");

@@ -289,6 +289,61 @@ async fn pools_grow_within_their_bound_and_reserved_ports_are_never_handed_out()
     ctx.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_reserved_and_a_gpu_retired_while_held_never_come_back() {
+    let mut ctx = Ctx::new("reserved").await;
+    ctx.cfg.quarantine_s = 1;
+    ctx.cfg.pools.retain(|k, _| k == "ssh");
+    ctx.cfg.default_services = vec!["ssh".into()];
+    let file = ctx.dir.join("api.toml");
+    let write = |reserved: &str| {
+        let text = format!("default_services = [\"ssh\"]\n[pools.ssh]\nrange = \"20000-20001\"\nreserved = [{reserved}]\n");
+        std::fs::write(&file, text).expect("write config");
+    };
+    write("");
+    let from_file = gpugate_api::config::Config::load_with(Some(&file), &|_| None).expect("config");
+    ctx.cfg.pools = from_file.pools;
+    ctx.cfg.source = Some(file.clone());
+    let alice = ctx.token("alice", false).await;
+    let admin = ctx.token("root", true).await;
+    ctx.start().await;
+
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "a", "gpus": 2})).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["data"]["ports"]["ssh"], 20000);
+    let id = v["data"]["id"].as_str().expect("id").to_string();
+
+    // While the environment holds it, port 20000 is listed as reserved; GPU 1 leaves the host.
+    write("20000");
+    let (s, v) = ctx.post("/api/v1/admin/pools/reload", &admin, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    ctx.stop().await;
+    ctx.cfg.pools = gpugate_api::config::Config::load_with(Some(&file), &|_| None).expect("config").pools;
+    ctx.cfg.gpu.devices = vec![0];
+    ctx.start().await;
+
+    let (s, _) = ctx.delete(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (s, v) = ctx.post("/api/v1/admin/reconcile", &admin, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let rows = ctx.port_rows().await;
+    assert_eq!(rows.iter().find(|r| r.0 == 20000).map(|r| r.2.as_str()), Some("reserved"), "{rows:?}");
+    let gpu1: String = sqlx::query_scalar("SELECT status FROM gpu_devices WHERE idx = 1").fetch_one(ctx.db().pool()).await.expect("gpu");
+    assert_eq!(gpu1, "retired");
+
+    // The pool hands out 20001 and then nothing: 20000 never again.
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "b", "gpus": 1})).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["data"]["ports"]["ssh"], 20001);
+    assert_eq!(v["data"]["gpus"], json!([0]));
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "c"})).await;
+    assert_eq!((s, v["message"].as_str()), (503, Some("no free ssh port")), "{v}");
+    let (_, st) = ctx.get("/api/v1/ports/stats", &alice).await;
+    assert_eq!((st["data"][0]["reserved"].as_i64(), st["data"][0]["available"].as_i64()), (Some(1), Some(0)), "{st}");
+    ctx.finish().await;
+}
+
 #[test]
 fn dns_prints_one_wildcard_record_per_service() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpugate-api"))

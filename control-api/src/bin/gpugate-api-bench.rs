@@ -122,7 +122,7 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     let cfg = config(url, dir, &cli.image);
     let running = gpugate_api::app::start(cfg.clone(), gpugate_api::app::Mode::Api { publisher: true }).await?;
     let st = running.state.clone().context("API state")?;
-    let (user, _) = db::users::create_token(&st.db, "bench", false).await?;
+    let (user, _) = db::users::create_token(&st.db, "bench", false, None).await?;
     println!("gpugate control-plane benchmark (ratios side by side; absolute times depend on the machine)");
 
     // 1. Allocation throughput and duplicates, two processes of 16 clients each.
@@ -206,7 +206,7 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     let mut steps: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     let mut ids = vec![];
     for i in 0..cli.creates {
-        let spec = CreateSpec { name: format!("b{i}"), image: None, gpus: 0, services: None, ssh_public_keys: vec![] };
+        let spec = CreateSpec { id: gpugate_api::ids::env_id(), idempotency: None, name: format!("b{i}"), image: None, gpus: 0, services: None, ssh_public_keys: vec![], memory_mb: None, cpus: None, pids: None };
         let out = lifecycle::create(&st, &user, spec).await.map_err(|e| anyhow::anyhow!("create: {e}"))?;
         for (k, v) in out.timings {
             steps.entry(k).or_default().push(v * 1000.0);

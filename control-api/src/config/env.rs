@@ -54,6 +54,19 @@ impl Config {
         parse_env(env, "GPUGATE_RECONCILE_INTERVAL_S", &mut self.reconcile_interval_s)?;
         parse_env(env, "GPUGATE_ROUTE_WAIT_MS", &mut self.route_wait_ms)?;
         parse_env(env, "GPUGATE_DEPLOYMENT", &mut self.deployment)?;
+        for (name, slot) in [
+            ("GPUGATE_QUOTA_ENVIRONMENTS", &mut self.quotas.environments),
+            ("GPUGATE_QUOTA_GPUS", &mut self.quotas.gpus),
+            ("GPUGATE_QUOTA_RUNNING", &mut self.quotas.running),
+        ] {
+            if let Some(v) = env_var(env, name) {
+                *slot = super::tenant::parse_quota(&v).map_err(|message| ConfigError::Env { name, message })?;
+            }
+        }
+        parse_env(env, "GPUGATE_RATE_LIMIT_PER_S", &mut self.rate_limit.per_second)?;
+        parse_env(env, "GPUGATE_RATE_LIMIT_BURST", &mut self.rate_limit.burst)?;
+        parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
+        parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
         if let Some(v) = env_var(env, "GPUGATE_DEFAULT_SERVICES") {
             self.default_services = split_list(&v);
         }
@@ -107,7 +120,24 @@ impl Config {
         parse_env(env, "GPUGATE_DEFAULT_IMAGE", &mut self.docker.default_image)?;
         parse_env(env, "GPUGATE_USERNAME", &mut self.docker.username)?;
         parse_env(env, "GPUGATE_DOCKER_STOP_TIMEOUT_S", &mut self.docker.stop_timeout_s)?;
+        if let Some(v) = env_var(env, "GPUGATE_ALLOWED_IMAGES") {
+            self.docker.allowed_images = split_list(&v);
+        }
+        parse_env(env, "GPUGATE_DOCKER_NETWORK", &mut self.docker.network)?;
+        let l = &mut self.docker.limits;
+        parse_env(env, "GPUGATE_MEMORY_MB", &mut l.memory_mb)?;
+        parse_env(env, "GPUGATE_MAX_MEMORY_MB", &mut l.max_memory_mb)?;
+        parse_env(env, "GPUGATE_CPUS", &mut l.cpus)?;
+        parse_env(env, "GPUGATE_MAX_CPUS", &mut l.max_cpus)?;
+        parse_env(env, "GPUGATE_PIDS", &mut l.pids)?;
+        parse_env(env, "GPUGATE_MAX_PIDS", &mut l.max_pids)?;
         if let Some(v) = env_var(env, "GPUGATE_FAULT") {
+            if !cfg!(feature = "fault-injection") {
+                return Err(ConfigError::Env {
+                    name: "GPUGATE_FAULT",
+                    message: "fault injection is compiled out of this build (feature fault-injection, tests only)".into(),
+                });
+            }
             self.fault = Some(v);
         }
         Ok(())

@@ -5,6 +5,8 @@
 
 mod env;
 mod range;
+mod tenant;
+mod workspace;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 pub use range::PortRange;
+pub use tenant::{QuotaConfig, RateLimitConfig};
+pub use workspace::{image_allowed, LimitsConfig, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
 
 use gpugate_routes::Service;
 use serde::Deserialize;
@@ -138,6 +142,14 @@ pub struct DockerConfig {
     pub stop_timeout_s: u32,
     /// Seconds any one Docker call may take.
     pub call_timeout_s: u64,
+    /// Images a create may name: exact names, or prefixes ending in `*`. Empty: only
+    /// `default_image`.
+    pub allowed_images: Vec<String>,
+    /// The bridge network workspaces join (created with inter-container traffic disabled
+    /// when missing). Empty: `gpugate-<deployment>`.
+    pub network: String,
+    /// Resource limits of each workspace.
+    pub limits: LimitsConfig,
 }
 
 impl Default for DockerConfig {
@@ -148,6 +160,9 @@ impl Default for DockerConfig {
             username: "remotegpu".into(),
             stop_timeout_s: 10,
             call_timeout_s: 60,
+            allowed_images: vec![],
+            network: String::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -187,6 +202,15 @@ pub struct Config {
     pub gpu: GpuConfig,
     /// Docker settings.
     pub docker: DockerConfig,
+    /// Default quotas per user (overrides: `gpugate-api user set-quota`).
+    pub quotas: QuotaConfig,
+    /// Per-token request rate limit.
+    pub rate_limit: RateLimitConfig,
+    /// Seconds an `Idempotency-Key` keeps answering with the environment it created.
+    pub idempotency_retention_s: u64,
+    /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
+    /// the publisher and releases the liveness lock anyway.
+    pub shutdown_grace_s: u64,
     /// Testing only: a point at which operations fail or the process aborts
     /// (`GPUGATE_FAULT`, e.g. `fail:docker_create`, `crash:after_docker_start`). Never set it in
     /// production.
@@ -220,6 +244,10 @@ impl Default for Config {
             pools,
             gpu: GpuConfig::default(),
             docker: DockerConfig::default(),
+            quotas: QuotaConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            idempotency_retention_s: 24 * 3600,
+            shutdown_grace_s: 60,
             fault: None,
             source: None,
         }
@@ -266,6 +294,14 @@ impl Config {
         }
         if self.quarantine_s > 7 * 24 * 3600 {
             return bad(format!("quarantine_s {} is over a week", self.quarantine_s));
+        }
+        self.docker.limits.validate().map_err(ConfigError::Invalid)?;
+        self.rate_limit.validate().map_err(ConfigError::Invalid)?;
+        if self.idempotency_retention_s < 24 * 3600 {
+            return bad(format!(
+                "idempotency_retention_s {} is under 24 h (86400); clients retry for a day",
+                self.idempotency_retention_s
+            ));
         }
         if self.reconcile_interval_s == 0 {
             return bad("reconcile_interval_s must be at least 1".into());
@@ -352,6 +388,15 @@ impl Config {
     /// The configured pools as services.
     pub fn services(&self) -> Vec<(Service, &PoolConfig)> {
         self.pools.iter().filter_map(|(n, p)| Some((pool_service(n).ok()?, p))).collect()
+    }
+
+    /// The Docker network workspaces join.
+    pub fn network(&self) -> String {
+        if self.docker.network.is_empty() {
+            format!("gpugate-{}", self.deployment)
+        } else {
+            self.docker.network.clone()
+        }
     }
 
     /// The fault point named `point` is armed with `action` (`fail` or `crash`).

@@ -240,3 +240,40 @@ pub async fn take_over_unowned(db: &Db, id: &str, instance: i64) -> DbResult<boo
         .rows_affected()
         == 1)
 }
+
+/// Ends `instance`'s claim on the environment, if it still holds one (an operation that
+/// ended early, or a repair that gave up); returns whether a claim was released.
+pub async fn release_claim(db: &Db, id: &str, instance: i64) -> DbResult<bool> {
+    Ok(sqlx::query("UPDATE environments SET op_instance = NULL WHERE id = $1 AND op_instance = $2")
+        .bind(id)
+        .bind(instance)
+        .execute(db.pool())
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+/// Marks a running or stopped environment that no operation holds as failed with `reason`;
+/// returns whether it did.
+pub async fn mark_failed(tx: &mut Tx<'_>, id: &str, reason: &str) -> DbResult<bool> {
+    Ok(sqlx::query(
+        "UPDATE environments SET status = 'failed', status_reason = $2, updated_at = now() \
+         WHERE id = $1 AND status IN ('running', 'stopped') AND op_instance IS NULL",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Locks the row and tells whether it is still running with no operation (route repair).
+pub async fn lock_if_idle_running(tx: &mut Tx<'_>, id: &str) -> DbResult<bool> {
+    let still: Option<(String, Option<i64>)> =
+        sqlx::query_as("SELECT status, op_instance FROM environments WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(still == Some((status::RUNNING.to_string(), None)))
+}

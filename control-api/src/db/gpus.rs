@@ -5,20 +5,23 @@ use sqlx::PgExecutor;
 use super::{Db, DbResult, Tx};
 
 /// Makes the inventory match `devices`: new indexes become available, missing ones are
-/// retired (an allocated one stays with its environment until released, then retires).
+/// retired (an allocated one stays with its environment until released, then retires; every
+/// release path honours `in_inventory`).
 pub async fn sync_inventory(db: &Db, devices: &[u32]) -> DbResult<()> {
     let idx: Vec<i32> = devices.iter().filter_map(|d| i32::try_from(*d).ok()).collect();
     let mut tx = db.begin().await?;
     sqlx::query(
         "INSERT INTO gpu_devices (idx) SELECT unnest($1::int[]) \
-         ON CONFLICT (idx) DO UPDATE SET status = 'available' WHERE gpu_devices.status = 'retired'",
+         ON CONFLICT (idx) DO UPDATE SET in_inventory = true, \
+             status = CASE WHEN gpu_devices.status = 'retired' THEN 'available' ELSE gpu_devices.status END",
     )
     .bind(&idx)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "UPDATE gpu_devices SET status = 'retired' \
-         WHERE status = 'available' AND NOT (idx = ANY($1::int[]))",
+        "UPDATE gpu_devices SET in_inventory = false, \
+             status = CASE WHEN status = 'available' THEN 'retired' ELSE status END \
+         WHERE NOT (idx = ANY($1::int[]))",
     )
     .bind(&idx)
     .execute(&mut *tx)
@@ -54,9 +57,12 @@ pub async fn allocate(tx: &mut Tx<'_>, env_id: &str, count: u32) -> DbResult<Vec
     Ok(out)
 }
 
-/// Returns `env_id`'s GPUs to the inventory.
+/// Returns `env_id`'s GPUs to the inventory (retired if they left it meanwhile).
 pub async fn release_env<'e, E: PgExecutor<'e>>(exec: E, env_id: &str) -> DbResult<u64> {
-    Ok(sqlx::query("UPDATE gpu_devices SET status = 'available', env_id = NULL WHERE env_id = $1")
+    Ok(sqlx::query(
+        "UPDATE gpu_devices SET env_id = NULL, \
+             status = CASE WHEN in_inventory THEN 'available' ELSE 'retired' END WHERE env_id = $1",
+    )
         .bind(env_id)
         .execute(exec)
         .await?
@@ -66,7 +72,8 @@ pub async fn release_env<'e, E: PgExecutor<'e>>(exec: E, env_id: &str) -> DbResu
 /// Releases GPUs held by deleted or missing environments; returns how many.
 pub async fn release_orphans(db: &Db) -> DbResult<u64> {
     Ok(sqlx::query(
-        "UPDATE gpu_devices g SET status = 'available', env_id = NULL \
+        "UPDATE gpu_devices g SET env_id = NULL, \
+             status = CASE WHEN g.in_inventory THEN 'available' ELSE 'retired' END \
          WHERE g.status = 'allocated' AND NOT EXISTS (SELECT 1 FROM environments e \
              WHERE e.id = g.env_id AND e.status <> 'deleted')",
     )

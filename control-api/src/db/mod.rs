@@ -4,7 +4,9 @@
 
 pub mod envs;
 pub mod gpus;
+pub mod idempotency;
 pub mod ports;
+pub mod quotas;
 pub mod routes;
 pub mod users;
 
@@ -66,6 +68,11 @@ impl Db {
     /// Starts a transaction.
     pub async fn begin(&self) -> DbResult<Tx<'static>> {
         self.pool.begin().await
+    }
+
+    /// Whether a dedicated connection still answers (the liveness connection).
+    pub async fn ping_conn(conn: &mut PgConnection) -> DbResult<()> {
+        sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
     }
 
     /// Whether the database answers.

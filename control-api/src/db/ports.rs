@@ -84,8 +84,8 @@ pub async fn sync_pools(db: &Db, cfg: &Config) -> Result<PoolSyncReport, PoolSyn
     .await?
     .rows_affected();
     let added = sqlx::query(
-        "INSERT INTO port_pool (port, service, status) \
-         SELECT port, service, CASE WHEN res THEN 'reserved' ELSE 'available' END \
+        "INSERT INTO port_pool (port, service, status, reserved) \
+         SELECT port, service, CASE WHEN res THEN 'reserved' ELSE 'available' END, res \
          FROM unnest($1::int[], $2::text[], $3::bool[]) AS w(port, service, res) \
          ON CONFLICT (port) DO NOTHING",
     )
@@ -95,7 +95,17 @@ pub async fn sync_pools(db: &Db, cfg: &Config) -> Result<PoolSyncReport, PoolSyn
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    // Reserve free ports now listed as reserved; an allocated one is reserved once released.
+    // Every port remembers whether it is reserved, whatever its status: an allocated port
+    // listed as reserved becomes reserved when it is released, not available.
+    sqlx::query(
+        "UPDATE port_pool p SET reserved = w.res FROM unnest($1::int[], $2::bool[]) AS w(port, res) \
+         WHERE w.port = p.port AND p.reserved <> w.res",
+    )
+    .bind(&ports)
+    .bind(&reserved)
+    .execute(&mut *tx)
+    .await?;
+    // Reserve free ports now listed as reserved.
     let newly_reserved = sqlx::query(
         "UPDATE port_pool p SET status = 'reserved', quarantine_until = NULL \
          FROM unnest($1::int[], $2::bool[]) AS w(port, res) \
@@ -136,7 +146,7 @@ pub async fn allocate(tx: &mut Tx<'_>, service: Service, env_id: &str) -> DbResu
              quarantine_until = NULL \
          WHERE port = ( \
              SELECT port FROM port_pool \
-             WHERE service = $1 AND (status = 'available' \
+             WHERE service = $1 AND NOT reserved AND (status = 'available' \
                    OR (status = 'quarantined' AND quarantine_until <= now())) \
              ORDER BY released_at NULLS FIRST, port \
              LIMIT 1 FOR UPDATE SKIP LOCKED) \
@@ -150,7 +160,7 @@ pub async fn allocate(tx: &mut Tx<'_>, service: Service, env_id: &str) -> DbResu
 }
 
 /// Returns `env_id`'s ports to the pool: into quarantine for `quarantine_s` seconds (0: at once
-/// available). Ports listed as reserved in the pool stay reserved. Returns the ports released.
+/// available). Ports listed as reserved meanwhile become reserved. Returns the ports released.
 pub async fn release_env<'e, E: PgExecutor<'e>>(
     exec: E,
     env_id: &str,
@@ -158,8 +168,8 @@ pub async fn release_env<'e, E: PgExecutor<'e>>(
 ) -> DbResult<Vec<u16>> {
     let ports: Vec<i32> = sqlx::query_scalar(
         "UPDATE port_pool SET env_id = NULL, released_at = now(), \
-             status = CASE WHEN $2 > 0 THEN 'quarantined' ELSE 'available' END, \
-             quarantine_until = CASE WHEN $2 > 0 THEN now() + make_interval(secs => $2) END \
+             status = CASE WHEN reserved THEN 'reserved' WHEN $2 > 0 THEN 'quarantined' ELSE 'available' END, \
+             quarantine_until = CASE WHEN NOT reserved AND $2 > 0 THEN now() + make_interval(secs => $2) END \
          WHERE env_id = $1 AND status = 'allocated' RETURNING port",
     )
     .bind(env_id)
@@ -172,7 +182,8 @@ pub async fn release_env<'e, E: PgExecutor<'e>>(
 /// Marks quarantined ports whose quarantine has ended as available; returns how many.
 pub async fn end_quarantine(db: &Db) -> DbResult<u64> {
     Ok(sqlx::query(
-        "UPDATE port_pool SET status = 'available', quarantine_until = NULL \
+        "UPDATE port_pool SET status = CASE WHEN reserved THEN 'reserved' ELSE 'available' END, \
+             quarantine_until = NULL \
          WHERE status = 'quarantined' AND quarantine_until <= now()",
     )
     .execute(db.pool())
@@ -189,8 +200,9 @@ pub async fn release_orphans(db: &Db, quarantine_s: u64) -> DbResult<Vec<(u16, S
              LEFT JOIN environments e ON e.id = p.env_id \
              WHERE p.status = 'allocated' AND (e.id IS NULL OR e.status = 'deleted') \
              FOR UPDATE OF p SKIP LOCKED) \
-         UPDATE port_pool p SET env_id = NULL, released_at = now(), status = 'quarantined', \
-             quarantine_until = now() + make_interval(secs => $1) \
+         UPDATE port_pool p SET env_id = NULL, released_at = now(), \
+             status = CASE WHEN p.reserved THEN 'reserved' ELSE 'quarantined' END, \
+             quarantine_until = CASE WHEN p.reserved THEN NULL ELSE now() + make_interval(secs => $1) END \
          FROM orphan o WHERE p.port = o.port RETURNING p.port, o.env_id",
     )
     .bind(quarantine_s.max(1) as f64)

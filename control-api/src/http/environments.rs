@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -14,7 +15,8 @@ use super::{Body, Caller, IdPath};
 use crate::db::envs::{self, EnvRow};
 use crate::db::ports;
 use crate::error::{ok, ApiError, ApiResult, Success};
-use crate::lifecycle::{self, CreateSpec};
+use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
+use sha2::{Digest, Sha256};
 use crate::state::{AppState, State as AppInner};
 
 /// The routes of this resource.
@@ -28,7 +30,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Body of `POST /api/v1/environments`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnvironment {
     /// Display name, 1 to 64 characters.
@@ -45,6 +47,15 @@ pub struct CreateEnvironment {
     /// OpenSSH public keys to authorise.
     #[serde(default)]
     pub ssh_public_keys: Option<Vec<String>>,
+    /// Memory limit in MiB (default and maximum: `docker.limits`).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Process (pids) limit.
+    #[serde(default)]
+    pub pids: Option<u32>,
 }
 
 /// SSH access.
@@ -180,21 +191,52 @@ async fn find(st: &AppInner, caller: &Caller, id: &str) -> Result<EnvRow, ApiErr
     envs::get(st.db.pool(), id, Some(caller.0.id)).await?.ok_or_else(|| ApiError::env_not_found(id))
 }
 
-/// `POST /api/v1/environments` → 201 with the environment and its access information.
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap, req: &CreateEnvironment) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::Validation("Idempotency-Key must be 1 to 255 visible ASCII characters".into())
+        })?;
+    let body = serde_json::to_vec(req).map_err(|e| ApiError::internal("request digest", e))?;
+    Ok(Some(IdempotencyKey { key: key.to_string(), request: Sha256::digest(&body).to_vec() }))
+}
+
+/// `POST /api/v1/environments` → 201 with the environment and its access information. With
+/// an `Idempotency-Key` already used by this caller: the environment that key created (same
+/// id and ports), with `Idempotent-Replayed: true`. The create runs to completion even if the
+/// client goes away.
 async fn create_environment(
     State(st): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Body(req): Body<CreateEnvironment>,
-) -> ApiResult<EnvironmentView> {
+) -> Result<Response, ApiError> {
+    let idempotency = idempotency_key(&headers, &req)?;
     let spec = CreateSpec {
+        id: crate::ids::env_id(),
+        idempotency,
         name: req.name,
         image: req.image,
         gpus: req.gpus.unwrap_or(0),
         services: req.services,
         ssh_public_keys: req.ssh_public_keys.unwrap_or_default(),
+        memory_mb: req.memory_mb,
+        cpus: req.cpus,
+        pids: req.pids,
     };
-    let out = lifecycle::create(&st, &caller.0, spec).await?;
-    Ok(Success(StatusCode::CREATED, view(&st, out.env, Some(out.routes_live)).await?))
+    let (st2, user, id) = (st.clone(), caller.0.clone(), spec.id.clone());
+    let out = st.ops.run(&st, &id, async move { lifecycle::create(&st2, &user, spec).await }).await?;
+    let replayed = out.replayed;
+    let body = Success(StatusCode::CREATED, view(&st, out.env, Some(out.routes_live)).await?);
+    let mut resp = body.into_response();
+    if replayed {
+        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
 }
 
 /// `GET /api/v1/environments` → the caller's environments.
@@ -221,18 +263,21 @@ async fn get_access(State(st): State<AppState>, caller: Caller, IdPath(id): IdPa
 
 /// `POST /api/v1/environments/{id}/stop`.
 async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
-    let out = lifecycle::stop(&st, &caller.0, &id).await?;
+    let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
+    let out = st.ops.run(&st, &id, async move { lifecycle::stop(&st2, &user, &id2).await }).await?;
     Ok(ok(view(&st, out.env, None).await?))
 }
 
 /// `POST /api/v1/environments/{id}/start`.
 async fn start_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
-    let out = lifecycle::start(&st, &caller.0, &id).await?;
+    let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
+    let out = st.ops.run(&st, &id, async move { lifecycle::start(&st2, &user, &id2).await }).await?;
     Ok(ok(view(&st, out.env, Some(out.routes_live)).await?))
 }
 
 /// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.
 async fn delete_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<serde_json::Value> {
-    let env = lifecycle::delete(&st, &caller.0, &id).await?;
+    let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
+    let env = st.ops.run(&st, &id, async move { lifecycle::delete(&st2, &user, &id2).await }).await?;
     Ok(ok(serde_json::json!({ "id": env.id, "status": env.status })))
 }

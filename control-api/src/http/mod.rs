@@ -6,6 +6,8 @@ pub use debug::reload_pools_from_config as reload_pools;
 mod environments;
 mod health;
 mod ports;
+mod ratelimit;
+mod requests;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -20,16 +22,21 @@ use crate::state::AppState;
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(environments::router())
-        .merge(ports::router())
-        .merge(debug::router())
+    let api = Router::new().merge(environments::router()).merge(ports::router()).merge(debug::router());
+    let api = ratelimit::apply(api, &state.cfg.rate_limit);
+    let app = Router::new()
+        .merge(api)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
-        .with_state(state)
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this endpoint does not accept that method".into())
+        })
+        .with_state(state);
+    requests::layer(app)
 }
 
-/// The authenticated caller (`Authorization: Bearer <token>`).
+/// The authenticated caller (`Authorization: Bearer <token>`): a token that is neither revoked
+/// nor expired, looked up on every request (no cache outlives a revocation).
 pub struct Caller(pub User);
 
 impl FromRequestParts<AppState> for Caller {
@@ -37,10 +44,12 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         let value = parts.headers.get(header::AUTHORIZATION).ok_or(ApiError::Unauthorized)?;
         let value = value.to_str().map_err(|_| ApiError::Unauthorized)?;
+        // The scheme is case-insensitive (RFC 7235 section 2.1).
         let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
+            .trim()
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or(ApiError::Unauthorized)?;
         let user = users::user_for_token(&st.db, token).await?.ok_or(ApiError::Unauthorized)?;
@@ -75,7 +84,10 @@ impl<S: Send + Sync> FromRequestParts<S> for IdPath {
     }
 }
 
-/// A JSON body; malformed JSON is a 400, a body that does not fit the type is a 422, both in
+/// The largest request body accepted (axum's default limit): 32 SSH keys of 16 KiB fit.
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// A JSON body; over [`BODY_LIMIT`] is a 413; malformed JSON is a 400, a body that does not fit the type is a 422, both in
 /// the envelope.
 pub struct Body<T>(pub T);
 
@@ -88,6 +100,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
             Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::BadRequest(e.body_text())),
             Err(JsonRejection::MissingJsonContentType(_)) => {
                 Err(ApiError::BadRequest("expected Content-Type: application/json".into()))
+            }
+            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge(format!("request body over the limit of {BODY_LIMIT} bytes")))
             }
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }

@@ -16,6 +16,8 @@ use sqlx::Connection;
 
 /// The image the tests run.
 pub const IMAGE: &str = "gpugate-test/tiny:1";
+/// The isolation tests' image: busybox and a real SSH server (dropbear).
+pub const ISO_IMAGE: &str = "gpugate-test/iso:1";
 
 /// The superuser URL of the test cluster.
 pub fn admin_url() -> String {
@@ -46,6 +48,22 @@ pub fn ensure_image() {
     }
 }
 
+/// Builds the isolation image once per machine if it is missing.
+pub fn ensure_iso_image() {
+    let present = Command::new("docker")
+        .args(["image", "inspect", ISO_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("docker CLI available")
+        .success();
+    if !present {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/image/build-iso.sh");
+        let ok = Command::new("bash").arg(script).arg(ISO_IMAGE).status().expect("run build-iso.sh").success();
+        assert!(ok, "building the isolation image failed");
+    }
+}
+
 fn rand_suffix() -> String {
     let mut b = [0u8; 6];
     getrandom::getrandom(&mut b).expect("rng");
@@ -72,6 +90,10 @@ pub struct Ctx {
 impl Ctx {
     /// A fresh database, table path, deployment label and stand-in GPU nodes (indexes 0, 1).
     pub async fn new(name: &str) -> Ctx {
+        // GPUGATE_LOG=warn (or debug) shows the in-process API's logs with the test's output.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("GPUGATE_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         ensure_image();
         let suffix = rand_suffix();
         let db_name = format!("gg_{name}_{suffix}");
@@ -100,6 +122,11 @@ impl Ctx {
             ..Config::default()
         };
         cfg.docker.default_image = IMAGE.into();
+        cfg.docker.allowed_images = vec!["gpugate-test/*".into()];
+        // Tests send bursts from one token; the rate-limit test turns it on.
+        cfg.rate_limit.per_second = 0.0;
+        // Likewise no quotas unless a test sets them.
+        cfg.quotas = gpugate_api::config::QuotaConfig { environments: None, gpus: None, running: None };
         cfg.docker.stop_timeout_s = 2;
         cfg.gpu.devices = vec![0, 1];
         cfg.gpu.mode = GpuMode::Nodes;
@@ -160,7 +187,7 @@ impl Ctx {
         if self.db.is_none() {
             self.connect().await;
         }
-        gpugate_api::db::users::create_token(self.db(), user, admin).await.expect("token").1
+        gpugate_api::db::users::create_token(self.db(), user, admin, None).await.expect("token").1
     }
 
     /// Environment variables that configure a `gpugate-api` child process like `self.cfg`.
@@ -174,6 +201,11 @@ impl Ctx {
             ("GPUGATE_RECONCILE_INTERVAL_S".into(), c.reconcile_interval_s.to_string()),
             ("GPUGATE_ROUTE_WAIT_MS".into(), c.route_wait_ms.to_string()),
             ("GPUGATE_DEFAULT_IMAGE".into(), IMAGE.into()),
+            ("GPUGATE_ALLOWED_IMAGES".into(), c.docker.allowed_images.join(",")),
+            ("GPUGATE_RATE_LIMIT_PER_S".into(), c.rate_limit.per_second.to_string()),
+            ("GPUGATE_QUOTA_ENVIRONMENTS".into(), quota(c.quotas.environments)),
+            ("GPUGATE_QUOTA_GPUS".into(), quota(c.quotas.gpus)),
+            ("GPUGATE_QUOTA_RUNNING".into(), quota(c.quotas.running)),
             ("GPUGATE_DOCKER_STOP_TIMEOUT_S".into(), c.docker.stop_timeout_s.to_string()),
             ("GPUGATE_GPUS".into(), c.gpu.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
             ("GPUGATE_GPU_MODE".into(), "nodes".into()),
@@ -187,6 +219,20 @@ impl Ctx {
         }
         env.push(("GPUGATE_DEFAULT_SERVICES".into(), c.default_services.join(",")));
         env
+    }
+
+    /// Runs `gpugate-api <args>` to completion (admin commands) with this test's database;
+    /// returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpugate-api"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.db_url)
+            .output()
+            .expect("run gpugate-api");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
     }
 
     /// Spawns `gpugate-api <args>` listening on a free port; returns its index and base URL.
@@ -326,6 +372,16 @@ impl Ctx {
         if !ids.is_empty() {
             let _ = Command::new("docker").args(["rm", "-f", "-v"]).args(&ids).output();
         }
+        // The deployment's workspace networks (made by the API at start; processes starting
+        // together may have made two).
+        let out = Command::new("docker")
+            .args(["network", "ls", "-q", "--filter", &format!("label=gpugate.deployment={}", self.deployment)])
+            .output();
+        if let Ok(out) = out {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("docker").args(["network", "rm", id]).output();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -336,6 +392,10 @@ impl Drop for Ctx {
     fn drop(&mut self) {
         self.cleanup_sync();
     }
+}
+
+fn quota(q: Option<u32>) -> String {
+    q.map(|n| n.to_string()).unwrap_or_else(|| "none".into())
 }
 
 /// A free loopback TCP port.

@@ -7,21 +7,42 @@ use std::time::{Duration, Instant};
 
 use gpugate_routes::{EnvId, Route, Service};
 
-use crate::config::pool_service;
+mod quota;
+mod validate;
+
 use crate::db::envs::{self, status, EnvRow, NewEnv};
-use crate::db::{self, gpus, ports, routes, users::User};
+use crate::db::{self, gpus, idempotency, ports, quotas, routes, users::User};
 use crate::docker::{DockerError, WorkspaceSpec};
 use crate::error::ApiError;
 use crate::state::State;
 
-/// A validated create request.
+/// A create request (validated by [`create`]).
 #[derive(Debug, Clone)]
 pub struct CreateSpec {
+    /// The new environment's id, drawn before the operation starts (it names the operation).
+    pub id: String,
+    /// `Idempotency-Key` and the digest of the request it came with.
+    pub idempotency: Option<IdempotencyKey>,
     pub name: String,
     pub image: Option<String>,
     pub gpus: u32,
     pub services: Option<Vec<String>>,
     pub ssh_public_keys: Vec<String>,
+    /// Memory limit in MiB (default and maximum from configuration).
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores.
+    pub cpus: Option<f64>,
+    /// Process limit.
+    pub pids: Option<u32>,
+}
+
+/// An `Idempotency-Key` header value and the digest of its request.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// The key, 1 to 255 printable ASCII characters.
+    pub key: String,
+    /// SHA-256 of the request body's fields.
+    pub request: Vec<u8>,
 }
 
 /// What a create, start or stop settled on.
@@ -34,6 +55,8 @@ pub struct Outcome {
     /// Seconds spent per step (`database`, `docker_create`, `docker_start`, `route_write`,
     /// `total`); creates only.
     pub timings: Vec<(&'static str, f64)>,
+    /// A create answered from its `Idempotency-Key`: the environment an earlier attempt made.
+    pub replayed: bool,
 }
 
 fn docker_error(e: DockerError) -> ApiError {
@@ -47,61 +70,9 @@ fn docker_error(e: DockerError) -> ApiError {
     }
 }
 
-fn validate(st: &State, spec: &CreateSpec) -> Result<(String, Vec<Service>), ApiError> {
-    let name = spec.name.trim();
-    if name.is_empty() {
-        return Err(ApiError::Validation("name must not be empty".into()));
-    }
-    let chars = name.chars().count();
-    if chars > 64 {
-        return Err(ApiError::Validation(format!("name is {chars} characters, at most 64 allowed")));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(ApiError::Validation("name must not contain control characters".into()));
-    }
-    let image = spec.image.clone().unwrap_or_else(|| st.cfg.docker.default_image.clone());
-    if image.is_empty() || image.len() > 255 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ApiError::Validation(format!("image \"{image}\" is not a valid image reference")));
-    }
-    let names = spec.services.clone().unwrap_or_else(|| st.cfg.default_services.clone());
-    if names.is_empty() {
-        return Err(ApiError::Validation("services must name at least one service".into()));
-    }
-    let mut services = vec![];
-    for n in &names {
-        let svc = pool_service(n).map_err(ApiError::Validation)?;
-        if !st.cfg.pools.contains_key(svc.as_str()) {
-            return Err(ApiError::Validation(format!("service {n} is not offered here (no port pool)")));
-        }
-        if services.contains(&svc) {
-            return Err(ApiError::Validation(format!("service {n} is listed twice")));
-        }
-        services.push(svc);
-    }
-    let total = st.cfg.gpu.devices.len();
-    if spec.gpus as usize > total {
-        return Err(ApiError::Validation(format!(
-            "{} GPUs requested, this host has {total}",
-            spec.gpus
-        )));
-    }
-    if spec.ssh_public_keys.len() > 32 {
-        return Err(ApiError::Validation("at most 32 ssh_public_keys".into()));
-    }
-    for key in &spec.ssh_public_keys {
-        let kind = key.split_whitespace().next().unwrap_or("");
-        let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
-        if !known || key.len() > 16384 || key.contains('\n') || key.split_whitespace().count() < 2 {
-            return Err(ApiError::Validation(
-                "ssh_public_keys must be single-line OpenSSH public keys (\"ssh-ed25519 AAAA... comment\")".into(),
-            ));
-        }
-    }
-    Ok((image, services))
-}
-
 /// Creates an environment: allocate ports and GPUs, create and start the container, commit
-/// the routes, wait until they are live.
+/// the routes, wait until they are live. With an idempotency key already used by this user,
+/// answers with the environment that key made instead.
 pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome, ApiError> {
     let started = Instant::now();
     let mut timings: Vec<(&'static str, f64)> = vec![];
@@ -110,11 +81,17 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         st.metrics.create_step_seconds.with_label_values(&[name]).observe(secs);
         timings.push((name, secs));
     };
-    let (image, services) = validate(st, &spec)?;
+    let retention_s = st.cfg.idempotency_retention_s;
+    if let Some(k) = &spec.idempotency {
+        if let Some(used) = idempotency::find(&st.db, user.id, &k.key, retention_s).await? {
+            return replay(st, user, k, used).await;
+        }
+    }
+    let validate::Valid { image, services, limits } = validate::validate(st, &spec)?;
     // Before anything changes: an image that is not here is a 422 naming it.
     st.docker.image_exists(&image).await.map_err(docker_error)?;
 
-    let id = crate::ids::env_id();
+    let id = spec.id.clone();
     let password = crate::ids::secret();
     let token = crate::ids::secret();
     let service_names: Vec<String> = services.iter().map(|s| s.as_str().to_string()).collect();
@@ -122,6 +99,14 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     // Step 1: one transaction allocates everything, or nothing.
     let t = Instant::now();
     let mut tx = st.db.begin().await?;
+    // The user's row stays locked to the commit: their creates check and take quota one at a time.
+    let usage = quotas::lock_usage(&mut tx, user.id).await?;
+    let overrides = quotas::overrides(&mut tx, user.id).await?;
+    let adds = quota::Adds { environments: 1, gpus: spec.gpus, running: 1 };
+    if let Err(e) = quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds) {
+        st.metrics.creates.with_label_values(&["quota"]).inc();
+        return Err(e);
+    }
     envs::insert_creating(
         &mut tx,
         &NewEnv {
@@ -138,6 +123,17 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         },
     )
     .await?;
+    if let Some(k) = &spec.idempotency {
+        // A concurrent attempt with the same key that committed first makes this insert wait
+        // for it and then find the key taken: answer with its environment.
+        if !idempotency::record(&mut tx, user.id, &k.key, &k.request, &id, retention_s).await? {
+            tx.rollback().await?;
+            let used = idempotency::find(&st.db, user.id, &k.key, retention_s)
+                .await?
+                .ok_or_else(|| ApiError::Conflict("Idempotency-Key is in use by another request; try again".into()))?;
+            return replay(st, user, k, used).await;
+        }
+    }
     let mut allocated: Vec<(u16, Service)> = vec![];
     for svc in &services {
         match ports::allocate(&mut tx, *svc, &id).await? {
@@ -173,47 +169,51 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     tracing::info!(env_id = %id, ports = ?allocated, gpus = ?gpu_list, "environment allocated");
     st.crash_point("after_allocate");
 
-    // Step 2: Docker create.
-    let t = Instant::now();
-    let ws = WorkspaceSpec {
-        env_id: &id,
-        image: &image,
-        services: &allocated,
-        gpus: &gpu_list,
-        username: &st.cfg.docker.username,
-        password: &password,
-        jupyter_token: &token,
-        ssh_public_keys: &spec.ssh_public_keys,
-    };
-    let created = if st.fail_point("docker_create") {
-        Err(DockerError::Create("fault injection: docker_create".into()))
-    } else {
-        st.docker.create(&ws).await
-    };
-    let container = match created {
-        Ok(c) => c,
-        Err(e) => return Err(fail_create(st, &id, None, false, docker_error(e)).await),
-    };
-    envs::set_container(st.db.pool(), &id, &container).await?;
-    step("docker_create", t);
-    st.crash_point("after_docker_create");
+    // From here on every failure, including an early `?`, undoes the steps before it.
+    let mut container: Option<String> = None;
+    let mut routed = false;
+    let rest: Result<Vec<(u16, Route)>, ApiError> = async {
+        // Step 2: Docker create.
+        let t = Instant::now();
+        let ws = WorkspaceSpec {
+            env_id: &id,
+            image: &image,
+            services: &allocated,
+            gpus: &gpu_list,
+            username: &st.cfg.docker.username,
+            password: &password,
+            jupyter_token: &token,
+            ssh_public_keys: &spec.ssh_public_keys,
+            limits,
+        };
+        let created = if st.fail_point("docker_create") {
+            Err(DockerError::Create("fault injection: docker_create".into()))
+        } else {
+            st.docker.create(&ws).await
+        };
+        let c = created.map_err(docker_error)?;
+        container = Some(c.clone());
+        envs::set_container(st.db.pool(), &id, &c).await?;
+        step("docker_create", t);
+        st.crash_point("after_docker_create");
 
-    // Step 3: Docker start, and read the published addresses back.
-    let t = Instant::now();
-    let upstreams = match start_and_read(st, &container, &allocated).await {
-        Ok(u) => u,
-        Err(e) => return Err(fail_create(st, &id, Some(&container), false, e).await),
-    };
-    step("docker_start", t);
-    st.crash_point("after_docker_start");
+        // Step 3: Docker start, and read the published addresses back.
+        let t = Instant::now();
+        let upstreams = start_and_read(st, &c, &allocated).await?;
+        step("docker_start", t);
+        st.crash_point("after_docker_start");
 
-    // Step 4: commit the routes and the running state; the publisher writes the slots.
-    let t = Instant::now();
-    let committed = commit_routes(st, &id, &container, &upstreams).await;
-    let wanted = match committed {
+        // Step 4: commit the routes and the running state; the publisher writes the slots.
+        routed = true;
+        commit_routes(st, &id, &c, &upstreams).await
+    }
+    .await;
+    let wanted = match rest {
         Ok(w) => w,
-        Err(e) => return Err(fail_create(st, &id, Some(&container), true, e).await),
+        Err(e) => return Err(fail_create(st, &id, container.as_deref(), routed, e).await),
     };
+    let container = container.unwrap_or_default();
+    let t = Instant::now();
     st.crash_point("after_routes_commit");
     let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
     step("route_write", t);
@@ -225,7 +225,33 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     st.metrics.creates.with_label_values(&["ok"]).inc();
     let env = envs::get(st.db.pool(), &id, None).await?.ok_or_else(|| ApiError::env_not_found(&id))?;
     tracing::info!(env_id = %id, container = %container, "environment running");
-    Ok(Outcome { env, routes_live: live, timings })
+    Ok(Outcome { env, routes_live: live, timings, replayed: false })
+}
+
+/// The answer to a create whose idempotency key was already used: the environment it made
+/// (once that create has settled), or why there is none.
+async fn replay(st: &State, user: &User, key: &IdempotencyKey, used: idempotency::Used) -> Result<Outcome, ApiError> {
+    if used.request != key.request {
+        return Err(ApiError::Validation(format!(
+            "Idempotency-Key \"{}\" was used for a different request; use a new key",
+            key.key
+        )));
+    }
+    // A first attempt still in flight (here or in another process): wait for it to settle.
+    let deadline = Instant::now() + Duration::from_secs(st.cfg.docker.call_timeout_s.max(1) * 3);
+    loop {
+        let env = envs::get(st.db.pool(), &used.env_id, Some(user.id)).await?.ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "Idempotency-Key \"{}\" created environment {}, which has been deleted; use a new key",
+                key.key, used.env_id
+            ))
+        })?;
+        if env.status != status::CREATING || Instant::now() >= deadline {
+            let routes_live = env.status == status::RUNNING;
+            return Ok(Outcome { env, routes_live, timings: vec![], replayed: true });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn start_and_read(
@@ -278,10 +304,7 @@ async fn fail_create(st: &State, id: &str, container: Option<&str>, routed: bool
     let reason = format!("create failed: {err}");
     if let Err(e) = undo_create(st, id, container, routed, &reason).await {
         tracing::error!(env_id = %id, error = %e, "undo of a failed create failed; the reconciler will finish it");
-        let _ = sqlx::query("UPDATE environments SET op_instance = NULL WHERE id = $1")
-            .bind(id)
-            .execute(st.db.pool())
-            .await;
+        let _ = envs::release_claim(&st.db, id, st.instance).await;
     }
     err
 }
@@ -305,6 +328,7 @@ pub async fn undo_create(
     let q = if routed { st.cfg.quarantine_s } else { 0 };
     let released = ports::release_env(&mut *tx, id, q).await?;
     gpus::release_env(&mut *tx, id).await?;
+    idempotency::forget_env(&mut *tx, id).await?;
     envs::settle(&mut *tx, id, status::DELETED, Some(reason), None).await?;
     db::event(&mut *tx, Some(id), "create_undone", serde_json::json!({"ports_released": released, "reason": reason})).await?;
     tx.commit().await?;
@@ -363,10 +387,7 @@ pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiErro
         Err(e) => {
             st.metrics.deletes.with_label_values(&["failed"]).inc();
             // Leave it in `deleting` without an operator: the reconciler finishes it.
-            let _ = sqlx::query("UPDATE environments SET op_instance = NULL WHERE id = $1")
-                .bind(id)
-                .execute(st.db.pool())
-                .await;
+            let _ = envs::release_claim(&st.db, id, st.instance).await;
             Err(ApiError::internal("delete", format!("{e:#}")))
         }
     }
@@ -413,15 +434,26 @@ pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError
         return Err(ApiError::internal("stop", format!("{e:#}")));
     }
     let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
-    Ok(Outcome { env, routes_live: false, timings: vec![] })
+    Ok(Outcome { env, routes_live: false, timings: vec![], replayed: false })
 }
 
 /// Starts a stopped environment on the same ports; the routes come back with a new
 /// generation and the container's (possibly new) published addresses.
 pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
+    if id.parse::<EnvId>().is_err() || envs::get(st.db.pool(), id, Some(user.id)).await?.is_none() {
+        return Err(ApiError::env_not_found(id));
+    }
+    {
+        let mut tx = st.db.begin().await?;
+        let usage = quotas::lock_usage(&mut tx, user.id).await?;
+        let overrides = quotas::overrides(&mut tx, user.id).await?;
+        let adds = quota::Adds { environments: 0, gpus: 0, running: 1 };
+        quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds)?;
+        tx.commit().await?;
+    }
     let env = claim(st, user, id, &[status::STOPPED], status::STOPPED, "start").await?;
-    let held = ports::env_ports(st.db.pool(), &env.id).await?;
     let result: Result<Vec<(u16, Route)>, ApiError> = async {
+        let held = ports::env_ports(st.db.pool(), &env.id).await?;
         let container = env.container_id.clone().ok_or_else(|| ApiError::Conflict("environment has no container".into()))?;
         let upstreams = start_and_read(st, &container, &held).await?;
         commit_routes(st, &env.id, &container, &upstreams).await
@@ -440,5 +472,5 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
     };
     let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
     let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
-    Ok(Outcome { env, routes_live: live, timings: vec![] })
+    Ok(Outcome { env, routes_live: live, timings: vec![], replayed: false })
 }

@@ -8,13 +8,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bollard::container::{
-    Config as ContainerConfig, CreateContainerOptions, InspectContainerOptions,
+    CreateContainerOptions, InspectContainerOptions,
     ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::errors::Error as BollardError;
-use bollard::models::{DeviceMapping, DeviceRequest, HostConfig, PortBinding};
+use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::Docker;
 use gpugate_routes::Service;
+
+mod plan;
+
+pub use plan::{container_port, Limits, Plan, WorkspaceSpec, WORKSPACE_CAPABILITIES};
 
 use crate::config::{Config, GpuMode};
 
@@ -58,32 +62,12 @@ pub enum DockerError {
     /// The container lacks a published port for a service.
     #[error("container {0} publishes no host port for {1}")]
     NoPublishedPort(String, Service),
+    /// The workspace network is missing and cannot be made, or is not isolating.
+    #[error("network {0}: {1}")]
+    Network(String, String),
     /// A call took longer than the configured limit.
     #[error("Docker call {0} timed out")]
     Timeout(&'static str),
-}
-
-/// The container port a service listens on inside a workspace.
-pub fn container_port(service: Service) -> u16 {
-    match service {
-        Service::Ssh => 22,
-        Service::Jupyter => 8888,
-        Service::Code => 8080,
-        Service::Rdp => 3389,
-        Service::Other => 0,
-    }
-}
-
-/// What a workspace container is made from.
-pub struct WorkspaceSpec<'a> {
-    pub env_id: &'a str,
-    pub image: &'a str,
-    pub services: &'a [(u16, Service)],
-    pub gpus: &'a [u32],
-    pub username: &'a str,
-    pub password: &'a str,
-    pub jupyter_token: &'a str,
-    pub ssh_public_keys: &'a [String],
 }
 
 /// A managed container as listed by label.
@@ -106,16 +90,6 @@ pub struct Inspected {
     pub published: HashMap<u16, SocketAddr>,
 }
 
-/// How this deployment shapes its containers (pure: no Docker calls, unit-tested).
-#[derive(Clone, Debug)]
-pub struct Plan {
-    deployment: String,
-    upstream_host: IpAddr,
-    gpu_mode: GpuMode,
-    gpu_kind: String,
-    gpu_node_path: String,
-}
-
 /// The Docker client of one deployment.
 #[derive(Clone)]
 pub struct DockerClient {
@@ -123,90 +97,9 @@ pub struct DockerClient {
     plan: Plan,
     stop_timeout_s: u32,
     call_timeout: Duration,
-}
-
-impl Plan {
-    /// The plan of a configuration.
-    pub fn from_config(cfg: &Config) -> Plan {
-        Plan {
-            deployment: cfg.deployment.clone(),
-            upstream_host: cfg.upstream_host,
-            gpu_mode: cfg.gpu.mode,
-            gpu_kind: cfg.gpu.kind.clone(),
-            gpu_node_path: cfg.gpu.node_path.clone(),
-        }
-    }
-
-    /// The container name and configuration for a workspace.
-    pub fn container(&self, spec: &WorkspaceSpec<'_>) -> (String, ContainerConfig<String>) {
-        let mut labels = HashMap::new();
-        labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
-        labels.insert(LABEL_DEPLOYMENT.to_string(), self.deployment.clone());
-        labels.insert(LABEL_ENV.to_string(), spec.env_id.to_string());
-
-        let gpu_list = spec.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let mut env = vec![
-            format!("GPUGATE_ENV_ID={}", spec.env_id),
-            format!("GPUGATE_USER={}", spec.username),
-            format!("GPUGATE_PASSWORD={}", spec.password),
-            format!("JUPYTER_TOKEN={}", spec.jupyter_token),
-            format!("GPUGATE_GPUS={gpu_list}"),
-            format!("GPUGATE_SSH_PUBLIC_KEYS={}", spec.ssh_public_keys.join("\n")),
-        ];
-        for (port, service) in spec.services {
-            env.push(format!("GPUGATE_{}_PORT={port}", service.as_str().to_ascii_uppercase()));
-        }
-        let mut exposed = HashMap::new();
-        let mut bindings = HashMap::new();
-        for (_, service) in spec.services {
-            let key = format!("{}/tcp", container_port(*service));
-            exposed.insert(key.clone(), HashMap::new());
-            bindings.insert(
-                key,
-                Some(vec![PortBinding {
-                    host_ip: Some(self.upstream_host.to_string()),
-                    host_port: Some(String::new()),
-                }]),
-            );
-        }
-        let mut host = HostConfig { port_bindings: Some(bindings), ..Default::default() };
-        if !spec.gpus.is_empty() {
-            match self.gpu_mode {
-                GpuMode::Cdi => {
-                    host.device_requests = Some(vec![DeviceRequest {
-                        driver: Some("cdi".into()),
-                        device_ids: Some(
-                            spec.gpus.iter().map(|g| format!("{}={g}", self.gpu_kind)).collect(),
-                        ),
-                        ..Default::default()
-                    }]);
-                }
-                GpuMode::Nodes => {
-                    env.push(format!("NVIDIA_VISIBLE_DEVICES={gpu_list}"));
-                    host.devices = Some(
-                        spec.gpus
-                            .iter()
-                            .map(|g| DeviceMapping {
-                                path_on_host: Some(self.gpu_node_path.replace("{index}", &g.to_string())),
-                                path_in_container: Some(format!("/dev/nvidia{g}")),
-                                cgroup_permissions: Some("rwm".into()),
-                            })
-                            .collect(),
-                    );
-                }
-            }
-        }
-        let config = ContainerConfig {
-            image: Some(spec.image.to_string()),
-            hostname: Some(spec.env_id.to_string()),
-            env: Some(env),
-            labels: Some(labels),
-            exposed_ports: Some(exposed),
-            host_config: Some(host),
-            ..Default::default()
-        };
-        (format!("gpugate-{}-{}", self.deployment, spec.env_id), config)
-    }
+    /// The engine's CPU count: Docker refuses a CPU limit above it, so larger limits are
+    /// clamped to it (a workspace can use the whole host's CPUs, but no more).
+    host_cpus: Option<f64>,
 }
 
 fn server_status(e: &BollardError) -> Option<u16> {
@@ -255,11 +148,19 @@ impl DockerClient {
                 }
             }
         }
+        let host_cpus = match docker.info().await {
+            Ok(info) => info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
+            Err(e) => {
+                tracing::warn!(error = %e, "docker info failed; CPU limits are passed unclamped");
+                None
+            }
+        };
         Ok(DockerClient {
             docker,
             plan: Plan::from_config(cfg),
             stop_timeout_s: cfg.docker.stop_timeout_s,
             call_timeout: Duration::from_secs(timeout),
+            host_cpus,
         })
     }
 
@@ -269,6 +170,73 @@ impl DockerClient {
         fut: impl std::future::Future<Output = Result<T, BollardError>>,
     ) -> Result<Result<T, BollardError>, DockerError> {
         tokio::time::timeout(self.call_timeout, fut).await.map_err(|_| DockerError::Timeout(op))
+    }
+
+    /// Makes sure the workspace network exists as a bridge with inter-container traffic
+    /// disabled: workspaces reach the outside and are reached through their published ports,
+    /// but not each other. One network for the deployment (not one per workspace) because
+    /// Docker's default address pools hold only a few dozen bridge networks, while a host
+    /// runs hundreds of workspaces. An existing network that lets containers talk is refused.
+    ///
+    /// Docker does not make network names unique under concurrent creates, so processes
+    /// starting together may make two; every process then keeps the oldest (ties: lowest id),
+    /// removes the others, and attaches containers by id.
+    pub async fn ensure_network(&mut self) -> Result<(), DockerError> {
+        let name = self.plan.network.clone();
+        let icc = "com.docker.network.bridge.enable_icc";
+        let mut found = self.networks_named(&name).await?;
+        if found.is_empty() {
+            let mut options = HashMap::new();
+            options.insert(icc.to_string(), "false".to_string());
+            let mut labels = HashMap::new();
+            labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
+            labels.insert(LABEL_DEPLOYMENT.to_string(), self.plan.deployment.clone());
+            let opts = CreateNetworkOptions {
+                name: name.clone(),
+                check_duplicate: true,
+                driver: "bridge".to_string(),
+                options,
+                labels,
+                ..Default::default()
+            };
+            match self.timed("create network", self.docker.create_network(opts)).await? {
+                Ok(_) => tracing::info!(network = %name, "created the workspace network (inter-container traffic disabled)"),
+                Err(e) if server_status(&e) == Some(409) => {}
+                Err(e) => return Err(DockerError::Network(name, server_message(&e))),
+            }
+            found = self.networks_named(&name).await?;
+        }
+        found.sort_by_key(|n| (n.created.clone(), n.id.clone()));
+        let Some(keep) = found.first().cloned() else {
+            return Err(DockerError::Network(name, "missing right after it was created".into()));
+        };
+        for extra in &found[1..] {
+            if let Some(id) = &extra.id {
+                let _ = self.timed("remove network", self.docker.remove_network(id)).await;
+            }
+        }
+        let options = keep.options.unwrap_or_default();
+        if keep.driver.as_deref() != Some("bridge") || options.get(icc).map(String::as_str) != Some("false") {
+            return Err(DockerError::Network(
+                name,
+                format!("exists but is not a bridge with {icc}=false; remove it (docker network rm) or set docker.network to another name"),
+            ));
+        }
+        if let Some(id) = keep.id {
+            self.plan.network = id;
+        }
+        Ok(())
+    }
+
+    /// The networks named exactly `name`.
+    async fn networks_named(&self, name: &str) -> Result<Vec<bollard::models::Network>, DockerError> {
+        let mut filters = HashMap::new();
+        filters.insert("name".to_string(), vec![name.to_string()]);
+        let list = self
+            .timed("list networks", self.docker.list_networks(Some(ListNetworksOptions { filters })))
+            .await?
+            .map_err(|e| DockerError::Network(name.into(), server_message(&e)))?;
+        Ok(list.into_iter().filter(|n| n.name.as_deref() == Some(name)).collect())
     }
 
     /// Whether the engine answers.
@@ -290,7 +258,12 @@ impl DockerClient {
 
     /// Creates (does not start) the workspace container; returns its id.
     pub async fn create(&self, spec: &WorkspaceSpec<'_>) -> Result<String, DockerError> {
-        let (name, config) = self.plan.container(spec);
+        let mut limits = spec.limits;
+        if let Some(n) = self.host_cpus {
+            limits.cpus = limits.cpus.min(n);
+        }
+        let spec = WorkspaceSpec { limits, ..*spec };
+        let (name, config) = self.plan.container(&spec);
         let opts = CreateContainerOptions { name, platform: None };
         match self.timed("create", self.docker.create_container(Some(opts), config)).await? {
             Ok(r) => Ok(r.id),
@@ -409,58 +382,5 @@ impl DockerClient {
                 })
             })
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec<'a>(gpus: &'a [u32], services: &'a [(u16, Service)]) -> WorkspaceSpec<'a> {
-        WorkspaceSpec {
-            env_id: "abc",
-            image: "img",
-            services,
-            gpus,
-            username: "u",
-            password: "p",
-            jupyter_token: "t",
-            ssh_public_keys: &[],
-        }
-    }
-
-    #[test]
-    fn cdi_mode_requests_devices_by_cdi_name() {
-        let mut cfg = Config::default();
-        cfg.gpu.kind = "gpugate.test/gpu".into();
-        let (name, c) = Plan::from_config(&cfg).container(&spec(&[0, 2], &[(20001, Service::Ssh)]));
-        assert_eq!(name, "gpugate-default-abc");
-        let host = c.host_config.expect("host config");
-        let req = &host.device_requests.expect("device requests")[0];
-        assert_eq!(req.driver.as_deref(), Some("cdi"));
-        assert_eq!(req.device_ids.clone().expect("ids"), vec!["gpugate.test/gpu=0", "gpugate.test/gpu=2"]);
-        assert!(host.devices.is_none());
-        let env = c.env.expect("env");
-        assert!(env.contains(&"GPUGATE_GPUS=0,2".to_string()) && env.contains(&"GPUGATE_SSH_PORT=20001".to_string()));
-        let binds = host.port_bindings.expect("bindings");
-        let b = &binds["22/tcp"].as_ref().expect("22")[0];
-        assert_eq!((b.host_ip.as_deref(), b.host_port.as_deref()), (Some("127.0.0.1"), Some("")));
-    }
-
-    #[test]
-    fn nodes_mode_maps_device_nodes_and_no_gpus_means_no_devices() {
-        let mut cfg = Config::default();
-        cfg.gpu.mode = GpuMode::Nodes;
-        cfg.gpu.node_path = "/dev/fake{index}".into();
-        let plan = Plan::from_config(&cfg);
-        let (_, c) = plan.container(&spec(&[1], &[]));
-        let host = c.host_config.expect("host config");
-        let d = &host.devices.expect("devices")[0];
-        assert_eq!(d.path_on_host.as_deref(), Some("/dev/fake1"));
-        assert_eq!(d.path_in_container.as_deref(), Some("/dev/nvidia1"));
-        assert!(c.env.expect("env").contains(&"NVIDIA_VISIBLE_DEVICES=1".to_string()));
-        let (_, c) = plan.container(&spec(&[], &[]));
-        let host = c.host_config.expect("host config");
-        assert!(host.devices.is_none() && host.device_requests.is_none());
     }
 }

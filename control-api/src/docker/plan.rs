@@ -1,0 +1,258 @@
+//! How this deployment shapes a workspace container (pure: no Docker calls, unit-tested):
+//! labels, environment, published ports, GPUs, and the isolation every tenant gets: memory,
+//! CPU and pids limits, all capabilities dropped but the few its sshd needs,
+//! no-new-privileges, a restart policy, and the deployment's bridge network on which
+//! workspaces cannot reach each other.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use bollard::container::Config as ContainerConfig;
+use bollard::models::{
+    DeviceMapping, DeviceRequest, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
+use gpugate_routes::Service;
+
+use super::{LABEL_DEPLOYMENT, LABEL_ENV, LABEL_MANAGED};
+use crate::config::{Config, GpuMode};
+
+/// The capabilities a workspace keeps; every other one (NET_RAW, MKNOD, SYS_ADMIN, ...) is
+/// dropped. This is what an OpenSSH or dropbear server needs to log a user in and run their
+/// session: change file owners and modes of the session's files (CHOWN, DAC_OVERRIDE,
+/// FOWNER), switch to the user (SETUID, SETGID), bind port 22 (NET_BIND_SERVICE), chroot its
+/// privilege-separated child (SYS_CHROOT), signal the session's processes (KILL) and write
+/// the login audit record (AUDIT_WRITE).
+pub const WORKSPACE_CAPABILITIES: [&str; 9] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETUID",
+    "SETGID",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// The container port a service listens on inside a workspace.
+pub fn container_port(service: Service) -> u16 {
+    match service {
+        Service::Ssh => 22,
+        Service::Jupyter => 8888,
+        Service::Code => 8080,
+        Service::Rdp => 3389,
+        Service::Other => 0,
+    }
+}
+
+/// Resource limits of one workspace.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// Memory in MiB, swap included.
+    pub memory_mb: u64,
+    /// CPU cores.
+    pub cpus: f64,
+    /// Processes and threads.
+    pub pids: u32,
+}
+
+/// What a workspace container is made from.
+pub struct WorkspaceSpec<'a> {
+    pub env_id: &'a str,
+    pub image: &'a str,
+    pub services: &'a [(u16, Service)],
+    pub gpus: &'a [u32],
+    pub username: &'a str,
+    pub password: &'a str,
+    pub jupyter_token: &'a str,
+    pub ssh_public_keys: &'a [String],
+    pub limits: Limits,
+}
+
+/// How this deployment shapes its containers.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub(super) deployment: String,
+    pub(super) network: String,
+    pub(super) upstream_host: IpAddr,
+    gpu_mode: GpuMode,
+    gpu_kind: String,
+    gpu_node_path: String,
+}
+
+impl Plan {
+    /// The plan of a configuration.
+    pub fn from_config(cfg: &Config) -> Plan {
+        Plan {
+            deployment: cfg.deployment.clone(),
+            network: cfg.network(),
+            upstream_host: cfg.upstream_host,
+            gpu_mode: cfg.gpu.mode,
+            gpu_kind: cfg.gpu.kind.clone(),
+            gpu_node_path: cfg.gpu.node_path.clone(),
+        }
+    }
+
+    /// The container name and configuration for a workspace.
+    pub fn container(&self, spec: &WorkspaceSpec<'_>) -> (String, ContainerConfig<String>) {
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
+        labels.insert(LABEL_DEPLOYMENT.to_string(), self.deployment.clone());
+        labels.insert(LABEL_ENV.to_string(), spec.env_id.to_string());
+
+        let gpu_list = spec.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let mut env = vec![
+            format!("GPUGATE_ENV_ID={}", spec.env_id),
+            format!("GPUGATE_USER={}", spec.username),
+            format!("GPUGATE_PASSWORD={}", spec.password),
+            format!("JUPYTER_TOKEN={}", spec.jupyter_token),
+            format!("GPUGATE_GPUS={gpu_list}"),
+            format!("GPUGATE_SSH_PUBLIC_KEYS={}", spec.ssh_public_keys.join("\n")),
+        ];
+        for (port, service) in spec.services {
+            env.push(format!("GPUGATE_{}_PORT={port}", service.as_str().to_ascii_uppercase()));
+        }
+        let mut exposed = HashMap::new();
+        let mut bindings = HashMap::new();
+        for (_, service) in spec.services {
+            let key = format!("{}/tcp", container_port(*service));
+            exposed.insert(key.clone(), HashMap::new());
+            bindings.insert(
+                key,
+                Some(vec![PortBinding {
+                    host_ip: Some(self.upstream_host.to_string()),
+                    host_port: Some(String::new()),
+                }]),
+            );
+        }
+        let memory = i64::try_from(spec.limits.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+        let mut host = HostConfig {
+            port_bindings: Some(bindings),
+            memory: Some(memory),
+            // Equal to the memory limit: no swap beyond it, so a process past the limit is
+            // killed instead of pushing the host into swap.
+            memory_swap: Some(memory),
+            nano_cpus: Some((spec.limits.cpus * 1e9).round() as i64),
+            pids_limit: Some(i64::from(spec.limits.pids)),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(WORKSPACE_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            // Back after a Docker daemon restart or a crash; a workspace the user stopped
+            // stays stopped.
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                maximum_retry_count: None,
+            }),
+            network_mode: Some(self.network.clone()),
+            ..Default::default()
+        };
+        if !spec.gpus.is_empty() {
+            match self.gpu_mode {
+                GpuMode::Cdi => {
+                    host.device_requests = Some(vec![DeviceRequest {
+                        driver: Some("cdi".into()),
+                        device_ids: Some(
+                            spec.gpus.iter().map(|g| format!("{}={g}", self.gpu_kind)).collect(),
+                        ),
+                        ..Default::default()
+                    }]);
+                }
+                GpuMode::Nodes => {
+                    env.push(format!("NVIDIA_VISIBLE_DEVICES={gpu_list}"));
+                    host.devices = Some(
+                        spec.gpus
+                            .iter()
+                            .map(|g| DeviceMapping {
+                                path_on_host: Some(self.gpu_node_path.replace("{index}", &g.to_string())),
+                                path_in_container: Some(format!("/dev/nvidia{g}")),
+                                cgroup_permissions: Some("rwm".into()),
+                            })
+                            .collect(),
+                    );
+                }
+            }
+        }
+        let config = ContainerConfig {
+            image: Some(spec.image.to_string()),
+            hostname: Some(spec.env_id.to_string()),
+            env: Some(env),
+            labels: Some(labels),
+            exposed_ports: Some(exposed),
+            host_config: Some(host),
+            ..Default::default()
+        };
+        (format!("gpugate-{}-{}", self.deployment, spec.env_id), config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::RestartPolicyNameEnum;
+
+    fn spec<'a>(gpus: &'a [u32], services: &'a [(u16, Service)]) -> WorkspaceSpec<'a> {
+        WorkspaceSpec {
+            env_id: "abc",
+            image: "img",
+            services,
+            gpus,
+            username: "u",
+            password: "p",
+            jupyter_token: "t",
+            ssh_public_keys: &[],
+            limits: Limits { memory_mb: 512, cpus: 1.5, pids: 100 },
+        }
+    }
+
+    #[test]
+    fn cdi_mode_requests_devices_by_cdi_name() {
+        let mut cfg = Config::default();
+        cfg.gpu.kind = "gpugate.test/gpu".into();
+        let (name, c) = Plan::from_config(&cfg).container(&spec(&[0, 2], &[(20001, Service::Ssh)]));
+        assert_eq!(name, "gpugate-default-abc");
+        let host = c.host_config.expect("host config");
+        let req = &host.device_requests.expect("device requests")[0];
+        assert_eq!(req.driver.as_deref(), Some("cdi"));
+        assert_eq!(req.device_ids.clone().expect("ids"), vec!["gpugate.test/gpu=0", "gpugate.test/gpu=2"]);
+        assert!(host.devices.is_none());
+        let env = c.env.expect("env");
+        assert!(env.contains(&"GPUGATE_GPUS=0,2".to_string()) && env.contains(&"GPUGATE_SSH_PORT=20001".to_string()));
+        let binds = host.port_bindings.expect("bindings");
+        let b = &binds["22/tcp"].as_ref().expect("22")[0];
+        assert_eq!((b.host_ip.as_deref(), b.host_port.as_deref()), (Some("127.0.0.1"), Some("")));
+    }
+
+    #[test]
+    fn nodes_mode_maps_device_nodes_and_no_gpus_means_no_devices() {
+        let mut cfg = Config::default();
+        cfg.gpu.mode = GpuMode::Nodes;
+        cfg.gpu.node_path = "/dev/fake{index}".into();
+        let plan = Plan::from_config(&cfg);
+        let (_, c) = plan.container(&spec(&[1], &[]));
+        let host = c.host_config.expect("host config");
+        let d = &host.devices.expect("devices")[0];
+        assert_eq!(d.path_on_host.as_deref(), Some("/dev/fake1"));
+        assert_eq!(d.path_in_container.as_deref(), Some("/dev/nvidia1"));
+        assert!(c.env.expect("env").contains(&"NVIDIA_VISIBLE_DEVICES=1".to_string()));
+        let (_, c) = plan.container(&spec(&[], &[]));
+        let host = c.host_config.expect("host config");
+        assert!(host.devices.is_none() && host.device_requests.is_none());
+    }
+
+    #[test]
+    fn every_workspace_is_limited_confined_and_on_the_deployment_network() {
+        let cfg = Config { deployment: "prod".into(), ..Config::default() };
+        let (_, c) = Plan::from_config(&cfg).container(&spec(&[], &[(20001, Service::Ssh)]));
+        let host = c.host_config.expect("host config");
+        assert_eq!(host.memory, Some(512 * 1024 * 1024));
+        assert_eq!(host.memory_swap, host.memory, "no swap beyond the memory limit");
+        assert_eq!(host.nano_cpus, Some(1_500_000_000));
+        assert_eq!(host.pids_limit, Some(100));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+        let added = host.cap_add.expect("cap_add");
+        assert!(!added.iter().any(|c| c == "NET_RAW" || c == "SYS_ADMIN" || c == "MKNOD"), "{added:?}");
+        assert_eq!(host.security_opt, Some(vec!["no-new-privileges:true".to_string()]));
+        assert_eq!(host.restart_policy.and_then(|r| r.name), Some(RestartPolicyNameEnum::UNLESS_STOPPED));
+        assert_eq!(host.network_mode.as_deref(), Some("gpugate-prod"));
+    }
+}
