@@ -104,7 +104,7 @@ fn config(url: &str, dir: &std::path::Path, image: &str) -> Config {
         listen: "127.0.0.1:0".parse().expect("constant address"),
         database_url: Secret::new(url),
         database_max_connections: 40,
-        route_table: dir.join("routes"),
+        route_table: dir.join("table").join("routes"),
         deployment: format!("bench{}", rand_suffix()),
         reconcile_interval_s: 3600,
         ..Config::default()

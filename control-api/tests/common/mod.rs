@@ -108,7 +108,8 @@ impl Ctx {
             assert!(ok, "mknod {}", node.display());
         }
         let db_url = with_db(&admin_url(), &db_name);
-        let table = dir.join("routes");
+        // The writer makes the table's directory itself (0755, whatever the run's umask).
+        let table = dir.join("table").join("routes");
         let deployment = format!("t{suffix}");
         let mut cfg = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),

@@ -198,7 +198,7 @@ impl Report {
         );
 
         let _ = writeln!(o);
-        let _ = writeln!(o, "Lookup: Table::lookup, criterion median");
+        let _ = writeln!(o, "Lookup: Table::lookup_owned (the read per connection), criterion median");
         let ns = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
         let live_ok = self.lookup_ns.0.is_some_and(|v| v < 50.0);
         row(&mut o, "live route, ns", &ns(self.lookup_ns.0), "", "", &format!("< 50 ns  {}", verdict(live_ok)));
