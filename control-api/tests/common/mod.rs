@@ -32,36 +32,30 @@ fn with_db(url: &str, db: &str) -> String {
     format!("{base}/{db}{query}")
 }
 
-/// Builds the test image once per machine if it is missing.
-pub fn ensure_image() {
+/// Builds `image` with `tests/image/<script>` once per machine, if it is missing.
+fn ensure_built(image: &str, script: &str) {
     let present = Command::new("docker")
-        .args(["image", "inspect", IMAGE])
+        .args(["image", "inspect", image])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .expect("docker CLI available")
         .success();
     if !present {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/image/build.sh");
-        let ok = Command::new("bash").arg(script).arg(IMAGE).status().expect("run build.sh").success();
-        assert!(ok, "building the test image failed");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/image").join(script);
+        let ok = Command::new("bash").arg(path).arg(image).status().expect("run the image script").success();
+        assert!(ok, "building {image} with {script} failed");
     }
+}
+
+/// Builds the test image once per machine if it is missing.
+pub fn ensure_image() {
+    ensure_built(IMAGE, "build.sh");
 }
 
 /// Builds the isolation image once per machine if it is missing.
 pub fn ensure_iso_image() {
-    let present = Command::new("docker")
-        .args(["image", "inspect", ISO_IMAGE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("docker CLI available")
-        .success();
-    if !present {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/image/build-iso.sh");
-        let ok = Command::new("bash").arg(script).arg(ISO_IMAGE).status().expect("run build-iso.sh").success();
-        assert!(ok, "building the isolation image failed");
-    }
+    ensure_built(ISO_IMAGE, "build-iso.sh");
 }
 
 fn rand_suffix() -> String {
