@@ -117,6 +117,14 @@ impl From<sqlx::Error> for ApiError {
                 tracing::error!(error = %e, "database unavailable");
                 ApiError::Unavailable("database unavailable".into())
             }
+            // Starting up or shutting down (57P01-57P03) and out of connection slots (53300):
+            // the database is there but cannot serve now, which is a 503, not a 500.
+            sqlx::Error::Database(d)
+                if matches!(d.code().as_deref(), Some("57P01" | "57P02" | "57P03" | "53300")) =>
+            {
+                tracing::error!(error = %e, "database not accepting connections");
+                ApiError::Unavailable("database unavailable".into())
+            }
             _ => ApiError::internal("database error", e),
         }
     }

@@ -174,6 +174,9 @@ fn stack_end_to_end() {
         let (status, v) = stack.call("GET", "/api/v1/environments", None);
         report(&format!("  list without a database: {status} in {:.1} s: {v}", t.elapsed().as_secs_f64()));
         assert_eq!(status, 503, "list without a database: {v}");
+        // Bounded by the API's 2 s acquire time-out (plus slack for a loaded host), well inside
+        // the 5 s of a typical probe — not the pool's old 10 s.
+        assert!(t.elapsed() < Duration::from_secs(5), "the 503 took {:?}", t.elapsed());
         let message = v["message"].as_str().unwrap_or_default();
         assert!(message.contains("database"), "503 without a message naming the database: {v}");
         let (status, v) = stack.call("GET", "/readyz", None);

@@ -40,6 +40,7 @@ impl Config {
             self.database_url = Secret::new(v);
         }
         parse_env(env, "GPUGATE_DATABASE_MAX_CONNECTIONS", &mut self.database_max_connections)?;
+        parse_env(env, "GPUGATE_DATABASE_ACQUIRE_TIMEOUT_MS", &mut self.database_acquire_timeout_ms)?;
         parse_env(env, "GPUGATE_DOMAIN", &mut self.domain)?;
         if let Some(v) = env_var(env, "GPUGATE_GATEWAY_ADDRESS") {
             let ip = v.trim().parse().map_err(|e| ConfigError::Env {

@@ -177,6 +177,9 @@ pub struct Config {
     pub database_url: Secret,
     /// Most database connections this process opens.
     pub database_max_connections: u32,
+    /// How long a request waits for a database connection before it is a 503 (ms): with the
+    /// database down, every endpoint answers within about this long.
+    pub database_acquire_timeout_ms: u64,
     /// Base domain: host names are `<env-id>.<service>.<domain>`.
     pub domain: String,
     /// Public address of the gateway, for `gpugate-api dns`.
@@ -232,6 +235,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             database_url: Secret::default(),
             database_max_connections: 20,
+            database_acquire_timeout_ms: 2000,
             domain: "x-gpu.com".into(),
             gateway_address: None,
             upstream_host: IpAddr::from([127, 0, 0, 1]),
@@ -294,6 +298,12 @@ impl Config {
         }
         if self.quarantine_s > 7 * 24 * 3600 {
             return bad(format!("quarantine_s {} is over a week", self.quarantine_s));
+        }
+        if !(100..=60_000).contains(&self.database_acquire_timeout_ms) {
+            return bad(format!(
+                "database_acquire_timeout_ms {} is outside 100-60000",
+                self.database_acquire_timeout_ms
+            ));
         }
         self.docker.limits.validate().map_err(ConfigError::Invalid)?;
         self.rate_limit.validate().map_err(ConfigError::Invalid)?;

@@ -43,7 +43,9 @@ impl Db {
         let options = options.application_name("gpugate-api");
         let pool = PgPoolOptions::new()
             .max_connections(cfg.database_max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(10))
+            // Bounded, so a down database is a 503 in about this long rather than a client
+            // (or probe) time-out.
+            .acquire_timeout(Duration::from_millis(cfg.database_acquire_timeout_ms))
             .connect_with(options.clone())
             .await?;
         Ok(Db { pool, options })
