@@ -88,6 +88,17 @@ pub struct CounterSink {
 }
 
 impl CounterSink {
+    /// Gives this process's row back (clearing it), if it claimed one and the file is still
+    /// safe to touch (not shrunk); the sink claims no row afterwards.
+    fn release(&self) {
+        if let Some(Some(row)) = self.row.get() {
+            if !self.file.poisoned() && self.file.check().is_ok() {
+                self.file.release_worker(row);
+            }
+        }
+        self.row.set(Some(None));
+    }
+
     fn row(&self) -> Option<WorkerRow> {
         match self.row.get() {
             Some(r) => r,
@@ -282,14 +293,7 @@ impl RouteSource {
             return;
         }
         // SAFETY: `p` was the current sink, owned by `self.sinks` and not yet freed.
-        let s = unsafe { &*p };
-        if let Some(Some(row)) = s.row.get() {
-            // Only if the file is still safe to touch (not shrunk).
-            if !s.file.poisoned() && s.file.check().is_ok() {
-                s.file.release_worker(row);
-            }
-        }
-        s.row.set(Some(None));
+        unsafe { &*p }.release();
     }
 
     fn free_idle_sinks(&self) {
@@ -312,11 +316,7 @@ impl RouteSource {
     /// At worker exit: give back this worker's counter rows (its sessions end with it).
     pub fn worker_exit(&self) {
         for s in self.sinks.borrow().iter() {
-            if let Some(Some(row)) = s.row.get() {
-                if !s.file.poisoned() && s.file.check().is_ok() {
-                    s.file.release_worker(row);
-                }
-            }
+            s.release();
         }
     }
 
