@@ -393,10 +393,26 @@ fn quota(q: Option<u32>) -> String {
     q.map(|n| n.to_string()).unwrap_or_else(|| "none".into())
 }
 
-/// A free loopback TCP port.
+/// A free loopback TCP port for a child process to listen on.
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default): a port the kernel hands
+/// out (`bind(0)`) is free now but may be autobound by any outgoing connection — to PostgreSQL,
+/// to Docker — before the child binds it, which made a restarted child fail with "Address
+/// already in use". Ports below the range are never autobound; a counter keeps this process's
+/// picks apart and the pid keeps concurrent test processes apart.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 27_000;
+    const SPAN: u32 = 5_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(97) % SPAN;
+    for _ in 0..SPAN {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}-{}", FIRST + SPAN - 1);
 }
 
 /// Waits for `cond` up to `timeout`; returns whether it held.
