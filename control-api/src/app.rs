@@ -212,6 +212,7 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         liveness,
         ops: Operations::default(),
     });
+    tasks.push(tokio::spawn(crate::idle::run(state.clone(), rx.clone())));
     let (reconcile_stop, reconcile_rx) = watch::channel(false);
     let reconciler = tokio::spawn(crate::reconcile::run(
         state.clone(),

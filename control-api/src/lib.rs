@@ -11,6 +11,7 @@
 //! - [`app`]: start-up, used by `main.rs` and the tests; [`cli`]: the admin commands.
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod docker;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod idle;
 pub mod lifecycle;
 pub mod metrics;
 pub mod ops;

@@ -4,7 +4,7 @@
 //! per-environment traffic are refreshed from the database and the route table at scrape time.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
@@ -32,6 +32,10 @@ pub struct Metrics {
     pub repairs: IntCounterVec,
     /// 1 while this process holds the table's writer lock.
     pub publisher_active: IntGauge,
+    /// sessions/close requests by whether the table had the revoke within the wait.
+    pub sessions_closed: IntCounterVec,
+    /// Environments stopped by the idle task.
+    pub idle_stops: IntCounter,
     /// Per-environment connection counters, from the table (scrape time).
     pub env_connections: GaugeVec,
     /// Per-environment open connections, from the table (scrape time).
@@ -74,6 +78,9 @@ impl Metrics {
             "1 while this process holds the route table's writer lock",
         ));
         must(registry.register(Box::new(publisher_active.clone())));
+        let idle_stops =
+            must(IntCounter::new("gpugate_idle_stops_total", "Environments stopped because they were idle"));
+        must(registry.register(Box::new(idle_stops.clone())));
         Metrics {
             ports: gauge("gpugate_ports", "Pool ports by service and state", &["service", "state"]),
             environments: gauge("gpugate_environments", "Environments by status", &["status"]),
@@ -101,6 +108,12 @@ impl Metrics {
             ),
             repairs: counter("gpugate_reconcile_repairs_total", "Reconcile repairs by kind", &["kind"]),
             publisher_active,
+            sessions_closed: counter(
+                "gpugate_sessions_close_requests_total",
+                "sessions/close requests by result (applied: in the table within the route wait)",
+                &["result"],
+            ),
+            idle_stops,
             env_connections: gauge(
                 "gpugate_environment_connections_total",
                 "Connections per environment and service, from the route table counters",

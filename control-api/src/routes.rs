@@ -158,6 +158,7 @@ impl Publisher {
         ports.sort_unstable();
         ports.dedup();
         let wanted = db::routes::desired_ports(&self.db, &ports).await?;
+        let revokes = db::routes::revoke_epochs(&self.db, Some(&ports)).await?;
         for port in ports {
             match wanted.get(&port) {
                 Some(route) => {
@@ -174,12 +175,25 @@ impl Publisher {
                 }
             }
         }
+        self.apply_revokes(writer, &revokes)
+    }
+
+    /// Raises the revoke epochs that sessions/close asked for (each applied once).
+    fn apply_revokes(&self, writer: &mut Writer, revokes: &BTreeMap<u16, u64>) -> anyhow::Result<()> {
+        for (&port, &epoch) in revokes {
+            if writer.raise_revoke_epoch(port, epoch)? {
+                self.metrics.route_writes.with_label_values(&["revoke"]).inc();
+                tracing::info!(port, epoch, "sessions revoked on request");
+            }
+        }
         Ok(())
     }
 
     async fn full_sync(&self, writer: &mut Writer) -> anyhow::Result<()> {
         let wanted = db::routes::desired(&self.db).await?;
+        let revokes = db::routes::revoke_epochs(&self.db, None).await?;
         let report = writer.sync(&wanted)?;
+        self.apply_revokes(writer, &revokes)?;
         self.metrics.route_writes.with_label_values(&["sync_set"]).inc_by(report.written as u64);
         self.metrics.route_writes.with_label_values(&["sync_remove"]).inc_by(report.removed as u64);
         // A difference found by a whole sync is a repair: notifications should have kept the
@@ -305,6 +319,11 @@ impl TableView {
             })
         })
         .await
+    }
+
+    /// Waits until every `(port, epoch)` has reached that revoke epoch; false on time-out.
+    pub async fn wait_revoked(&self, targets: &[(u16, u64)], timeout: Duration) -> bool {
+        self.wait(timeout, |t| targets.iter().all(|(port, epoch)| t.revoke_epoch(*port) >= *epoch)).await
     }
 
     async fn wait(&self, timeout: Duration, done: impl Fn(&Table) -> bool) -> bool {

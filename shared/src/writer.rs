@@ -262,6 +262,24 @@ impl Writer {
         Ok(epoch)
     }
 
+    /// Raises `port`'s revoke epoch to `at_least` if it is lower (closing the sessions opened
+    /// before now, as [`Writer::revoke`] does); returns whether it did. A request recorded as
+    /// "at least the epoch seen plus one" is thus applied once however often it is replayed,
+    /// and never closes sessions opened after it was applied.
+    pub fn raise_revoke_epoch(&mut self, port: u16, at_least: u64) -> Result<bool> {
+        if port == 0 {
+            return Err(Error::InvalidRoute("port 0 cannot be routed".into()));
+        }
+        let epoch = &self.mapping().port_slot(port).revoke_epoch;
+        // Relaxed load: only the writer, holding the lock, stores it.
+        if epoch.load(Ordering::Relaxed) >= at_least {
+            return Ok(false);
+        }
+        epoch.store(at_least, Ordering::Release);
+        self.bump_generation();
+        Ok(true)
+    }
+
     /// Makes the table hold exactly `routes`: writes the ones that differ and clears every
     /// other slot, revoking the sessions still open there (a route nobody wants any more must
     /// not keep carrying traffic). The whole-table re-sync of the publisher.

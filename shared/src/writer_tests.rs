@@ -252,3 +252,27 @@ fn a_new_counters_file_never_reuses_the_owner_stamps_of_kept_routes() {
     w.set(20000, &route("b", 22, 2)).unwrap();
     assert!(w.table().lookup_owned(20000, 0).1 > highest, "stamps continue above the kept ones");
 }
+
+#[test]
+fn raising_the_revoke_epoch_applies_a_request_once() {
+    let d = tmp_dir("raise");
+    let mut w = Writer::open(&d.join("routes"), LockMode::NoWait).unwrap();
+    w.set(20000, &route("a", 22, 1)).unwrap();
+    // The API read epoch 0 and asked for "at least 1".
+    assert!(w.raise_revoke_epoch(20000, 1).unwrap());
+    assert_eq!(w.table().revoke_epoch(20000), 1);
+    // Replayed (a publisher restart, a re-sync): nothing more is closed.
+    assert!(!w.raise_revoke_epoch(20000, 1).unwrap());
+    assert_eq!(w.table().revoke_epoch(20000), 1);
+    // A removal bumped the epoch past a later request: that request is already satisfied.
+    w.revoke(20000).unwrap();
+    w.revoke(20000).unwrap();
+    assert!(!w.raise_revoke_epoch(20000, 2).unwrap());
+    assert_eq!(w.table().revoke_epoch(20000), 3);
+    // A fresh table (epochs from 0) meets an old, large request: one raise, not a loop.
+    assert!(w.raise_revoke_epoch(20001, 40).unwrap());
+    assert_eq!(w.table().revoke_epoch(20001), 40);
+    assert!(w.raise_revoke_epoch(0, 1).is_err());
+    // The route is untouched: new connections still go where it points.
+    assert!(matches!(w.table().lookup(20000, crate::now_ms()), crate::Lookup::Live(_)));
+}

@@ -66,6 +66,10 @@ impl Config {
         }
         parse_env(env, "GPUGATE_RATE_LIMIT_PER_S", &mut self.rate_limit.per_second)?;
         parse_env(env, "GPUGATE_RATE_LIMIT_BURST", &mut self.rate_limit.burst)?;
+        parse_env(env, "GPUGATE_IDLE_STOP_AFTER_S", &mut self.idle.default_stop_after_s)?;
+        parse_env(env, "GPUGATE_IDLE_MAX_STOP_AFTER_S", &mut self.idle.max_stop_after_s)?;
+        parse_env(env, "GPUGATE_IDLE_POLICY", &mut self.idle.policy)?;
+        parse_env(env, "GPUGATE_IDLE_CHECK_INTERVAL_S", &mut self.idle.check_interval_s)?;
         parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
         parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
         if let Some(v) = env_var(env, "GPUGATE_DEFAULT_SERVICES") {

@@ -4,6 +4,7 @@
 //! URL's password) never appear in `Debug` output or logs.
 
 mod env;
+mod idle;
 mod range;
 mod tenant;
 mod workspace;
@@ -13,6 +14,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+pub use idle::{IdleConfig, IdlePolicy, MAX_IDLE_STOP_AFTER_S};
 pub use range::PortRange;
 pub use tenant::{QuotaConfig, RateLimitConfig};
 pub use workspace::{image_allowed, LimitsConfig, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
@@ -209,6 +211,8 @@ pub struct Config {
     pub quotas: QuotaConfig,
     /// Per-token request rate limit.
     pub rate_limit: RateLimitConfig,
+    /// Idle auto-stop.
+    pub idle: IdleConfig,
     /// Seconds an `Idempotency-Key` keeps answering with the environment it created.
     pub idempotency_retention_s: u64,
     /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
@@ -250,6 +254,7 @@ impl Default for Config {
             docker: DockerConfig::default(),
             quotas: QuotaConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            idle: IdleConfig::default(),
             idempotency_retention_s: 24 * 3600,
             shutdown_grace_s: 60,
             fault: None,
@@ -307,6 +312,7 @@ impl Config {
         }
         self.docker.limits.validate().map_err(ConfigError::Invalid)?;
         self.rate_limit.validate().map_err(ConfigError::Invalid)?;
+        self.idle.validate().map_err(ConfigError::Invalid)?;
         if self.idempotency_retention_s < 24 * 3600 {
             return bad(format!(
                 "idempotency_retention_s {} is under 24 h (86400); clients retry for a day",

@@ -39,6 +39,10 @@ pub struct EnvRow {
     pub jupyter_token: String,
     pub ssh_public_keys: Vec<String>,
     pub op_instance: Option<i64>,
+    /// Seconds of inactivity after which the workspace is stopped (0: never).
+    pub idle_stop_after_s: i64,
+    /// When it last became running (the idle clock's floor).
+    pub running_since: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub deleted_at: Option<DateTime<Utc>>,
@@ -60,7 +64,7 @@ impl std::fmt::Debug for EnvRow {
 
 const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, services, \
     gpus, route_generation, username, password, jupyter_token, ssh_public_keys, op_instance, \
-    created_at, updated_at, deleted_at";
+    idle_stop_after_s, running_since, created_at, updated_at, deleted_at";
 
 /// What a create inserts.
 pub struct NewEnv<'a> {
@@ -73,6 +77,7 @@ pub struct NewEnv<'a> {
     pub password: &'a str,
     pub jupyter_token: &'a str,
     pub ssh_public_keys: &'a [String],
+    pub idle_stop_after_s: u64,
     pub instance: i64,
 }
 
@@ -80,8 +85,8 @@ pub struct NewEnv<'a> {
 pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     sqlx::query(
         "INSERT INTO environments (id, owner_id, name, image, status, services, username, \
-             password, jupyter_token, ssh_public_keys, op_instance) \
-         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10)",
+             password, jupyter_token, ssh_public_keys, op_instance, idle_stop_after_s) \
+         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(e.id)
     .bind(e.owner_id)
@@ -93,6 +98,7 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     .bind(e.jupyter_token)
     .bind(e.ssh_public_keys)
     .bind(e.instance)
+    .bind(i64::try_from(e.idle_stop_after_s).unwrap_or(i64::MAX))
     .execute(&mut **tx)
     .await
     .map(|_| ())
@@ -276,4 +282,29 @@ pub async fn lock_if_idle_running(tx: &mut Tx<'_>, id: &str) -> DbResult<bool> {
             .fetch_optional(&mut **tx)
             .await?;
     Ok(still == Some((status::RUNNING.to_string(), None)))
+}
+
+/// Sets an environment's idle limit; false if it does not exist (for `owner`) or is deleted.
+pub async fn set_idle_stop_after(db: &Db, id: &str, owner: Option<i64>, secs: u64) -> DbResult<bool> {
+    Ok(sqlx::query(
+        "UPDATE environments SET idle_stop_after_s = $3, updated_at = now() \
+         WHERE id = $1 AND ($2::bigint IS NULL OR owner_id = $2) AND status <> 'deleted'",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(i64::try_from(secs).unwrap_or(i64::MAX))
+    .execute(db.pool())
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Running environments with an idle limit that no operation holds (the idle task).
+pub async fn list_idle_candidates(db: &Db) -> DbResult<Vec<EnvRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM environments WHERE status = 'running' AND idle_stop_after_s > 0 \
+         AND op_instance IS NULL ORDER BY running_since"
+    ))
+    .fetch_all(db.pool())
+    .await
 }

@@ -160,3 +160,39 @@ pub async fn desired_ports(db: &Db, ports: &[u16]) -> DbResult<BTreeMap<u16, Rou
     .await?;
     Ok(rows.iter().filter_map(RouteRow::to_route).collect())
 }
+
+/// The revoke epochs the table must have reached, for active routes that ever had a
+/// sessions/close (all of them, or those of `ports`).
+pub async fn revoke_epochs(db: &Db, ports: Option<&[u16]>) -> DbResult<BTreeMap<u16, u64>> {
+    let ports: Option<Vec<i32>> = ports.map(|ps| ps.iter().map(|p| i32::from(*p)).collect());
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT port, revoke_epoch FROM routes WHERE active AND revoke_epoch > 0 \
+         AND ($1::integer[] IS NULL OR port = ANY($1))",
+    )
+    .bind(ports)
+    .fetch_all(db.pool())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(p, e)| Some((u16::try_from(p).ok()?, u64::try_from(e).ok()?)))
+        .collect())
+}
+
+/// Asks the publisher to close the sessions open now on each `(port, epoch)`: the port's
+/// revoke epoch must reach `epoch` (the one the caller read in the table, plus one). Only
+/// active routes of `env_id`; returns the ports asked for.
+pub async fn request_revoke(db: &Db, env_id: &str, targets: &[(u16, u64)]) -> DbResult<Vec<u16>> {
+    let ports: Vec<i32> = targets.iter().map(|(p, _)| i32::from(*p)).collect();
+    let epochs: Vec<i64> = targets.iter().map(|(_, e)| i64::try_from(*e).unwrap_or(i64::MAX)).collect();
+    let rows: Vec<(i32,)> = sqlx::query_as(
+        "UPDATE routes r SET revoke_epoch = GREATEST(r.revoke_epoch, t.epoch), updated_at = now() \
+         FROM unnest($2::integer[], $3::bigint[]) AS t(port, epoch) \
+         WHERE r.port = t.port AND r.env_id = $1 AND r.active RETURNING r.port",
+    )
+    .bind(env_id)
+    .bind(ports)
+    .bind(epochs)
+    .fetch_all(db.pool())
+    .await?;
+    Ok(rows.into_iter().filter_map(|(p,)| u16::try_from(p).ok()).collect())
+}

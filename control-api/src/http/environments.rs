@@ -12,6 +12,7 @@ use gpugate_routes::Service;
 use serde::{Deserialize, Serialize};
 
 use super::{Body, Caller, IdPath};
+use crate::activity::{Activity, ServiceActivity};
 use crate::db::envs::{self, EnvRow};
 use crate::db::ports;
 use crate::error::{ok, ApiError, ApiResult, Success};
@@ -23,10 +24,14 @@ use crate::state::{AppState, State as AppInner};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/environments", post(create_environment).get(list_environments))
-        .route("/api/v1/environments/{id}", get(get_environment).delete(delete_environment))
+        .route(
+            "/api/v1/environments/{id}",
+            get(get_environment).patch(patch_environment).delete(delete_environment),
+        )
         .route("/api/v1/environments/{id}/access", get(get_access))
         .route("/api/v1/environments/{id}/stop", post(stop_environment))
         .route("/api/v1/environments/{id}/start", post(start_environment))
+        .route("/api/v1/environments/{id}/sessions/close", post(close_sessions))
 }
 
 /// Body of `POST /api/v1/environments`.
@@ -56,6 +61,18 @@ pub struct CreateEnvironment {
     /// Process (pids) limit.
     #[serde(default)]
     pub pids: Option<u32>,
+    /// Seconds without activity after which the workspace is stopped (0: never); default
+    /// and maximum from configuration (`idle`).
+    #[serde(default)]
+    pub idle_stop_after_s: Option<u64>,
+}
+
+/// Body of `PATCH /api/v1/environments/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchEnvironment {
+    /// New idle limit in seconds (0: never, where the deployment allows it).
+    pub idle_stop_after_s: u64,
 }
 
 /// SSH access.
@@ -124,6 +141,16 @@ pub struct EnvironmentView {
     /// Public port per service.
     pub ports: BTreeMap<String, u16>,
     pub gpus: Vec<i32>,
+    /// Per service: sessions and bytes through the gateway since the last start (live: open
+    /// sessions are flushed every `gpugate_flush_interval`). Absent when the route table
+    /// cannot be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity: Option<BTreeMap<String, ServiceActivity>>,
+    /// Seconds the environment has been idle by the deployment's idle policy (running only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_seconds: Option<u64>,
+    /// Seconds of idleness after which it is stopped (0: never).
+    pub idle_stop_after_s: i64,
     /// Whether the routes were seen live in the route table (create/start responses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routes_live: Option<bool>,
@@ -168,7 +195,19 @@ fn access_info(st: &AppInner, env: &EnvRow, held: &[(u16, Service)]) -> AccessIn
 async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<EnvironmentView, ApiError> {
     let held = ports::env_ports(st.db.pool(), &env.id).await?;
     let access_info = access_info(st, &env, &held);
+    let activity = st.table.get().ok().map(|t| Activity::read(&t, &env.id, &held));
+    let idle_seconds = match (&activity, env.status == envs::status::RUNNING) {
+        (Some(a), true) => {
+            let now = gpugate_routes::now_ms();
+            let since = env.running_since.map(|t| u64::try_from(t.timestamp_millis()).unwrap_or(0)).unwrap_or(now);
+            Some(a.idle_ms(st.cfg.idle.policy, since, now) / 1000)
+        }
+        _ => None,
+    };
     Ok(EnvironmentView {
+        activity: activity.map(|a| a.services),
+        idle_seconds,
+        idle_stop_after_s: env.idle_stop_after_s,
         ports: held.iter().map(|(p, s)| (s.as_str().to_string(), *p)).collect(),
         access_info,
         id: env.id,
@@ -227,6 +266,7 @@ async fn create_environment(
         memory_mb: req.memory_mb,
         cpus: req.cpus,
         pids: req.pids,
+        idle_stop_after_s: req.idle_stop_after_s,
     };
     let (st2, user, id) = (st.clone(), caller.0.clone(), spec.id.clone());
     let out = st.ops.run(&st, &id, async move { lifecycle::create(&st2, &user, spec).await }).await?;
@@ -280,4 +320,25 @@ async fn delete_environment(State(st): State<AppState>, caller: Caller, IdPath(i
     let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
     let env = st.ops.run(&st, &id, async move { lifecycle::delete(&st2, &user, &id2).await }).await?;
     Ok(ok(serde_json::json!({ "id": env.id, "status": env.status })))
+}
+
+/// `PATCH /api/v1/environments/{id}`: changes the idle limit.
+async fn patch_environment(
+    State(st): State<AppState>,
+    caller: Caller,
+    IdPath(id): IdPath,
+    Body(req): Body<PatchEnvironment>,
+) -> ApiResult<EnvironmentView> {
+    let env = lifecycle::sessions::set_idle_limit(&st, &caller.0, &id, req.idle_stop_after_s).await?;
+    Ok(ok(view(&st, env, None).await?))
+}
+
+/// `POST /api/v1/environments/{id}/sessions/close` (owner or admin): closes every session
+/// open now through the gateway; the environment keeps running and new sessions work.
+async fn close_sessions(
+    State(st): State<AppState>,
+    caller: Caller,
+    IdPath(id): IdPath,
+) -> ApiResult<lifecycle::sessions::SessionsClosed> {
+    Ok(ok(lifecycle::sessions::close(&st, &caller.0, &id).await?))
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use gpugate_routes::{EnvId, Route, Service};
 
 mod quota;
+pub mod sessions;
 mod validate;
 
 use crate::db::envs::{self, status, EnvRow, NewEnv};
@@ -34,6 +35,8 @@ pub struct CreateSpec {
     pub cpus: Option<f64>,
     /// Process limit.
     pub pids: Option<u32>,
+    /// Seconds of inactivity after which the workspace stops (default from configuration).
+    pub idle_stop_after_s: Option<u64>,
 }
 
 /// An `Idempotency-Key` header value and the digest of its request.
@@ -87,7 +90,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             return replay(st, user, k, used).await;
         }
     }
-    let validate::Valid { image, services, limits } = validate::validate(st, &spec)?;
+    let validate::Valid { image, services, limits, idle_stop_after_s } = validate::validate(st, &spec)?;
     // Before anything changes: an image that is not here is a 422 naming it.
     st.docker.image_exists(&image).await.map_err(docker_error)?;
 
@@ -119,6 +122,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             password: &password,
             jupyter_token: &token,
             ssh_public_keys: &spec.ssh_public_keys,
+            idle_stop_after_s,
             instance: st.instance,
         },
     )
@@ -416,6 +420,15 @@ pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
 /// stops. Ports and addresses are kept.
 pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
     let env = claim(st, user, id, &[status::RUNNING], status::STOPPED, "stop").await?;
+    stop_claimed(st, &env, None).await?;
+    let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
+    Ok(Outcome { env, routes_live: false, timings: vec![], replayed: false })
+}
+
+/// The stop steps after the claim (also the idle task's); `reason` becomes the status reason.
+/// Disabling the routes makes the publisher remove and revoke them: nginx closes the open
+/// sessions within its flush interval, while the container is still there to see a clean close.
+pub(crate) async fn stop_claimed(st: &State, env: &EnvRow, reason: Option<&str>) -> Result<(), ApiError> {
     let result: anyhow::Result<()> = async {
         routes::deactivate(st.db.pool(), &env.id).await?;
         let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
@@ -423,8 +436,8 @@ pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError
         if let Some(c) = &env.container_id {
             st.docker.stop(c).await?;
         }
-        envs::settle(st.db.pool(), &env.id, status::STOPPED, None, None).await?;
-        st.db.event(Some(&env.id), "stopped", serde_json::json!({})).await?;
+        envs::settle(st.db.pool(), &env.id, status::STOPPED, reason, None).await?;
+        st.db.event(Some(&env.id), "stopped", serde_json::json!({ "reason": reason })).await?;
         Ok(())
     }
     .await;
@@ -433,8 +446,7 @@ pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError
         let _ = envs::settle(st.db.pool(), &env.id, status::STOPPED, Some("stop incomplete"), None).await;
         return Err(ApiError::internal("stop", format!("{e:#}")));
     }
-    let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
-    Ok(Outcome { env, routes_live: false, timings: vec![], replayed: false })
+    Ok(())
 }
 
 /// Starts a stopped environment on the same ports; the routes come back with a new

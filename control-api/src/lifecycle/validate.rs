@@ -18,6 +18,8 @@ pub struct Valid {
     pub services: Vec<Service>,
     /// The workspace's resource limits.
     pub limits: Limits,
+    /// Seconds of inactivity after which it is stopped (0: never).
+    pub idle_stop_after_s: u64,
 }
 
 /// Characters a name may not hold although they print as nothing or reorder what follows:
@@ -114,6 +116,8 @@ pub fn validate(st: &State, spec: &CreateSpec) -> Result<Valid, ApiError> {
             ));
         }
     }
-    Ok(Valid { image, services, limits })
+    let idle_stop_after_s = spec.idle_stop_after_s.unwrap_or(st.cfg.idle.default_stop_after_s);
+    st.cfg.idle.check(idle_stop_after_s).map_err(|e| ApiError::Validation(format!("idle_stop_after_s: {e}")))?;
+    Ok(Valid { image, services, limits, idle_stop_after_s })
 }
 
