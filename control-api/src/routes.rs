@@ -321,6 +321,12 @@ impl TableView {
         .await
     }
 
+    /// Waits until no session is open on any of `ports` (their routes removed and revoked:
+    /// nginx closes the sessions within its flush interval); false on time-out.
+    pub async fn wait_sessions_closed(&self, ports: &[u16], timeout: Duration) -> bool {
+        self.wait(timeout, |t| ports.iter().all(|p| t.counters(*p).connections_active == 0)).await
+    }
+
     /// Waits until every `(port, epoch)` has reached that revoke epoch; false on time-out.
     pub async fn wait_revoked(&self, targets: &[(u16, u64)], timeout: Duration) -> bool {
         self.wait(timeout, |t| targets.iter().all(|(port, epoch)| t.revoke_epoch(*port) >= *epoch)).await

@@ -160,6 +160,8 @@ impl Stack {
             ("GPUGATE_DB_PASSWORD", format!("{name}-db")),
             ("GPUGATE_API_LISTEN", format!("127.0.0.1:{}", ports.api())),
             ("GPUGATE_QUARANTINE_S", "1".to_string()),
+            // The idle phase waits for the idle task: look every second.
+            ("GPUGATE_IDLE_CHECK_INTERVAL_S", "1".to_string()),
             ("GPUGATE_POOL_SSH", range(ports.ssh())),
             ("GPUGATE_POOL_JUPYTER", range(ports.jupyter())),
             ("GPUGATE_POOL_CODE", range(ports.code())),
@@ -487,6 +489,72 @@ impl Session {
         } else {
             Err(format!("session answered {got:?} to {line:?}"))
         }
+    }
+}
+
+impl Session {
+    /// Waits up to `timeout` for the connection to end (the client exits when the gateway
+    /// closes it); whether it did.
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        crate::wait_until(timeout, || {
+            std::thread::sleep(Duration::from_millis(20));
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        })
+    }
+}
+
+/// A websocket opened through the gateway with a plain HTTP/1.1 upgrade: enough to hold a
+/// session open and see when it is closed.
+pub struct WebSocket {
+    stream: TcpStream,
+}
+
+impl WebSocket {
+    /// Upgrades `GET path` on `127.0.0.1:port`; Err with the answer's first line unless 101.
+    pub fn open(port: u16, path: &str) -> Result<WebSocket, String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect {port}: {e}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: Z3B1Z2F0ZS1lMmUtd3Mtaw==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).map_err(|e| format!("upgrade request: {e}"))?;
+        // Read the answer's head byte by byte, so no frame after it is consumed.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match std::io::Read::read(&mut stream, &mut byte) {
+                Ok(1) => head.push(byte[0]),
+                Ok(_) => return Err(format!("closed during the upgrade after {:?}", String::from_utf8_lossy(&head))),
+                Err(e) => return Err(format!("upgrade answer: {e}")),
+            }
+            if head.len() > 16384 {
+                return Err("upgrade answer head over 16 KiB".into());
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let first = head.lines().next().unwrap_or_default();
+        if !first.contains(" 101 ") {
+            return Err(format!("no upgrade: {first}"));
+        }
+        Ok(WebSocket { stream })
+    }
+
+    /// Waits up to `timeout` for the peer to close the connection (frames it sends meanwhile
+    /// are read and dropped); whether it did.
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        let _ = self.stream.set_read_timeout(Some(Duration::from_millis(50)));
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            match std::io::Read::read(&mut self.stream, &mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return true,
+            }
+        }
+        false
     }
 }
 

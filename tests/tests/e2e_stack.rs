@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use gpugate_tests::stack::{
-    docker, port_refuses, report, run, ssh_command, ssh_run, ssh_run_retry, Login, Session, Stack, Value,
+    docker, port_refuses, report, run, ssh_command, ssh_run, ssh_run_retry, Login, Session, Stack, Value, WebSocket,
 };
 use serde_json::json;
 
@@ -65,6 +65,25 @@ fn env_snapshot(stack: &Stack) -> Vec<(String, String, Value)> {
         .collect();
     envs.sort_by(|a, b| a.0.cmp(&b.0));
     envs
+}
+
+/// The API's view of one environment.
+fn show(stack: &Stack, id: &str) -> Value {
+    let (status, v) = stack.call("GET", &format!("/api/v1/environments/{id}"), None);
+    assert_eq!(status, 200, "GET {id}: {v}");
+    v["data"].clone()
+}
+
+/// A live counter of one service of an environment, as the API shows it.
+fn activity(stack: &Stack, id: &str, service: &str, field: &str) -> u64 {
+    let v = show(stack, id);
+    v["activity"][service][field].as_u64().unwrap_or_else(|| panic!("no activity.{service}.{field}: {v}"))
+}
+
+/// Whether the workspace container `cid` is running.
+fn container_running(cid: &str) -> bool {
+    let out = docker(&["inspect", "-f", "{{.State.Running}}", cid]);
+    String::from_utf8_lossy(&out.stdout).trim() == "true"
 }
 
 fn allocated(stack: &Stack, service: &str) -> f64 {
@@ -243,8 +262,118 @@ fn stack_end_to_end() {
         assert_eq!(ssh_run(ssh_port, &key_login, "hostname").as_deref(), Ok(id.as_str()));
     });
 
+    phase("live accounting: a slow scp's bytes grow in the API while it runs", || {
+        let blob = keys.join("slow");
+        let size = 2 * 1_048_576usize;
+        let data: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 24) as u8).collect();
+        std::fs::write(&blob, &data).expect("write blob");
+        let before = activity(&stack, &id, "ssh", "bytes_in");
+        // 4000 Kbit/s: about 4 s for 2 MiB, so several flush intervals pass while it runs.
+        let mut scp = ssh_command("scp", &key_login)
+            .args(["-q", "-l", "4000", "-P", &ssh_port.to_string()])
+            .arg(&blob)
+            .arg("remotegpu@127.0.0.1:slow")
+            .spawn()
+            .expect("spawn scp");
+        let mut seen = vec![];
+        let mut active_seen = 0;
+        while scp.try_wait().expect("scp status").is_none() {
+            let v = show(&stack, &id);
+            let a = &v["activity"]["ssh"];
+            seen.push(a["bytes_in"].as_u64().unwrap_or(0));
+            active_seen = active_seen.max(a["connections_active"].as_u64().unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        assert!(scp.wait().expect("scp").success(), "slow scp failed");
+        let after = activity(&stack, &id, "ssh", "bytes_in");
+        let moved = after - before;
+        let growing: Vec<u64> = seen.iter().map(|b| b - before).filter(|d| *d > 0 && *d < size as u64).collect();
+        report(&format!("  while open: {growing:?}; at the end {moved} bytes for a {size}-byte file"));
+        // Counted while the session was open (not only at its end), and growing.
+        assert!(growing.len() >= 2 && growing.windows(2).any(|w| w[1] > w[0]), "bytes did not grow while open: {seen:?}");
+        assert!(active_seen >= 2, "the scp and the long session were not both seen open: {active_seen}");
+        // The end total holds the file and SSH's own framing, nothing lost, nothing doubled.
+        assert!(moved >= size as u64 && moved < size as u64 + size as u64 / 10 + 65_536, "{moved} bytes for {size}");
+        assert_eq!(ssh_run(ssh_port, &key_login, "wc -c < slow").as_deref(), Ok("2097152"));
+    });
+
+    phase("sessions/close: SSH and a Jupyter websocket cut within 2 s, new logins work", || {
+        let jport = port(&env, "jupyter");
+        let token = text(&env, "/access_info/jupyter/token");
+        let mut ws = WebSocket::open(jport, &format!("/api/events/subscribe?token={token}")).expect("Jupyter websocket");
+        let mut second = Session::open(ssh_port, &key_login, Duration::from_secs(10)).expect("second SSH session");
+        assert!(!ws.closed_within(Duration::from_millis(300)), "the websocket closed by itself");
+        let (status, v) = stack.call("POST", &format!("/api/v1/environments/{id}/sessions/close"), Some("{}"));
+        assert_eq!(status, 200, "sessions/close: {v}");
+        assert_eq!(v["data"]["applied"], true, "{v}");
+        let t = Instant::now();
+        assert!(session.closed_within(Duration::from_secs(2)), "the long SSH session is still open");
+        assert!(second.closed_within(Duration::from_secs(2)), "the second SSH session is still open");
+        assert!(ws.closed_within(Duration::from_secs(2)), "the Jupyter websocket is still open");
+        report(&format!("  every session closed {} ms after sessions/close returned", t.elapsed().as_millis()));
+        assert_eq!(ssh_run(ssh_port, &key_login, "hostname").as_deref(), Ok(id.as_str()), "new login after the close");
+        let (status, _) = curl_until(&format!("http://127.0.0.1:{jport}/api/status?token={token}"), 200, Duration::from_secs(5));
+        assert_eq!(status, 200, "JupyterLab after the close");
+        assert!(activity(&stack, &id, "ssh", "connections_revoked") >= 2, "revoked sessions not counted: {}", show(&stack, &id));
+    });
+
+    phase("idle: an open session keeps a workspace; once it ends, the workspace stops by itself", || {
+        let nap = stack.create(&json!({"name": "nap", "gpus": 0, "services": ["ssh"], "ssh_public_keys": [pubkey.trim()]}));
+        let nid = text(&nap, "/id").to_string();
+        let nport = port(&nap, "ssh");
+        let mut held = Session::open(nport, &key_login, Duration::from_secs(20)).expect("session on the idle workspace");
+        let (status, v) =
+            stack.call("PATCH", &format!("/api/v1/environments/{nid}"), Some(r#"{"idle_stop_after_s": 2}"#));
+        assert_eq!(status, 200, "PATCH: {v}");
+        // Policy no_connections (the default): a silent open session is activity.
+        std::thread::sleep(Duration::from_secs(5));
+        let v = show(&stack, &nid);
+        assert_eq!(v["status"], "running", "stopped with a session open: {v}");
+        assert_eq!(v["idle_seconds"], 0, "{v}");
+        held.round_trip("still-here", Duration::from_secs(5)).expect("the session survived");
+        drop(held);
+        let t = Instant::now();
+        let stopped = gpugate_tests::wait_until(Duration::from_secs(20), || {
+            std::thread::sleep(Duration::from_millis(250));
+            let v = show(&stack, &nid);
+            v["status"] == "stopped" && v["status_reason"].is_string()
+        });
+        assert!(stopped, "the idle workspace did not stop: {}\n{}", show(&stack, &nid), stack.api_logs());
+        report(&format!("  stopped {:.1} s after its last session ended", t.elapsed().as_secs_f64()));
+        assert!(text(&show(&stack, &nid), "/status_reason").starts_with("idle for "));
+        assert!(port_refuses(nport), "the stopped workspace's port still answers");
+        assert_eq!(stack.metric("gpugate_idle_stops_total"), Some(1.0));
+        // Started again: same port, logins work, the idle clock starts over.
+        let (status, v) = stack.call("PATCH", &format!("/api/v1/environments/{nid}"), Some(r#"{"idle_stop_after_s": 0}"#));
+        assert_eq!(status, 200, "{v}");
+        let (status, v) = stack.call("POST", &format!("/api/v1/environments/{nid}/start"), Some("{}"));
+        assert_eq!(status, 200, "start: {v}");
+        assert_eq!(port(&v["data"], "ssh"), nport);
+        let h = ssh_run_retry(nport, &key_login, "hostname", Duration::from_secs(20)).expect("ssh after the start");
+        assert_eq!(h, nid);
+
+        // A stop cuts open sessions from the gateway before the container stops.
+        let cid = stack.containers(Some(&nid)).pop().expect("container");
+        let mut open = Session::open(nport, &key_login, Duration::from_secs(10)).expect("session before the stop");
+        std::thread::scope(|s| {
+            let stopper = s.spawn(|| stack.call("POST", &format!("/api/v1/environments/{nid}/stop"), Some("{}")));
+            assert!(open.closed_within(Duration::from_secs(5)), "the session outlived the stop");
+            assert!(container_running(&cid), "the container stopped before the gateway closed the session");
+            let (status, v) = stopper.join().expect("stop thread");
+            assert_eq!(status, 200, "stop: {v}");
+        });
+        stack.delete(&nid);
+    });
+
     phase("delete the workspace; its port refuses within a second, the container is gone", || {
-        stack.delete(&id);
+        let cid = stack.containers(Some(&id)).pop().expect("container");
+        let mut open = Session::open(ssh_port, &key_login, Duration::from_secs(10)).expect("session before the delete");
+        std::thread::scope(|s| {
+            let deleter = s.spawn(|| stack.delete(&id));
+            assert!(open.closed_within(Duration::from_secs(5)), "the session outlived the delete");
+            assert!(container_running(&cid), "the container went before the gateway closed the session");
+            deleter.join().expect("delete thread");
+        });
         let t = Instant::now();
         let refused = gpugate_tests::wait_until(Duration::from_secs(1), || port_refuses(ssh_port));
         assert!(refused, "port {ssh_port} still answers 1 s after the delete");

@@ -401,8 +401,13 @@ pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiErro
 pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
     let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
     routes::delete_env(st.db.pool(), &env.id).await?;
-    if !st.table.wait_gone(&held, &env.id, Duration::from_millis(st.cfg.route_wait_ms)).await {
+    let wait = Duration::from_millis(st.cfg.route_wait_ms);
+    if !st.table.wait_gone(&held, &env.id, wait).await {
         tracing::warn!(env_id = %env.id, "routes still in the table after {} ms; removing the container anyway", st.cfg.route_wait_ms);
+    } else if !st.table.wait_sessions_closed(&held, wait).await {
+        // The revoke that went with the removal closes them from the gateway: a clean close
+        // for the client, before the container goes.
+        tracing::warn!(env_id = %env.id, "sessions still open {} ms after the revoke; removing the container anyway", st.cfg.route_wait_ms);
     }
     remove_containers(st, &env.id, env.container_id.as_deref()).await?;
     st.crash_point("after_container_removed");
@@ -432,7 +437,10 @@ pub(crate) async fn stop_claimed(st: &State, env: &EnvRow, reason: Option<&str>)
     let result: anyhow::Result<()> = async {
         routes::deactivate(st.db.pool(), &env.id).await?;
         let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
-        st.table.wait_gone(&held, &env.id, Duration::from_millis(st.cfg.route_wait_ms)).await;
+        let wait = Duration::from_millis(st.cfg.route_wait_ms);
+        if st.table.wait_gone(&held, &env.id, wait).await && !st.table.wait_sessions_closed(&held, wait).await {
+            tracing::warn!(env_id = %env.id, "sessions still open {} ms after the revoke; stopping the container anyway", st.cfg.route_wait_ms);
+        }
         if let Some(c) = &env.container_id {
             st.docker.stop(c).await?;
         }
