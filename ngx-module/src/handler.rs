@@ -204,6 +204,8 @@ unsafe extern "C" fn variable_get(
         // Borrowed from the context in the session's pool, not from a copy.
         VAR_ENV_ID if ctx.has_route() => Some(ctx.env_id.as_str().as_bytes()),
         VAR_SERVICE if ctx.has_route() => Some(ctx.service.as_str().as_bytes()),
+        // A session the writer revoked says so in the access log (read in the log phase).
+        VAR_STATUS if ctx.live.revoked.get() => Some(b"revoked".as_slice()),
         VAR_STATUS => Some(ctx.status.as_str().as_bytes()),
         _ => None,
     });

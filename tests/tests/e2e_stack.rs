@@ -16,8 +16,11 @@ use serde_json::json;
 /// Stacks are named `gpugate-e2e-<pid>`; each takes the first free block of 100 ports here.
 const STACK: &str = "gpugate-e2e";
 const BASES: [u16; 10] = [26000, 26100, 26200, 26300, 26400, 26500, 26600, 26700, 26800, 26900];
-/// Workspaces created and deleted while an SSH session stays open.
-const CHURN: usize = 200;
+/// Workspaces created and deleted while an SSH session stays open (GPUGATE_E2E_CHURN
+/// overrides it for quicker runs while developing).
+fn churn() -> usize {
+    std::env::var("GPUGATE_E2E_CHURN").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+}
 /// Concurrent API clients during the churn.
 const CHURN_CLIENTS: usize = 4;
 
@@ -80,10 +83,30 @@ fn activity(stack: &Stack, id: &str, service: &str, field: &str) -> u64 {
     v["activity"][service][field].as_u64().unwrap_or_else(|| panic!("no activity.{service}.{field}: {v}"))
 }
 
-/// Whether the workspace container `cid` is running.
-fn container_running(cid: &str) -> bool {
-    let out = docker(&["inspect", "-f", "{{.State.Running}}", cid]);
-    String::from_utf8_lossy(&out.stdout).trim() == "true"
+/// Access-log lines of the gateway for sessions on `port` that it closed because their route
+/// was revoked.
+fn revoked_in_log(stack: &Stack, port: u16) -> usize {
+    let out = docker(&["logs", &stack.container("gateway")]);
+    let needle = format!("port={port} route=revoked ");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&needle)).count()
+}
+
+/// Runs `end` (a stop or a delete) on another thread while `open` is connected to `port`, and
+/// checks that the gateway closed the session (a revoked close in its access log) rather than
+/// the container going away under it.
+fn closed_by_the_gateway(stack: &Stack, open: &mut Session, port: u16, end: impl FnOnce() + Send) {
+    let before = revoked_in_log(stack, port);
+    std::thread::scope(|s| {
+        let ender = s.spawn(end);
+        assert!(open.closed_within(Duration::from_secs(5)), "the session outlived the stop or delete");
+        ender.join().expect("stop/delete thread");
+    });
+    // The access log is flushed every second.
+    let seen = gpugate_tests::wait_until(Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(250));
+        revoked_in_log(stack, port) > before
+    });
+    assert!(seen, "no revoked session on port {port} in the gateway's access log: the container closed it");
 }
 
 fn allocated(stack: &Stack, service: &str) -> f64 {
@@ -216,7 +239,7 @@ fn stack_end_to_end() {
         session.round_trip("database-back", Duration::from_secs(5)).expect("session after the database is back");
     });
 
-    phase(&format!("{CHURN} workspaces created and deleted around an open session, no reload"), || {
+    phase(&format!("{} workspaces created and deleted around an open session, no reload", churn()), || {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let done = std::sync::atomic::AtomicBool::new(false);
         let t = Instant::now();
@@ -225,7 +248,7 @@ fn stack_end_to_end() {
                 .map(|_| {
                     s.spawn(|| {
                         let mut ok = 0;
-                        while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < CHURN {
+                        while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < churn() {
                             let e = stack.create(&json!({"name": "churn", "gpus": 0, "services": ["ssh"]}));
                             stack.delete(text(&e, "/id"));
                             ok += 1;
@@ -249,7 +272,7 @@ fn stack_end_to_end() {
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             let checks = checker.join().expect("session checker panicked");
             let made: usize = joined.into_iter().map(|r| r.expect("churn client panicked")).sum();
-            assert_eq!(made, CHURN);
+            assert_eq!(made, churn());
             report(&format!(
                 "  {made} created and deleted in {:.1} s ({:.0} ms each, {CHURN_CLIENTS} clients); session answered {checks} round trips",
                 t.elapsed().as_secs_f64(),
@@ -353,27 +376,17 @@ fn stack_end_to_end() {
         assert_eq!(h, nid);
 
         // A stop cuts open sessions from the gateway before the container stops.
-        let cid = stack.containers(Some(&nid)).pop().expect("container");
         let mut open = Session::open(nport, &key_login, Duration::from_secs(10)).expect("session before the stop");
-        std::thread::scope(|s| {
-            let stopper = s.spawn(|| stack.call("POST", &format!("/api/v1/environments/{nid}/stop"), Some("{}")));
-            assert!(open.closed_within(Duration::from_secs(5)), "the session outlived the stop");
-            assert!(container_running(&cid), "the container stopped before the gateway closed the session");
-            let (status, v) = stopper.join().expect("stop thread");
+        closed_by_the_gateway(&stack, &mut open, nport, || {
+            let (status, v) = stack.call("POST", &format!("/api/v1/environments/{nid}/stop"), Some("{}"));
             assert_eq!(status, 200, "stop: {v}");
         });
         stack.delete(&nid);
     });
 
     phase("delete the workspace; its port refuses within a second, the container is gone", || {
-        let cid = stack.containers(Some(&id)).pop().expect("container");
         let mut open = Session::open(ssh_port, &key_login, Duration::from_secs(10)).expect("session before the delete");
-        std::thread::scope(|s| {
-            let deleter = s.spawn(|| stack.delete(&id));
-            assert!(open.closed_within(Duration::from_secs(5)), "the session outlived the delete");
-            assert!(container_running(&cid), "the container went before the gateway closed the session");
-            deleter.join().expect("delete thread");
-        });
+        closed_by_the_gateway(&stack, &mut open, ssh_port, || stack.delete(&id));
         let t = Instant::now();
         let refused = gpugate_tests::wait_until(Duration::from_secs(1), || port_refuses(ssh_port));
         assert!(refused, "port {ssh_port} still answers 1 s after the delete");

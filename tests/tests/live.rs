@@ -91,6 +91,11 @@ fn revoke_closes_open_sessions_within_an_interval_and_new_ones_still_work() {
     assert!(wait_until(Duration::from_secs(2), || w.table().counters(25510).connections_total == 4));
     let c = w.table().counters(25510);
     assert_eq!((c.revoked_total, c.connections_active), (3, 0), "{c:?}");
+    // The access log tells the revoked sessions from the one that ended by itself.
+    let log = ng.access_log();
+    let revoked = log.lines().filter(|l| l.starts_with("25510 revoked ")).count();
+    let ended = log.lines().filter(|l| l.starts_with("25510 ok ")).count();
+    assert_eq!((revoked, ended), (3, 1), "{log}");
     assert_eq!(ng.pids(), pids);
     ng.assert_no_crash();
 }
