@@ -131,3 +131,58 @@ fn flush_interval_zero_turns_live_accounting_off_and_bad_values_fail_nginx_t() {
     let out = Nginx::test_config(&root, &nginx_conf(dup));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"gpugate_flush_interval\" directive is duplicate"));
 }
+
+#[test]
+fn a_killed_worker_loses_at_most_its_last_flush_interval_of_bytes_and_leaves_no_drift() {
+    let (mut w, ng) = gateway("killflush", 25530, 25530, Some("200ms"));
+    let a = Backend::start("alpha", "127.0.0.1:0");
+    w.set(25530, &route(a.addr, "envkill", Service::Ssh)).unwrap();
+    let mut clients: Vec<Client> = (0..40)
+        .map(|_| {
+            let mut c = Client::connect(25530).unwrap();
+            assert_eq!(c.read_line().as_deref(), Some("alpha"));
+            c
+        })
+        .collect();
+    let line = "y".repeat(999);
+    let mut sent = 0u64;
+    for c in &mut clients {
+        assert!(c.round_trip(&line).is_some());
+        sent += 1000;
+    }
+    // Two intervals later every open session has flushed everything it moved.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = w.table();
+    assert_eq!(t.counters(25530).bytes_in, sent, "open sessions flushed exactly what moved");
+    // One more line each, then a worker dies before its next flush.
+    for c in &mut clients {
+        assert!(c.round_trip(&line).is_some());
+    }
+    let burst = 1000 * clients.len() as u64;
+    let victim = ng.worker_pids()[0];
+    // SAFETY: kill(2) on a pid of the nginx this test started.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let now = ng.worker_pids();
+            now.len() == 2 && !now.contains(&victim)
+        }),
+        "the master respawns the killed worker"
+    );
+    let before = clients.len();
+    clients.retain_mut(|c| c.round_trip("alive?").is_some());
+    let killed = (before - clients.len()) as u64;
+    assert!(killed > 0, "the killed worker held none of the {before} sessions");
+    let alive = clients.len() as u64;
+    assert!(wait_until(Duration::from_secs(3), || t.counters(25530).connections_active == alive), "no drift in the gauge");
+    // The survivors end cleanly: their totals are exact. The killed sessions keep what they had
+    // flushed; only their last line (the last interval) may be lost.
+    let survivors_extra = alive * "alive?\n".len() as u64;
+    drop(clients);
+    assert!(wait_until(Duration::from_secs(3), || t.counters(25530).connections_active == 0));
+    let end = t.counters(25530).bytes_in;
+    let everything = sent + burst + survivors_extra;
+    let lost = everything - end;
+    assert!(end <= everything, "counted {end} of {everything}: more than moved");
+    assert!(lost <= killed * 1000, "lost {lost} bytes, more than the killed sessions' last interval ({killed} x 1000)");
+}
