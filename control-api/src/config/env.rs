@@ -68,6 +68,7 @@ impl Config {
         parse_env(env, "GPUGATE_RATE_LIMIT_BURST", &mut self.rate_limit.burst)?;
         parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
         parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
+        self.metrics.apply_env(env)?;
         if let Some(v) = env_var(env, "GPUGATE_DEFAULT_SERVICES") {
             self.default_services = split_list(&v);
         }

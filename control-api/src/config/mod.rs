@@ -4,6 +4,7 @@
 //! URL's password) never appear in `Debug` output or logs.
 
 mod env;
+mod metrics;
 mod range;
 mod tenant;
 mod workspace;
@@ -13,6 +14,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+pub use metrics::MetricsConfig;
 pub use range::PortRange;
 pub use tenant::{QuotaConfig, RateLimitConfig};
 pub use workspace::{image_allowed, LimitsConfig, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
@@ -214,6 +216,8 @@ pub struct Config {
     /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
     /// the publisher and releases the liveness lock anyway.
     pub shutdown_grace_s: u64,
+    /// How `/metrics` is served and what it shows (`[metrics]`).
+    pub metrics: MetricsConfig,
     /// Testing only: a point at which operations fail or the process aborts
     /// (`GPUGATE_FAULT`, e.g. `fail:docker_create`, `crash:after_docker_start`). Never set it in
     /// production.
@@ -252,6 +256,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             idempotency_retention_s: 24 * 3600,
             shutdown_grace_s: 60,
+            metrics: MetricsConfig::default(),
             fault: None,
             source: None,
         }
@@ -307,6 +312,7 @@ impl Config {
         }
         self.docker.limits.validate().map_err(ConfigError::Invalid)?;
         self.rate_limit.validate().map_err(ConfigError::Invalid)?;
+        self.metrics.validate().map_err(ConfigError::Invalid)?;
         if self.idempotency_retention_s < 24 * 3600 {
             return bad(format!(
                 "idempotency_retention_s {} is under 24 h (86400); clients retry for a day",
