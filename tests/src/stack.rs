@@ -160,6 +160,8 @@ impl Stack {
             ("GPUGATE_DB_PASSWORD", format!("{name}-db")),
             ("GPUGATE_API_LISTEN", format!("127.0.0.1:{}", ports.api())),
             ("GPUGATE_QUARANTINE_S", "1".to_string()),
+            // /metrics serves gauges refreshed in the background; keep them fresh for the checks.
+            ("GPUGATE_METRICS_REFRESH_MS", "500".to_string()),
             ("GPUGATE_POOL_SSH", range(ports.ssh())),
             ("GPUGATE_POOL_JUPYTER", range(ports.jupyter())),
             ("GPUGATE_POOL_CODE", range(ports.code())),
