@@ -9,8 +9,10 @@
 #                        through the gateway (runs `hostname` when stdin is not a terminal)
 #
 # `make up`, `make down` and `make demo` call it (after `make build`, which fills dist/). The
-# compose file's variables (GPUGATE_API_LISTEN, GPUGATE_DB_PASSWORD, GPUGATE_DOMAIN, ...; see
-# docker/README.md) apply. GPUGATE_TOKEN_USER names the user the token is made for (default
+# compose file's variables (GPUGATE_API_LISTEN, GPUGATE_DOMAIN, ...; see docker/README.md)
+# apply. The database password: GPUGATE_DB_PASSWORD if set, else the one in
+# $GPUGATE_STATE_DIR/db-password (default .gpugate/, mode 0600), generated on the first run and
+# reused by every later one (the database volume keeps the role it was made for). GPUGATE_TOKEN_USER names the user the token is made for (default
 # "admin", an admin). Needs docker, docker-compose, curl, python3, ssh and sshpass.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,12 +22,33 @@ compose=(docker-compose -p "$project" -f docker/compose.yaml)
 listen=${GPUGATE_API_LISTEN:-127.0.0.1:8080}
 api=http://${listen/0.0.0.0/127.0.0.1}
 user=${GPUGATE_TOKEN_USER:-admin}
+state=${GPUGATE_STATE_DIR:-$root/.gpugate}
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'gpugate: %s\n' "$*" >&2; exit 1; }
 since() { echo "$(($(date +%s) - $1)) s"; }
 # json EXPR: prints EXPR (Python, over the parsed document `d`) of the JSON on stdin.
 json() { python3 -c 'import json, sys; d = json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
+
+# The database password: GPUGATE_DB_PASSWORD, or the state file (made once, random, 0600).
+db_password() {
+  local f=$state/db-password
+  if [[ -n ${GPUGATE_DB_PASSWORD:-} ]]; then
+    return
+  fi
+  if [[ ! -s $f ]]; then
+    install -d -m 0700 "$state"
+    # 192 random bits, URL-safe characters (the password goes into the API's DATABASE_URL).
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$f.new") ||
+      die "cannot write $f"
+    mv -f "$f.new" "$f"
+    say "generated the database password in $f (mode 0600; keep it with the database volume)"
+  fi
+  chmod 0600 "$f"
+  GPUGATE_DB_PASSWORD=$(<"$f")
+  [[ -n $GPUGATE_DB_PASSWORD ]] || die "$f is empty: remove it (and the database volume, \`down --volumes\`) or fill it"
+  export GPUGATE_DB_PASSWORD
+}
 
 ready() { curl -fsS -m 3 "$api/readyz" >/dev/null 2>&1; }
 
@@ -41,6 +64,7 @@ up() {
   done
   say "== images (docker/build-images.sh: builds only what is missing or changed)"
   docker/build-images.sh
+  db_password
   say "== starting the stack (docker-compose project \"$project\")"
   t=$(date +%s)
   "${compose[@]}" up -d

@@ -33,6 +33,8 @@ pub enum Mode {
 pub struct Running {
     /// Where the HTTP API listens (API mode).
     pub addr: Option<SocketAddr>,
+    /// Where `/metrics` listens when it has an address of its own (`metrics.listen`).
+    pub metrics_addr: Option<SocketAddr>,
     /// The shared state (API mode).
     pub state: Option<AppState>,
     /// The publisher's status.
@@ -133,6 +135,18 @@ async fn hold_liveness(db: Db, instance: i32, live: Arc<Liveness>, mut shutdown:
     }
 }
 
+/// Serves `app` on `listener` until `stop` changes (then finishes the open requests).
+async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>, what: &'static str) {
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "{what} server failed");
+    }
+}
+
 /// Starts everything for `mode`. In API mode the HTTP server is bound to `cfg.listen`
 /// (port 0 picks a free port; see [`Running::addr`]).
 pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
@@ -174,6 +188,7 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         let (reconcile_stop, _) = watch::channel(false);
         return Ok(Running {
             addr: None,
+            metrics_addr: None,
             state: None,
             publisher: status,
             http_stop,
@@ -211,7 +226,18 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         instance: i64::from(instance),
         liveness,
         ops: Operations::default(),
+        ready_log: Default::default(),
     });
+    // Gauges from the database and the table: filled once before the first scrape can come,
+    // then refreshed in the background (a scrape never queries).
+    let mut gauges = crate::metrics::gauges::Refresher::new(
+        state.db.clone(),
+        state.table.clone(),
+        cfg.clone(),
+        state.metrics.clone(),
+    );
+    gauges.refresh().await;
+    tasks.push(tokio::spawn(gauges.run(rx.clone())));
     tasks.push(tokio::spawn(crate::idle::run(state.clone(), rx.clone())));
     let (reconcile_stop, reconcile_rx) = watch::channel(false);
     let reconciler = tokio::spawn(crate::reconcile::run(
@@ -220,25 +246,31 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         reconcile_rx,
     ));
 
+    // Both addresses are bound before either serves, so a bad one fails the start cleanly.
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let app = crate::http::router(state.clone());
-    let (http_stop, mut stop) = watch::channel(false);
-    let http = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.changed().await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    let metrics_listener = match cfg.metrics.listen {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at).await.with_context(|| format!("binding metrics.listen {at}"))?,
+        ),
+        None => None,
+    };
+    let (http_stop, _) = watch::channel(false);
+    let http = tokio::spawn(serve_http(listener, crate::http::router(state.clone()), http_stop.subscribe(), "HTTP"));
+    let mut metrics_addr = None;
+    if let Some(listener) = metrics_listener {
+        let bound = listener.local_addr()?;
+        let app = crate::http::metrics_router(state.clone());
+        tasks.push(tokio::spawn(serve_http(listener, app, http_stop.subscribe(), "metrics HTTP")));
+        tracing::info!(addr = %bound, "metrics listening (only /metrics and /healthz)");
+        metrics_addr = Some(bound);
+    }
     tracing::info!(%addr, instance, "gpugate-api listening");
     Ok(Running {
         addr: Some(addr),
+        metrics_addr,
         state: Some(state),
         publisher: status,
         http_stop,

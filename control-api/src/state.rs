@@ -34,6 +34,8 @@ pub struct State {
     pub liveness: Arc<Liveness>,
     /// The lifecycle operations running in this process.
     pub ops: Operations,
+    /// What `/readyz` last logged per dependency (each failure is logged once per change).
+    pub ready_log: crate::http::ReadyLog,
 }
 
 impl State {

@@ -162,6 +162,8 @@ impl Stack {
             ("GPUGATE_QUARANTINE_S", "1".to_string()),
             // The idle phase waits for the idle task: look every second.
             ("GPUGATE_IDLE_CHECK_INTERVAL_S", "1".to_string()),
+            // /metrics serves gauges refreshed in the background; keep them fresh for the checks.
+            ("GPUGATE_METRICS_REFRESH_MS", "500".to_string()),
             ("GPUGATE_POOL_SSH", range(ports.ssh())),
             ("GPUGATE_POOL_JUPYTER", range(ports.jupyter())),
             ("GPUGATE_POOL_CODE", range(ports.code())),

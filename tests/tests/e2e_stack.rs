@@ -118,6 +118,27 @@ fn allocated(stack: &Stack, service: &str) -> f64 {
 fn stack_end_to_end() {
     let started = Instant::now();
     let stack = phase("start the private stack (compose up, /readyz, token)", || Stack::start_private(STACK, &BASES));
+    phase("the API's database role is not a superuser; the superuser has no TCP login", || {
+        let psql = |args: &[&str]| {
+            let mut cmd = std::process::Command::new("docker");
+            cmd.args(["exec", "-u", "postgres", &stack.container("postgres"), "psql", "-w", "-At"]).args(args);
+            run(&mut cmd)
+        };
+        let out = psql(&[
+            "-c",
+            "SELECT rolsuper::text || ' ' || rolcreaterole::text || ' ' || rolcreatedb::text || ' ' || \
+             (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'gpugate') \
+             FROM pg_roles WHERE rolname = 'gpugate'",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "false false false gpugate",
+            "role gpugate (superuser, createrole, createdb, owner of database gpugate): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tcp = psql(&["-h", "127.0.0.1", "-U", "postgres", "-c", "SELECT 1"]);
+        assert!(!tcp.status.success(), "the superuser logged in over TCP without a password");
+    });
     let keys = gpugate_tests::temp_dir("e2e-keys");
     let key = keys.join("id_ed25519");
     run(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key));
@@ -223,6 +244,9 @@ fn stack_end_to_end() {
         assert!(message.contains("database"), "503 without a message naming the database: {v}");
         let (status, v) = stack.call("GET", "/readyz", None);
         assert_eq!(status, 503, "/readyz without a database: {v}");
+        assert_eq!(v["data"]["database"], false, "/readyz without a database: {v}");
+        assert!(v["data"]["reasons"]["database"].is_string(), "/readyz names no reason: {v}");
+        assert!(!v.to_string().contains("os error"), "/readyz leaks the driver's error: {v}");
         session.round_trip("database-down", Duration::from_secs(5)).expect("session with the database down");
         assert_eq!(ssh_run(ssh_port, &key_login, "hostname").as_deref(), Ok(id.as_str()), "new ssh, database down");
 

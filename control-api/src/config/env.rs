@@ -72,6 +72,7 @@ impl Config {
         parse_env(env, "GPUGATE_IDLE_CHECK_INTERVAL_S", &mut self.idle.check_interval_s)?;
         parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
         parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
+        self.metrics.apply_env(env)?;
         if let Some(v) = env_var(env, "GPUGATE_DEFAULT_SERVICES") {
             self.default_services = split_list(&v);
         }

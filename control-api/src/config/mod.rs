@@ -5,6 +5,7 @@
 
 mod env;
 mod idle;
+mod metrics;
 mod range;
 mod tenant;
 mod workspace;
@@ -15,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 pub use idle::{IdleConfig, IdlePolicy, MAX_IDLE_STOP_AFTER_S};
+pub use metrics::MetricsConfig;
 pub use range::PortRange;
 pub use tenant::{QuotaConfig, RateLimitConfig};
 pub use workspace::{image_allowed, LimitsConfig, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
@@ -218,6 +220,8 @@ pub struct Config {
     /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
     /// the publisher and releases the liveness lock anyway.
     pub shutdown_grace_s: u64,
+    /// How `/metrics` is served and what it shows (`[metrics]`).
+    pub metrics: MetricsConfig,
     /// Testing only: a point at which operations fail or the process aborts
     /// (`GPUGATE_FAULT`, e.g. `fail:docker_create`, `crash:after_docker_start`). Never set it in
     /// production.
@@ -257,6 +261,7 @@ impl Default for Config {
             idle: IdleConfig::default(),
             idempotency_retention_s: 24 * 3600,
             shutdown_grace_s: 60,
+            metrics: MetricsConfig::default(),
             fault: None,
             source: None,
         }
@@ -313,6 +318,7 @@ impl Config {
         self.docker.limits.validate().map_err(ConfigError::Invalid)?;
         self.rate_limit.validate().map_err(ConfigError::Invalid)?;
         self.idle.validate().map_err(ConfigError::Invalid)?;
+        self.metrics.validate().map_err(ConfigError::Invalid)?;
         if self.idempotency_retention_s < 24 * 3600 {
             return bad(format!(
                 "idempotency_retention_s {} is under 24 h (86400); clients retry for a day",

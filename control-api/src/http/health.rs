@@ -1,25 +1,44 @@
-//! `/healthz`, `/readyz` and `/metrics` (no auth: for probes and scrapers on the operator's
-//! network).
+//! `/healthz`, `/readyz` and `/metrics`: for probes and scrapers, without user tokens.
+//!
+//! `/readyz` names each dependency that is down with a fixed short reason and never echoes an
+//! error's text (which can carry addresses, paths and user names); the raw error goes to the
+//! log at warn, once per change. `/metrics` renders what the gauge task refreshed last, so a
+//! scrape runs no query; `metrics.token` puts it behind a bearer token, and `metrics.listen`
+//! moves it to an address of its own.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
-use crate::db::{envs, ports};
+use crate::docker::DockerError;
 use crate::error::{ok, ApiError, ApiResult};
 use crate::state::AppState;
 
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(get_healthz))
-        .route("/readyz", get(get_readyz))
-        .route("/metrics", get(get_metrics))
+/// How long the Docker ping of `/readyz` may take.
+const DOCKER_PING: Duration = Duration::from_secs(2);
+
+/// The probe routes; `/metrics` too unless it has an address of its own (`metrics.listen`).
+pub fn router(serve_metrics: bool) -> Router<AppState> {
+    let r = Router::new().route("/healthz", get(get_healthz)).route("/readyz", get(get_readyz));
+    if serve_metrics {
+        r.route("/metrics", get(get_metrics))
+    } else {
+        r
+    }
+}
+
+/// The routes of the separate metrics address: `/metrics` and `/healthz` only.
+pub fn metrics_router() -> Router<AppState> {
+    Router::new().route("/healthz", get(get_healthz)).route("/metrics", get(get_metrics))
 }
 
 /// `GET /healthz`: the process serves requests.
@@ -30,99 +49,199 @@ async fn get_healthz() -> ApiResult<&'static str> {
 /// `data` of `/readyz`.
 #[derive(Debug, Serialize)]
 pub struct Readiness {
+    /// PostgreSQL answers.
     pub database: bool,
+    /// The Docker engine answers.
     pub docker: bool,
     /// The table exists, is valid and a publisher (here or in another process) beats.
     pub table: bool,
+    /// This process holds its database liveness lock, without which it starts no operation
+    /// (creates and the like answer 503 until it is back).
+    pub operating: bool,
+    /// This process holds the table's writer lock.
     pub publisher_active_here: bool,
-    pub errors: Vec<String>,
+    /// For each dependency that is down, why, as a fixed short reason (see the README).
+    pub reasons: BTreeMap<&'static str, &'static str>,
 }
 
-/// `GET /readyz`: database, Docker and the route table; 503 in the envelope when any fails.
+/// The last raw error logged per dependency, so `/readyz` logs each failure once per change
+/// instead of once per probe.
+#[derive(Default)]
+pub struct ReadyLog(Mutex<BTreeMap<&'static str, String>>);
+
+impl ReadyLog {
+    /// Records the state of `dependency`: logs a new or changed error at warn, a recovery at
+    /// info, and nothing while it stays the same.
+    fn note(&self, dependency: &'static str, error: Option<String>) {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match error {
+            Some(e) => {
+                if last.get(dependency) != Some(&e) {
+                    tracing::warn!(dependency, error = %e, "not ready");
+                    last.insert(dependency, e);
+                }
+            }
+            None => {
+                if last.remove(dependency).is_some() {
+                    tracing::info!(dependency, "ready again");
+                }
+            }
+        }
+    }
+}
+
+/// The fixed reason for a database error (never its text).
+pub fn database_reason(e: &sqlx::Error) -> &'static str {
+    match e {
+        sqlx::Error::PoolTimedOut => "timeout",
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => "unreachable",
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            Some("57P03") => "starting up",
+            Some("57P01" | "57P02") => "shutting down",
+            Some("53300") => "no connection slots",
+            Some(c) if c.starts_with("28") => "login refused",
+            Some("3D000") => "no such database",
+            Some("55000") => "not accepting connections",
+            _ => "error",
+        },
+        _ => "error",
+    }
+}
+
+/// The fixed reason for a Docker error.
+pub fn docker_reason(e: &DockerError) -> &'static str {
+    match e {
+        DockerError::Timeout(_) => "timeout",
+        DockerError::Connect(_) => "unreachable",
+        _ => "error",
+    }
+}
+
+/// The fixed reason for a route table that cannot be read.
+pub fn table_reason(e: &gpugate_routes::Error) -> &'static str {
+    match e {
+        gpugate_routes::Error::Missing { .. } => "missing",
+        gpugate_routes::Error::Io { .. } => "unreadable",
+        _ => "invalid",
+    }
+}
+
+/// `GET /readyz`: database, Docker and the route table; 503 in the envelope naming what is
+/// down when any fails.
 async fn get_readyz(State(st): State<AppState>) -> Response {
-    let mut errors = vec![];
-    let database = match st.db.ping().await {
-        Ok(()) => true,
-        Err(e) => {
-            errors.push(format!("database: {e}"));
-            false
+    let mut reasons = BTreeMap::new();
+    // The pool's acquire time-out bounds a down database; this bounds a hung one.
+    let bound = Duration::from_millis(st.cfg.database_acquire_timeout_ms) + Duration::from_secs(1);
+    let (database, error) = match tokio::time::timeout(bound, st.db.ping()).await {
+        Ok(Ok(())) => (true, None),
+        Ok(Err(e)) => {
+            reasons.insert("database", database_reason(&e));
+            (false, Some(e.to_string()))
+        }
+        Err(_) => {
+            reasons.insert("database", "timeout");
+            (false, Some(format!("ping: no answer within {bound:?}")))
         }
     };
-    let ping = tokio::time::timeout(std::time::Duration::from_secs(2), st.docker.ping()).await;
-    let docker = match ping.unwrap_or(Err(crate::docker::DockerError::Timeout("ping"))) {
-        Ok(()) => true,
+    st.ready_log.note("database", error);
+    let ping = tokio::time::timeout(DOCKER_PING, st.docker.ping()).await;
+    let (docker, error) = match ping.unwrap_or(Err(DockerError::Timeout("ping"))) {
+        Ok(()) => (true, None),
         Err(e) => {
-            errors.push(format!("docker: {e}"));
-            false
+            reasons.insert("docker", docker_reason(&e));
+            (false, Some(e.to_string()))
         }
     };
-    let table = match st.table.get() {
+    st.ready_log.note("docker", error);
+    let (table, error) = match st.table.get() {
         Ok(t) => {
             let age = gpugate_routes::now_ms().saturating_sub(t.header_info().heartbeat_ms);
             // The publisher beats every second; three missed beats mean nobody writes.
             if age > 3_000 {
-                errors.push(format!("route table: no publisher heartbeat for {age} ms"));
-                false
+                reasons.insert("table", "no publisher heartbeat");
+                (false, Some("no publisher heartbeat for over 3 s".to_string()))
             } else {
-                true
+                (true, None)
             }
         }
         Err(e) => {
-            errors.push(format!("route table: {e}"));
-            false
+            reasons.insert("table", table_reason(&e));
+            (false, Some(e.to_string()))
         }
     };
+    st.ready_log.note("table", error);
+    let operating = st.liveness.holding();
+    if !operating {
+        reasons.insert("operating", "liveness lock not held");
+    }
     let r = Readiness {
         database,
         docker,
         table,
+        operating,
         publisher_active_here: st.publisher.active.load(Ordering::Relaxed),
-        errors,
+        reasons,
     };
-    if r.errors.is_empty() {
-        ok(r).into_response()
-    } else {
-        let msg = r.errors.join("; ");
-        let body = crate::error::Envelope { code: ApiError::Unavailable(String::new()).code(), message: msg, data: Some(r) };
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    if r.reasons.is_empty() {
+        return ok(r).into_response();
     }
+    let down: Vec<String> = r.reasons.iter().map(|(dep, why)| format!("{dep} {why}")).collect();
+    let message = format!("not ready: {}", down.join("; "));
+    let body = crate::error::Envelope { code: ApiError::Unavailable(String::new()).code(), message, data: Some(r) };
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
 }
 
-/// `GET /metrics`: Prometheus text format.
-async fn get_metrics(State(st): State<AppState>) -> Response {
-    let m = &st.metrics;
-    if let Ok(stats) = ports::stats(&st.db).await {
-        m.ports.reset();
-        for s in stats {
-            for (state, n) in [
-                ("allocated", s.allocated),
-                ("quarantined", s.quarantined),
-                ("available", s.available),
-                ("reserved", s.reserved),
-            ] {
-                m.ports.with_label_values(&[&s.service, state]).set(n as f64);
-            }
+/// Whether `headers` carry `Authorization: Bearer <want>` (scheme case-insensitive; the
+/// token compared in constant time, through its digest).
+fn bearer_matches(headers: &HeaderMap, want: &str) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else { return false };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let (a, b) = (Sha256::digest(token.trim().as_bytes()), Sha256::digest(want.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /metrics`: Prometheus text format, from memory (no query).
+async fn get_metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let token = &st.cfg.metrics.token;
+    if !token.is_empty() && !bearer_matches(&headers, token.expose()) {
+        return ApiError::Unauthorized.into_response();
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_token_is_matched_exactly_with_any_scheme_case() {
+        let mut h = HeaderMap::new();
+        assert!(!bearer_matches(&h, "scrape-secret-0123456789"));
+        for (value, want) in [
+            ("Bearer scrape-secret-0123456789", true),
+            ("bearer scrape-secret-0123456789", true),
+            ("Bearer scrape-secret-012345678", false),
+            ("Bearer scrape-secret-01234567890", false),
+            ("Basic scrape-secret-0123456789", false),
+            ("scrape-secret-0123456789", false),
+        ] {
+            h.insert(header::AUTHORIZATION, value.parse().expect("header"));
+            assert_eq!(bearer_matches(&h, "scrape-secret-0123456789"), want, "{value}");
         }
     }
-    if let Ok(counts) = envs::count_by_status(&st.db).await {
-        m.environments.reset();
-        for (status, n) in counts {
-            m.environments.with_label_values(&[&status]).set(n as f64);
-        }
+
+    #[test]
+    fn readiness_reasons_are_fixed_words() {
+        assert_eq!(database_reason(&sqlx::Error::PoolTimedOut), "timeout");
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        assert_eq!(database_reason(&sqlx::Error::Io(io)), "unreachable");
+        assert_eq!(docker_reason(&DockerError::Connect("socket /var/run/docker.sock".into())), "unreachable");
+        let missing = gpugate_routes::Error::Missing { path: "/dev/shm/x/routes".into() };
+        assert_eq!(table_reason(&missing), "missing");
     }
-    if let Ok(t) = st.table.get() {
-        m.env_connections.reset();
-        m.env_connections_active.reset();
-        m.env_bytes.reset();
-        for (port, r) in t.routes() {
-            let c = t.counters(port);
-            let (env, svc) = (r.env_id.to_string(), r.service.to_string());
-            m.env_connections.with_label_values(&[&env, &svc, "accepted"]).add(c.connections_total as f64);
-            m.env_connections.with_label_values(&[&env, &svc, "refused"]).add(c.refused_total as f64);
-            m.env_connections_active.with_label_values(&[&env, &svc]).add(c.connections_active as f64);
-            m.env_bytes.with_label_values(&[&env, &svc, "in"]).add(c.bytes_in as f64);
-            m.env_bytes.with_label_values(&[&env, &svc, "out"]).add(c.bytes_out as f64);
-        }
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()).into_response()
 }

@@ -5,6 +5,7 @@ mod debug;
 pub use debug::reload_pools_from_config as reload_pools;
 mod environments;
 mod health;
+pub use health::{Readiness, ReadyLog};
 mod ports;
 mod ratelimit;
 mod requests;
@@ -26,7 +27,18 @@ pub fn router(state: AppState) -> Router {
     let api = ratelimit::apply(api, &state.cfg.rate_limit);
     let app = Router::new()
         .merge(api)
-        .merge(health::router())
+        .merge(health::router(state.cfg.metrics.listen.is_none()))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this endpoint does not accept that method".into())
+        })
+        .with_state(state);
+    requests::layer(app)
+}
+
+/// The separate metrics address (`metrics.listen`): `/metrics` and `/healthz`, nothing else.
+pub fn metrics_router(state: AppState) -> Router {
+    let app = health::metrics_router()
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this endpoint does not accept that method".into())

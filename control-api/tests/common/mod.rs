@@ -123,6 +123,8 @@ impl Ctx {
         // Likewise no quotas unless a test sets them.
         cfg.quotas = gpugate_api::config::QuotaConfig { environments: None, gpus: None, running: None };
         cfg.docker.stop_timeout_s = 2;
+        // Gauges refresh in the background; tests should not wait the default 5 s for them.
+        cfg.metrics.refresh_ms = 200;
         cfg.gpu.devices = vec![0, 1];
         cfg.gpu.mode = GpuMode::Nodes;
         cfg.gpu.node_path = format!("{}/nvidia{{index}}", dir.display());
@@ -207,6 +209,7 @@ impl Ctx {
             ("GPUGATE_GPU_NODE_PATH".into(), c.gpu.node_path.clone()),
             ("GPUGATE_DATABASE_MAX_CONNECTIONS".into(), c.database_max_connections.to_string()),
             ("GPUGATE_LOG".into(), "warn".into()),
+            ("GPUGATE_METRICS_REFRESH_MS".into(), c.metrics.refresh_ms.to_string()),
         ];
         for svc in ["ssh", "jupyter", "code", "rdp"] {
             let v = c.pools.get(svc).map(|p| p.range.to_string()).unwrap_or_else(|| "none".into());
@@ -301,6 +304,23 @@ impl Ctx {
     }
     pub async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
         self.call(&self.base, reqwest::Method::DELETE, path, token, None).await
+    }
+
+    /// `/metrics` of `base` once it holds every line of `want` (the gauges refresh in the
+    /// background); panics with the last text after 10 s.
+    pub async fn metrics_with(&self, base: &str, want: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = match self.http.get(format!("{base}/metrics")).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            match want.iter().find(|w| !text.contains(**w)) {
+                None => return text,
+                Some(missing) if Instant::now() >= deadline => panic!("metrics lack {missing}:\n{text}"),
+                Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// Ids of this test's containers (running or not).

@@ -1,21 +1,54 @@
 //! Prometheus metrics of the control plane. Units are in the names.
 //!
-//! Counters and histograms are updated where things happen; gauges of ports, environments and
-//! per-environment traffic are refreshed from the database and the route table at scrape time.
+//! Counters and histograms are updated where things happen, once per event. Gauges of ports,
+//! environments and gateway traffic come from the database and the route table: one background
+//! task ([`gauges`]) reads them at a fixed interval and swaps in a whole new set, so a scrape
+//! runs no query, overlapping scrapes cannot interfere, and a database outage leaves the last
+//! values (with their age in `gpugate_metrics_refreshed_timestamp_seconds`).
 
+pub mod gauges;
+
+use std::sync::{Arc, RwLock};
+
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
+/// Where a set of refreshed gauges comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Ports and environments, from PostgreSQL.
+    Database,
+    /// Connections and bytes, from the route table's counters.
+    Table,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Database => "database",
+            Source::Table => "table",
+        }
+    }
+}
+
+/// The last refreshed gauges of each source, replaced whole.
+#[derive(Default)]
+struct Refreshed {
+    database: Vec<MetricFamily>,
+    table: Vec<MetricFamily>,
+}
+
 /// Every metric of one process.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Ports by pool and state (scrape time).
-    pub ports: GaugeVec,
-    /// Environments by status (scrape time).
-    pub environments: GaugeVec,
+    /// The gauges of the last refresh (see [`gauges`]).
+    refreshed: Arc<RwLock<Refreshed>>,
+    /// When each source was last refreshed (unix seconds).
+    pub refreshed_at: GaugeVec,
     /// Allocations refused because a pool was empty.
     pub allocation_failures: IntCounterVec,
     /// Create calls by result.
@@ -36,12 +69,6 @@ pub struct Metrics {
     pub sessions_closed: IntCounterVec,
     /// Environments stopped by the idle task.
     pub idle_stops: IntCounter,
-    /// Per-environment connection counters, from the table (scrape time).
-    pub env_connections: GaugeVec,
-    /// Per-environment open connections, from the table (scrape time).
-    pub env_connections_active: GaugeVec,
-    /// Per-environment bytes, from the table (scrape time).
-    pub env_bytes: GaugeVec,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -82,8 +109,12 @@ impl Metrics {
             must(IntCounter::new("gpugate_idle_stops_total", "Environments stopped because they were idle"));
         must(registry.register(Box::new(idle_stops.clone())));
         Metrics {
-            ports: gauge("gpugate_ports", "Pool ports by service and state", &["service", "state"]),
-            environments: gauge("gpugate_environments", "Environments by status", &["status"]),
+            refreshed: Arc::default(),
+            refreshed_at: gauge(
+                "gpugate_metrics_refreshed_timestamp_seconds",
+                "When the gauges from each source (database, table) were last refreshed",
+                &["source"],
+            ),
             allocation_failures: counter(
                 "gpugate_port_allocation_failures_total",
                 "Port allocations refused because the pool was empty",
@@ -114,21 +145,6 @@ impl Metrics {
                 &["result"],
             ),
             idle_stops,
-            env_connections: gauge(
-                "gpugate_environment_connections_total",
-                "Connections per environment and service, from the route table counters",
-                &["env_id", "service", "outcome"],
-            ),
-            env_connections_active: gauge(
-                "gpugate_environment_connections_active",
-                "Open connections per environment and service",
-                &["env_id", "service"],
-            ),
-            env_bytes: gauge(
-                "gpugate_environment_bytes_total",
-                "Bytes per environment and service by direction (in: client to workspace)",
-                &["env_id", "service", "direction"],
-            ),
             registry,
         }
     }
@@ -140,10 +156,34 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric.
+    /// Replaces the gauges of `source` with `families` (a whole set, never merged).
+    pub fn replace(&self, source: Source, families: Vec<MetricFamily>) {
+        {
+            let mut r = self.refreshed.write().unwrap_or_else(|p| p.into_inner());
+            match source {
+                Source::Database => r.database = families,
+                Source::Table => r.table = families,
+            }
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.refreshed_at.with_label_values(&[source.as_str()]).set(now.floor());
+    }
+
+    /// The text exposition of every metric: the live counters and the last refreshed gauges.
+    /// Runs no query.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        {
+            let r = self.refreshed.read().unwrap_or_else(|p| p.into_inner());
+            families.extend(r.database.iter().cloned());
+            families.extend(r.table.iter().cloned());
+        }
+        families.sort_by(|a, b| a.get_name().cmp(b.get_name()));
         let mut buf = vec![];
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::error!(error = %e, "encoding metrics");
         }
         String::from_utf8(buf).unwrap_or_default()
