@@ -123,7 +123,10 @@ pub struct EnvironmentView {
     pub services: Vec<String>,
     /// Public port per service.
     pub ports: BTreeMap<String, u16>,
+    /// GPUs held now (none while stopped).
     pub gpus: Vec<i32>,
+    /// GPUs the environment asked for; each start allocates this many.
+    pub gpu_count: i32,
     /// Whether the routes were seen live in the route table (create/start responses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routes_live: Option<bool>,
@@ -178,6 +181,7 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         status_reason: env.status_reason,
         services: env.services,
         gpus: env.gpus,
+        gpu_count: env.gpu_count,
         routes_live,
         created_at: env.created_at,
         updated_at: env.updated_at,
