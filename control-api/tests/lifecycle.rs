@@ -427,17 +427,17 @@ async fn stop_gives_the_gpus_back_and_start_takes_them_again_keeping_the_home() 
     let rows = gpu_rows(&ctx).await;
     assert_eq!(rows[2], (2, "available".to_string(), None), "the refused start kept no GPU: {rows:?}");
 
-    // Quotas count what a start takes: with a GPU quota of 1, alice cannot start 2.
+    // The quota still counts a stopped environment's GPUs (its share, not the devices): with
+    // a GPU quota of 2, alice cannot take another while her 2 are given back.
+    let two = gpugate_api::db::quotas::Overrides { gpus: Some(2), ..Default::default() };
+    assert!(gpugate_api::db::quotas::set(ctx.db(), "alice", two).await.expect("quota"));
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "e", "gpus": 1})).await;
+    assert_eq!((s, v["code"].as_u64()), (409, Some(1011)), "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("GPUs 2 in use + 1 requested > 2 allowed"), "{v}");
     let (s, _) = ctx.delete(&format!("/api/v1/environments/{c}"), &bob).await;
     assert_eq!(s, 200);
     let (s, v) = ctx.post("/api/v1/environments", &bob, json!({"name": "d", "gpus": 1})).await;
     assert_eq!((s, v["data"]["gpus"].clone()), (201, json!([0])), "{v}");
-    let one = gpugate_api::db::quotas::Overrides { gpus: Some(1), ..Default::default() };
-    assert!(gpugate_api::db::quotas::set(ctx.db(), "alice", one).await.expect("quota"));
-    let (s, v) = ctx.post(&format!("/api/v1/environments/{a}/start"), &alice, json!({})).await;
-    assert_eq!((s, v["code"].as_u64()), (409, Some(1011)), "{v}");
-    assert!(v["message"].as_str().unwrap_or("").contains("GPUs 0 in use + 2 requested > 1 allowed"), "{v}");
-    assert!(gpugate_api::db::quotas::set(ctx.db(), "alice", Default::default()).await.expect("quota"));
 
     // Start: the GPUs that are free now (1 and 2, not the 0 and 1 it had), in a new container
     // on the same ports, with the same home.

@@ -110,20 +110,21 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
     Ok(Outcome { env, routes_live: live, timings: vec![], replayed: false })
 }
 
-/// One transaction: the user's quota (their row locked, as in a create) and the environment's
-/// GPUs, `gpu_count` of them, taken like a create takes them (`FOR UPDATE SKIP LOCKED`).
-/// Too few free: 409 naming how many are free and needed, and nothing changes.
+/// One transaction: the user's quota (their row locked, as in a create; the GPUs are already
+/// counted, a stopped environment keeps its share) and the environment's GPUs, `gpu_count` of
+/// them, taken like a create takes them (`FOR UPDATE SKIP LOCKED`). Too few free: 409 naming
+/// how many are free and needed, and nothing changes.
 async fn take_gpus(st: &State, user: &User, env: &EnvRow) -> Result<Vec<u32>, ApiError> {
     let needed = u32::try_from(env.gpu_count).unwrap_or(0);
     let mut tx = st.db.begin().await?;
     // A stopped environment holds no GPU, except one stopped before stops gave them back (and
-    // not yet seen by the reconciler): return those first, so they are neither counted twice
-    // against the quota nor kept on top of the new ones.
+    // not yet seen by the reconciler): return those first, so they are not kept on top of the
+    // new ones.
     gpus::release_env(&mut *tx, &env.id).await?;
     envs::set_gpus(&mut tx, &env.id, &[]).await?;
     let usage = quotas::lock_usage(&mut tx, user.id).await?;
     let overrides = quotas::overrides(&mut tx, user.id).await?;
-    let adds = quota::Adds { environments: 0, gpus: needed, running: 1 };
+    let adds = quota::Adds { environments: 0, gpus: 0, running: 1 };
     quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds)?;
     let list = gpus::allocate(&mut tx, &env.id, needed).await?;
     if list.len() < needed as usize {
