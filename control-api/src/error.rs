@@ -33,9 +33,17 @@ pub enum ApiError {
     /// 422, code 1007: the requested image is not present on the Docker host.
     #[error("image \"{0}\" is not present on the Docker host (pull it there first: docker pull {0})")]
     ImageNotFound(String),
-    /// 409, code 1008: more GPUs requested than are free right now.
-    #[error("{0}")]
-    GpusUnavailable(String),
+    /// 409, code 1008: more GPUs needed (by a create or a start) than are free right now.
+    /// The envelope's `data` carries `{"gpus_free": free, "gpus_needed": needed}`.
+    #[error("{message}")]
+    GpusUnavailable {
+        /// What was refused, naming both counts.
+        message: String,
+        /// GPUs free when the allocation was tried.
+        free: u32,
+        /// GPUs the operation needs.
+        needed: u32,
+    },
     /// 409, code 1011: the operation would take the user past a quota (the message names it).
     #[error("{0}")]
     QuotaExceeded(String),
@@ -68,7 +76,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) | ApiError::GpusUnavailable(_) | ApiError::QuotaExceeded(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::GpusUnavailable { .. } | ApiError::QuotaExceeded(_) => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -87,7 +95,7 @@ impl ApiError {
             ApiError::NotFound(_) => 1005,
             ApiError::Conflict(_) => 1006,
             ApiError::ImageNotFound(_) => 1007,
-            ApiError::GpusUnavailable(_) => 1008,
+            ApiError::GpusUnavailable { .. } => 1008,
             ApiError::PoolExhausted(_) => 1009,
             ApiError::Unavailable(_) => 1010,
             ApiError::QuotaExceeded(_) => 1011,
@@ -102,6 +110,16 @@ impl ApiError {
     pub fn internal(context: &str, err: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %err, "{context}");
         ApiError::Internal(format!("{context}: {err}"))
+    }
+
+    /// What the error's envelope carries in `data` (`null` for most errors).
+    pub fn data(&self) -> Option<serde_json::Value> {
+        match self {
+            ApiError::GpusUnavailable { free, needed, .. } => {
+                Some(serde_json::json!({ "gpus_free": free, "gpus_needed": needed }))
+            }
+            _ => None,
+        }
     }
 
     /// The environment `id` does not exist for this caller.
@@ -158,7 +176,7 @@ impl<T: Serialize> IntoResponse for Success<T> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body: Envelope<()> = Envelope { code: self.code(), message: self.to_string(), data: None };
+        let body = Envelope { code: self.code(), message: self.to_string(), data: self.data() };
         let mut resp = (self.status(), Json(body)).into_response();
         if let ApiError::RateLimited(secs) = self {
             resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs.max(1)));

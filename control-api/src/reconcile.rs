@@ -23,8 +23,9 @@ pub struct Repairs {
     pub operations_released: u64,
     /// Labelled containers with no environment, removed.
     pub containers_removed: u64,
-    /// Running environments whose container vanished or exited, and stopped ones whose
-    /// container vanished, marked failed.
+    /// Labelled home volumes whose environment is deleted or unknown, removed.
+    pub volumes_removed: u64,
+    /// Running environments whose container vanished or exited, marked failed.
     pub environments_failed: u64,
     /// Containers of stopped environments that were running, stopped.
     pub containers_stopped: u64,
@@ -36,7 +37,7 @@ pub struct Repairs {
     pub routes_deleted: u64,
     /// Ports held by no environment, released into quarantine.
     pub ports_released: u64,
-    /// GPUs held by no environment, released.
+    /// GPUs held by no environment, or by a stopped one whose container is stopped, released.
     pub gpus_released: u64,
 }
 
@@ -46,6 +47,7 @@ impl Repairs {
             + self.deletes_finished
             + self.operations_released
             + self.containers_removed
+            + self.volumes_removed
             + self.environments_failed
             + self.containers_stopped
             + self.routes_rewritten
@@ -170,6 +172,7 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
     // later database listing really has no environment (listing the database first would
     // remove the container of a create in flight).
     let containers = st.docker.list_managed().await?;
+    let volumes = st.docker.list_volumes().await?;
     let live = envs::list_live(&st.db).await?;
     let known: HashSet<&str> = live.iter().map(|e| e.id.as_str()).collect();
     let mut by_env: HashMap<&str, Vec<&crate::docker::Managed>> = HashMap::new();
@@ -181,6 +184,18 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
             st.docker.remove(&c.id).await?;
             st.db.event(Some(&c.env_id), "repair_container_removed", serde_json::json!({ "container": c.id })).await?;
             r.containers_removed += 1;
+        }
+    }
+    // Home volumes after the containers (a volume in use cannot go): those of environments
+    // deleted or never known. One that cannot go now is tried again at the next pass.
+    for v in volumes.iter().filter(|v| !known.contains(v.env_id.as_str())) {
+        match st.docker.remove_volume_named(&v.name).await {
+            Ok(()) => {
+                tracing::info!(volume = %v.name, env_id = %v.env_id, "reconcile: removed a home volume with no environment");
+                st.db.event(Some(&v.env_id), "repair_volume_removed", serde_json::json!({ "volume": v.name })).await?;
+                r.volumes_removed += 1;
+            }
+            Err(e) => tracing::warn!(volume = %v.name, error = %e, "reconcile: removing an orphaned home volume failed"),
         }
     }
     for env in live.iter().filter(|e| e.op_instance.is_none()) {
@@ -204,13 +219,10 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
                     }
                 }
             },
-            status::STOPPED => match recorded {
-                None => {
-                    if mark_failed(st, env, "container vanished").await? {
-                        r.environments_failed += 1;
-                    }
-                }
-                Some(c) if c.running => {
+            // A stopped environment needs no container (a start makes a new one), but one that
+            // runs is stopped; its GPUs go back once it is seen stopped.
+            status::STOPPED => {
+                if let Some(c) = recorded.filter(|c| c.running) {
                     // Claimed like an operation, so a start in flight cannot interleave.
                     if !take_unowned(st, env).await? {
                         continue;
@@ -226,8 +238,10 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
                     res?;
                     r.containers_stopped += 1;
                 }
-                Some(_) => {}
-            },
+                if !env.gpus.is_empty() {
+                    r.gpus_released += release_stopped_gpus(st, env).await?;
+                }
+            }
             _ => {}
         }
     }
@@ -252,6 +266,7 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
         ("delete_finished", r.deletes_finished),
         ("operation_released", r.operations_released),
         ("container_removed", r.containers_removed),
+        ("volume_removed", r.volumes_removed),
         ("environment_failed", r.environments_failed),
         ("container_stopped", r.containers_stopped),
         ("routes_rewritten", r.routes_rewritten),
@@ -266,6 +281,21 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
         st.db.event(None, "reconciled", serde_json::to_value(&r).unwrap_or_default()).await?;
     }
     Ok(r)
+}
+
+/// Gives back the GPUs a stopped environment still holds (a stop that failed half-way, or one
+/// from before stops gave them back), if it is still stopped with no operation; its container
+/// has been seen stopped. Returns how many.
+async fn release_stopped_gpus(st: &State, env: &EnvRow) -> anyhow::Result<u64> {
+    let mut tx = st.db.begin().await?;
+    if !envs::lock_if_idle_in(&mut tx, &env.id, status::STOPPED).await? {
+        return Ok(0);
+    }
+    let n = gpus::release_env(&mut *tx, &env.id).await?;
+    envs::set_gpus(&mut tx, &env.id, &[]).await?;
+    db::event(&mut *tx, Some(&env.id), "repair_gpus_released", serde_json::json!({ "gpus": env.gpus })).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 /// Makes a running environment's routes match its container's published ports; returns

@@ -26,6 +26,7 @@ async fn assert_nothing_left(ctx: &Ctx) {
     assert_eq!(gpus, 0, "a GPU is left allocated");
     assert_eq!(ctx.route_rows().await, 0, "a route row is left");
     assert!(ctx.containers().is_empty(), "a container is left");
+    assert_eq!(ctx.volumes(), Vec::<String>::new(), "a home volume is left");
     if ctx.table.exists() {
         assert_eq!(ctx.table().routes().count(), 0, "a slot is left in the table");
     }
@@ -177,7 +178,10 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     assert_eq!(s, 201, "{v}");
     let both = v["data"]["id"].as_str().expect("id").to_string();
     let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "one", "gpus": 1, "services": ["ssh"]})).await;
-    expect_err(s, &v, 409, 1008, "1 GPUs requested, 0 free");
+    // The one error whose `data` is not null: the counts, for a client to show or retry on.
+    assert_eq!((s, v["code"].as_u64()), (409, Some(1008)), "{v}");
+    assert_eq!(v["message"], "1 GPUs requested, 0 free", "{v}");
+    assert_eq!(v["data"], json!({"gpus_free": 0, "gpus_needed": 1}), "{v}");
     // Pool exhaustion: 503 naming the service; the other pools are untouched.
     let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "r1", "services": ["rdp"]})).await;
     assert_eq!(s, 201, "{v}");

@@ -222,14 +222,19 @@ async fn stop_start_keeps_ports_and_other_users_get_404() {
     let (s, v) = ctx.post(&format!("/api/v1/environments/{id}/stop"), &alice, json!({})).await;
     assert_eq!((s, v["code"].as_u64()), (409, Some(1006)), "{v}");
 
-    // Start: same ports, routes back at the (new) published address.
+    // Start: same ports, routes back at the (new) published address of a new container.
     let (s, v) = ctx.post(&format!("/api/v1/environments/{id}/start"), &alice, json!({})).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"]["status"], "running");
     assert_eq!(v["data"]["ports"], ports);
     assert_eq!(v["data"]["routes_live"], true);
-    let c = ctx.inspect(&cs[0]);
+    let fresh = ctx.containers();
+    assert_eq!(fresh.len(), 1, "the stopped container is replaced, not kept beside the new one");
+    assert_ne!(fresh[0], cs[0], "a start re-creates the container");
+    let c = ctx.inspect(&fresh[0]);
     assert_eq!(c["State"]["Running"], true);
+    assert_eq!(c["Config"]["Hostname"], id.as_str());
+    assert_eq!(c["Config"]["Labels"]["gpugate.env_id"], id.as_str());
     match table.lookup(ssh, gpugate_routes::now_ms()) {
         Lookup::Live(r) => assert_eq!(r.upstream, published(&c, 22)),
         other => panic!("{other:?}"),
@@ -341,6 +346,181 @@ async fn a_port_reserved_and_a_gpu_retired_while_held_never_come_back() {
     assert_eq!((s, v["message"].as_str()), (503, Some("no free ssh port")), "{v}");
     let (_, st) = ctx.get("/api/v1/ports/stats", &alice).await;
     assert_eq!((st["data"][0]["reserved"].as_i64(), st["data"][0]["available"].as_i64()), (Some(1), Some(0)), "{st}");
+    ctx.finish().await;
+}
+
+/// The GPU indexes a container has device nodes for (`/dev/nvidia<N>`).
+fn gpu_nodes(ctx: &Ctx, container: &str) -> Vec<u32> {
+    let mut out: Vec<u32> = ctx
+        .exec(container, &["ls", "/dev"])
+        .split_whitespace()
+        .filter_map(|n| n.strip_prefix("nvidia")?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// GPU rows: (index, status, environment).
+async fn gpu_rows(ctx: &Ctx) -> Vec<(i32, String, Option<String>)> {
+    sqlx::query_as("SELECT idx, status, env_id FROM gpu_devices ORDER BY idx")
+        .fetch_all(ctx.db().pool())
+        .await
+        .expect("gpu rows")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_gives_the_gpus_back_and_start_takes_them_again_keeping_the_home() {
+    let mut ctx = Ctx::new("gpurelease").await;
+    // A third stand-in GPU, so that a start can find some GPUs free but not enough.
+    let node = ctx.dir.join("nvidia2");
+    let ok = std::process::Command::new("mknod").arg(&node).args(["c", "1", "3"]).status().expect("mknod").success();
+    assert!(ok, "mknod {}", node.display());
+    ctx.cfg.gpu.devices = vec![0, 1, 2];
+    ctx.cfg.default_services = vec!["ssh".into()];
+    let alice = ctx.token("alice", false).await;
+    let bob = ctx.token("bob", false).await;
+    ctx.start().await;
+
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "a", "gpus": 2})).await;
+    assert_eq!(s, 201, "{v}");
+    let a = v["data"]["id"].as_str().expect("id").to_string();
+    let ssh = v["data"]["ports"]["ssh"].as_u64().expect("port") as u16;
+    assert_eq!((v["data"]["gpus"].clone(), v["data"]["gpu_count"].clone()), (json!([0, 1]), json!(2)));
+    let old = ctx.containers();
+    assert_eq!(old.len(), 1);
+    assert_eq!(gpu_nodes(&ctx, &old[0]), vec![0, 1]);
+    // A file in the home directory, which lives in the environment's volume.
+    ctx.exec(&old[0], &["sh", "-c", "echo 'kept across stop and start' > /home/remotegpu/notes.txt"]);
+
+    // Stop: the GPUs go back to the inventory at once, and another workspace can take them.
+    let (s, v) = ctx.post(&format!("/api/v1/environments/{a}/stop"), &alice, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((v["data"]["status"].clone(), v["data"]["gpus"].clone(), v["data"]["gpu_count"].clone()), (json!("stopped"), json!([]), json!(2)));
+    let rows = gpu_rows(&ctx).await;
+    assert!(rows.iter().all(|r| r.1 == "available" && r.2.is_none()), "{rows:?}");
+    let (s, v) = ctx.post("/api/v1/environments", &bob, json!({"name": "b", "gpus": 3})).await;
+    assert_eq!(s, 201, "a stopped environment's GPUs are free for others: {v}");
+    let b = v["data"]["id"].as_str().expect("id").to_string();
+    assert_eq!(v["data"]["gpus"], json!([0, 1, 2]));
+
+    // Start with none free: 409 naming the counts; the environment stays stopped, holds
+    // nothing, and its container is left alone.
+    let (s, v) = ctx.post(&format!("/api/v1/environments/{a}/start"), &alice, json!({})).await;
+    assert_eq!((s, v["code"].as_u64()), (409, Some(1008)), "{v}");
+    assert_eq!(v["message"], format!("not enough free GPUs to start environment {a}: 0 free, 2 needed"));
+    assert_eq!(v["data"], json!({"gpus_free": 0, "gpus_needed": 2}));
+    let (_, g) = ctx.get(&format!("/api/v1/environments/{a}"), &alice).await;
+    assert_eq!((g["data"]["status"].clone(), g["data"]["gpus"].clone()), (json!("stopped"), json!([])), "{g}");
+    assert!(gpu_rows(&ctx).await.iter().all(|r| r.2.as_deref() == Some(b.as_str())));
+    assert_eq!(ctx.containers().len(), 2, "a refused start makes no container and removes none");
+    assert!(ctx.containers().contains(&old[0]));
+
+    // Some free but not enough: the message says how many.
+    let (s, _) = ctx.delete(&format!("/api/v1/environments/{b}"), &bob).await;
+    assert_eq!(s, 200);
+    let (s, v) = ctx.post("/api/v1/environments", &bob, json!({"name": "c", "gpus": 2})).await;
+    assert_eq!(s, 201, "{v}");
+    let c = v["data"]["id"].as_str().expect("id").to_string();
+    let (s, v) = ctx.post(&format!("/api/v1/environments/{a}/start"), &alice, json!({})).await;
+    assert_eq!((s, v["data"].clone()), (409, json!({"gpus_free": 1, "gpus_needed": 2})), "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("1 free, 2 needed"), "{v}");
+    let rows = gpu_rows(&ctx).await;
+    assert_eq!(rows[2], (2, "available".to_string(), None), "the refused start kept no GPU: {rows:?}");
+
+    // The quota still counts a stopped environment's GPUs (its share, not the devices): with
+    // a GPU quota of 2, alice cannot take another while her 2 are given back.
+    let two = gpugate_api::db::quotas::Overrides { gpus: Some(2), ..Default::default() };
+    assert!(gpugate_api::db::quotas::set(ctx.db(), "alice", two).await.expect("quota"));
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "e", "gpus": 1})).await;
+    assert_eq!((s, v["code"].as_u64()), (409, Some(1011)), "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("GPUs 2 in use + 1 requested > 2 allowed"), "{v}");
+    let (s, _) = ctx.delete(&format!("/api/v1/environments/{c}"), &bob).await;
+    assert_eq!(s, 200);
+    let (s, v) = ctx.post("/api/v1/environments", &bob, json!({"name": "d", "gpus": 1})).await;
+    assert_eq!((s, v["data"]["gpus"].clone()), (201, json!([0])), "{v}");
+
+    // Start: the GPUs that are free now (1 and 2, not the 0 and 1 it had), in a new container
+    // on the same ports, with the same home.
+    let (s, v) = ctx.post(&format!("/api/v1/environments/{a}/start"), &alice, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((v["data"]["status"].clone(), v["data"]["gpus"].clone()), (json!("running"), json!([1, 2])));
+    assert_eq!(v["data"]["ports"]["ssh"], ssh);
+    assert_eq!(v["data"]["routes_live"], true);
+    let mine: Vec<String> = ctx.containers().into_iter().filter(|id| ctx.inspect(id)["Config"]["Labels"]["gpugate.env_id"] == a.as_str()).collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_ne!(mine[0], old[0], "the container was re-created");
+    assert_eq!(gpu_nodes(&ctx, &mine[0]), vec![1, 2], "device nodes of the new GPUs only");
+    let env = ctx.exec(&mine[0], &["env"]);
+    assert!(env.contains("GPUGATE_GPUS=1,2") && env.contains(&format!("GPUGATE_SSH_PORT={ssh}")), "{env}");
+    assert_eq!(ctx.exec(&mine[0], &["cat", "/home/remotegpu/notes.txt"]), "kept across stop and start\n");
+    let inspected = ctx.inspect(&mine[0]);
+    assert_eq!(inspected["Config"]["Hostname"], a.as_str());
+    match ctx.table().lookup(ssh, gpugate_routes::now_ms()) {
+        Lookup::Live(r) => assert_eq!(r.upstream, published(&inspected, 22)),
+        other => panic!("{other:?}"),
+    }
+    let rows = gpu_rows(&ctx).await;
+    assert_eq!(rows.iter().filter(|r| r.2.as_deref() == Some(a.as_str())).map(|r| r.0).collect::<Vec<_>>(), vec![1, 2]);
+    ctx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_volume_goes_with_delete_and_orphans_go_with_the_reconciler() {
+    let mut ctx = Ctx::new("volumes").await;
+    ctx.cfg.default_services = vec!["ssh".into()];
+    let alice = ctx.token("alice", false).await;
+    let admin = ctx.token("root", true).await;
+    ctx.start().await;
+
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "a"})).await;
+    assert_eq!(s, 201, "{v}");
+    let a = v["data"]["id"].as_str().expect("id").to_string();
+    let volume = |id: &str| format!("gpugate-{}-{id}-home", ctx.deployment);
+    assert_eq!(ctx.volumes(), vec![volume(&a)]);
+    let cs = ctx.containers();
+    let mounts = ctx.inspect(&cs[0])["Mounts"].clone();
+    let home = mounts.as_array().expect("mounts").iter().find(|m| m["Destination"] == "/home/remotegpu").cloned();
+    let home = home.unwrap_or_else(|| panic!("no mount on the home: {mounts}"));
+    assert_eq!((home["Type"].as_str(), home["Name"].as_str()), (Some("volume"), Some(volume(&a).as_str())));
+
+    // Delete removes the volume after the container.
+    let (s, _) = ctx.delete(&format!("/api/v1/environments/{a}"), &alice).await;
+    assert_eq!(s, 200);
+    assert_eq!(ctx.volumes(), Vec::<String>::new(), "the deleted environment's volume is left");
+
+    // Labelled volumes of a deleted environment and of one never known go; the volume of a
+    // live environment and one of another deployment stay.
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "b"})).await;
+    assert_eq!(s, 201, "{v}");
+    let b = v["data"]["id"].as_str().expect("id").to_string();
+    let make = |name: &str, deployment: &str, env: &str| {
+        let out = std::process::Command::new("docker")
+            .args(["volume", "create", "--label", "gpugate.managed=true", "--label"])
+            .arg(format!("gpugate.deployment={deployment}"))
+            .args(["--label", &format!("gpugate.env_id={env}"), name])
+            .output()
+            .expect("docker volume create");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let unknown = "zzzzzzzzzzzzzzzz";
+    let foreign = format!("{}-other-deployment", volume(unknown));
+    make(&volume(&a), &ctx.deployment, &a);
+    make(&volume(unknown), &ctx.deployment, unknown);
+    make(&foreign, &format!("{}x", ctx.deployment), unknown);
+    let (s, v) = ctx.post("/api/v1/admin/reconcile", &admin, json!({})).await;
+    let foreign_kept = std::process::Command::new("docker").args(["volume", "inspect", &foreign]).output().expect("inspect").status.success();
+    let _ = std::process::Command::new("docker").args(["volume", "rm", "-f", &foreign]).output();
+    assert!(foreign_kept, "another deployment's volume was removed");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["volumes_removed"], 2, "{v}");
+    assert_eq!(ctx.volumes(), vec![volume(&b)]);
+    let metrics = ctx.http.get(format!("{}/metrics", ctx.base)).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("gpugate_reconcile_repairs_total{kind=\"volume_removed\"} 2"), "{metrics}");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'repair_volume_removed'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("events");
+    assert_eq!(events, 2);
     ctx.finish().await;
 }
 

@@ -157,6 +157,13 @@ async fn idle_limits_are_validated_and_an_idle_workspace_stops_by_itself() {
         .await
         .expect("events");
     assert_eq!(events, 1);
+    // Its GPU went back to the inventory with the stop.
+    assert_eq!(v["data"]["gpus"], json!([]), "{v}");
+    let free: i64 = sqlx::query_scalar("SELECT count(*) FROM gpu_devices WHERE status = 'available'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("gpus");
+    assert_eq!(free, 2, "the idle workspace's GPU is free again");
     let metrics = ctx.http.get(format!("{}/metrics", ctx.base)).send().await.expect("metrics").text().await.expect("text");
     assert!(metrics.contains("gpugate_idle_stops_total 1"), "{metrics}");
     let (_, v) = ctx.get(&format!("/api/v1/environments/{keep}"), &alice).await;

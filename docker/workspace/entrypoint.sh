@@ -38,12 +38,26 @@ unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN JUPYTER_TOKEN GPUGATE_CODE_PASSWORD
 [[ $password != *$'\n'* ]] || die "GPUGATE_PASSWORD must not contain a newline"
 
 # --- the login user -------------------------------------------------------------------------
+# The home may exist already: gpugate mounts the workspace's own volume on /home/<user>, empty
+# and owned by root the first time, the user's files after a stop and start (which re-creates
+# the container, so the user is made again, with the same uid). useradd leaves an existing
+# directory alone (no skeleton files, root stays its owner), so both are settled below.
 if uid=$(id -u "$user" 2>/dev/null); then
   ((uid >= 1000)) || die "GPUGATE_USERNAME '$user' is a system account"
 else
-  useradd --create-home --shell /bin/bash --uid "${GPUGATE_UID:-1000}" --user-group "$user"
+  # (On an existing home it warns that it copies no skeleton files; the warning is harmless.)
+  useradd --create-home --home-dir "/home/$user" --shell /bin/bash --uid "${GPUGATE_UID:-1000}" --user-group "$user"
 fi
 home=$(getent passwd "$user" | cut -d: -f6)
+if [[ -d $home ]]; then
+  # A fresh volume: the skeleton files. A home with files keeps them as they are.
+  if [[ -z $(ls -A "$home") && -d /etc/skel ]]; then
+    cp -a /etc/skel/. "$home/"
+    chown -R "$user:" "$home"
+  fi
+  # Only the top directory (never recursively: a home may hold millions of files).
+  chown "$user:" "$home"
+fi
 if [[ -n $password ]]; then
   printf '%s:%s\n' "$user" "$password" | chpasswd
 else

@@ -336,6 +336,13 @@ impl Config {
                 self.deployment
             ));
         }
+        // It names the home directory the workspace's volume is mounted on, and the
+        // workspace image refuses any other shape.
+        let u = &self.docker.username;
+        let first_ok = u.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        if !first_ok || u.len() > 32 || !u.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+            return bad(format!("docker.username \"{u}\" must match [a-z_][a-z0-9_-]{{0,31}}"));
+        }
         for (name, pool) in &self.pools {
             let service = pool_service(name).map_err(ConfigError::Invalid)?;
             let _ = service;
@@ -468,6 +475,9 @@ mod tests {
         assert!(err.contains("unknown field"), "{err}");
         let cfg = Config::from_toml("[pools.ftp]\nrange = \"1000-1001\"\n").expect("parses");
         assert!(cfg.validate().expect_err("refused").to_string().contains("unknown service"));
+        // The user name names the home the volume is mounted on: no path tricks.
+        let cfg = Config::from_toml("[docker]\nusername = \"../etc\"\n").expect("parses");
+        assert!(cfg.validate().expect_err("refused").to_string().contains("docker.username"));
     }
 
     #[test]

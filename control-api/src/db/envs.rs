@@ -11,7 +11,7 @@ pub mod status {
     pub const CREATING: &str = "creating";
     /// Container running, routes live.
     pub const RUNNING: &str = "running";
-    /// Container stopped, routes disabled, ports kept.
+    /// Container stopped, routes disabled, ports and home volume kept, GPUs given back.
     pub const STOPPED: &str = "stopped";
     /// Routes and container being removed.
     pub const DELETING: &str = "deleting";
@@ -32,7 +32,16 @@ pub struct EnvRow {
     pub status_reason: Option<String>,
     pub container_id: Option<String>,
     pub services: Vec<String>,
+    /// GPUs held now (empty while stopped: a stop gives them back).
     pub gpus: Vec<i32>,
+    /// GPUs the environment asked for; a start allocates this many again.
+    pub gpu_count: i32,
+    /// Memory limit in MiB settled at create (`None`: made before limits were recorded).
+    pub memory_mb: Option<i64>,
+    /// CPU limit in cores settled at create.
+    pub cpus: Option<f64>,
+    /// Process limit settled at create.
+    pub pids: Option<i32>,
     pub route_generation: i64,
     pub username: String,
     pub password: String,
@@ -58,13 +67,14 @@ impl std::fmt::Debug for EnvRow {
             .field("container_id", &self.container_id)
             .field("services", &self.services)
             .field("gpus", &self.gpus)
+            .field("gpu_count", &self.gpu_count)
             .finish_non_exhaustive()
     }
 }
 
 const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, services, \
-    gpus, route_generation, username, password, jupyter_token, ssh_public_keys, op_instance, \
-    idle_stop_after_s, running_since, created_at, updated_at, deleted_at";
+    gpus, gpu_count, memory_mb, cpus, pids, route_generation, username, password, jupyter_token, \
+    ssh_public_keys, op_instance, idle_stop_after_s, running_since, created_at, updated_at, deleted_at";
 
 /// What a create inserts.
 pub struct NewEnv<'a> {
@@ -77,6 +87,13 @@ pub struct NewEnv<'a> {
     pub password: &'a str,
     pub jupyter_token: &'a str,
     pub ssh_public_keys: &'a [String],
+    /// GPUs asked for (allocated again by every start).
+    pub gpu_count: u32,
+    /// The container's limits (kept for the container a start re-creates): memory in MiB,
+    /// CPU cores, processes.
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub pids: u32,
     pub idle_stop_after_s: u64,
     pub instance: i64,
 }
@@ -85,8 +102,9 @@ pub struct NewEnv<'a> {
 pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     sqlx::query(
         "INSERT INTO environments (id, owner_id, name, image, status, services, username, \
-             password, jupyter_token, ssh_public_keys, op_instance, idle_stop_after_s) \
-         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11)",
+             password, jupyter_token, ssh_public_keys, op_instance, gpu_count, memory_mb, cpus, pids, \
+             idle_stop_after_s) \
+         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(e.id)
     .bind(e.owner_id)
@@ -98,13 +116,17 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     .bind(e.jupyter_token)
     .bind(e.ssh_public_keys)
     .bind(e.instance)
+    .bind(i32::try_from(e.gpu_count).unwrap_or(i32::MAX))
+    .bind(i64::try_from(e.memory_mb).unwrap_or(i64::MAX))
+    .bind(e.cpus)
+    .bind(i32::try_from(e.pids).unwrap_or(i32::MAX))
     .bind(i64::try_from(e.idle_stop_after_s).unwrap_or(i64::MAX))
     .execute(&mut **tx)
     .await
     .map(|_| ())
 }
 
-/// Records the GPUs given to an environment.
+/// Records the GPUs an environment holds now (empty when a stop gave them back).
 pub async fn set_gpus(tx: &mut Tx<'_>, id: &str, gpus: &[u32]) -> DbResult<()> {
     let gpus: Vec<i32> = gpus.iter().filter_map(|g| i32::try_from(*g).ok()).collect();
     sqlx::query("UPDATE environments SET gpus = $2 WHERE id = $1")
@@ -276,12 +298,27 @@ pub async fn mark_failed(tx: &mut Tx<'_>, id: &str, reason: &str) -> DbResult<bo
 
 /// Locks the row and tells whether it is still running with no operation (route repair).
 pub async fn lock_if_idle_running(tx: &mut Tx<'_>, id: &str) -> DbResult<bool> {
+    lock_if_idle_in(tx, id, status::RUNNING).await
+}
+
+/// Locks the row and tells whether it is still in `status` with no operation (repairs).
+pub async fn lock_if_idle_in(tx: &mut Tx<'_>, id: &str, status: &str) -> DbResult<bool> {
     let still: Option<(String, Option<i64>)> =
         sqlx::query_as("SELECT status, op_instance FROM environments WHERE id = $1 FOR UPDATE")
             .bind(id)
             .fetch_optional(&mut **tx)
             .await?;
-    Ok(still == Some((status::RUNNING.to_string(), None)))
+    Ok(still == Some((status.to_string(), None)))
+}
+
+/// Forgets the environment's container (a start that failed removed it; the next start
+/// makes a new one).
+pub async fn clear_container<'e, E: PgExecutor<'e>>(exec: E, id: &str) -> DbResult<()> {
+    sqlx::query("UPDATE environments SET container_id = NULL, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(exec)
+        .await
+        .map(|_| ())
 }
 
 /// Sets an environment's idle limit; false if it does not exist (for `owner`) or is deleted.

@@ -18,7 +18,8 @@ pub struct Overrides {
 pub struct Usage {
     /// Environments not deleted.
     pub environments: u32,
-    /// GPUs held by those environments.
+    /// GPUs those environments asked for (`gpu_count`), stopped ones included: a stop frees
+    /// the devices for others, not the user's share.
     pub gpus: u32,
     /// Environments creating or running.
     pub running: u32,
@@ -45,7 +46,7 @@ pub async fn overrides(tx: &mut Tx<'_>, user_id: i64) -> DbResult<Overrides> {
 pub async fn lock_usage(tx: &mut Tx<'_>, user_id: i64) -> DbResult<Usage> {
     sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user_id).execute(&mut **tx).await?;
     let (environments, gpus, running): (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), COALESCE(sum(cardinality(gpus)), 0)::bigint, \
+        "SELECT count(*), COALESCE(sum(gpu_count), 0)::bigint, \
              count(*) FILTER (WHERE status IN ('creating', 'running')) \
          FROM environments WHERE owner_id = $1 AND status <> 'deleted'",
     )

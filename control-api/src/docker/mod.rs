@@ -1,7 +1,7 @@
 //! The one wrapper over bollard: workspace containers, their labels, ports and GPUs.
 //!
-//! Only this module talks to Docker. Containers are found by label (`gpugate.managed=true`,
-//! `gpugate.deployment`, `gpugate.env_id`), never by guessing names.
+//! Only this module talks to Docker. Containers and home volumes are found by label
+//! (`gpugate.managed=true`, `gpugate.deployment`, `gpugate.env_id`), never by guessing names.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,8 +17,10 @@ use bollard::Docker;
 use gpugate_routes::Service;
 
 mod plan;
+mod volume;
 
 pub use plan::{container_port, Limits, Plan, WorkspaceSpec, WORKSPACE_CAPABILITIES};
+pub use volume::ManagedVolume;
 
 use crate::config::{Config, GpuMode};
 
@@ -56,9 +58,12 @@ pub enum DockerError {
     /// Inspecting the container failed.
     #[error("inspect container {0}: {1}")]
     Inspect(String, String),
-    /// Listing containers failed.
+    /// Listing containers (or volumes) failed.
     #[error("list containers: {0}")]
     List(String),
+    /// Creating or removing a home volume failed (removing one still in use, too).
+    #[error("volume {0}: {1}")]
+    Volume(String, String),
     /// The container lacks a published port for a service.
     #[error("container {0} publishes no host port for {1}")]
     NoPublishedPort(String, Service),
@@ -88,6 +93,8 @@ pub struct Inspected {
     pub running: bool,
     /// Published host address per container port.
     pub published: HashMap<u16, SocketAddr>,
+    /// Its memory, CPU and pids limits, when all three are set.
+    pub limits: Option<Limits>,
 }
 
 /// The Docker client of one deployment.
@@ -317,6 +324,12 @@ impl DockerClient {
             Err(e) => return Err(DockerError::Inspect(id.into(), server_message(&e))),
         };
         let running = r.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+        let limits = r.host_config.as_ref().and_then(|h| {
+            let memory_mb = u64::try_from(h.memory?).ok().filter(|m| *m > 0)? / (1024 * 1024);
+            let cpus = h.nano_cpus.filter(|n| *n > 0)? as f64 / 1e9;
+            let pids = u32::try_from(h.pids_limit?).ok().filter(|p| *p > 0)?;
+            Some(Limits { memory_mb, cpus, pids })
+        });
         let mut published = HashMap::new();
         let ports = r.network_settings.and_then(|n| n.ports).unwrap_or_default();
         for (key, binds) in ports {
@@ -334,7 +347,7 @@ impl DockerClient {
                 }
             }
         }
-        Ok(Some(Inspected { running, published }))
+        Ok(Some(Inspected { running, published, limits }))
     }
 
     /// The published upstream of each of the services, read back from a running container.

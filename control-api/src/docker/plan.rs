@@ -1,5 +1,6 @@
 //! How this deployment shapes a workspace container (pure: no Docker calls, unit-tested):
-//! labels, environment, published ports, GPUs, and the isolation every tenant gets: memory,
+//! labels, environment, published ports, GPUs, the home volume mounted on the login user's
+//! home, and the isolation every tenant gets: memory,
 //! CPU and pids limits, all capabilities dropped but the few its sshd needs,
 //! no-new-privileges, a restart policy, and the deployment's bridge network on which
 //! workspaces cannot reach each other.
@@ -9,7 +10,8 @@ use std::net::IpAddr;
 
 use bollard::container::Config as ContainerConfig;
 use bollard::models::{
-    DeviceMapping, DeviceRequest, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    DeviceMapping, DeviceRequest, HostConfig, Mount, MountTypeEnum, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 use gpugate_routes::Service;
 
@@ -43,6 +45,12 @@ pub fn container_port(service: Service) -> u16 {
         Service::Rdp => 3389,
         Service::Other => 0,
     }
+}
+
+/// The login user's home inside a workspace, where its volume is mounted: what the workspace
+/// image's `useradd` makes (`/home/<user>`).
+pub fn home_dir(username: &str) -> String {
+    format!("/home/{username}")
 }
 
 /// Resource limits of one workspace.
@@ -91,6 +99,12 @@ impl Plan {
             gpu_kind: cfg.gpu.kind.clone(),
             gpu_node_path: cfg.gpu.node_path.clone(),
         }
+    }
+
+    /// The name of an environment's home volume: per deployment and environment, so that
+    /// deployments sharing an engine never share one.
+    pub fn volume_name(&self, env_id: &str) -> String {
+        format!("gpugate-{}-{env_id}-home", self.deployment)
     }
 
     /// The container name and configuration for a workspace.
@@ -144,6 +158,15 @@ impl Plan {
                 maximum_retry_count: None,
             }),
             network_mode: Some(self.network.clone()),
+            // The user's files live in the environment's volume: they survive a stop and start
+            // (which re-creates the container) and go only with a delete.
+            mounts: Some(vec![Mount {
+                target: Some(home_dir(spec.username)),
+                source: Some(self.volume_name(spec.env_id)),
+                typ: Some(MountTypeEnum::VOLUME),
+                read_only: Some(false),
+                ..Default::default()
+            }]),
             ..Default::default()
         };
         if !spec.gpus.is_empty() {
@@ -254,5 +277,22 @@ mod tests {
         assert_eq!(host.security_opt, Some(vec!["no-new-privileges:true".to_string()]));
         assert_eq!(host.restart_policy.and_then(|r| r.name), Some(RestartPolicyNameEnum::UNLESS_STOPPED));
         assert_eq!(host.network_mode.as_deref(), Some("gpugate-prod"));
+    }
+
+    #[test]
+    fn the_home_volume_of_the_environment_is_mounted_on_the_users_home() {
+        let cfg = Config { deployment: "prod".into(), ..Config::default() };
+        let plan = Plan::from_config(&cfg);
+        let (_, c) = plan.container(&spec(&[], &[(20001, Service::Ssh)]));
+        let mounts = c.host_config.expect("host config").mounts.expect("mounts");
+        assert_eq!(mounts.len(), 1, "{mounts:?}");
+        let m = &mounts[0];
+        assert_eq!(m.typ, Some(MountTypeEnum::VOLUME));
+        assert_eq!(m.source.as_deref(), Some("gpugate-prod-abc-home"));
+        assert_eq!(m.target.as_deref(), Some("/home/u"));
+        assert_ne!(m.read_only, Some(true));
+        // Another deployment on the same engine names another volume.
+        let other = Plan::from_config(&Config { deployment: "dev".into(), ..Config::default() });
+        assert_ne!(other.volume_name("abc"), plan.volume_name("abc"));
     }
 }

@@ -140,7 +140,10 @@ pub struct EnvironmentView {
     pub services: Vec<String>,
     /// Public port per service.
     pub ports: BTreeMap<String, u16>,
+    /// GPUs held now (none while stopped).
     pub gpus: Vec<i32>,
+    /// GPUs the environment asked for; each start allocates this many.
+    pub gpu_count: i32,
     /// Per service: sessions and bytes through the gateway since the last start (live: open
     /// sessions are flushed every `gpugate_flush_interval`). Absent when the route table
     /// cannot be read.
@@ -217,6 +220,7 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         status_reason: env.status_reason,
         services: env.services,
         gpus: env.gpus,
+        gpu_count: env.gpu_count,
         routes_live,
         created_at: env.created_at,
         updated_at: env.updated_at,

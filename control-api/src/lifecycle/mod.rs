@@ -1,6 +1,7 @@
 //! Environment lifecycle: create, stop, start, delete. Each step is undone in reverse when a
 //! later one fails; routes are removed before a container is stopped or removed; released
-//! ports go into quarantine.
+//! ports go into quarantine. Every environment has a home volume, made before its first
+//! container and removed after its last.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,7 +10,10 @@ use gpugate_routes::{EnvId, Route, Service};
 
 mod quota;
 pub mod sessions;
+mod stop_start;
 mod validate;
+
+pub use stop_start::{start, stop, stop_env};
 
 use crate::db::envs::{self, status, EnvRow, NewEnv};
 use crate::db::{self, gpus, idempotency, ports, quotas, routes, users::User};
@@ -60,6 +64,12 @@ pub struct Outcome {
     pub timings: Vec<(&'static str, f64)>,
     /// A create answered from its `Idempotency-Key`: the environment an earlier attempt made.
     pub replayed: bool,
+}
+
+/// 409 (code 1008) with `message` (which names both counts), and how many GPUs are free and
+/// needed in `data`.
+fn gpus_unavailable(message: String, free: usize, needed: u32) -> ApiError {
+    ApiError::GpusUnavailable { message, free: u32::try_from(free).unwrap_or(u32::MAX), needed }
 }
 
 fn docker_error(e: DockerError) -> ApiError {
@@ -122,6 +132,10 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             password: &password,
             jupyter_token: &token,
             ssh_public_keys: &spec.ssh_public_keys,
+            gpu_count: spec.gpus,
+            memory_mb: limits.memory_mb,
+            cpus: limits.cpus,
+            pids: limits.pids,
             idle_stop_after_s,
             instance: st.instance,
         },
@@ -154,11 +168,8 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     if gpu_list.len() < spec.gpus as usize {
         tx.rollback().await?;
         st.metrics.creates.with_label_values(&["gpus_unavailable"]).inc();
-        return Err(ApiError::GpusUnavailable(format!(
-            "{} GPUs requested, {} free",
-            spec.gpus,
-            gpu_list.len()
-        )));
+        let free = gpu_list.len();
+        return Err(gpus_unavailable(format!("{} GPUs requested, {free} free", spec.gpus), free, spec.gpus));
     }
     envs::set_gpus(&mut tx, &id, &gpu_list).await?;
     let detail = serde_json::json!({
@@ -177,8 +188,9 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     let mut container: Option<String> = None;
     let mut routed = false;
     let rest: Result<Vec<(u16, Route)>, ApiError> = async {
-        // Step 2: Docker create.
+        // Step 2: the home volume, then Docker create.
         let t = Instant::now();
+        st.docker.ensure_volume(&id).await.map_err(docker_error)?;
         let ws = WorkspaceSpec {
             env_id: &id,
             image: &image,
@@ -313,8 +325,9 @@ async fn fail_create(st: &State, id: &str, container: Option<&str>, routed: bool
     err
 }
 
-/// Removes routes, then the container, then releases ports (into quarantine if routes were
-/// ever committed) and GPUs, and marks the environment deleted with `reason`.
+/// Removes routes, then the container and the home volume, then releases ports (into
+/// quarantine if routes were ever committed) and GPUs, and marks the environment deleted with
+/// `reason`.
 pub async fn undo_create(
     st: &State,
     id: &str,
@@ -328,6 +341,7 @@ pub async fn undo_create(
         st.table.wait_gone(&ports, id, Duration::from_millis(st.cfg.route_wait_ms)).await;
     }
     remove_containers(st, id, container).await?;
+    st.docker.remove_volume(id).await?;
     let mut tx = st.db.begin().await?;
     let q = if routed { st.cfg.quarantine_s } else { 0 };
     let released = ports::release_env(&mut *tx, id, q).await?;
@@ -369,7 +383,8 @@ async fn claim(st: &State, user: &User, id: &str, from: &[&str], to: &str, verb:
     }
 }
 
-/// Deletes an environment: routes first, then the container, then ports into quarantine.
+/// Deletes an environment: routes first, then the container, then its home volume, then
+/// ports into quarantine.
 pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiError> {
     let started = Instant::now();
     let from = [status::RUNNING, status::STOPPED, status::FAILED, status::CREATING];
@@ -411,6 +426,7 @@ pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
     }
     remove_containers(st, &env.id, env.container_id.as_deref()).await?;
     st.crash_point("after_container_removed");
+    st.docker.remove_volume(&env.id).await?;
     let mut tx = st.db.begin().await?;
     let released = ports::release_env(&mut *tx, &env.id, st.cfg.quarantine_s).await?;
     gpus::release_env(&mut *tx, &env.id).await?;
@@ -419,78 +435,4 @@ pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
     tx.commit().await?;
     tracing::info!(env_id = %env.id, ports = ?released, "environment deleted");
     Ok(())
-}
-
-/// Stops an environment: routes disabled first (connections refused), then the container
-/// stops. Ports and addresses are kept.
-pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
-    let env = claim(st, user, id, &[status::RUNNING], status::STOPPED, "stop").await?;
-    stop_claimed(st, &env, None).await?;
-    let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
-    Ok(Outcome { env, routes_live: false, timings: vec![], replayed: false })
-}
-
-/// The stop steps after the claim (also the idle task's); `reason` becomes the status reason.
-/// Disabling the routes makes the publisher remove and revoke them: nginx closes the open
-/// sessions within its flush interval, while the container is still there to see a clean close.
-pub(crate) async fn stop_claimed(st: &State, env: &EnvRow, reason: Option<&str>) -> Result<(), ApiError> {
-    let result: anyhow::Result<()> = async {
-        routes::deactivate(st.db.pool(), &env.id).await?;
-        let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
-        let wait = Duration::from_millis(st.cfg.route_wait_ms);
-        if st.table.wait_gone(&held, &env.id, wait).await && !st.table.wait_sessions_closed(&held, wait).await {
-            tracing::warn!(env_id = %env.id, "sessions still open {} ms after the revoke; stopping the container anyway", st.cfg.route_wait_ms);
-        }
-        if let Some(c) = &env.container_id {
-            st.docker.stop(c).await?;
-        }
-        envs::settle(st.db.pool(), &env.id, status::STOPPED, reason, None).await?;
-        st.db.event(Some(&env.id), "stopped", serde_json::json!({ "reason": reason })).await?;
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        // Stopped in the database with routes disabled; the reconciler stops the container.
-        let _ = envs::settle(st.db.pool(), &env.id, status::STOPPED, Some("stop incomplete"), None).await;
-        return Err(ApiError::internal("stop", format!("{e:#}")));
-    }
-    Ok(())
-}
-
-/// Starts a stopped environment on the same ports; the routes come back with a new
-/// generation and the container's (possibly new) published addresses.
-pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
-    if id.parse::<EnvId>().is_err() || envs::get(st.db.pool(), id, Some(user.id)).await?.is_none() {
-        return Err(ApiError::env_not_found(id));
-    }
-    {
-        let mut tx = st.db.begin().await?;
-        let usage = quotas::lock_usage(&mut tx, user.id).await?;
-        let overrides = quotas::overrides(&mut tx, user.id).await?;
-        let adds = quota::Adds { environments: 0, gpus: 0, running: 1 };
-        quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds)?;
-        tx.commit().await?;
-    }
-    let env = claim(st, user, id, &[status::STOPPED], status::STOPPED, "start").await?;
-    let result: Result<Vec<(u16, Route)>, ApiError> = async {
-        let held = ports::env_ports(st.db.pool(), &env.id).await?;
-        let container = env.container_id.clone().ok_or_else(|| ApiError::Conflict("environment has no container".into()))?;
-        let upstreams = start_and_read(st, &container, &held).await?;
-        commit_routes(st, &env.id, &container, &upstreams).await
-    }
-    .await;
-    let wanted = match result {
-        Ok(w) => w,
-        Err(e) => {
-            let reason = format!("start failed: {e}");
-            let _ = envs::settle(st.db.pool(), &env.id, status::STOPPED, Some(&reason), None).await;
-            if let Some(c) = &env.container_id {
-                let _ = st.docker.stop(c).await;
-            }
-            return Err(e);
-        }
-    };
-    let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
-    let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
-    Ok(Outcome { env, routes_live: live, timings: vec![], replayed: false })
 }

@@ -84,7 +84,9 @@ pub async fn stop_idle(st: &State, id: &str, idle_s: u64) -> Result<bool, ApiErr
     };
     let policy = st.cfg.idle.policy.as_str();
     let reason = format!("idle for {idle_s} s (policy {policy})");
-    super::stop_claimed(st, &env, Some(&reason)).await?;
+    super::stop_start::stop_env(st, &env, "idle", Some(&reason))
+        .await
+        .map_err(|e| ApiError::internal("idle stop", format!("{e:#}")))?;
     st.metrics.idle_stops.inc();
     st.db
         .event(

@@ -332,6 +332,15 @@ impl Ctx {
         String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
     }
 
+    /// Names of this test's home volumes (by label).
+    pub fn volumes(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args(["volume", "ls", "-q", "--filter", &format!("label=gpugate.deployment={}", self.deployment)])
+            .output()
+            .expect("docker volume ls");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+
     /// `docker inspect` of a container as JSON.
     pub fn inspect(&self, id: &str) -> Value {
         let out = Command::new("docker").args(["inspect", id]).output().expect("docker inspect");
@@ -386,6 +395,11 @@ impl Ctx {
         let ids = self.containers();
         if !ids.is_empty() {
             let _ = Command::new("docker").args(["rm", "-f", "-v"]).args(&ids).output();
+        }
+        // The deployment's home volumes, after the containers that use them.
+        let vols = self.volumes();
+        if !vols.is_empty() {
+            let _ = Command::new("docker").args(["volume", "rm", "-f"]).args(&vols).output();
         }
         // The deployment's workspace networks (made by the API at start; processes starting
         // together may have made two).

@@ -1,0 +1,189 @@
+//! Stop and start. A stop disables the routes, stops the container and gives the GPUs back to
+//! the inventory; a start takes as many GPUs again (or answers 409 naming how many are free),
+//! re-creates the container on the same home volume with the new devices, and brings the
+//! routes back on the same ports. Ports, addresses, credentials and the home directory's files
+//! survive; the rest of the container's filesystem does not.
+
+use std::time::Duration;
+
+use gpugate_routes::Route;
+
+use super::{claim, commit_routes, docker_error, gpus_unavailable, quota, remove_containers, start_and_read, Outcome};
+use crate::db::envs::{self, status, EnvRow};
+use crate::db::{self, gpus, ports, quotas, routes, users::User};
+use crate::docker::{Limits, WorkspaceSpec};
+use crate::error::ApiError;
+use crate::state::State;
+
+/// Stops an environment of `user` (the HTTP stop): see [`stop_env`].
+pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
+    let env = claim(st, user, id, &[status::RUNNING], status::STOPPED, "stop").await?;
+    stop_env(st, &env, "requested", None).await.map_err(|e| ApiError::internal("stop", format!("{e:#}")))?;
+    let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
+    Ok(Outcome { env, routes_live: false, timings: vec![], replayed: false })
+}
+
+/// The stop steps after the claim (`env` claimed by this process, from `running` to
+/// `stopped`); every stop ends here, by hand or automatic, and `reason` goes into its
+/// `stopped` event (`status_reason`, if any, becomes the environment's). Routes are disabled
+/// first (new connections are refused; the publisher revokes them, so nginx closes the open
+/// sessions within its flush interval, and the stop waits for that: clients see a close from
+/// the gateway, not a workspace dying under them), then the
+/// container stops, then one transaction gives the environment's GPUs back to the inventory
+/// and settles it `stopped`. Ports, addresses and the home volume are kept.
+///
+/// If a step fails the environment is still settled `stopped` (routes disabled as far as it
+/// got), but it keeps its GPUs: its container may still be running with their devices, and a
+/// GPU is never handed out while that can be. The reconciler stops the container, then gives
+/// the GPUs back.
+pub async fn stop_env(st: &State, env: &EnvRow, reason: &str, status_reason: Option<&str>) -> anyhow::Result<()> {
+    let result: anyhow::Result<()> = async {
+        routes::deactivate(st.db.pool(), &env.id).await?;
+        let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
+        let wait = Duration::from_millis(st.cfg.route_wait_ms);
+        if st.table.wait_gone(&held, &env.id, wait).await && !st.table.wait_sessions_closed(&held, wait).await {
+            tracing::warn!(env_id = %env.id, "sessions still open {} ms after the revoke; stopping the container anyway", st.cfg.route_wait_ms);
+        }
+        if let Some(c) = &env.container_id {
+            st.docker.stop(c).await?;
+        }
+        let mut tx = st.db.begin().await?;
+        let released = gpus::release_env(&mut *tx, &env.id).await?;
+        envs::set_gpus(&mut tx, &env.id, &[]).await?;
+        envs::settle(&mut *tx, &env.id, status::STOPPED, status_reason, None).await?;
+        let detail = serde_json::json!({"reason": reason, "gpus_released": env.gpus});
+        db::event(&mut *tx, Some(&env.id), "stopped", detail).await?;
+        tx.commit().await?;
+        tracing::info!(env_id = %env.id, reason, gpus_released = released, "environment stopped");
+        Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::warn!(env_id = %env.id, error = %format!("{e:#}"), "stop incomplete; the reconciler finishes it");
+        let _ = envs::settle(st.db.pool(), &env.id, status::STOPPED, Some("stop incomplete"), None).await;
+    }
+    result
+}
+
+/// Starts a stopped environment of `user`: GPUs again (quota and inventory checked in one
+/// transaction), a new container on the same home volume, the routes back on the same ports
+/// with a new generation and the new container's published addresses. A start that fails
+/// leaves the environment stopped, holding no GPU and no container.
+pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
+    let env = claim(st, user, id, &[status::STOPPED], status::STOPPED, "start").await?;
+    // Before anything changes: an image that is gone is a 422 naming it.
+    st.docker.image_exists(&env.image).await.map_err(docker_error)?;
+    let gpu_list = take_gpus(st, user, &env).await?;
+
+    // From here on a failure gives the GPUs back and removes what was made.
+    let rest: Result<Vec<(u16, Route)>, ApiError> = async {
+        let held = ports::env_ports(st.db.pool(), &env.id).await?;
+        let limits = limits_of(st, &env).await;
+        // The old container goes (its device nodes are the old GPUs'); the files of the home
+        // stay in the volume.
+        remove_containers(st, &env.id, env.container_id.as_deref()).await.map_err(docker_error)?;
+        st.docker.ensure_volume(&env.id).await.map_err(docker_error)?;
+        let ws = WorkspaceSpec {
+            env_id: &env.id,
+            image: &env.image,
+            services: &held,
+            gpus: &gpu_list,
+            username: &env.username,
+            password: &env.password,
+            jupyter_token: &env.jupyter_token,
+            ssh_public_keys: &env.ssh_public_keys,
+            limits,
+        };
+        let c = st.docker.create(&ws).await.map_err(docker_error)?;
+        envs::set_container(st.db.pool(), &env.id, &c).await?;
+        let upstreams = start_and_read(st, &c, &held).await?;
+        commit_routes(st, &env.id, &c, &upstreams).await
+    }
+    .await;
+    let wanted = match rest {
+        Ok(w) => w,
+        Err(e) => {
+            let reason = format!("start failed: {e}");
+            if let Err(u) = undo_start(st, &env.id, &reason).await {
+                tracing::error!(env_id = %env.id, error = %format!("{u:#}"), "undo of a failed start failed; the reconciler finishes it");
+            }
+            return Err(e);
+        }
+    };
+    let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
+    let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
+    tracing::info!(env_id = %env.id, gpus = ?gpu_list, "environment started");
+    Ok(Outcome { env, routes_live: live, timings: vec![], replayed: false })
+}
+
+/// One transaction: the user's quota (their row locked, as in a create; the GPUs are already
+/// counted, a stopped environment keeps its share) and the environment's GPUs, `gpu_count` of
+/// them, taken like a create takes them (`FOR UPDATE SKIP LOCKED`). Too few free: 409 naming
+/// how many are free and needed, and nothing changes.
+async fn take_gpus(st: &State, user: &User, env: &EnvRow) -> Result<Vec<u32>, ApiError> {
+    let needed = u32::try_from(env.gpu_count).unwrap_or(0);
+    let mut tx = st.db.begin().await?;
+    // A stopped environment holds no GPU, except one stopped before stops gave them back (and
+    // not yet seen by the reconciler): return those first, so they are not kept on top of the
+    // new ones.
+    gpus::release_env(&mut *tx, &env.id).await?;
+    envs::set_gpus(&mut tx, &env.id, &[]).await?;
+    let usage = quotas::lock_usage(&mut tx, user.id).await?;
+    let overrides = quotas::overrides(&mut tx, user.id).await?;
+    let adds = quota::Adds { environments: 0, gpus: 0, running: 1 };
+    quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds)?;
+    let list = gpus::allocate(&mut tx, &env.id, needed).await?;
+    if list.len() < needed as usize {
+        tx.rollback().await?;
+        let free = list.len();
+        return Err(gpus_unavailable(
+            format!("not enough free GPUs to start environment {}: {free} free, {needed} needed", env.id),
+            free,
+            needed,
+        ));
+    }
+    envs::set_gpus(&mut tx, &env.id, &list).await?;
+    db::event(&mut *tx, Some(&env.id), "gpus_allocated", serde_json::json!({ "gpus": list })).await?;
+    tx.commit().await?;
+    Ok(list)
+}
+
+/// The limits the re-created container gets: those recorded at create; for an environment
+/// made before they were recorded, those of its old container; else the deployment's defaults.
+async fn limits_of(st: &State, env: &EnvRow) -> Limits {
+    let recorded = (|| {
+        Some(Limits {
+            memory_mb: u64::try_from(env.memory_mb?).ok()?,
+            cpus: env.cpus?,
+            pids: u32::try_from(env.pids?).ok()?,
+        })
+    })();
+    if let Some(l) = recorded {
+        return l;
+    }
+    if let Some(c) = &env.container_id {
+        if let Ok(Some(old)) = st.docker.inspect(c).await {
+            if let Some(l) = old.limits {
+                return l;
+            }
+        }
+    }
+    let d = &st.cfg.docker.limits;
+    tracing::warn!(env_id = %env.id, "no recorded limits; the container gets the deployment's defaults");
+    Limits { memory_mb: d.memory_mb, cpus: d.cpus, pids: d.pids }
+}
+
+/// Undoes a failed start: removes the containers it made, gives the GPUs back, forgets the
+/// container and settles the environment `stopped` with `reason`.
+async fn undo_start(st: &State, id: &str, reason: &str) -> anyhow::Result<()> {
+    remove_containers(st, id, None).await?;
+    let mut tx = st.db.begin().await?;
+    routes::deactivate(&mut *tx, id).await?;
+    gpus::release_env(&mut *tx, id).await?;
+    envs::set_gpus(&mut tx, id, &[]).await?;
+    envs::clear_container(&mut *tx, id).await?;
+    envs::settle(&mut *tx, id, status::STOPPED, Some(reason), None).await?;
+    db::event(&mut *tx, Some(id), "start_undone", serde_json::json!({ "reason": reason })).await?;
+    tx.commit().await?;
+    Ok(())
+}
