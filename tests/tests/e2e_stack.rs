@@ -260,6 +260,22 @@ fn stack_end_to_end() {
         assert!(back, "the API did not recover with the database: {}", stack.api_logs());
         report(&format!("  API answers again {:.1} s after the database started", t.elapsed().as_secs_f64()));
         assert!(stack.wait_ready(Duration::from_secs(30)), "/readyz after the database is back");
+        // Creates come back once the API holds its liveness lock again (it notices the lost
+        // connection within a few seconds): a client retrying on 503 gets its workspace.
+        let t = Instant::now();
+        let body = json!({"name": "after-db", "gpus": 0, "services": ["ssh"]}).to_string();
+        let mut created = None;
+        while created.is_none() && t.elapsed() < Duration::from_secs(30) {
+            match stack.call("POST", "/api/v1/environments", Some(&body)) {
+                (201, v) => created = Some(text(&v, "/data/id").to_string()),
+                (503, _) => std::thread::sleep(Duration::from_millis(250)),
+                (status, v) => panic!("create after the database came back: {status} {v}"),
+            }
+        }
+        let created = created.unwrap_or_else(|| panic!("no create within 30 s of the database's return: {}", stack.api_logs()));
+        report(&format!("  creates work again {:.1} s after /readyz", t.elapsed().as_secs_f64()));
+        stack.delete(&created);
+        assert!(stack.wait_ready(Duration::from_secs(30)), "/readyz after the first create");
         session.round_trip("database-back", Duration::from_secs(5)).expect("session after the database is back");
     });
 
