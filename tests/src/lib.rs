@@ -202,6 +202,18 @@ impl Nginx {
         children_of(master)
     }
 
+    /// Kills worker `victim` with SIGKILL and waits until the master has replaced it (as many
+    /// workers as before, the victim not among them); whether it did within 5 s.
+    pub fn kill_worker(&self, victim: u32) -> bool {
+        let count = self.worker_pids().len();
+        // SAFETY: kill(2) on a pid of the nginx this test started.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        wait_until(Duration::from_secs(5), || {
+            let now = self.worker_pids();
+            now.len() == count && !now.contains(&victim)
+        })
+    }
+
     /// Master and worker pids together: unchanged means no reload and no crash.
     pub fn pids(&self) -> (u32, Vec<u32>) {
         (self.master_pid(), self.worker_pids())

@@ -252,15 +252,7 @@ fn open_sessions_gauge_is_true_after_a_killed_worker_and_after_a_crashed_nginx()
 
     let (master, workers) = ng.pids();
     let victim = workers[0];
-    // SAFETY: kill(2) on a pid of the nginx this test started.
-    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let now = ng.worker_pids();
-            now.len() == 2 && !now.contains(&victim)
-        }),
-        "the master respawns the killed worker"
-    );
+    assert!(ng.kill_worker(victim), "the master respawns the killed worker");
     clients.retain_mut(|c| c.round_trip("still there?").is_some());
     let alive = clients.len() as u64;
     assert!(alive < 50, "the killed worker held some of the sessions ({alive} alive)");

@@ -160,15 +160,7 @@ fn a_killed_worker_loses_at_most_its_last_flush_interval_of_bytes_and_leaves_no_
     }
     let burst = 1000 * clients.len() as u64;
     let victim = ng.worker_pids()[0];
-    // SAFETY: kill(2) on a pid of the nginx this test started.
-    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let now = ng.worker_pids();
-            now.len() == 2 && !now.contains(&victim)
-        }),
-        "the master respawns the killed worker"
-    );
+    assert!(ng.kill_worker(victim), "the master respawns the killed worker");
     let before = clients.len();
     clients.retain_mut(|c| c.round_trip("alive?").is_some());
     let killed = (before - clients.len()) as u64;
