@@ -73,10 +73,12 @@ impl Activity {
         self.services.values().map(|s| s.last_activity_ms).max().unwrap_or(0)
     }
 
-    /// How long the environment has been idle under `policy`, in ms, counting from the later
-    /// of its last activity and `since_ms` (when it last started: the counters begin there).
-    /// Under `no_connections` an open session means not idle at all.
-    pub fn idle_ms(&self, policy: IdlePolicy, since_ms: u64, now_ms: u64) -> u64 {
+    /// How long the environment has been idle under `policy` at `now_ms`, in ms, counting
+    /// from the later of its last activity and `running_since` (when it last started: the
+    /// counters begin there; unknown counts as now). Under `no_connections` an open session
+    /// means not idle at all.
+    pub fn idle_ms(&self, policy: IdlePolicy, running_since: Option<DateTime<Utc>>, now_ms: u64) -> u64 {
+        let since_ms = running_since.map_or(now_ms, |t| u64::try_from(t.timestamp_millis()).unwrap_or(0));
         idle_ms(policy, self.connections_active(), self.last_activity_ms(), since_ms, now_ms)
     }
 }

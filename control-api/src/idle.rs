@@ -54,9 +54,7 @@ pub async fn pass(st: &Arc<State>) -> anyhow::Result<u64> {
     let mut stopped = 0;
     for env in candidates {
         let held = ports::env_ports(st.db.pool(), &env.id).await?;
-        let now = gpugate_routes::now_ms();
-        let since = env.running_since.map(|t| u64::try_from(t.timestamp_millis()).unwrap_or(0)).unwrap_or(now);
-        let idle_ms = Activity::read(&table, &env.id, &held).idle_ms(policy, since, now);
+        let idle_ms = Activity::read(&table, &env.id, &held).idle_ms(policy, env.running_since, gpugate_routes::now_ms());
         let limit_ms = u64::try_from(env.idle_stop_after_s).unwrap_or(u64::MAX).saturating_mul(1000);
         if idle_ms < limit_ms {
             continue;

@@ -200,11 +200,7 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
     let access_info = access_info(st, &env, &held);
     let activity = st.table.get().ok().map(|t| Activity::read(&t, &env.id, &held));
     let idle_seconds = match (&activity, env.status == envs::status::RUNNING) {
-        (Some(a), true) => {
-            let now = gpugate_routes::now_ms();
-            let since = env.running_since.map(|t| u64::try_from(t.timestamp_millis()).unwrap_or(0)).unwrap_or(now);
-            Some(a.idle_ms(st.cfg.idle.policy, since, now) / 1000)
-        }
+        (Some(a), true) => Some(a.idle_ms(st.cfg.idle.policy, env.running_since, gpugate_routes::now_ms()) / 1000),
         _ => None,
     };
     Ok(EnvironmentView {
