@@ -412,18 +412,27 @@ pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiErro
     }
 }
 
+/// After an environment's routes left the database: waits (each step up to `route_wait_ms`)
+/// until the table no longer routes its ports to it, then until the sessions the publisher
+/// revoked with the removal are closed — a close from the gateway for the client, before the
+/// container is stopped or removed (`doing`, for the log). Goes on anyway after a time-out.
+async fn wait_cut_off(st: &State, env_id: &str, held: &[u16], doing: &str) {
+    let wait = Duration::from_millis(st.cfg.route_wait_ms);
+    let late = if !st.table.wait_gone(held, env_id, wait).await {
+        "routes still in the table"
+    } else if !st.table.wait_sessions_closed(held, wait).await {
+        "sessions still open after the revoke"
+    } else {
+        return;
+    };
+    tracing::warn!(env_id = %env_id, "{late} after {} ms; {doing} the container anyway", st.cfg.route_wait_ms);
+}
+
 /// The delete steps after the claim (also used by the reconciler).
 pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
     let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
     routes::delete_env(st.db.pool(), &env.id).await?;
-    let wait = Duration::from_millis(st.cfg.route_wait_ms);
-    if !st.table.wait_gone(&held, &env.id, wait).await {
-        tracing::warn!(env_id = %env.id, "routes still in the table after {} ms; removing the container anyway", st.cfg.route_wait_ms);
-    } else if !st.table.wait_sessions_closed(&held, wait).await {
-        // The revoke that went with the removal closes them from the gateway: a clean close
-        // for the client, before the container goes.
-        tracing::warn!(env_id = %env.id, "sessions still open {} ms after the revoke; removing the container anyway", st.cfg.route_wait_ms);
-    }
+    wait_cut_off(st, &env.id, &held, "removing").await;
     remove_containers(st, &env.id, env.container_id.as_deref()).await?;
     st.crash_point("after_container_removed");
     st.docker.remove_volume(&env.id).await?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gpugate_routes::Route;
 
-use super::{claim, commit_routes, docker_error, gpus_unavailable, quota, remove_containers, start_and_read, Outcome};
+use super::{claim, commit_routes, wait_cut_off, docker_error, gpus_unavailable, quota, remove_containers, start_and_read, Outcome};
 use crate::db::envs::{self, status, EnvRow};
 use crate::db::{self, gpus, ports, quotas, routes, users::User};
 use crate::docker::{Limits, WorkspaceSpec};
@@ -40,10 +40,7 @@ pub async fn stop_env(st: &State, env: &EnvRow, reason: &str, status_reason: Opt
     let result: anyhow::Result<()> = async {
         routes::deactivate(st.db.pool(), &env.id).await?;
         let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
-        let wait = Duration::from_millis(st.cfg.route_wait_ms);
-        if st.table.wait_gone(&held, &env.id, wait).await && !st.table.wait_sessions_closed(&held, wait).await {
-            tracing::warn!(env_id = %env.id, "sessions still open {} ms after the revoke; stopping the container anyway", st.cfg.route_wait_ms);
-        }
+        wait_cut_off(st, &env.id, &held, "stopping").await;
         if let Some(c) = &env.container_id {
             st.docker.stop(c).await?;
         }
