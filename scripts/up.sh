@@ -116,7 +116,9 @@ demo() {
   local tok body out id port pass
   ready || up
   tok=$(token) || die "could not create a token"
-  body='{"name":"demo","gpus":0}'
+  # wait: ready answers once every service answers at its address (a login works), so the
+  # ssh below needs no retry.
+  body='{"name":"demo","gpus":0,"wait":"ready"}'
   out=$(curl -sS -X POST -H "Authorization: Bearer $tok" -H 'Content-Type: application/json' \
     -d "$body" "$api/api/v1/environments") || die "create failed"
   id=$(json 'd["data"]["id"]' <<<"$out" 2>/dev/null) || die "create failed: $out"
@@ -133,11 +135,8 @@ demo() {
   local ssh=(ssh -p "$port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
     -o LogLevel=ERROR -o ConnectTimeout=5 -o PubkeyAuthentication=no remotegpu@127.0.0.1)
   export SSHPASS=$pass
-  # The API answers before sshd listens (about a second): retry briefly.
-  for _ in $(seq 50); do
-    sshpass -e "${ssh[@]}" true </dev/null 2>/dev/null && break
-    sleep 0.2
-  done
+  [[ $(json 'd["data"]["readiness"]["ssh"]["ready"]' <<<"$out") == True ]] ||
+    die "the workspace's SSH did not become ready: $(json 'd["data"]["readiness"]["ssh"]' <<<"$out")"
   if [[ -t 0 ]]; then
     say "== ssh -p $port remotegpu@127.0.0.1 (through the gateway; exit to leave)"
     exec sshpass -e "${ssh[@]}"

@@ -215,11 +215,19 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    let readiness = Arc::new(crate::readiness::Prober::new(
+        db.clone(),
+        metrics.clone(),
+        cfg.readiness.clone(),
+        i64::from(instance),
+        rx.clone(),
+    ));
     let state: AppState = Arc::new(State {
         cfg: cfg.clone(),
         db,
         docker,
         metrics,
+        readiness,
         table: Arc::new(TableView::new(&cfg.route_table)),
         publisher: status.clone(),
         resync,

@@ -7,6 +7,7 @@
 //! - [`lifecycle`]: create / stop / start / delete, each undone in reverse on failure.
 //! - [`ops`]: runs accepted operations to completion in their own tasks.
 //! - [`reconcile`]: converges Docker and the table to the database.
+//! - [`readiness`]: probes each service after a start until it answers like itself.
 //! - [`http`]: the REST API; [`error`]: its error type and envelope.
 //! - [`app`]: start-up, used by `main.rs` and the tests; [`cli`]: the admin commands.
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod idle;
 pub mod lifecycle;
 pub mod metrics;
 pub mod ops;
+pub mod readiness;
 pub mod reconcile;
 pub mod routes;
 pub mod state;

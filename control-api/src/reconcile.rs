@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::db::envs::{self, status, EnvRow};
-use crate::db::{self, gpus, idempotency, ports, routes};
+use crate::db::{self, gpus, idempotency, ports, readiness, routes};
 use crate::lifecycle;
 use crate::state::State;
 
@@ -66,6 +66,12 @@ pub async fn run(st: std::sync::Arc<State>, interval: Duration, mut shutdown: wa
             Ok(_) => tracing::debug!("reconcile pass: nothing to repair"),
             Err(e) => tracing::error!(error = %format!("{e:#}"), "reconcile pass failed"),
         }
+        // Readiness probes of an instance that died (or of none yet) continue here.
+        match st.readiness.resume().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(services = n, "readiness probes taken over"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "taking over readiness probes failed"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,
@@ -81,6 +87,7 @@ async fn mark_failed(st: &State, env: &EnvRow, reason: &str) -> anyhow::Result<b
         return Ok(false);
     }
     routes::delete_env(&mut *tx, &env.id).await?;
+    readiness::clear(&mut *tx, &env.id).await?;
     db::event(&mut *tx, Some(&env.id), "repair_failed_environment", serde_json::json!({ "reason": reason })).await?;
     tx.commit().await?;
     Ok(true)

@@ -22,6 +22,8 @@ pub struct State {
     pub docker: DockerClient,
     /// Metrics of this process.
     pub metrics: Metrics,
+    /// Readiness probers of this process.
+    pub readiness: Arc<crate::readiness::Prober>,
     /// Read view of the route table.
     pub table: Arc<TableView>,
     /// The publisher's state in this process.

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Ctx, ISO_IMAGE};
+use common::{ssh_login, Ctx, ISO_IMAGE};
 use serde_json::{json, Value};
 
 fn docker(args: &[&str]) -> Output {
@@ -20,25 +20,6 @@ fn container_of(ctx: &Ctx, id: &str) -> String {
     let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
     assert_eq!(ids.len(), 1, "containers of {id}: {ids:?}");
     ids[0].clone()
-}
-
-/// Logs in over SSH through the published port with `key`; returns whether `echo` came back
-/// (printing the client's complaint when not).
-fn ssh_login(port: u16, key: &std::path::Path) -> bool {
-    let out = Command::new("ssh")
-        .args(["-i"])
-        .arg(key)
-        .args([
-            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "-p", &port.to_string(), "root@127.0.0.1", "echo logged-in",
-        ])
-        .output()
-        .expect("ssh client");
-    let ok = String::from_utf8_lossy(&out.stdout).contains("logged-in");
-    if !ok {
-        eprintln!("ssh -p {port}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    ok
 }
 
 /// Talks TCP from inside `container` to `addr:port` (an HTTP request; sshd answers with its
@@ -65,10 +46,7 @@ async fn workspaces_are_isolated_limited_and_confined() {
     ctx.cfg.docker.limits.memory_mb = 1024;
     ctx.cfg.docker.limits.max_memory_mb = 4096;
     ctx.cfg.default_services = vec!["ssh".into(), "jupyter".into()];
-    let key = ctx.dir.join("id_ed25519");
-    let made = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().expect("ssh-keygen");
-    assert!(made.success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key").trim().to_string();
+    let (key, public) = common::keypair(&ctx);
     let alice = ctx.token("alice", false).await;
     let bob = ctx.token("bob", false).await;
     ctx.start().await;

@@ -242,7 +242,8 @@ impl Stack {
     /// One API request with curl: (HTTP status, parsed body or Null). Status 0: no answer.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "-m", "30", "-w", "\n%{http_code}", "-X", method])
+        // Long enough for a create or start with `wait: ready` (the readiness deadlines).
+        cmd.args(["-sS", "-m", "240", "-w", "\n%{http_code}", "-X", method])
             .args(["-H", &format!("Authorization: Bearer {}", self.token)]);
         if let Some(b) = body {
             cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);

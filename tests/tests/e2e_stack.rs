@@ -145,16 +145,29 @@ fn stack_end_to_end() {
     let pubkey = std::fs::read_to_string(keys.join("id_ed25519.pub")).expect("public key");
 
     // --- A workspace with every default service, reached with real clients through the gateway.
-    let env = phase("create a workspace; ssh (password and key), scp", || {
-        let env = stack.create(&json!({"name": "e2e-main", "gpus": 0, "ssh_public_keys": [pubkey.trim()]}));
+    let env = phase("create a workspace with wait: ready; the first ssh and JupyterLab requests work; scp", || {
+        let t = Instant::now();
+        let env = stack.create(&json!({"name": "e2e-main", "gpus": 0, "ssh_public_keys": [pubkey.trim()], "wait": "ready"}));
+        report(&format!("  create with wait: ready answered in {:.1} s", t.elapsed().as_secs_f64()));
         let id = text(&env, "/id");
+        assert_eq!(env["ready"], true, "not ready after wait: ready: {}", env["readiness"]);
+        for svc in ["ssh", "jupyter", "code"] {
+            assert_eq!(env["readiness"][svc]["ready"], true, "{svc}: {}", env["readiness"]);
+            // The probes went to the published addresses, not through the gateway.
+            assert_eq!(activity(&stack, id, svc, "connections_total"), 0, "{svc}: a probe passed the gateway");
+            assert_eq!(activity(&stack, id, svc, "connections_active"), 0, "{svc}: a probe passed the gateway");
+        }
         let ssh_port = port(&env, "ssh");
         let (lo, hi) = stack.ports.ssh();
         assert!((lo..=hi).contains(&ssh_port), "ssh port {ssh_port} outside the private pool");
+        // No retry: the first login after the answer works.
         let password = Login::Password(text(&env, "/access_info/ssh/password").to_string());
-        let hostname = ssh_run_retry(ssh_port, &password, "hostname", Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}\n{}", stack.api_logs()));
+        let hostname = ssh_run(ssh_port, &password, "hostname").unwrap_or_else(|e| panic!("{e}\n{}", stack.api_logs()));
         assert_eq!(hostname, id, "ssh with the password reached another host");
+        let jport = port(&env, "jupyter");
+        let token = text(&env, "/access_info/jupyter/token");
+        let (status, body) = curl_until(&format!("http://127.0.0.1:{jport}/api/status?token={token}"), 200, Duration::ZERO);
+        assert_eq!(status, 200, "the first JupyterLab request after wait: ready: {body}");
         let by_key = ssh_run(ssh_port, &Login::Key(key.clone()), "hostname").expect("ssh with the injected key");
         assert_eq!(by_key, id, "ssh with the key reached another host");
         assert!(
@@ -183,14 +196,14 @@ fn stack_end_to_end() {
     phase("JupyterLab and the code port through the gateway", || {
         let jport = port(&env, "jupyter");
         let token = text(&env, "/access_info/jupyter/token");
-        let (status, body) =
-            curl_until(&format!("http://127.0.0.1:{jport}/api/status?token={token}"), 200, Duration::from_secs(60));
+        // Ready since the create answered: no waiting here.
+        let (status, body) = curl_until(&format!("http://127.0.0.1:{jport}/api/status?token={token}"), 200, Duration::ZERO);
         assert_eq!(status, 200, "JupyterLab /api/status through port {jport}: {body}");
         assert!(body.contains("started"), "JupyterLab status: {body}");
         let (status, _) = curl_until(&format!("http://127.0.0.1:{jport}/api/status"), 403, Duration::from_secs(5));
         assert_eq!(status, 403, "JupyterLab without the token");
         let cport = port(&env, "code");
-        let (status, body) = curl_until(&format!("http://127.0.0.1:{cport}/health"), 200, Duration::from_secs(60));
+        let (status, body) = curl_until(&format!("http://127.0.0.1:{cport}/health"), 200, Duration::ZERO);
         assert_eq!(status, 200, "code port {cport}: {body}");
     });
 
@@ -409,10 +422,11 @@ fn stack_end_to_end() {
         // Started again: same port, logins work, the idle clock starts over.
         let (status, v) = stack.call("PATCH", &format!("/api/v1/environments/{nid}"), Some(r#"{"idle_stop_after_s": 0}"#));
         assert_eq!(status, 200, "{v}");
-        let (status, v) = stack.call("POST", &format!("/api/v1/environments/{nid}/start"), Some("{}"));
+        let (status, v) = stack.call("POST", &format!("/api/v1/environments/{nid}/start?wait=ready"), Some("{}"));
         assert_eq!(status, 200, "start: {v}");
         assert_eq!(port(&v["data"], "ssh"), nport);
-        let h = ssh_run_retry(nport, &key_login, "hostname", Duration::from_secs(20)).expect("ssh after the start");
+        assert_eq!(v["data"]["readiness"]["ssh"]["ready"], true, "{v}");
+        let h = ssh_run(nport, &key_login, "hostname").expect("the first ssh after start?wait=ready");
         assert_eq!(h, nid);
 
         // A stop cuts open sessions from the gateway before the container stops.

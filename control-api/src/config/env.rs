@@ -70,6 +70,12 @@ impl Config {
         parse_env(env, "GPUGATE_IDLE_MAX_STOP_AFTER_S", &mut self.idle.max_stop_after_s)?;
         parse_env(env, "GPUGATE_IDLE_POLICY", &mut self.idle.policy)?;
         parse_env(env, "GPUGATE_IDLE_CHECK_INTERVAL_S", &mut self.idle.check_interval_s)?;
+        parse_env(env, "GPUGATE_READINESS_SSH_DEADLINE_S", &mut self.readiness.ssh_deadline_s)?;
+        parse_env(env, "GPUGATE_READINESS_JUPYTER_DEADLINE_S", &mut self.readiness.jupyter_deadline_s)?;
+        parse_env(env, "GPUGATE_READINESS_CODE_DEADLINE_S", &mut self.readiness.code_deadline_s)?;
+        parse_env(env, "GPUGATE_READINESS_RDP_DEADLINE_S", &mut self.readiness.rdp_deadline_s)?;
+        parse_env(env, "GPUGATE_READINESS_PROBE_TIMEOUT_MS", &mut self.readiness.probe_timeout_ms)?;
+        parse_env(env, "GPUGATE_READINESS_MAX_BACKOFF_MS", &mut self.readiness.max_backoff_ms)?;
         parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
         parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
         self.metrics.apply_env(env)?;

@@ -7,6 +7,7 @@ mod env;
 mod idle;
 mod metrics;
 mod range;
+mod readiness;
 mod tenant;
 mod workspace;
 
@@ -16,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 pub use idle::{IdleConfig, IdlePolicy, MAX_IDLE_STOP_AFTER_S};
+pub use readiness::ReadinessConfig;
 pub use metrics::MetricsConfig;
 pub use range::PortRange;
 pub use tenant::{QuotaConfig, RateLimitConfig};
@@ -215,6 +217,8 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// Idle auto-stop.
     pub idle: IdleConfig,
+    /// Per-service readiness probes after each start.
+    pub readiness: ReadinessConfig,
     /// Seconds an `Idempotency-Key` keeps answering with the environment it created.
     pub idempotency_retention_s: u64,
     /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
@@ -259,6 +263,7 @@ impl Default for Config {
             quotas: QuotaConfig::default(),
             rate_limit: RateLimitConfig::default(),
             idle: IdleConfig::default(),
+            readiness: ReadinessConfig::default(),
             idempotency_retention_s: 24 * 3600,
             shutdown_grace_s: 60,
             metrics: MetricsConfig::default(),
@@ -318,6 +323,7 @@ impl Config {
         self.docker.limits.validate().map_err(ConfigError::Invalid)?;
         self.rate_limit.validate().map_err(ConfigError::Invalid)?;
         self.idle.validate().map_err(ConfigError::Invalid)?;
+        self.readiness.validate().map_err(ConfigError::Invalid)?;
         self.metrics.validate().map_err(ConfigError::Invalid)?;
         if self.idempotency_retention_s < 24 * 3600 {
             return bad(format!(

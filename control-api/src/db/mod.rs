@@ -7,6 +7,7 @@ pub mod gpus;
 pub mod idempotency;
 pub mod ports;
 pub mod quotas;
+pub mod readiness;
 pub mod routes;
 pub mod users;
 

@@ -11,10 +11,11 @@ use chrono::{DateTime, Utc};
 use gpugate_routes::Service;
 use serde::{Deserialize, Serialize};
 
-use super::{Body, Caller, IdPath};
+use super::{Body, Caller, IdPath, OptionalBody, QueryOf};
 use crate::activity::{Activity, ServiceActivity};
 use crate::db::envs::{self, EnvRow};
-use crate::db::ports;
+use crate::db::{ports, readiness};
+use crate::readiness::ServiceReadiness;
 use crate::error::{ok, ApiError, ApiResult, Success};
 use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
 use sha2::{Digest, Sha256};
@@ -65,6 +66,49 @@ pub struct CreateEnvironment {
     /// and maximum from configuration (`idle`).
     #[serde(default)]
     pub idle_stop_after_s: Option<u64>,
+    /// When to answer (default `routes`). Not part of what the request asks for, so not of
+    /// its idempotency digest: a retry may wait differently.
+    #[serde(default, skip_serializing)]
+    pub wait: Option<Wait>,
+}
+
+/// When a create or start answers.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Wait {
+    /// Once the routes are live in the route table (or the route wait passed): the services
+    /// inside may still be starting; `ready` in the answer says.
+    #[default]
+    Routes,
+    /// Once every service answered like itself or its readiness deadline passed; the answer
+    /// shows each service's readiness either way.
+    Ready,
+}
+
+/// Query of create and start: `?wait=ready`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    #[serde(default)]
+    pub wait: Option<Wait>,
+}
+
+/// Optional body of `POST /api/v1/environments/{id}/start`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartEnvironment {
+    #[serde(default)]
+    pub wait: Option<Wait>,
+}
+
+/// The one `wait` of a request that may name it in its query and its body.
+fn wait_of(query: Option<Wait>, body: Option<Wait>) -> Result<Wait, ApiError> {
+    match (query, body) {
+        (Some(q), Some(b)) if q != b => {
+            Err(ApiError::Validation("wait is given in the query and the body with different values".into()))
+        }
+        (q, b) => Ok(q.or(b).unwrap_or_default()),
+    }
 }
 
 /// Body of `PATCH /api/v1/environments/{id}`.
@@ -157,6 +201,11 @@ pub struct EnvironmentView {
     /// Whether the routes were seen live in the route table (create/start responses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routes_live: Option<bool>,
+    /// Whether every service answers like itself at its address since the last start (a
+    /// login works); false while any is starting or gave up, and whenever not running.
+    pub ready: bool,
+    /// Per service: `ready`, `ready_at`, and `not_ready_reason` while it is not.
+    pub readiness: BTreeMap<String, ServiceReadiness>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub access_info: AccessInfo,
@@ -198,6 +247,8 @@ fn access_info(st: &AppInner, env: &EnvRow, held: &[(u16, Service)]) -> AccessIn
 async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<EnvironmentView, ApiError> {
     let held = ports::env_ports(st.db.pool(), &env.id).await?;
     let access_info = access_info(st, &env, &held);
+    let rows = if env.status == envs::status::RUNNING { readiness::of_env(st.db.pool(), &env.id).await? } else { vec![] };
+    let (ready, readiness) = crate::readiness::view(&env.status, &env.services, &rows);
     let activity = st.table.get().ok().map(|t| Activity::read(&t, &env.id, &held));
     let idle_seconds = match (&activity, env.status == envs::status::RUNNING) {
         (Some(a), true) => Some(a.idle_ms(st.cfg.idle.policy, env.running_since, gpugate_routes::now_ms()) / 1000),
@@ -218,6 +269,8 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         gpus: env.gpus,
         gpu_count: env.gpu_count,
         routes_live,
+        ready,
+        readiness,
         created_at: env.created_at,
         updated_at: env.updated_at,
     })
@@ -252,8 +305,10 @@ async fn create_environment(
     State(st): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
+    QueryOf(query): QueryOf<WaitQuery>,
     Body(req): Body<CreateEnvironment>,
 ) -> Result<Response, ApiError> {
+    let wait = wait_of(query.wait, req.wait)?;
     let idempotency = idempotency_key(&headers, &req)?;
     let spec = CreateSpec {
         id: crate::ids::env_id(),
@@ -271,7 +326,8 @@ async fn create_environment(
     let (st2, user, id) = (st.clone(), caller.0.clone(), spec.id.clone());
     let out = st.ops.run(&st, &id, async move { lifecycle::create(&st2, &user, spec).await }).await?;
     let replayed = out.replayed;
-    let body = Success(StatusCode::CREATED, view(&st, out.env, Some(out.routes_live)).await?);
+    let env = settle_wait(&st, out.env, wait).await?;
+    let body = Success(StatusCode::CREATED, view(&st, env, Some(out.routes_live)).await?);
     let mut resp = body.into_response();
     if replayed {
         resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -308,11 +364,31 @@ async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id)
     Ok(ok(view(&st, out.env, None).await?))
 }
 
-/// `POST /api/v1/environments/{id}/start`.
-async fn start_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
+/// `POST /api/v1/environments/{id}/start` (`?wait=ready`, or an optional body
+/// `{"wait": "ready"}`).
+async fn start_environment(
+    State(st): State<AppState>,
+    caller: Caller,
+    IdPath(id): IdPath,
+    QueryOf(query): QueryOf<WaitQuery>,
+    OptionalBody(body): OptionalBody<StartEnvironment>,
+) -> ApiResult<EnvironmentView> {
+    let wait = wait_of(query.wait, body.and_then(|b| b.wait))?;
     let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
     let out = st.ops.run(&st, &id, async move { lifecycle::start(&st2, &user, &id2).await }).await?;
-    Ok(ok(view(&st, out.env, Some(out.routes_live)).await?))
+    let env = settle_wait(&st, out.env, wait).await?;
+    Ok(ok(view(&st, env, Some(out.routes_live)).await?))
+}
+
+/// For `wait: ready`: waits until every service of a running `env` is ready or past its
+/// deadline, and returns the environment as it is then; otherwise `env` as it is.
+async fn settle_wait(st: &AppInner, env: EnvRow, wait: Wait) -> Result<EnvRow, ApiError> {
+    if wait != Wait::Ready || env.status != envs::status::RUNNING {
+        return Ok(env);
+    }
+    let limit = st.readiness.wait_limit(&env.services);
+    st.readiness.wait_decided(&env.id, limit).await?;
+    Ok(envs::get(st.db.pool(), &env.id, None).await?.unwrap_or(env))
 }
 
 /// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.

@@ -120,3 +120,37 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
         }
     }
 }
+
+/// An optional JSON body: none at all (no `Content-Length`, or 0, and no chunked body) is
+/// `None`; one that is there is read like [`Body`].
+pub struct OptionalBody<T>(pub Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, st: &S) -> Result<Self, ApiError> {
+        let h = req.headers();
+        let length = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).map(str::trim);
+        let empty = match length {
+            Some(l) => l == "0",
+            None => !h.contains_key(header::TRANSFER_ENCODING),
+        };
+        if empty {
+            return Ok(OptionalBody(None));
+        }
+        let Body(v) = Body::<T>::from_request(req, st).await?;
+        Ok(OptionalBody(Some(v)))
+    }
+}
+
+/// A query string of type `T`; one that does not fit is a 422 naming the parameter.
+pub struct QueryOf<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryOf<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::try_from_uri(&parts.uri) {
+            Ok(axum::extract::Query(v)) => Ok(QueryOf(v)),
+            Err(e) => Err(ApiError::Validation(e.body_text())),
+        }
+    }
+}

@@ -16,7 +16,7 @@ mod validate;
 pub use stop_start::{start, stop, stop_env};
 
 use crate::db::envs::{self, status, EnvRow, NewEnv};
-use crate::db::{self, gpus, idempotency, ports, quotas, routes, users::User};
+use crate::db::{self, gpus, idempotency, ports, quotas, readiness, routes, users::User};
 use crate::docker::{DockerError, WorkspaceSpec};
 use crate::error::ApiError;
 use crate::state::State;
@@ -279,8 +279,8 @@ async fn start_and_read(
     st.docker.upstreams(container, allocated).await.map_err(docker_error)
 }
 
-/// Commits routes with a new generation and marks the environment running; returns the
-/// routes the table must then hold.
+/// Commits routes with a new generation and marks the environment running, starts the
+/// readiness probes of its services; returns the routes the table must then hold.
 async fn commit_routes(
     st: &State,
     id: &str,
@@ -294,6 +294,9 @@ async fn commit_routes(
     let mut tx = st.db.begin().await?;
     let generation = envs::next_generation(&mut tx, id).await?;
     routes::put(&mut tx, id, generation, upstreams).await?;
+    let deadlines: Vec<(&str, u64)> =
+        upstreams.iter().map(|(_, s, _)| (s.as_str(), st.cfg.readiness.deadline_s(*s))).collect();
+    readiness::reset(&mut tx, id, generation, &deadlines, st.instance).await?;
     envs::settle(&mut *tx, id, status::RUNNING, None, Some(container)).await?;
     let detail = serde_json::json!({
         "container": container,
@@ -302,6 +305,9 @@ async fn commit_routes(
     });
     db::event(&mut *tx, Some(id), "container_started", detail).await?;
     tx.commit().await?;
+    // Each service is probed at its published address until it answers (crate::readiness).
+    let targets: Vec<(Service, SocketAddr)> = upstreams.iter().map(|(_, s, u)| (*s, *u)).collect();
+    st.readiness.spawn(id, generation, &targets);
     let generation = u64::try_from(generation).unwrap_or(0);
     Ok(upstreams
         .iter()
@@ -439,6 +445,7 @@ pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
     let mut tx = st.db.begin().await?;
     let released = ports::release_env(&mut *tx, &env.id, st.cfg.quarantine_s).await?;
     gpus::release_env(&mut *tx, &env.id).await?;
+    readiness::clear(&mut *tx, &env.id).await?;
     envs::settle(&mut *tx, &env.id, status::DELETED, None, None).await?;
     db::event(&mut *tx, Some(&env.id), "deleted", serde_json::json!({"ports_quarantined": released, "container": env.container_id})).await?;
     tx.commit().await?;

@@ -10,7 +10,7 @@ use gpugate_routes::Route;
 
 use super::{claim, commit_routes, wait_cut_off, docker_error, gpus_unavailable, quota, remove_containers, start_and_read, Outcome};
 use crate::db::envs::{self, status, EnvRow};
-use crate::db::{self, gpus, ports, quotas, routes, users::User};
+use crate::db::{self, gpus, ports, quotas, readiness, routes, users::User};
 use crate::docker::{Limits, WorkspaceSpec};
 use crate::error::ApiError;
 use crate::state::State;
@@ -47,6 +47,7 @@ pub async fn stop_env(st: &State, env: &EnvRow, reason: &str, status_reason: Opt
         let mut tx = st.db.begin().await?;
         let released = gpus::release_env(&mut *tx, &env.id).await?;
         envs::set_gpus(&mut tx, &env.id, &[]).await?;
+        readiness::clear(&mut *tx, &env.id).await?;
         envs::settle(&mut *tx, &env.id, status::STOPPED, status_reason, None).await?;
         let detail = serde_json::json!({"reason": reason, "gpus_released": env.gpus});
         db::event(&mut *tx, Some(&env.id), "stopped", detail).await?;
@@ -179,6 +180,7 @@ async fn undo_start(st: &State, id: &str, reason: &str) -> anyhow::Result<()> {
     gpus::release_env(&mut *tx, id).await?;
     envs::set_gpus(&mut tx, id, &[]).await?;
     envs::clear_container(&mut *tx, id).await?;
+    readiness::clear(&mut *tx, id).await?;
     envs::settle(&mut *tx, id, status::STOPPED, Some(reason), None).await?;
     db::event(&mut *tx, Some(id), "start_undone", serde_json::json!({ "reason": reason })).await?;
     tx.commit().await?;

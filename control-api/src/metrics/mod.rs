@@ -69,6 +69,12 @@ pub struct Metrics {
     pub sessions_closed: IntCounterVec,
     /// Environments stopped by the idle task.
     pub idle_stops: IntCounter,
+    /// Readiness probes by service and result.
+    pub readiness_probes: IntCounterVec,
+    /// From a start to each service's first answer.
+    pub service_ready_seconds: HistogramVec,
+    /// Services given up on at their readiness deadline.
+    pub services_not_ready: IntCounterVec,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -100,6 +106,15 @@ impl Metrics {
             must(registry.register(Box::new(h.clone())));
             h
         };
+        let service_ready_seconds = must(HistogramVec::new(
+            HistogramOpts::new(
+                "gpugate_service_ready_seconds",
+                "From a start (container started, routes committed) to the service's first answer at its published address",
+            )
+            .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0]),
+            &["service"],
+        ));
+        must(registry.register(Box::new(service_ready_seconds.clone())));
         let publisher_active = must(IntGauge::new(
             "gpugate_publisher_active",
             "1 while this process holds the route table's writer lock",
@@ -145,6 +160,17 @@ impl Metrics {
                 &["result"],
             ),
             idle_stops,
+            readiness_probes: counter(
+                "gpugate_readiness_probes_total",
+                "Readiness probes at published addresses by service and result (ready, not_ready)",
+                &["service", "result"],
+            ),
+            service_ready_seconds,
+            services_not_ready: counter(
+                "gpugate_services_not_ready_total",
+                "Services that did not answer by their readiness deadline",
+                &["service"],
+            ),
             registry,
         }
     }

@@ -470,3 +470,32 @@ pub fn published(inspect: &Value, container_port: u16) -> SocketAddr {
         .parse()
         .expect("addr")
 }
+
+/// A new ed25519 key pair in the test's directory: (private key path, public key line).
+pub fn keypair(ctx: &Ctx) -> (PathBuf, String) {
+    let key = ctx.dir.join("id_ed25519");
+    let made = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().expect("ssh-keygen");
+    assert!(made.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key").trim().to_string();
+    (key, public)
+}
+
+/// One OpenSSH login as root to `127.0.0.1:port` with `key`, no retry; whether `echo` came
+/// back (the client's complaint is printed when not).
+pub fn ssh_login(port: u16, key: &Path) -> bool {
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .args([
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "ConnectTimeout=10", "-o", "ConnectionAttempts=1", "-o", "LogLevel=ERROR",
+            "-p", &port.to_string(), "root@127.0.0.1", "echo logged-in",
+        ])
+        .output()
+        .expect("ssh client");
+    let ok = String::from_utf8_lossy(&out.stdout).contains("logged-in");
+    if !ok {
+        eprintln!("ssh -p {port}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    ok
+}
