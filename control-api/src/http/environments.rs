@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{Body, Caller, IdPath};
 use crate::activity::{Activity, ServiceActivity};
 use crate::db::envs::{self, EnvRow};
-use crate::db::ports;
+use crate::db::{gpus, ports};
 use crate::error::{ok, ApiError, ApiResult, Success};
 use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
 use sha2::{Digest, Sha256};
@@ -46,6 +46,10 @@ pub struct CreateEnvironment {
     /// Number of GPUs (default 0).
     #[serde(default)]
     pub gpus: Option<u32>,
+    /// Part of the GPU model name the GPUs must have, e.g. `"A100"` (case-insensitive).
+    /// Absent from the idempotency digest when not given, like before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
     /// Services (`ssh`, `jupyter`, `code`, `rdp`); default from configuration.
     #[serde(default)]
     pub services: Option<Vec<String>>,
@@ -128,6 +132,18 @@ pub struct Access {
     pub access_info: AccessInfo,
 }
 
+/// A GPU an environment holds.
+#[derive(Debug, Serialize)]
+pub struct GpuDeviceView {
+    pub index: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Model name (empty for a GPU listed by index in configuration).
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<i64>,
+}
+
 /// An environment as the API shows it.
 #[derive(Debug, Serialize)]
 pub struct EnvironmentView {
@@ -144,6 +160,11 @@ pub struct EnvironmentView {
     pub gpus: Vec<i32>,
     /// GPUs the environment asked for; each start allocates this many.
     pub gpu_count: i32,
+    /// The GPU model it asked for (each start takes that model again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
+    /// The GPUs held now: index, UUID (when discovered), model name and memory.
+    pub gpu_devices: Vec<GpuDeviceView>,
     /// Per service: sessions and bytes through the gateway since the last start (live: open
     /// sessions are flushed every `gpugate_flush_interval`). Absent when the route table
     /// cannot be read.
@@ -198,6 +219,11 @@ fn access_info(st: &AppInner, env: &EnvRow, held: &[(u16, Service)]) -> AccessIn
 async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<EnvironmentView, ApiError> {
     let held = ports::env_ports(st.db.pool(), &env.id).await?;
     let access_info = access_info(st, &env, &held);
+    let gpu_devices = gpus::of_env(st.db.pool(), &env.id)
+        .await?
+        .into_iter()
+        .map(|g| GpuDeviceView { index: g.index, uuid: g.uuid, name: g.name, memory_mib: g.memory_mib })
+        .collect();
     let activity = st.table.get().ok().map(|t| Activity::read(&t, &env.id, &held));
     let idle_seconds = match (&activity, env.status == envs::status::RUNNING) {
         (Some(a), true) => Some(a.idle_ms(st.cfg.idle.policy, env.running_since, gpugate_routes::now_ms()) / 1000),
@@ -217,6 +243,8 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         services: env.services,
         gpus: env.gpus,
         gpu_count: env.gpu_count,
+        gpu_model: env.gpu_model,
+        gpu_devices,
         routes_live,
         created_at: env.created_at,
         updated_at: env.updated_at,
@@ -261,6 +289,7 @@ async fn create_environment(
         name: req.name,
         image: req.image,
         gpus: req.gpus.unwrap_or(0),
+        gpu_model: req.gpu_model,
         services: req.services,
         ssh_public_keys: req.ssh_public_keys.unwrap_or_default(),
         memory_mb: req.memory_mb,
