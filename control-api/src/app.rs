@@ -165,6 +165,18 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
     let (tx, rx) = watch::channel(false);
     let mut tasks = vec![];
 
+    // The engine and its GPU mode are checked before anything starts: a mode the engine
+    // cannot serve is a refusal to start naming the fix, not a failure at the first create.
+    let engine = match mode {
+        Mode::PublishOnly => None,
+        Mode::Api { .. } => {
+            let mut docker = DockerClient::connect(&cfg).await.context("connecting to Docker")?;
+            let (backend, devices) = crate::gpu::prepare(&cfg, &docker).await.map_err(anyhow::Error::msg)?;
+            docker.set_gpu(backend);
+            Some((docker, devices))
+        }
+    };
+
     let run_publisher = matches!(mode, Mode::PublishOnly | Mode::Api { publisher: true });
     if run_publisher {
         let p = Publisher::new(db.clone(), &cfg.route_table, metrics.clone(), status.clone(), resync.clone());
@@ -202,8 +214,11 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
 
     let report = ports::sync_pools(&db, &cfg).await.context("synchronising port pools")?;
     tracing::info!(?report, "port pools synchronised");
-    gpus::sync_inventory(&db, &cfg.gpu.devices).await.context("synchronising the GPU inventory")?;
-    let mut docker = DockerClient::connect(&cfg).await.context("connecting to Docker")?;
+    let Some((mut docker, devices)) = engine else {
+        anyhow::bail!("API mode without a Docker engine");
+    };
+    let change = gpus::sync_inventory(&db, &devices).await.context("synchronising the GPU inventory")?;
+    tracing::info!(gpus = devices.len(), added = change.added.len(), retired = change.retired.len(), "GPU inventory synchronised");
     docker.ensure_network().await.context("preparing the workspace network")?;
 
     let instance = crate::ids::instance_id();

@@ -34,15 +34,18 @@ pub enum ApiError {
     #[error("image \"{0}\" is not present on the Docker host (pull it there first: docker pull {0})")]
     ImageNotFound(String),
     /// 409, code 1008: more GPUs needed (by a create or a start) than are free right now.
-    /// The envelope's `data` carries `{"gpus_free": free, "gpus_needed": needed}`.
+    /// The envelope's `data` carries `{"gpus_free": free, "gpus_needed": needed}`, and for a
+    /// request of one model also `"gpu_model"` and `"free_by_model"` (`{name: count}`).
     #[error("{message}")]
     GpusUnavailable {
-        /// What was refused, naming both counts.
+        /// What was refused, naming both counts (and, for a model, what is free).
         message: String,
-        /// GPUs free when the allocation was tried.
+        /// GPUs (of the model asked for) free when the allocation was tried.
         free: u32,
         /// GPUs the operation needs.
         needed: u32,
+        /// The model asked for, and the free GPUs per model name.
+        model: Option<(String, Vec<(String, i64)>)>,
     },
     /// 409, code 1011: the operation would take the user past a quota (the message names it).
     #[error("{0}")]
@@ -115,8 +118,15 @@ impl ApiError {
     /// What the error's envelope carries in `data` (`null` for most errors).
     pub fn data(&self) -> Option<serde_json::Value> {
         match self {
-            ApiError::GpusUnavailable { free, needed, .. } => {
+            ApiError::GpusUnavailable { free, needed, model: None, .. } => {
                 Some(serde_json::json!({ "gpus_free": free, "gpus_needed": needed }))
+            }
+            ApiError::GpusUnavailable { free, needed, model: Some((model, by_model)), .. } => {
+                let by: serde_json::Map<String, serde_json::Value> =
+                    by_model.iter().map(|(n, c)| (n.clone(), serde_json::json!(c))).collect();
+                Some(serde_json::json!({
+                    "gpus_free": free, "gpus_needed": needed, "gpu_model": model, "free_by_model": by,
+                }))
             }
             _ => None,
         }

@@ -3,6 +3,7 @@
 //! - [`config`]: typed configuration (file + environment).
 //! - [`db`]: PostgreSQL, the source of truth (pools, environments, routes, users, events).
 //! - [`docker`]: the workspace containers.
+//! - [`gpu`]: a GPU host's device passing (checked against its engine) and inventory discovery.
 //! - [`routes`]: the publisher, the route table's one writer, and the API's read view of it.
 //! - [`lifecycle`]: create / stop / start / delete, each undone in reverse on failure.
 //! - [`ops`]: runs accepted operations to completion in their own tasks.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod docker;
 pub mod error;
+pub mod gpu;
 pub mod http;
 pub mod ids;
 pub mod idle;

@@ -39,6 +39,11 @@ pub struct Repairs {
     pub ports_released: u64,
     /// GPUs held by no environment, or by a stopped one whose container is stopped, released.
     pub gpus_released: u64,
+    /// GPUs discovery found that were not in the inventory, added.
+    pub gpus_added: u64,
+    /// GPUs discovery no longer reports, taken out of the inventory (never handed out again
+    /// while gone; one an environment holds retires when released).
+    pub gpus_retired: u64,
 }
 
 impl Repairs {
@@ -55,6 +60,8 @@ impl Repairs {
             + self.routes_deleted
             + self.ports_released
             + self.gpus_released
+            + self.gpus_added
+            + self.gpus_retired
     }
 }
 
@@ -262,6 +269,7 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
         r.ports_released += 1;
     }
     r.gpus_released += gpus::release_orphans(&st.db).await?;
+    rediscover(st, &mut r).await;
     ports::end_quarantine(&st.db).await?;
     idempotency::purge(&st.db, st.cfg.idempotency_retention_s).await?;
 
@@ -281,6 +289,8 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
         ("route_deleted", r.routes_deleted),
         ("port_released", r.ports_released),
         ("gpu_released", r.gpus_released),
+        ("gpu_added", r.gpus_added),
+        ("gpu_retired", r.gpus_retired),
     ] {
         st.metrics.repaired(kind, n);
     }
@@ -288,6 +298,40 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
         st.db.event(None, "reconciled", serde_json::to_value(&r).unwrap_or_default()).await?;
     }
     Ok(r)
+}
+
+/// Re-reads a discovered inventory (`nvidia-smi`) and syncs it: new GPUs join, GPUs gone
+/// leave (each environment still holding one is logged and gets a `gpu_vanished` event). A
+/// discovery that fails changes nothing: an unreadable `nvidia-smi` never empties the
+/// inventory.
+async fn rediscover(st: &State, r: &mut Repairs) {
+    let source = &st.docker.gpu().source;
+    if !source.is_discovered() {
+        return;
+    }
+    let devices = match source.read().await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "GPU discovery failed; the inventory is left as it was");
+            return;
+        }
+    };
+    match gpus::sync_inventory(&st.db, &devices).await {
+        Ok(change) => {
+            for g in &change.added {
+                tracing::info!(gpu = %g, "GPU joined the inventory");
+            }
+            for g in &change.retired {
+                match &g.env_id {
+                    Some(env) => tracing::warn!(gpu = %g.id, env_id = %env, "GPU disappeared while an environment holds it; it retires when released"),
+                    None => tracing::warn!(gpu = %g.id, "GPU disappeared; retired"),
+                }
+            }
+            r.gpus_added += change.added.len() as u64;
+            r.gpus_retired += change.retired.len() as u64;
+        }
+        Err(e) => tracing::error!(error = %e, "syncing the discovered GPU inventory failed"),
+    }
 }
 
 /// Gives back the GPUs a stopped environment still holds (a stop that failed half-way, or one

@@ -206,7 +206,7 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     let mut steps: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     let mut ids = vec![];
     for i in 0..cli.creates {
-        let spec = CreateSpec { id: gpugate_api::ids::env_id(), idempotency: None, name: format!("b{i}"), image: None, gpus: 0, services: None, ssh_public_keys: vec![], memory_mb: None, cpus: None, pids: None, idle_stop_after_s: None };
+        let spec = CreateSpec { id: gpugate_api::ids::env_id(), idempotency: None, name: format!("b{i}"), image: None, gpus: 0, gpu_model: None, services: None, ssh_public_keys: vec![], memory_mb: None, cpus: None, pids: None, idle_stop_after_s: None };
         let out = lifecycle::create(&st, &user, spec).await.map_err(|e| anyhow::anyhow!("create: {e}"))?;
         for (k, v) in out.timings {
             steps.entry(k).or_default().push(v * 1000.0);

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{Config, ConfigError, GpuMode, PoolConfig, PortRange, Secret};
+use super::{Config, ConfigError, PoolConfig, PortRange, Secret};
 
 /// Reads variable `name`, if set and not empty.
 fn env_var(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
@@ -114,16 +114,15 @@ impl Config {
             }
             self.gpu.devices = devices;
         }
-        if let Some(v) = env_var(env, "GPUGATE_GPU_MODE") {
-            self.gpu.mode = match v.trim() {
-                "cdi" => GpuMode::Cdi,
-                "nodes" => GpuMode::Nodes,
-                other => {
-                    return Err(ConfigError::Env {
-                        name: "GPUGATE_GPU_MODE",
-                        message: format!("\"{other}\": expected cdi or nodes"),
-                    })
-                }
+        parse_env(env, "GPUGATE_GPU_MODE", &mut self.gpu.mode)?;
+        if let Some(v) = env_var(env, "GPUGATE_GPU_CAPABILITIES") {
+            self.gpu.capabilities = split_list(&v);
+        }
+        if let Some(v) = env_var(env, "GPUGATE_NVIDIA_SMI") {
+            // "none" turns discovery off; otherwise a command line split on whitespace.
+            self.gpu.nvidia_smi = match v.trim() {
+                "none" => vec![],
+                line => line.split_whitespace().map(str::to_string).collect(),
             };
         }
         parse_env(env, "GPUGATE_GPU_KIND", &mut self.gpu.kind)?;

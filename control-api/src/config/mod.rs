@@ -4,6 +4,7 @@
 //! URL's password) never appear in `Debug` output or logs.
 
 mod env;
+mod gpu;
 mod idle;
 mod metrics;
 mod range;
@@ -16,6 +17,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+pub use gpu::{GpuConfig, GpuMode, NVIDIA_CAPABILITIES};
 pub use idle::{IdleConfig, IdlePolicy, MAX_IDLE_STOP_AFTER_S};
 pub use readiness::ReadinessConfig;
 pub use metrics::MetricsConfig;
@@ -92,44 +94,6 @@ impl PoolConfig {
     /// The range nginx binds.
     pub fn bound(&self) -> PortRange {
         self.bound.unwrap_or(self.range)
-    }
-}
-
-/// How GPUs reach a workspace container.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum GpuMode {
-    /// Docker device requests with CDI names `<kind>=<index>` (Docker Engine 25 or newer with a
-    /// CDI spec, e.g. from `nvidia-ctk cdi generate`). The production path.
-    #[default]
-    Cdi,
-    /// Map host device nodes (`node_path` with `{index}` replaced) into the container as
-    /// `/dev/nvidia<index>`, and set `NVIDIA_VISIBLE_DEVICES`. For engines without CDI.
-    Nodes,
-}
-
-/// The GPU inventory and how devices are passed.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GpuConfig {
-    /// Device indexes this host offers, e.g. `[0, 1, 2, 3]`. Empty: no GPUs.
-    pub devices: Vec<u32>,
-    /// How devices are passed to containers.
-    pub mode: GpuMode,
-    /// CDI device kind (mode `cdi`): devices are requested as `<kind>=<index>`.
-    pub kind: String,
-    /// Host device node per GPU (mode `nodes`); `{index}` is replaced by the index.
-    pub node_path: String,
-}
-
-impl Default for GpuConfig {
-    fn default() -> Self {
-        GpuConfig {
-            devices: vec![],
-            mode: GpuMode::Cdi,
-            kind: "nvidia.com/gpu".into(),
-            node_path: "/dev/nvidia{index}".into(),
-        }
     }
 }
 
@@ -384,16 +348,7 @@ impl Config {
                 return bad(format!("default service {s} has no port pool"));
             }
         }
-        let mut seen = std::collections::BTreeSet::new();
-        if let Some(d) = self.gpu.devices.iter().find(|d| !seen.insert(**d)) {
-            return bad(format!("gpu.devices lists index {d} twice"));
-        }
-        if self.gpu.mode == GpuMode::Cdi && !self.gpu.kind.contains('/') {
-            return bad(format!("gpu.kind \"{}\" is not a CDI kind (vendor/class)", self.gpu.kind));
-        }
-        if self.gpu.mode == GpuMode::Nodes && !self.gpu.node_path.contains("{index}") {
-            return bad(format!("gpu.node_path \"{}\" lacks {{index}}", self.gpu.node_path));
-        }
+        self.gpu.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

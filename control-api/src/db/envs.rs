@@ -36,6 +36,8 @@ pub struct EnvRow {
     pub gpus: Vec<i32>,
     /// GPUs the environment asked for; a start allocates this many again.
     pub gpu_count: i32,
+    /// The GPU model asked for (matched against the model name); `None`: any.
+    pub gpu_model: Option<String>,
     /// Memory limit in MiB settled at create (`None`: made before limits were recorded).
     pub memory_mb: Option<i64>,
     /// CPU limit in cores settled at create.
@@ -73,7 +75,7 @@ impl std::fmt::Debug for EnvRow {
 }
 
 const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, services, \
-    gpus, gpu_count, memory_mb, cpus, pids, route_generation, username, password, jupyter_token, \
+    gpus, gpu_count, gpu_model, memory_mb, cpus, pids, route_generation, username, password, jupyter_token, \
     ssh_public_keys, op_instance, idle_stop_after_s, running_since, created_at, updated_at, deleted_at";
 
 /// What a create inserts.
@@ -89,6 +91,8 @@ pub struct NewEnv<'a> {
     pub ssh_public_keys: &'a [String],
     /// GPUs asked for (allocated again by every start).
     pub gpu_count: u32,
+    /// The GPU model asked for (every start takes that model again).
+    pub gpu_model: Option<&'a str>,
     /// The container's limits (kept for the container a start re-creates): memory in MiB,
     /// CPU cores, processes.
     pub memory_mb: u64,
@@ -103,8 +107,8 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     sqlx::query(
         "INSERT INTO environments (id, owner_id, name, image, status, services, username, \
              password, jupyter_token, ssh_public_keys, op_instance, gpu_count, memory_mb, cpus, pids, \
-             idle_stop_after_s) \
-         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+             idle_stop_after_s, gpu_model) \
+         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     )
     .bind(e.id)
     .bind(e.owner_id)
@@ -121,14 +125,15 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     .bind(e.cpus)
     .bind(i32::try_from(e.pids).unwrap_or(i32::MAX))
     .bind(i64::try_from(e.idle_stop_after_s).unwrap_or(i64::MAX))
+    .bind(e.gpu_model)
     .execute(&mut **tx)
     .await
     .map(|_| ())
 }
 
 /// Records the GPUs an environment holds now (empty when a stop gave them back).
-pub async fn set_gpus(tx: &mut Tx<'_>, id: &str, gpus: &[u32]) -> DbResult<()> {
-    let gpus: Vec<i32> = gpus.iter().filter_map(|g| i32::try_from(*g).ok()).collect();
+pub async fn set_gpus(tx: &mut Tx<'_>, id: &str, gpus: &[crate::gpu::GpuRef]) -> DbResult<()> {
+    let gpus: Vec<i32> = gpus.iter().filter_map(|g| i32::try_from(g.index).ok()).collect();
     sqlx::query("UPDATE environments SET gpus = $2 WHERE id = $1")
         .bind(id)
         .bind(gpus)

@@ -1,59 +1,162 @@
-//! The `gpu_devices` table: the inventory from configuration and per-environment allocation.
+//! The `gpu_devices` table: the host's inventory (discovered by UUID, or indexes from
+//! configuration) and per-environment allocation.
 
+use serde::Serialize;
 use sqlx::PgExecutor;
 
 use super::{Db, DbResult, Tx};
+use crate::gpu::{Device, GpuRef};
 
-/// Makes the inventory match `devices`: new indexes become available, missing ones are
-/// retired (an allocated one stays with its environment until released, then retires; every
-/// release path honours `in_inventory`).
-pub async fn sync_inventory(db: &Db, devices: &[u32]) -> DbResult<()> {
-    let idx: Vec<i32> = devices.iter().filter_map(|d| i32::try_from(*d).ok()).collect();
-    let mut tx = db.begin().await?;
-    sqlx::query(
-        "INSERT INTO gpu_devices (idx) SELECT unnest($1::int[]) \
-         ON CONFLICT (idx) DO UPDATE SET in_inventory = true, \
-             status = CASE WHEN gpu_devices.status = 'retired' THEN 'available' ELSE gpu_devices.status END",
-    )
-    .bind(&idx)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE gpu_devices SET in_inventory = false, \
-             status = CASE WHEN status = 'available' THEN 'retired' ELSE status END \
-         WHERE NOT (idx = ANY($1::int[]))",
-    )
-    .bind(&idx)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await
+/// One inventory row, as an admin sees it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct GpuRow {
+    /// The key: the UUID, or `index:<n>` for a GPU listed in configuration.
+    pub id: String,
+    /// Its index on the host now (last reported).
+    pub index: i32,
+    pub uuid: Option<String>,
+    /// Model name (empty when unknown).
+    pub name: String,
+    pub memory_mib: Option<i64>,
+    /// `available`, `allocated` or `retired`.
+    pub status: String,
+    /// Whether the host reports it now; false for a GPU that disappeared (an environment
+    /// may still hold it until it is released, then it retires).
+    pub in_inventory: bool,
+    /// The environment holding it.
+    pub env_id: Option<String>,
 }
 
-/// How many GPUs the inventory has (not retired).
+const COLUMNS: &str = "id, idx AS index, uuid, name, memory_mib, status, in_inventory, env_id";
+
+/// A GPU that left the inventory in a sync.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Retired {
+    /// Its key.
+    pub id: String,
+    /// The environment that still holds it (it retires when that one releases it).
+    pub env_id: Option<String>,
+}
+
+/// What a sync changed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InventoryChange {
+    /// Keys of GPUs that joined (new, or back after leaving).
+    pub added: Vec<String>,
+    /// GPUs that left.
+    pub retired: Vec<Retired>,
+}
+
+/// Makes the inventory match `devices`: new GPUs become available (a retired one that came
+/// back too), names, memory and indexes are refreshed, GPUs missing from `devices` leave the
+/// inventory: a free one retires at once, an allocated one stays with its environment until
+/// released, then retires (every release path honours `in_inventory`). Each change is an
+/// event (`gpu_added`, `gpu_vanished` on the environment holding it).
+pub async fn sync_inventory(db: &Db, devices: &[Device]) -> DbResult<InventoryChange> {
+    let ids: Vec<String> = devices.iter().map(Device::key).collect();
+    let idx: Vec<i32> = devices.iter().map(|d| i32::try_from(d.index).unwrap_or(i32::MAX)).collect();
+    let uuids: Vec<Option<String>> = devices.iter().map(|d| d.uuid.clone()).collect();
+    let names: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
+    let mem: Vec<Option<i64>> = devices.iter().map(|d| d.memory_mib.and_then(|m| i64::try_from(m).ok())).collect();
+    let mut tx = db.begin().await?;
+    // One sync at a time, so that each change is reported once.
+    sqlx::query("LOCK TABLE gpu_devices IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+    let before: Vec<String> = sqlx::query_scalar("SELECT id FROM gpu_devices WHERE in_inventory")
+        .fetch_all(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO gpu_devices (id, idx, uuid, name, memory_mib) \
+         SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bigint[]) \
+         ON CONFLICT (id) DO UPDATE SET idx = EXCLUDED.idx, uuid = EXCLUDED.uuid, name = EXCLUDED.name, \
+             memory_mib = EXCLUDED.memory_mib, in_inventory = true, \
+             status = CASE WHEN gpu_devices.status = 'retired' THEN 'available' ELSE gpu_devices.status END",
+    )
+    .bind(&ids)
+    .bind(&idx)
+    .bind(&uuids)
+    .bind(&names)
+    .bind(&mem)
+    .execute(&mut *tx)
+    .await?;
+    let gone: Vec<(String, Option<String>)> = sqlx::query_as(
+        "UPDATE gpu_devices SET in_inventory = false, \
+             status = CASE WHEN status = 'available' THEN 'retired' ELSE status END \
+         WHERE in_inventory AND NOT (id = ANY($1::text[])) RETURNING id, env_id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut change = InventoryChange::default();
+    for d in devices {
+        let key = d.key();
+        if !before.contains(&key) {
+            super::event(&mut *tx, None, "gpu_added", serde_json::json!({ "gpu": key, "index": d.index, "name": d.name }))
+                .await?;
+            change.added.push(key);
+        }
+    }
+    for (id, env_id) in gone {
+        super::event(&mut *tx, env_id.as_deref(), "gpu_vanished", serde_json::json!({ "gpu": id, "held": env_id.is_some() }))
+            .await?;
+        change.retired.push(Retired { id, env_id });
+    }
+    tx.commit().await?;
+    Ok(change)
+}
+
+/// How many GPUs the host has now.
 pub async fn inventory_size(db: &Db) -> DbResult<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM gpu_devices WHERE status <> 'retired'")
+    sqlx::query_scalar("SELECT count(*) FROM gpu_devices WHERE in_inventory")
         .fetch_one(db.pool())
         .await
 }
 
-/// Allocates `count` free GPUs to `env_id` in `tx` (same `SKIP LOCKED` pattern as ports).
-/// Returns fewer than `count` indexes when not enough are free; the caller rolls back.
-pub async fn allocate(tx: &mut Tx<'_>, env_id: &str, count: u32) -> DbResult<Vec<u32>> {
+/// Every GPU known, those on the host first, by index.
+pub async fn list(db: &Db) -> DbResult<Vec<GpuRow>> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM gpu_devices ORDER BY in_inventory DESC, idx, id"))
+        .fetch_all(db.pool())
+        .await
+}
+
+/// The GPUs `env_id` holds, by index.
+pub async fn of_env<'e, E: PgExecutor<'e>>(exec: E, env_id: &str) -> DbResult<Vec<GpuRow>> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM gpu_devices WHERE env_id = $1 ORDER BY idx, id"))
+        .bind(env_id)
+        .fetch_all(exec)
+        .await
+}
+
+/// Free GPUs per model name, by name.
+pub async fn free_by_model<'e, E: PgExecutor<'e>>(exec: E) -> DbResult<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT name, count(*) FROM gpu_devices WHERE status = 'available' GROUP BY name ORDER BY name")
+        .fetch_all(exec)
+        .await
+}
+
+/// Allocates `count` free GPUs to `env_id` in `tx` (same `SKIP LOCKED` pattern as ports),
+/// only of a model whose name contains `model` (case-insensitive) when one is given. Returns
+/// fewer than `count` when not enough are free; the caller rolls back.
+pub async fn allocate(tx: &mut Tx<'_>, env_id: &str, count: u32, model: Option<&str>) -> DbResult<Vec<GpuRef>> {
     if count == 0 {
         return Ok(vec![]);
     }
-    let idx: Vec<i32> = sqlx::query_scalar(
+    let rows: Vec<(i32, Option<String>)> = sqlx::query_as(
         "UPDATE gpu_devices SET status = 'allocated', env_id = $1 \
-         WHERE idx IN (SELECT idx FROM gpu_devices WHERE status = 'available' \
-                       ORDER BY idx LIMIT $2 FOR UPDATE SKIP LOCKED) \
-         RETURNING idx",
+         WHERE id IN (SELECT id FROM gpu_devices WHERE status = 'available' \
+                        AND ($3::text IS NULL OR strpos(lower(name), lower($3)) > 0) \
+                      ORDER BY idx, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         RETURNING idx, uuid",
     )
     .bind(env_id)
     .bind(i64::from(count))
+    .bind(model)
     .fetch_all(&mut **tx)
     .await?;
-    let mut out: Vec<u32> = idx.into_iter().filter_map(|i| u32::try_from(i).ok()).collect();
-    out.sort_unstable();
+    let mut out: Vec<GpuRef> = rows
+        .into_iter()
+        .filter_map(|(i, uuid)| Some(GpuRef { index: u32::try_from(i).ok()?, uuid }))
+        .collect();
+    out.sort_by(|a, b| (a.index, &a.uuid).cmp(&(b.index, &b.uuid)));
     Ok(out)
 }
 

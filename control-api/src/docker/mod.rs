@@ -22,7 +22,8 @@ mod volume;
 pub use plan::{container_port, Limits, Plan, WorkspaceSpec, WORKSPACE_CAPABILITIES};
 pub use volume::ManagedVolume;
 
-use crate::config::{Config, GpuMode};
+use crate::config::Config;
+use crate::gpu::{DriverProbe, EngineGpuFacts, GpuBackend};
 
 /// Label every gpugate container carries.
 pub const LABEL_MANAGED: &str = "gpugate.managed";
@@ -107,6 +108,9 @@ pub struct DockerClient {
     /// The engine's CPU count: Docker refuses a CPU limit above it, so larger limits are
     /// clamped to it (a workspace can use the whole host's CPUs, but no more).
     host_cpus: Option<f64>,
+    /// This engine's GPUs: how they are passed (also in `plan`) and where the inventory
+    /// comes from.
+    gpu: GpuBackend,
 }
 
 fn server_status(e: &BollardError) -> Option<u16> {
@@ -141,20 +145,6 @@ impl DockerClient {
         }
         .map_err(|e| DockerError::Connect(e.to_string()))?;
         let docker = docker.negotiate_version().await.map_err(|e| DockerError::Connect(e.to_string()))?;
-        if cfg.gpu.mode == GpuMode::Cdi && !cfg.gpu.devices.is_empty() {
-            // CDI device requests need Docker Engine 25 or newer; older engines refuse them
-            // only when a container starts, so say it once now.
-            if let Ok(v) = docker.version().await {
-                let version = v.version.unwrap_or_default();
-                let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
-                if major < 25 {
-                    tracing::warn!(
-                        "Docker Engine {version} has no CDI support: GPU workspaces will fail to start; \
-                         upgrade to 25+ or set gpu.mode = \"nodes\""
-                    );
-                }
-            }
-        }
         let host_cpus = match docker.info().await {
             Ok(info) => info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
             Err(e) => {
@@ -168,7 +158,87 @@ impl DockerClient {
             stop_timeout_s: cfg.docker.stop_timeout_s,
             call_timeout: Duration::from_secs(timeout),
             host_cpus,
+            gpu: GpuBackend::configured(&cfg.gpu),
         })
+    }
+
+    /// This engine's GPU backend.
+    pub fn gpu(&self) -> &GpuBackend {
+        &self.gpu
+    }
+
+    /// Sets this engine's GPU backend (resolved at start by [`crate::gpu::prepare`]).
+    pub fn set_gpu(&mut self, backend: GpuBackend) {
+        self.plan.gpu = backend.passing.clone();
+        self.gpu = backend;
+    }
+
+    /// What the engine says about GPUs: its version, whether it lists the `nvidia` runtime,
+    /// and, with `probe`, whether it has the `nvidia` device driver. Docker lists device
+    /// drivers nowhere; the only answer is a container start asking for one (the driver is
+    /// chosen when the container's spec is made, at start), so a throw-away container of
+    /// `image` asks for no device of driver `nvidia` (`NVIDIA_VISIBLE_DEVICES=void`: the
+    /// toolkit's hook then exposes nothing) and is removed.
+    pub async fn gpu_facts(&self, image: &str, probe: bool) -> EngineGpuFacts {
+        let version = match self.timed("version", self.docker.version()).await {
+            Ok(Ok(v)) => v.version.unwrap_or_default(),
+            _ => String::new(),
+        };
+        let nvidia_runtime = match self.timed("info", self.docker.info()).await {
+            Ok(Ok(info)) => info.runtimes.is_some_and(|r| r.contains_key("nvidia")),
+            _ => false,
+        };
+        let nvidia_driver = if probe {
+            self.probe_nvidia_driver(image).await
+        } else {
+            DriverProbe::Unknown("not checked".into())
+        };
+        EngineGpuFacts { version, nvidia_runtime, nvidia_driver }
+    }
+
+    async fn probe_nvidia_driver(&self, image: &str) -> DriverProbe {
+        if let Err(e) = self.image_exists(image).await {
+            return DriverProbe::Unknown(format!("no image to try it with: {e}"));
+        }
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
+        labels.insert(LABEL_DEPLOYMENT.to_string(), self.plan.deployment.clone());
+        let config = bollard::container::Config {
+            image: Some(image.to_string()),
+            entrypoint: Some(vec!["sh".to_string(), "-c".to_string(), "exit 0".to_string()]),
+            cmd: Some(vec![]),
+            env: Some(vec!["NVIDIA_VISIBLE_DEVICES=void".to_string()]),
+            labels: Some(labels),
+            network_disabled: Some(true),
+            host_config: Some(bollard::models::HostConfig {
+                network_mode: Some("none".into()),
+                device_requests: Some(vec![bollard::models::DeviceRequest {
+                    driver: Some("nvidia".into()),
+                    capabilities: Some(vec![vec!["gpu".into()]]),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = format!("gpugate-{}-gpu-probe-{}", self.plan.deployment, &crate::ids::env_id()[..8]);
+        let opts = CreateContainerOptions { name: name.clone(), platform: None };
+        let id = match self.timed("create", self.docker.create_container(Some(opts), config)).await {
+            Ok(Ok(r)) => r.id,
+            Ok(Err(e)) => return DriverProbe::Unknown(format!("creating a trial container: {}", server_message(&e))),
+            Err(e) => return DriverProbe::Unknown(e.to_string()),
+        };
+        let started = self.timed("start", self.docker.start_container(&id, None::<StartContainerOptions<String>>)).await;
+        let _ = self.remove(&id).await;
+        match started {
+            Ok(Err(e)) if server_message(&e).contains("could not select device driver") => {
+                DriverProbe::Absent(server_message(&e).trim().to_string())
+            }
+            // Started, or failed after the driver was chosen (the hook or the command): the
+            // driver is there.
+            Ok(_) => DriverProbe::Present,
+            Err(e) => DriverProbe::Unknown(e.to_string()),
+        }
     }
 
     async fn timed<T>(

@@ -16,7 +16,8 @@ use bollard::models::{
 use gpugate_routes::Service;
 
 use super::{LABEL_DEPLOYMENT, LABEL_ENV, LABEL_MANAGED};
-use crate::config::{Config, GpuMode};
+use crate::config::Config;
+use crate::gpu::{DevicePassing, GpuRef};
 
 /// The capabilities a workspace keeps; every other one (NET_RAW, MKNOD, SYS_ADMIN, ...) is
 /// dropped. This is what an OpenSSH or dropbear server needs to log a user in and run their
@@ -69,7 +70,7 @@ pub struct WorkspaceSpec<'a> {
     pub env_id: &'a str,
     pub image: &'a str,
     pub services: &'a [(u16, Service)],
-    pub gpus: &'a [u32],
+    pub gpus: &'a [GpuRef],
     pub username: &'a str,
     pub password: &'a str,
     pub jupyter_token: &'a str,
@@ -83,9 +84,8 @@ pub struct Plan {
     pub(super) deployment: String,
     pub(super) network: String,
     pub(super) upstream_host: IpAddr,
-    gpu_mode: GpuMode,
-    gpu_kind: String,
-    gpu_node_path: String,
+    /// How GPUs reach this engine's containers (resolved against the engine at start).
+    pub(super) gpu: DevicePassing,
 }
 
 impl Plan {
@@ -95,9 +95,7 @@ impl Plan {
             deployment: cfg.deployment.clone(),
             network: cfg.network(),
             upstream_host: cfg.upstream_host,
-            gpu_mode: cfg.gpu.mode,
-            gpu_kind: cfg.gpu.kind.clone(),
-            gpu_node_path: cfg.gpu.node_path.clone(),
+            gpu: DevicePassing::configured(&cfg.gpu),
         }
     }
 
@@ -114,7 +112,7 @@ impl Plan {
         labels.insert(LABEL_DEPLOYMENT.to_string(), self.deployment.clone());
         labels.insert(LABEL_ENV.to_string(), spec.env_id.to_string());
 
-        let gpu_list = spec.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let gpu_list = spec.gpus.iter().map(|g| g.index.to_string()).collect::<Vec<_>>().join(",");
         let mut env = vec![
             format!("GPUGATE_ENV_ID={}", spec.env_id),
             format!("GPUGATE_USER={}", spec.username),
@@ -170,24 +168,35 @@ impl Plan {
             ..Default::default()
         };
         if !spec.gpus.is_empty() {
-            match self.gpu_mode {
-                GpuMode::Cdi => {
+            match &self.gpu {
+                DevicePassing::Nvidia { capabilities } => {
+                    // What `docker run --gpus device=...` sends. Docker sets
+                    // NVIDIA_VISIBLE_DEVICES (and NVIDIA_DRIVER_CAPABILITIES) from it and runs
+                    // the toolkit's hook, which mounts the devices and driver libraries.
+                    let mut caps = vec!["gpu".to_string()];
+                    caps.extend(capabilities.iter().cloned());
                     host.device_requests = Some(vec![DeviceRequest {
-                        driver: Some("cdi".into()),
-                        device_ids: Some(
-                            spec.gpus.iter().map(|g| format!("{}={g}", self.gpu_kind)).collect(),
-                        ),
+                        driver: Some("nvidia".into()),
+                        device_ids: Some(spec.gpus.iter().map(GpuRef::request_id).collect()),
+                        capabilities: Some(vec![caps]),
                         ..Default::default()
                     }]);
                 }
-                GpuMode::Nodes => {
+                DevicePassing::Cdi { kind } => {
+                    host.device_requests = Some(vec![DeviceRequest {
+                        driver: Some("cdi".into()),
+                        device_ids: Some(spec.gpus.iter().map(|g| format!("{kind}={}", g.index)).collect()),
+                        ..Default::default()
+                    }]);
+                }
+                DevicePassing::Nodes { node_path } => {
                     env.push(format!("NVIDIA_VISIBLE_DEVICES={gpu_list}"));
                     host.devices = Some(
                         spec.gpus
                             .iter()
                             .map(|g| DeviceMapping {
-                                path_on_host: Some(self.gpu_node_path.replace("{index}", &g.to_string())),
-                                path_in_container: Some(format!("/dev/nvidia{g}")),
+                                path_on_host: Some(node_path.replace("{index}", &g.index.to_string())),
+                                path_in_container: Some(format!("/dev/nvidia{}", g.index)),
                                 cgroup_permissions: Some("rwm".into()),
                             })
                             .collect(),
@@ -213,7 +222,11 @@ mod tests {
     use super::*;
     use bollard::models::RestartPolicyNameEnum;
 
-    fn spec<'a>(gpus: &'a [u32], services: &'a [(u16, Service)]) -> WorkspaceSpec<'a> {
+    fn refs(ix: &[u32]) -> Vec<GpuRef> {
+        ix.iter().map(|i| GpuRef { index: *i, uuid: None }).collect()
+    }
+
+    fn spec<'a>(gpus: &'a [GpuRef], services: &'a [(u16, Service)]) -> WorkspaceSpec<'a> {
         WorkspaceSpec {
             env_id: "abc",
             image: "img",
@@ -230,8 +243,9 @@ mod tests {
     #[test]
     fn cdi_mode_requests_devices_by_cdi_name() {
         let mut cfg = Config::default();
+        cfg.gpu.mode = crate::config::GpuMode::Cdi;
         cfg.gpu.kind = "gpugate.test/gpu".into();
-        let (name, c) = Plan::from_config(&cfg).container(&spec(&[0, 2], &[(20001, Service::Ssh)]));
+        let (name, c) = Plan::from_config(&cfg).container(&spec(&refs(&[0, 2]), &[(20001, Service::Ssh)]));
         assert_eq!(name, "gpugate-default-abc");
         let host = c.host_config.expect("host config");
         let req = &host.device_requests.expect("device requests")[0];
@@ -246,12 +260,32 @@ mod tests {
     }
 
     #[test]
+    fn nvidia_mode_requests_the_nvidia_driver_by_uuid_with_capabilities() {
+        let cfg = Config::default();
+        let gpus = vec![
+            GpuRef { index: 2, uuid: Some("GPU-bbbb".into()) },
+            GpuRef { index: 0, uuid: None },
+        ];
+        let (_, c) = Plan::from_config(&cfg).container(&spec(&gpus, &[]));
+        let host = c.host_config.expect("host config");
+        let req = &host.device_requests.expect("device requests")[0];
+        assert_eq!(req.driver.as_deref(), Some("nvidia"));
+        assert_eq!(req.device_ids.clone().expect("ids"), vec!["GPU-bbbb", "0"], "UUID when known, else index");
+        assert_eq!(req.capabilities, Some(vec![vec!["gpu".to_string(), "compute".into(), "utility".into()]]));
+        assert_eq!(req.count, None, "Docker refuses a count beside device ids");
+        assert!(host.devices.is_none());
+        let env = c.env.expect("env");
+        assert!(env.contains(&"GPUGATE_GPUS=2,0".to_string()), "{env:?}");
+        assert!(!env.iter().any(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES")), "Docker sets it from the request: {env:?}");
+    }
+
+    #[test]
     fn nodes_mode_maps_device_nodes_and_no_gpus_means_no_devices() {
         let mut cfg = Config::default();
-        cfg.gpu.mode = GpuMode::Nodes;
+        cfg.gpu.mode = crate::config::GpuMode::Nodes;
         cfg.gpu.node_path = "/dev/fake{index}".into();
         let plan = Plan::from_config(&cfg);
-        let (_, c) = plan.container(&spec(&[1], &[]));
+        let (_, c) = plan.container(&spec(&refs(&[1]), &[]));
         let host = c.host_config.expect("host config");
         let d = &host.devices.expect("devices")[0];
         assert_eq!(d.path_on_host.as_deref(), Some("/dev/fake1"));

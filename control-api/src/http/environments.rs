@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{Body, Caller, IdPath, OptionalBody, QueryOf};
 use crate::activity::{Activity, ServiceActivity};
 use crate::db::envs::{self, EnvRow};
-use crate::db::{ports, readiness};
+use crate::db::{gpus, ports, readiness};
 use crate::readiness::ServiceReadiness;
 use crate::error::{ok, ApiError, ApiResult, Success};
 use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
@@ -47,6 +47,10 @@ pub struct CreateEnvironment {
     /// Number of GPUs (default 0).
     #[serde(default)]
     pub gpus: Option<u32>,
+    /// Part of the GPU model name the GPUs must have, e.g. `"A100"` (case-insensitive).
+    /// Absent from the idempotency digest when not given, like before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
     /// Services (`ssh`, `jupyter`, `code`, `rdp`); default from configuration.
     #[serde(default)]
     pub services: Option<Vec<String>>,
@@ -172,6 +176,18 @@ pub struct Access {
     pub access_info: AccessInfo,
 }
 
+/// A GPU an environment holds.
+#[derive(Debug, Serialize)]
+pub struct GpuDeviceView {
+    pub index: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Model name (empty for a GPU listed by index in configuration).
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<i64>,
+}
+
 /// An environment as the API shows it.
 #[derive(Debug, Serialize)]
 pub struct EnvironmentView {
@@ -188,6 +204,11 @@ pub struct EnvironmentView {
     pub gpus: Vec<i32>,
     /// GPUs the environment asked for; each start allocates this many.
     pub gpu_count: i32,
+    /// The GPU model it asked for (each start takes that model again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
+    /// The GPUs held now: index, UUID (when discovered), model name and memory.
+    pub gpu_devices: Vec<GpuDeviceView>,
     /// Per service: sessions and bytes through the gateway since the last start (live: open
     /// sessions are flushed every `gpugate_flush_interval`). Absent when the route table
     /// cannot be read.
@@ -249,6 +270,11 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
     let access_info = access_info(st, &env, &held);
     let rows = if env.status == envs::status::RUNNING { readiness::of_env(st.db.pool(), &env.id).await? } else { vec![] };
     let (ready, readiness) = crate::readiness::view(&env.status, &env.services, &rows);
+    let gpu_devices = gpus::of_env(st.db.pool(), &env.id)
+        .await?
+        .into_iter()
+        .map(|g| GpuDeviceView { index: g.index, uuid: g.uuid, name: g.name, memory_mib: g.memory_mib })
+        .collect();
     let activity = st.table.get().ok().map(|t| Activity::read(&t, &env.id, &held));
     let idle_seconds = match (&activity, env.status == envs::status::RUNNING) {
         (Some(a), true) => Some(a.idle_ms(st.cfg.idle.policy, env.running_since, gpugate_routes::now_ms()) / 1000),
@@ -268,6 +294,8 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         services: env.services,
         gpus: env.gpus,
         gpu_count: env.gpu_count,
+        gpu_model: env.gpu_model,
+        gpu_devices,
         routes_live,
         ready,
         readiness,
@@ -316,6 +344,7 @@ async fn create_environment(
         name: req.name,
         image: req.image,
         gpus: req.gpus.unwrap_or(0),
+        gpu_model: req.gpu_model,
         services: req.services,
         ssh_public_keys: req.ssh_public_keys.unwrap_or_default(),
         memory_mb: req.memory_mb,

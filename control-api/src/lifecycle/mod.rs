@@ -31,6 +31,8 @@ pub struct CreateSpec {
     pub name: String,
     pub image: Option<String>,
     pub gpus: u32,
+    /// Part of the GPU model name the GPUs must have (e.g. `A100`, case-insensitive).
+    pub gpu_model: Option<String>,
     pub services: Option<Vec<String>>,
     pub ssh_public_keys: Vec<String>,
     /// Memory limit in MiB (default and maximum from configuration).
@@ -66,10 +68,30 @@ pub struct Outcome {
     pub replayed: bool,
 }
 
-/// 409 (code 1008) with `message` (which names both counts), and how many GPUs are free and
-/// needed in `data`.
-fn gpus_unavailable(message: String, free: usize, needed: u32) -> ApiError {
-    ApiError::GpusUnavailable { message, free: u32::try_from(free).unwrap_or(u32::MAX), needed }
+/// 409 (code 1008): `what` was refused for want of GPUs (`free` of the `needed`, of `model`
+/// when one was asked for). For a model, the message and `data` also say what is free, per
+/// model. Called after the allocation's transaction rolled back.
+async fn gpus_unavailable(st: &State, what: String, free: usize, needed: u32, model: Option<&str>) -> ApiError {
+    let free = u32::try_from(free).unwrap_or(u32::MAX);
+    let Some(model) = model else {
+        return ApiError::GpusUnavailable { message: what, free, needed, model: None };
+    };
+    let by_model = gpus::free_by_model(st.db.pool()).await.unwrap_or_default();
+    let listed = if by_model.is_empty() {
+        "none".to_string()
+    } else {
+        by_model
+            .iter()
+            .map(|(name, n)| format!("{} ({n})", if name.is_empty() { "unknown model" } else { name }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    ApiError::GpusUnavailable {
+        message: format!("{what}; free now: {listed}"),
+        free,
+        needed,
+        model: Some((model.to_string(), by_model)),
+    }
 }
 
 fn docker_error(e: DockerError) -> ApiError {
@@ -101,6 +123,13 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         }
     }
     let validate::Valid { image, services, limits, idle_stop_after_s } = validate::validate(st, &spec)?;
+    let gpu_model = spec.gpu_model.as_deref().map(str::trim);
+    if spec.gpus > 0 {
+        let total = gpus::inventory_size(&st.db).await?;
+        if i64::from(spec.gpus) > total {
+            return Err(ApiError::Validation(format!("{} GPUs requested, this host has {total}", spec.gpus)));
+        }
+    }
     // Before anything changes: an image that is not here is a 422 naming it.
     st.docker.image_exists(&image).await.map_err(docker_error)?;
 
@@ -133,6 +162,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             jupyter_token: &token,
             ssh_public_keys: &spec.ssh_public_keys,
             gpu_count: spec.gpus,
+            gpu_model,
             memory_mb: limits.memory_mb,
             cpus: limits.cpus,
             pids: limits.pids,
@@ -164,17 +194,18 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             }
         }
     }
-    let gpu_list = gpus::allocate(&mut tx, &id, spec.gpus).await?;
+    let gpu_list = gpus::allocate(&mut tx, &id, spec.gpus, gpu_model).await?;
     if gpu_list.len() < spec.gpus as usize {
         tx.rollback().await?;
         st.metrics.creates.with_label_values(&["gpus_unavailable"]).inc();
         let free = gpu_list.len();
-        return Err(gpus_unavailable(format!("{} GPUs requested, {free} free", spec.gpus), free, spec.gpus));
+        let of = gpu_model.map(|m| format!(" of model \"{m}\"")).unwrap_or_default();
+        return Err(gpus_unavailable(st, format!("{} GPUs{of} requested, {free} free", spec.gpus), free, spec.gpus, gpu_model).await);
     }
     envs::set_gpus(&mut tx, &id, &gpu_list).await?;
     let detail = serde_json::json!({
         "ports": allocated.iter().map(|(p, s)| serde_json::json!({"port": p, "service": s.as_str()})).collect::<Vec<_>>(),
-        "gpus": gpu_list,
+        "gpus": gpu_list.iter().map(|g| g.request_id()).collect::<Vec<_>>(),
         "image": image,
         "owner": user.name,
     });

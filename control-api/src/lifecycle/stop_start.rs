@@ -13,6 +13,7 @@ use crate::db::envs::{self, status, EnvRow};
 use crate::db::{self, gpus, ports, quotas, readiness, routes, users::User};
 use crate::docker::{Limits, WorkspaceSpec};
 use crate::error::ApiError;
+use crate::gpu::GpuRef;
 use crate::state::State;
 
 /// Stops an environment of `user` (the HTTP stop): see [`stop_env`].
@@ -118,7 +119,7 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
 /// counted, a stopped environment keeps its share) and the environment's GPUs, `gpu_count` of
 /// them, taken like a create takes them (`FOR UPDATE SKIP LOCKED`). Too few free: 409 naming
 /// how many are free and needed, and nothing changes.
-async fn take_gpus(st: &State, user: &User, env: &EnvRow) -> Result<Vec<u32>, ApiError> {
+async fn take_gpus(st: &State, user: &User, env: &EnvRow) -> Result<Vec<GpuRef>, ApiError> {
     let needed = u32::try_from(env.gpu_count).unwrap_or(0);
     let mut tx = st.db.begin().await?;
     // A stopped environment holds no GPU, except one stopped before stops gave them back (and
@@ -130,18 +131,18 @@ async fn take_gpus(st: &State, user: &User, env: &EnvRow) -> Result<Vec<u32>, Ap
     let overrides = quotas::overrides(&mut tx, user.id).await?;
     let adds = quota::Adds { environments: 0, gpus: 0, running: 1 };
     quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds)?;
-    let list = gpus::allocate(&mut tx, &env.id, needed).await?;
+    let model = env.gpu_model.as_deref();
+    let list = gpus::allocate(&mut tx, &env.id, needed, model).await?;
     if list.len() < needed as usize {
         tx.rollback().await?;
         let free = list.len();
-        return Err(gpus_unavailable(
-            format!("not enough free GPUs to start environment {}: {free} free, {needed} needed", env.id),
-            free,
-            needed,
-        ));
+        let of = model.map(|m| format!(" of model \"{m}\"")).unwrap_or_default();
+        let what = format!("not enough free GPUs{of} to start environment {}: {free} free, {needed} needed", env.id);
+        return Err(gpus_unavailable(st, what, free, needed, model).await);
     }
     envs::set_gpus(&mut tx, &env.id, &list).await?;
-    db::event(&mut *tx, Some(&env.id), "gpus_allocated", serde_json::json!({ "gpus": list })).await?;
+    let ids: Vec<String> = list.iter().map(GpuRef::request_id).collect();
+    db::event(&mut *tx, Some(&env.id), "gpus_allocated", serde_json::json!({ "gpus": ids })).await?;
     tx.commit().await?;
     Ok(list)
 }

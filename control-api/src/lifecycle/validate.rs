@@ -97,12 +97,17 @@ pub fn validate(st: &State, spec: &CreateSpec) -> Result<Valid, ApiError> {
         }
         services.push(svc);
     }
-    let total = st.cfg.gpu.devices.len();
-    if spec.gpus as usize > total {
-        return Err(ApiError::Validation(format!(
-            "{} GPUs requested, this host has {total}",
-            spec.gpus
-        )));
+    // How many GPUs the host has is checked against the inventory in the create.
+    if let Some(model) = &spec.gpu_model {
+        let m = model.trim();
+        if m.is_empty() || m.chars().count() > 128 || m.chars().any(invisible) {
+            return Err(ApiError::Validation(
+                "gpu_model must be 1 to 128 printable characters (part of the model name, e.g. \"A100\")".into(),
+            ));
+        }
+        if spec.gpus == 0 {
+            return Err(ApiError::Validation("gpu_model needs gpus of at least 1".into()));
+        }
     }
     if spec.ssh_public_keys.len() > 32 {
         return Err(ApiError::Validation("at most 32 ssh_public_keys".into()));

@@ -3,6 +3,8 @@
 //! image, the API started in-process or as separate processes, and clean-up.
 #![allow(dead_code)]
 
+pub mod engine;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

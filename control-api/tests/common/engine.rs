@@ -1,0 +1,252 @@
+//! A second Docker engine started by a test beside the machine's own: its own socket, data
+//! root, exec root, pidfile, bridge and containerd namespaces. With a stand-in
+//! `nvidia-container-runtime-hook` on its `PATH` it registers Docker's `nvidia` device driver,
+//! so GPU device requests take the production path without a GPU. Dropping it stops the
+//! daemon and removes its bridge and directories, also when the test failed.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The stand-in for the NVIDIA Container Toolkit's hook. Docker runs it as an OCI prestart
+/// hook with the container's state on stdin. It records each call, and at prestart creates a
+/// device node `/dev/nvidia<index>` in the container for every id in the container's
+/// NVIDIA_VISIBLE_DEVICES (a UUID, looked up in the GPU list the stand-in nvidia-smi prints,
+/// or an index), inside the container's mount namespace, as the real hook exposes the real
+/// devices. An id it does not know fails the container's start, as the real one does.
+const HOOK: &str = r#"#!/bin/sh
+dir=__DIR__
+state=$(cat)
+echo "call $*" >> "$dir/hook.log"
+[ "$1" = prestart ] || exit 0
+bundle=$(printf '%s' "$state" | sed -n 's/.*"bundle":"\([^"]*\)".*/\1/p')
+pid=$(printf '%s' "$state" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
+config=$(cat "$bundle/config.json")
+root=$(printf '%s' "$config" | sed -n 's/.*"root":{"path":"\([^"]*\)".*/\1/p')
+case "$root" in /*) ;; *) root="$bundle/$root" ;; esac
+devices=$(printf '%s' "$config" | grep -o '"NVIDIA_VISIBLE_DEVICES=[^"]*"' | tail -n 1 | sed 's/^"NVIDIA_VISIBLE_DEVICES=//; s/"$//')
+echo "prestart devices=$devices" >> "$dir/hook.log"
+case "$devices" in ""|void|none) exit 0 ;; esac
+for id in $(printf '%s' "$devices" | tr ',' ' '); do
+  index=$(awk -F', *' -v id="$id" '$2 == id || $1 == id { print $1 }' "$dir/gpus.csv")
+  if [ -z "$index" ]; then echo "stand-in hook: unknown device $id" >&2; exit 1; fi
+  nsenter -t "$pid" -m mknod "$root/dev/nvidia$index" c 1 3 || exit 1
+done
+"#;
+
+/// The stand-in `nvidia-smi`: prints the fixed GPU list `gpus.csv` (which the test edits
+/// between passes) for exactly the query gpugate sends, and records each call.
+const SMI: &str = r#"#!/bin/sh
+dir=__DIR__
+echo "$*" >> "$dir/smi.log"
+case "$*" in
+  "--query-gpu=index,uuid,name,memory.total --format=csv,noheader") cat "$dir/gpus.csv" ;;
+  *) echo "stand-in nvidia-smi: unexpected arguments: $*" >&2; exit 2 ;;
+esac
+"#;
+
+fn rand_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    getrandom::getrandom(&mut b).expect("rng");
+    b.iter().map(|x| format!("{:02x}", x)).collect()
+}
+
+/// A second dockerd owned by one test.
+pub struct Engine {
+    /// Everything it writes lives here.
+    pub dir: PathBuf,
+    /// Its API socket.
+    pub sock: PathBuf,
+    bridge: String,
+    namespace: String,
+    child: Option<Child>,
+}
+
+impl Engine {
+    /// Starts a daemon; with `hook`, the stand-in `nvidia-container-runtime-hook` is on its
+    /// `PATH`. Also writes the stand-in `nvidia-smi` (see [`Engine::nvidia_smi`]).
+    pub fn start(hook: bool) -> Engine {
+        let id = rand_hex(4);
+        let dir = PathBuf::from(format!("/tmp/gg-eng-{id}"));
+        std::fs::create_dir_all(dir.join("bin")).expect("engine dir");
+        let bridge = format!("gg{id}");
+        let namespace = format!("gg-eng-{id}");
+        let mut engine = Engine { sock: dir.join("d.sock"), dir, bridge, namespace, child: None };
+        let write = |name: &str, text: &str| {
+            let path = engine.dir.join("bin").join(name);
+            std::fs::write(&path, text.replace("__DIR__", &engine.dir.display().to_string())).expect("write script");
+            run(Command::new("chmod").arg("755").arg(&path));
+        };
+        write("nvidia-smi", SMI);
+        if hook {
+            write("nvidia-container-runtime-hook", HOOK);
+        }
+        std::fs::write(engine.dir.join("daemon.json"), "{}").expect("daemon.json");
+        // The bridge and a private address pool in 10.x: nothing else on the host uses them.
+        let octet = 100 + (u32::from_str_radix(&id[..2], 16).expect("hex") % 100);
+        let third = u32::from_str_radix(&id[2..4], 16).expect("hex");
+        run(Command::new("ip").args(["link", "add", &engine.bridge, "type", "bridge"]));
+        run(Command::new("ip").args(["addr", "add", &format!("10.{octet}.{third}.1/24"), "dev", &engine.bridge]));
+        run(Command::new("ip").args(["link", "set", &engine.bridge, "up"]));
+        let path = if hook {
+            format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", engine.dir.join("bin").display())
+        } else {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()
+        };
+        let d = &engine.dir;
+        let log = std::fs::File::create(d.join("dockerd.log")).expect("log");
+        let child = Command::new("dockerd")
+            .env_clear()
+            .env("PATH", path)
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", engine.sock.display()))
+            .args(["--bridge", &engine.bridge, "--iptables=false", "--ip-masq=false"])
+            .args(["--default-address-pool", &format!("base=10.{octet}.{}.0/24,size=28", (third + 128) % 256)])
+            .args(["--containerd-namespace", &engine.namespace])
+            .args(["--containerd-plugins-namespace", &format!("{}-plugins", engine.namespace)])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn dockerd");
+        engine.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !engine.docker(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "the second dockerd did not answer: {}",
+                std::fs::read_to_string(engine.dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        engine
+    }
+
+    /// The endpoint gpugate's `docker.endpoint` takes.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.sock.display())
+    }
+
+    /// Runs the docker CLI against this engine.
+    pub fn docker(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker").arg("-H").arg(self.endpoint()).args(args).output().expect("docker CLI")
+    }
+
+    /// Copies `image` from the machine's engine into this one.
+    pub fn load_image(&self, image: &str) {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("docker save {image} | docker -H {} load -q", self.endpoint()))
+            .status()
+            .expect("docker save | load")
+            .success();
+        assert!(ok, "loading {image} into the second engine failed");
+    }
+
+    /// The stand-in `nvidia-smi`; it prints [`Engine::set_gpus`]' list.
+    pub fn nvidia_smi(&self) -> PathBuf {
+        self.dir.join("bin").join("nvidia-smi")
+    }
+
+    /// Sets the GPU list (nvidia-smi CSV lines: index, uuid, name, memory).
+    pub fn set_gpus(&self, lines: &[&str]) {
+        let mut text = lines.join("\n");
+        text.push('\n');
+        std::fs::write(self.dir.join("gpus.csv"), text).expect("gpus.csv");
+    }
+
+    /// What the stand-in hook recorded.
+    pub fn hook_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("hook.log")).unwrap_or_default()
+    }
+
+    /// `docker inspect` of a container of this engine.
+    pub fn inspect(&self, id: &str) -> serde_json::Value {
+        let out = self.docker(&["inspect", id]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+        v[0].clone()
+    }
+
+    /// Runs a command in a container of this engine; returns stdout.
+    pub fn exec(&self, id: &str, cmd: &[&str]) -> String {
+        let mut args = vec!["exec", id];
+        args.extend_from_slice(cmd);
+        let out = self.docker(&args);
+        assert!(out.status.success(), "docker exec {cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Ids of the containers of deployment `deployment` on this engine.
+    pub fn containers(&self, deployment: &str) -> Vec<String> {
+        let out = self.docker(&["ps", "-aq", "--filter", &format!("label=gpugate.deployment={deployment}")]);
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+
+    /// The GPU indexes a container of this engine has device nodes for (`/dev/nvidia<N>`).
+    pub fn gpu_nodes(&self, container: &str) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .exec(container, &["ls", "/dev"])
+            .split_whitespace()
+            .filter_map(|n| n.strip_prefix("nvidia")?.parse().ok())
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Drop for Engine {
+    // Synchronous, and whatever state the test left: containers, daemon (and the containerd
+    // it started under its exec root), mounts, bridge, files.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let ids = self.docker(&["ps", "-aq"]);
+            let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout).lines().map(str::to_string).collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f", "-v"];
+                args.extend(ids.iter().map(String::as_str));
+                let _ = self.docker(&args);
+            }
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // Mounts the daemon left under its directories (deepest first).
+        let dir = self.dir.display().to_string();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = std::fs::remove_dir_all(Path::new(&self.dir));
+    }
+}
