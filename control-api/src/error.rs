@@ -113,10 +113,10 @@ impl ApiError {
     }
 
     /// What the error's envelope carries in `data` (`null` for most errors).
-    pub fn data(&self) -> Option<serde_json::Value> {
+    pub fn data(&self) -> Option<GpusShortfall> {
         match self {
             ApiError::GpusUnavailable { free, needed, .. } => {
-                Some(serde_json::json!({ "gpus_free": free, "gpus_needed": needed }))
+                Some(GpusShortfall { gpus_free: *free, gpus_needed: *needed })
             }
             _ => None,
         }
@@ -148,15 +148,41 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// `data` of the error with code 1008: how many GPUs were free and how many were needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct GpusShortfall {
+    /// GPUs free when the allocation was tried.
+    pub gpus_free: u32,
+    /// GPUs the operation needs.
+    pub gpus_needed: u32,
+}
+
 /// The response envelope.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Envelope<T: Serialize> {
     /// 0 on success, else the error's code.
     pub code: u32,
     /// "success", or what went wrong.
     pub message: String,
     /// The payload (`null` on errors).
+    #[schema(required = true)]
     pub data: Option<T>,
+}
+
+/// The envelope of every error: a non-zero `code` (see the error codes table), a message for
+/// the user, and `data` `null`, except code 1008 whose `data` says how many GPUs were free
+/// and needed. (The OpenAPI document's name for `Envelope<GpusShortfall>` on errors.)
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"code": 1005, "message": "environment \"6hiflzwte2xnkroq\" not found", "data": null}))]
+pub struct ErrorEnvelope {
+    /// The error's code (1001-1014, 1500), never 0.
+    #[schema(minimum = 1001, maximum = 1500)]
+    pub code: u32,
+    /// What went wrong, for a person to read.
+    pub message: String,
+    /// `null`, except for code 1008.
+    #[schema(required = true)]
+    pub data: Option<GpusShortfall>,
 }
 
 /// A successful response: status plus payload in the envelope.

@@ -15,7 +15,7 @@ use super::{Body, Caller, IdPath};
 use crate::activity::{Activity, ServiceActivity};
 use crate::db::envs::{self, EnvRow};
 use crate::db::ports;
-use crate::error::{ok, ApiError, ApiResult, Success};
+use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope, Success};
 use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
 use sha2::{Digest, Sha256};
 use crate::state::{AppState, State as AppInner};
@@ -35,22 +35,28 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Body of `POST /api/v1/environments`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "train", "gpus": 1, "services": ["ssh", "jupyter"]}))]
 pub struct CreateEnvironment {
-    /// Display name, 1 to 64 characters.
+    /// Display name, 1 to 64 characters (no control, bidirectional or zero-width characters).
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
-    /// Image (must be present on the Docker host); default from configuration.
+    /// Image (must be present on the Docker host and on the deployment's allow-list);
+    /// default from configuration.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 255)]
     pub image: Option<String>,
-    /// Number of GPUs (default 0).
+    /// Number of GPUs (default 0; at most what the host has).
     #[serde(default)]
     pub gpus: Option<u32>,
-    /// Services (`ssh`, `jupyter`, `code`, `rdp`); default from configuration.
+    /// Services, each at most once; default from configuration.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<ServiceName>>, min_items = 1, max_items = 4)]
     pub services: Option<Vec<String>>,
-    /// OpenSSH public keys to authorise.
+    /// OpenSSH public keys to authorise (single-line, at most 32).
     #[serde(default)]
+    #[schema(max_items = 32)]
     pub ssh_public_keys: Option<Vec<String>>,
     /// Memory limit in MiB (default and maximum: `docker.limits`).
     #[serde(default)]
@@ -67,16 +73,49 @@ pub struct CreateEnvironment {
     pub idle_stop_after_s: Option<u64>,
 }
 
+/// A service a workspace can offer (each needs a port pool in the deployment).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceName {
+    /// OpenSSH.
+    Ssh,
+    /// JupyterLab.
+    Jupyter,
+    /// code-server.
+    Code,
+    /// Remote desktop.
+    Rdp,
+}
+
 /// Body of `PATCH /api/v1/environments/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchEnvironment {
     /// New idle limit in seconds (0: never, where the deployment allows it).
     pub idle_stop_after_s: u64,
 }
 
+/// What the API reports as an environment's `status`.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "named by the OpenAPI document only; a test holds it equal to db::envs::status")]
+#[serde(rename_all = "lowercase")]
+pub enum EnvironmentStatus {
+    /// Ports allocated, container being made.
+    Creating,
+    /// Container running, routes live.
+    Running,
+    /// Container stopped, routes disabled; ports and home volume kept, GPUs given back.
+    Stopped,
+    /// Routes and container being removed.
+    Deleting,
+    /// The container vanished or a step failed; routes removed, ports kept until deleted.
+    Failed,
+    /// Gone; ports released.
+    Deleted,
+}
+
 /// SSH access.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SshAccess {
     pub host: String,
     pub port: u16,
@@ -86,21 +125,21 @@ pub struct SshAccess {
 }
 
 /// Jupyter access.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JupyterAccess {
     pub url: String,
     pub token: String,
 }
 
 /// code-server access.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CodeAccess {
     pub url: String,
     pub password: String,
 }
 
 /// RDP access.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RdpAccess {
     pub host: String,
     pub port: u16,
@@ -109,7 +148,7 @@ pub struct RdpAccess {
 }
 
 /// Every endpoint of an environment (only the services it has).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AccessInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ssh: Option<SshAccess>,
@@ -122,19 +161,22 @@ pub struct AccessInfo {
 }
 
 /// `data` of the access endpoint.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Access {
     pub environment_id: String,
     pub access_info: AccessInfo,
 }
 
 /// An environment as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EnvironmentView {
     pub id: String,
     pub name: String,
     pub image: String,
+    /// `creating`, `running`, `stopped`, `deleting`, `failed` or `deleted`.
+    #[schema(value_type = EnvironmentStatus)]
     pub status: String,
+    /// Why it is in that status, when there is something to say (a failure, an idle stop).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<String>,
     pub services: Vec<String>,
@@ -244,6 +286,23 @@ fn idempotency_key(headers: &HeaderMap, req: &CreateEnvironment) -> Result<Optio
     Ok(Some(IdempotencyKey { key: key.to_string(), request: Sha256::digest(&body).to_vec() }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/environments",
+    tag = "environments",
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "1 to 255 visible ASCII characters; a retry with the same key and body answers with the environment the first request made")),
+    request_body = CreateEnvironment,
+    responses(
+        (status = 201, description = "Created (or replayed: header `Idempotent-Replayed: true`); the environment with its ports and access information.",
+            body = Envelope<EnvironmentView>,
+            headers(("Idempotent-Replayed" = String, description = "`true` when the answer replays an earlier create with the same `Idempotency-Key`"))),
+        (status = 400, description = "Malformed JSON or wrong content type (code 1001).", body = ErrorEnvelope),
+        (status = 409, description = "More GPUs than are free (code 1008, `data` says how many), a quota (code 1011), or an `Idempotency-Key` whose environment was deleted (code 1006).", body = ErrorEnvelope),
+        (status = 413, description = "Request body over 2 MiB (code 1013).", body = ErrorEnvelope),
+        (status = 422, description = "A field missing, unknown or invalid, or an `Idempotency-Key` reused with another body (code 1002); the image not on the Docker host (code 1007).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/environments` → 201 with the environment and its access information. With
 /// an `Idempotency-Key` already used by this caller: the environment that key created (same
 /// id and ports), with `Idempotent-Replayed: true`. The create runs to completion even if the
@@ -279,6 +338,12 @@ async fn create_environment(
     Ok(resp)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/environments",
+    tag = "environments",
+    responses((status = 200, description = "The caller's environments (deleted ones excluded).", body = Envelope<Vec<EnvironmentView>>)),
+)]
 /// `GET /api/v1/environments` → the caller's environments.
 async fn list_environments(State(st): State<AppState>, caller: Caller) -> ApiResult<Vec<EnvironmentView>> {
     let mut out = vec![];
@@ -288,12 +353,32 @@ async fn list_environments(State(st): State<AppState>, caller: Caller) -> ApiRes
     Ok(ok(out))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/environments/{id}",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "The environment, with `activity` and `idle_seconds`.", body = Envelope<EnvironmentView>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+    ),
+)]
 /// `GET /api/v1/environments/{id}`.
 async fn get_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
     let env = find(&st, &caller, &id).await?;
     Ok(ok(view(&st, env, None).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/environments/{id}/access",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "How to reach each of the environment's services.", body = Envelope<Access>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+    ),
+)]
 /// `GET /api/v1/environments/{id}/access` → the seed's access shape.
 async fn get_access(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<Access> {
     let env = find(&st, &caller, &id).await?;
@@ -301,6 +386,17 @@ async fn get_access(State(st): State<AppState>, caller: Caller, IdPath(id): IdPa
     Ok(ok(Access { access_info: access_info(&st, &env, &held), environment_id: env.id }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/environments/{id}/stop",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "Stopped: routes disabled, container stopped, GPUs given back; ports and home volume kept.", body = Envelope<EnvironmentView>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 409, description = "Not running, or another operation on it is in progress (code 1006).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/environments/{id}/stop`.
 async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
     let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
@@ -308,6 +404,17 @@ async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id)
     Ok(ok(view(&st, out.env, None).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/environments/{id}/start",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "Running again: GPUs allocated, a new container on the same home volume, same ports.", body = Envelope<EnvironmentView>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 409, description = "Not stopped or busy (code 1006), too few free GPUs (code 1008, `data` says how many), or a quota (code 1011).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/environments/{id}/start`.
 async fn start_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
     let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
@@ -315,13 +422,48 @@ async fn start_environment(State(st): State<AppState>, caller: Caller, IdPath(id
     Ok(ok(view(&st, out.env, Some(out.routes_live)).await?))
 }
 
-/// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.
-async fn delete_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<serde_json::Value> {
-    let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
-    let env = st.ops.run(&st, &id, async move { lifecycle::delete(&st2, &user, &id2).await }).await?;
-    Ok(ok(serde_json::json!({ "id": env.id, "status": env.status })))
+/// `data` of a delete.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Deleted {
+    /// The environment's id.
+    pub id: String,
+    /// `deleted`.
+    #[schema(value_type = EnvironmentStatus)]
+    pub status: String,
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/environments/{id}",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "Deleted: routes, container and home volume removed, ports in quarantine.", body = Envelope<Deleted>),
+        (status = 404, description = "Unknown environment, or deleted already (code 1005).", body = ErrorEnvelope),
+        (status = 409, description = "Another operation on it is in progress (code 1006).", body = ErrorEnvelope),
+    ),
+)]
+/// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.
+async fn delete_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<Deleted> {
+    let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
+    let env = st.ops.run(&st, &id, async move { lifecycle::delete(&st2, &user, &id2).await }).await?;
+    Ok(ok(Deleted { id: env.id, status: env.status }))
+}
+
+#[utoipa::path(
+    patch,
+    path = "/api/v1/environments/{id}",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    request_body = PatchEnvironment,
+    responses(
+        (status = 200, description = "The environment with its new idle limit.", body = Envelope<EnvironmentView>),
+        (status = 400, description = "Malformed JSON or wrong content type (code 1001).", body = ErrorEnvelope),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 413, description = "Request body over 2 MiB (code 1013).", body = ErrorEnvelope),
+        (status = 422, description = "A field missing, unknown or invalid; a limit over the deployment's maximum (code 1002).", body = ErrorEnvelope),
+    ),
+)]
 /// `PATCH /api/v1/environments/{id}`: changes the idle limit.
 async fn patch_environment(
     State(st): State<AppState>,
@@ -333,6 +475,17 @@ async fn patch_environment(
     Ok(ok(view(&st, env, None).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/environments/{id}/sessions/close",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "The revoke is recorded; `applied` says whether the gateway's table has it yet.", body = Envelope<lifecycle::sessions::SessionsClosed>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 409, description = "Not running (code 1006).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/environments/{id}/sessions/close` (owner or admin): closes every session
 /// open now through the gateway; the environment keeps running and new sessions work.
 async fn close_sessions(

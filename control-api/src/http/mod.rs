@@ -1,11 +1,13 @@
 //! The HTTP API: one router per resource, merged here, plus the extractors every handler
-//! shares (bearer-token auth, JSON bodies whose errors use the envelope).
+//! shares (bearer-token auth, JSON bodies whose errors use the envelope). The OpenAPI
+//! document (`openapi`) describes every route; a test holds the two equal.
 
 mod debug;
 pub use debug::reload_pools_from_config as reload_pools;
 mod environments;
 mod health;
 pub use health::{Readiness, ReadyLog};
+pub mod openapi;
 mod ports;
 mod ratelimit;
 mod requests;
@@ -14,6 +16,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::header;
+use axum::routing::get;
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -28,6 +31,7 @@ pub fn router(state: AppState) -> Router {
     let app = Router::new()
         .merge(api)
         .merge(health::router(state.cfg.metrics.listen.is_none()))
+        .route(openapi::PATH, get(openapi::get_openapi))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this endpoint does not accept that method".into())
