@@ -58,18 +58,22 @@ pub struct CreateEnvironment {
     #[serde(default)]
     #[schema(max_items = 32)]
     pub ssh_public_keys: Option<Vec<String>>,
-    /// Memory limit in MiB (default and maximum: `docker.limits`).
+    /// Memory limit in MiB, at least 32 (default and maximum: `docker.limits`).
     #[serde(default)]
+    #[schema(minimum = 32)]
     pub memory_mb: Option<u64>,
-    /// CPU limit in cores.
+    /// CPU limit in cores, at least 0.01 (default and maximum: `docker.limits`).
     #[serde(default)]
+    #[schema(minimum = 0.01)]
     pub cpus: Option<f64>,
-    /// Process (pids) limit.
+    /// Process (pids) limit, at least 16 (default and maximum: `docker.limits`).
     #[serde(default)]
+    #[schema(minimum = 16)]
     pub pids: Option<u32>,
-    /// Seconds without activity after which the workspace is stopped (0: never); default
-    /// and maximum from configuration (`idle`).
+    /// Seconds without activity after which the workspace is stopped (0: never), at most 30
+    /// days; default and maximum from configuration (`idle`).
     #[serde(default)]
+    #[schema(maximum = 2592000)]
     pub idle_stop_after_s: Option<u64>,
 }
 
@@ -91,7 +95,9 @@ pub enum ServiceName {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchEnvironment {
-    /// New idle limit in seconds (0: never, where the deployment allows it).
+    /// New idle limit in seconds (0: never, where the deployment allows it), at most 30 days
+    /// and the deployment's maximum.
+    #[schema(maximum = 2592000)]
     pub idle_stop_after_s: u64,
 }
 
@@ -160,15 +166,58 @@ pub struct AccessInfo {
     pub rdp: Option<RdpAccess>,
 }
 
-/// `data` of the access endpoint.
+/// `data` of the access endpoint, the seed's shape (the example is a real answer).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "environment_id": "l05fh80rhpiwa1uf",
+    "access_info": {
+        "ssh": {
+            "host": "l05fh80rhpiwa1uf.ssh.x-gpu.com",
+            "port": 24000,
+            "username": "remotegpu",
+            "password": "FnGdnrCFdr7H0qXEhSTeMQ2S",
+            "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com"
+        },
+        "jupyter": {"url": "https://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200", "token": "h1z5NDL0LT5NymVnSD1q05it"},
+        "code_server": {"url": "https://l05fh80rhpiwa1uf.code.x-gpu.com:24400", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
+    }
+}))]
 pub struct Access {
     pub environment_id: String,
     pub access_info: AccessInfo,
 }
 
-/// An environment as the API shows it.
+/// An environment as the API shows it (the example is taken from a real answer to a create).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "id": "l05fh80rhpiwa1uf",
+    "name": "train",
+    "image": "gpugate-test/tiny:1",
+    "status": "running",
+    "services": ["ssh", "jupyter", "code"],
+    "ports": {"code": 24400, "jupyter": 24200, "ssh": 24000},
+    "gpus": [0],
+    "gpu_count": 1,
+    "activity": {
+        "ssh": {"port": 24000, "connections_active": 0, "connections_total": 0, "connections_revoked": 0, "bytes_in": 0, "bytes_out": 0}
+    },
+    "idle_seconds": 0,
+    "idle_stop_after_s": 0,
+    "routes_live": true,
+    "created_at": "2026-11-29T17:59:46.758936Z",
+    "updated_at": "2026-11-29T17:59:47.347777Z",
+    "access_info": {
+        "ssh": {
+            "host": "l05fh80rhpiwa1uf.ssh.x-gpu.com",
+            "port": 24000,
+            "username": "remotegpu",
+            "password": "FnGdnrCFdr7H0qXEhSTeMQ2S",
+            "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com"
+        },
+        "jupyter": {"url": "https://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200", "token": "h1z5NDL0LT5NymVnSD1q05it"},
+        "code_server": {"url": "https://l05fh80rhpiwa1uf.code.x-gpu.com:24400", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
+    }
+}))]
 pub struct EnvironmentView {
     pub id: String,
     pub name: String,
@@ -290,7 +339,7 @@ fn idempotency_key(headers: &HeaderMap, req: &CreateEnvironment) -> Result<Optio
     post,
     path = "/api/v1/environments",
     tag = "environments",
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,255}$",
         description = "1 to 255 visible ASCII characters; a retry with the same key and body answers with the environment the first request made")),
     request_body = CreateEnvironment,
     responses(

@@ -312,6 +312,19 @@ mod tests {
     }
 
     #[test]
+    fn documented_bounds_are_the_ones_the_api_enforces() {
+        use crate::config::{MAX_IDLE_STOP_AFTER_S, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
+        let doc: serde_json::Value = serde_json::from_str(json()).expect("the document is JSON");
+        let create = &doc["components"]["schemas"]["CreateEnvironment"]["properties"];
+        let patch = &doc["components"]["schemas"]["PatchEnvironment"]["properties"];
+        assert_eq!(create["idle_stop_after_s"]["maximum"].as_u64(), Some(MAX_IDLE_STOP_AFTER_S));
+        assert_eq!(patch["idle_stop_after_s"]["maximum"].as_u64(), Some(MAX_IDLE_STOP_AFTER_S));
+        assert_eq!(create["memory_mb"]["minimum"].as_u64(), Some(MIN_MEMORY_MB));
+        assert_eq!(create["cpus"]["minimum"].as_f64(), Some(MIN_CPUS));
+        assert_eq!(create["pids"]["minimum"].as_u64(), Some(u64::from(MIN_PIDS)));
+    }
+
+    #[test]
     fn every_authenticated_operation_has_the_bearer_scheme_and_the_common_errors() {
         let doc: serde_json::Value = serde_json::from_str(json()).expect("the document is JSON");
         assert_eq!(doc["openapi"], "3.1.0");
