@@ -7,7 +7,7 @@ CARGO ?= cargo
 # any change makes nginx-sys rebuild nginx from scratch.
 export NGX_CONFIGURE_ARGS := --with-stream_ssl_preread_module
 
-.PHONY: build test bench bench-api clean deps up down demo
+.PHONY: build test fuzz bench bench-api clean deps up down demo
 
 build:
 	$(CARGO) build --release --workspace --locked
@@ -23,6 +23,11 @@ build:
 # Every test; installs missing Debian packages first (a no-op when all are there).
 test: deps build
 	scripts/test.sh
+
+# Schemathesis against a real API process, over the API's own OpenAPI document (also the last
+# step of `make test`).
+fuzz: deps build
+	scripts/fuzz.sh
 
 # Data plane vs the reload approach (ratios side by side); report also in .bench/.
 bench: build

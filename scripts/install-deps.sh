@@ -8,6 +8,7 @@ pkgs=(
   docker-compose                                                     # the stack (docker/compose.yaml)
   mmdebstrap                                                         # offline base image for docker/
   python3-pip                                                        # docker/workspace/fetch-wheels.sh (pip download)
+  python3-venv                                                       # scripts/fuzz.sh (Schemathesis in a virtual environment)
   busybox-static dropbear-bin                                        # control-api/tests/image/build-iso.sh (isolation tests)
 )
 missing=()

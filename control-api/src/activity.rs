@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::config::IdlePolicy;
 
 /// One service's traffic through the gateway since the environment last started.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ServiceActivity {
     /// The public port.
     pub port: u16,

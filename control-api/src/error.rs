@@ -116,18 +116,14 @@ impl ApiError {
     }
 
     /// What the error's envelope carries in `data` (`null` for most errors).
-    pub fn data(&self) -> Option<serde_json::Value> {
+    pub fn data(&self) -> Option<GpusShortfall> {
         match self {
-            ApiError::GpusUnavailable { free, needed, model: None, .. } => {
-                Some(serde_json::json!({ "gpus_free": free, "gpus_needed": needed }))
-            }
-            ApiError::GpusUnavailable { free, needed, model: Some((model, by_model)), .. } => {
-                let by: serde_json::Map<String, serde_json::Value> =
-                    by_model.iter().map(|(n, c)| (n.clone(), serde_json::json!(c))).collect();
-                Some(serde_json::json!({
-                    "gpus_free": free, "gpus_needed": needed, "gpu_model": model, "free_by_model": by,
-                }))
-            }
+            ApiError::GpusUnavailable { free, needed, model, .. } => Some(GpusShortfall {
+                gpus_free: *free,
+                gpus_needed: *needed,
+                gpu_model: model.as_ref().map(|(m, _)| m.clone()),
+                free_by_model: model.as_ref().map(|(_, by)| by.iter().cloned().collect()),
+            }),
             _ => None,
         }
     }
@@ -158,15 +154,47 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// `data` of the error with code 1008: how many GPUs were free and how many were needed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct GpusShortfall {
+    /// GPUs (of the model asked for) free when the allocation was tried.
+    pub gpus_free: u32,
+    /// GPUs the operation needs.
+    pub gpus_needed: u32,
+    /// The model the request asked for (only when it named one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
+    /// Free GPUs per model name (only when the request named a model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_by_model: Option<std::collections::BTreeMap<String, i64>>,
+}
+
 /// The response envelope.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Envelope<T: Serialize> {
     /// 0 on success, else the error's code.
     pub code: u32,
     /// "success", or what went wrong.
     pub message: String,
     /// The payload (`null` on errors).
+    #[schema(required = true)]
     pub data: Option<T>,
+}
+
+/// The envelope of every error: a non-zero `code` (see the error codes table), a message for
+/// the user, and `data` `null`, except code 1008 whose `data` says how many GPUs were free
+/// and needed. (The OpenAPI document's name for `Envelope<GpusShortfall>` on errors.)
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"code": 1005, "message": "environment \"6hiflzwte2xnkroq\" not found", "data": null}))]
+pub struct ErrorEnvelope {
+    /// The error's code (1001-1014, 1500), never 0.
+    #[schema(minimum = 1001, maximum = 1500)]
+    pub code: u32,
+    /// What went wrong, for a person to read.
+    pub message: String,
+    /// `null`, except for code 1008.
+    #[schema(required = true)]
+    pub data: Option<GpusShortfall>,
 }
 
 /// A successful response: status plus payload in the envelope.

@@ -53,6 +53,8 @@ enum Command {
     Migrate,
     /// Print the effective configuration (secrets redacted) and exit.
     CheckConfig,
+    /// Print the API's OpenAPI 3.1 document (JSON) and exit; needs no configuration.
+    Openapi,
 }
 
 fn init_tracing() {
@@ -64,13 +66,19 @@ fn init_tracing() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve { no_publisher: false });
+    if matches!(command, Command::Openapi) {
+        // Before the configuration is read: the document does not depend on it.
+        println!("{}", gpugate_api::http::openapi::json());
+        return Ok(());
+    }
     init_tracing();
     // The publisher maps the route table: a file truncated under it must not kill the API.
     if let Err(e) = gpugate_routes::install_sigbus_guard() {
         tracing::warn!(error = %e, "cannot install the route table's SIGBUS guard");
     }
     let cfg = Config::load(cli.config.as_deref())?;
-    match cli.command.unwrap_or(Command::Serve { no_publisher: false }) {
+    match command {
         Command::Serve { no_publisher } => serve(cfg, Mode::Api { publisher: !no_publisher }).await,
         Command::Publish => serve(cfg, Mode::PublishOnly).await,
         Command::Dns { address } => {
@@ -95,6 +103,8 @@ async fn main() -> anyhow::Result<()> {
             println!("{cfg:#?}");
             Ok(())
         }
+        // Printed above.
+        Command::Openapi => Ok(()),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::lifecycle;
 use crate::state::State;
 
 /// What one pass repaired.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Repairs {
     /// Creates left half-done by a dead instance, undone.
     pub creates_undone: u64,

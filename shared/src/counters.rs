@@ -69,6 +69,7 @@ fn tagged_max(w: &AtomicU64, tag: u64, value: u64) {
 /// A snapshot of one port's counters, for its current owner.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Counters {
     /// Sessions proxied to the workspace, counted when each ends.
     pub connections_total: u64,

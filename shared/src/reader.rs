@@ -27,6 +27,7 @@ pub enum Lookup {
 /// The header's changing fields, for tools and health checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeaderInfo {
     /// Bumped by the writer on every change.
     pub generation: u64,

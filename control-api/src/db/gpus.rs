@@ -8,7 +8,7 @@ use super::{Db, DbResult, Tx};
 use crate::gpu::{Device, GpuRef};
 
 /// One inventory row, as an admin sees it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct GpuRow {
     /// The key: the UUID, or `index:<n>` for a GPU listed in configuration.
     pub id: String,

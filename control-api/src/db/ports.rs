@@ -22,7 +22,7 @@ pub enum PoolSyncError {
 }
 
 /// What a synchronisation changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PoolSyncReport {
     /// Ports added to a pool.
     pub added: u64,
@@ -212,7 +212,7 @@ pub async fn release_orphans(db: &Db, quarantine_s: u64) -> DbResult<Vec<(u16, S
 }
 
 /// One service's pool figures.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct PoolStats {
     /// The service.
     pub service: String,

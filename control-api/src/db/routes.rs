@@ -14,7 +14,7 @@ use super::{Db, DbResult, Tx};
 pub const CHANNEL: &str = "gpugate_routes";
 
 /// One row of `routes`.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
 pub struct RouteRow {
     pub port: i32,
     pub env_id: String,

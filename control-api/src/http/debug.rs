@@ -13,7 +13,7 @@ use super::Admin;
 use crate::config::Config;
 use crate::db::ports::{self, PoolSyncError, PoolSyncReport};
 use crate::db::routes::{self, RouteRow};
-use crate::error::{ok, ApiError, ApiResult};
+use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope};
 use crate::reconcile::{self, Repairs};
 use crate::state::AppState;
 
@@ -26,7 +26,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// One slot as nginx sees it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Slot {
     pub port: u16,
     pub upstream: String,
@@ -40,18 +40,20 @@ pub struct Slot {
 }
 
 /// One difference between the database and the table.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Mismatch {
     pub port: u16,
     /// `missing_in_table`, `differs` or `not_in_database`.
+    #[schema(value_type = String)]
     pub kind: &'static str,
 }
 
 /// `data` of `GET /api/v1/debug/routes`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DebugRoutes {
     pub table_path: String,
     /// `null` when the table cannot be opened; then `table_error` says why.
+    #[schema(required = true)]
     pub header: Option<HeaderInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub table_error: Option<String>,
@@ -61,6 +63,15 @@ pub struct DebugRoutes {
     pub mismatches: Vec<Mismatch>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/debug/routes",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The table's header and slots beside the database's routes, and where they differ.", body = Envelope<DebugRoutes>),
+        (status = 403, description = "Needs an admin token (code 1004).", body = ErrorEnvelope),
+    ),
+)]
 /// `GET /api/v1/debug/routes` (admin).
 async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResult<DebugRoutes> {
     let rows = routes::all(&st.db).await?;
@@ -125,11 +136,31 @@ pub async fn reload_pools_from_config(st: &AppState) -> Result<PoolSyncReport, A
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/pools/reload",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The pools re-read from the configuration and synchronised; what changed.", body = Envelope<PoolSyncReport>),
+        (status = 403, description = "Needs an admin token (code 1004).", body = ErrorEnvelope),
+        (status = 409, description = "A port leaving the pools is allocated (code 1006); nothing changed.", body = ErrorEnvelope),
+        (status = 422, description = "The configuration is invalid or leaves the bound ranges (code 1002); nothing changed.", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/admin/pools/reload` (admin).
 async fn reload_pools(State(st): State<AppState>, _admin: Admin) -> ApiResult<PoolSyncReport> {
     Ok(ok(reload_pools_from_config(&st).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/reconcile",
+    tag = "admin",
+    responses(
+        (status = 200, description = "One reconcile pass ran; what it repaired.", body = Envelope<Repairs>),
+        (status = 403, description = "Needs an admin token (code 1004).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/admin/reconcile` (admin): one reconcile pass now.
 async fn run_reconcile(State(st): State<AppState>, _admin: Admin) -> ApiResult<Repairs> {
     let r = reconcile::pass(&st).await.map_err(|e| ApiError::internal("reconcile", format!("{e:#}")))?;

@@ -15,8 +15,8 @@ use super::{Body, Caller, IdPath, OptionalBody, QueryOf};
 use crate::activity::{Activity, ServiceActivity};
 use crate::db::envs::{self, EnvRow};
 use crate::db::{gpus, ports, readiness};
+use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope, Success};
 use crate::readiness::ServiceReadiness;
-use crate::error::{ok, ApiError, ApiResult, Success};
 use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
 use sha2::{Digest, Sha256};
 use crate::state::{AppState, State as AppInner};
@@ -36,48 +36,59 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Body of `POST /api/v1/environments`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "train", "gpus": 1, "services": ["ssh", "jupyter"]}))]
 pub struct CreateEnvironment {
-    /// Display name, 1 to 64 characters.
+    /// Display name, 1 to 64 characters (no control, bidirectional or zero-width characters).
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
-    /// Image (must be present on the Docker host); default from configuration.
+    /// Image (must be present on the Docker host and on the deployment's allow-list);
+    /// default from configuration.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 255)]
     pub image: Option<String>,
-    /// Number of GPUs (default 0).
+    /// Number of GPUs (default 0; at most what the host has).
     #[serde(default)]
     pub gpus: Option<u32>,
     /// Part of the GPU model name the GPUs must have, e.g. `"A100"` (case-insensitive).
     /// Absent from the idempotency digest when not given, like before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 128)]
     pub gpu_model: Option<String>,
-    /// Services (`ssh`, `jupyter`, `code`, `rdp`); default from configuration.
+    /// Services, each at most once; default from configuration.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<ServiceName>>, min_items = 1, max_items = 4)]
     pub services: Option<Vec<String>>,
-    /// OpenSSH public keys to authorise.
+    /// OpenSSH public keys to authorise (single-line, at most 32).
     #[serde(default)]
+    #[schema(max_items = 32)]
     pub ssh_public_keys: Option<Vec<String>>,
-    /// Memory limit in MiB (default and maximum: `docker.limits`).
+    /// Memory limit in MiB, at least 32 (default and maximum: `docker.limits`).
     #[serde(default)]
+    #[schema(minimum = 32)]
     pub memory_mb: Option<u64>,
-    /// CPU limit in cores.
+    /// CPU limit in cores, at least 0.01 (default and maximum: `docker.limits`).
     #[serde(default)]
+    #[schema(minimum = 0.01)]
     pub cpus: Option<f64>,
-    /// Process (pids) limit.
+    /// Process (pids) limit, at least 16 (default and maximum: `docker.limits`).
     #[serde(default)]
+    #[schema(minimum = 16)]
     pub pids: Option<u32>,
-    /// Seconds without activity after which the workspace is stopped (0: never); default
-    /// and maximum from configuration (`idle`).
+    /// Seconds without activity after which the workspace is stopped (0: never), at most 30
+    /// days; default and maximum from configuration (`idle`).
     #[serde(default)]
+    #[schema(maximum = 2592000)]
     pub idle_stop_after_s: Option<u64>,
-    /// When to answer (default `routes`). Not part of what the request asks for, so not of
-    /// its idempotency digest: a retry may wait differently.
-    #[serde(default, skip_serializing)]
+    /// When to answer: `routes` (default) or `ready` (also `?wait=`). Not part of what the
+    /// request asks for, so not of its idempotency digest: a retry may wait differently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<Wait>,
 }
 
 /// When a create or start answers.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Wait {
     /// Once the routes are live in the route table (or the route wait passed): the services
@@ -90,17 +101,20 @@ pub enum Wait {
 }
 
 /// Query of create and start: `?wait=ready`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
+    /// When to answer: `routes` (default) or `ready` (see the environment's `readiness`).
     #[serde(default)]
     pub wait: Option<Wait>,
 }
 
 /// Optional body of `POST /api/v1/environments/{id}/start`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartEnvironment {
+    /// When to answer: `routes` (default) or `ready`.
     #[serde(default)]
     pub wait: Option<Wait>,
 }
@@ -115,16 +129,51 @@ fn wait_of(query: Option<Wait>, body: Option<Wait>) -> Result<Wait, ApiError> {
     }
 }
 
+/// A service a workspace can offer (each needs a port pool in the deployment).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceName {
+    /// OpenSSH.
+    Ssh,
+    /// JupyterLab.
+    Jupyter,
+    /// code-server.
+    Code,
+    /// Remote desktop.
+    Rdp,
+}
+
 /// Body of `PATCH /api/v1/environments/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchEnvironment {
-    /// New idle limit in seconds (0: never, where the deployment allows it).
+    /// New idle limit in seconds (0: never, where the deployment allows it), at most 30 days
+    /// and the deployment's maximum.
+    #[schema(maximum = 2592000)]
     pub idle_stop_after_s: u64,
 }
 
+/// What the API reports as an environment's `status`.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "named by the OpenAPI document only; a test holds it equal to db::envs::status")]
+#[serde(rename_all = "lowercase")]
+pub enum EnvironmentStatus {
+    /// Ports allocated, container being made.
+    Creating,
+    /// Container running, routes live.
+    Running,
+    /// Container stopped, routes disabled; ports and home volume kept, GPUs given back.
+    Stopped,
+    /// Routes and container being removed.
+    Deleting,
+    /// The container vanished or a step failed; routes removed, ports kept until deleted.
+    Failed,
+    /// Gone; ports released.
+    Deleted,
+}
+
 /// SSH access.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SshAccess {
     pub host: String,
     pub port: u16,
@@ -134,21 +183,21 @@ pub struct SshAccess {
 }
 
 /// Jupyter access.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JupyterAccess {
     pub url: String,
     pub token: String,
 }
 
 /// code-server access.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CodeAccess {
     pub url: String,
     pub password: String,
 }
 
 /// RDP access.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RdpAccess {
     pub host: String,
     pub port: u16,
@@ -157,7 +206,7 @@ pub struct RdpAccess {
 }
 
 /// Every endpoint of an environment (only the services it has).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AccessInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ssh: Option<SshAccess>,
@@ -169,15 +218,29 @@ pub struct AccessInfo {
     pub rdp: Option<RdpAccess>,
 }
 
-/// `data` of the access endpoint.
-#[derive(Debug, Serialize)]
+/// `data` of the access endpoint, the seed's shape (the example is a real answer).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "environment_id": "l05fh80rhpiwa1uf",
+    "access_info": {
+        "ssh": {
+            "host": "l05fh80rhpiwa1uf.ssh.x-gpu.com",
+            "port": 24000,
+            "username": "remotegpu",
+            "password": "FnGdnrCFdr7H0qXEhSTeMQ2S",
+            "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com"
+        },
+        "jupyter": {"url": "https://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200", "token": "h1z5NDL0LT5NymVnSD1q05it"},
+        "code_server": {"url": "https://l05fh80rhpiwa1uf.code.x-gpu.com:24400", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
+    }
+}))]
 pub struct Access {
     pub environment_id: String,
     pub access_info: AccessInfo,
 }
 
 /// A GPU an environment holds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct GpuDeviceView {
     pub index: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,13 +251,52 @@ pub struct GpuDeviceView {
     pub memory_mib: Option<i64>,
 }
 
-/// An environment as the API shows it.
-#[derive(Debug, Serialize)]
+/// An environment as the API shows it (the example is taken from a real answer to a create).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "id": "l05fh80rhpiwa1uf",
+    "name": "train",
+    "image": "gpugate-test/tiny:1",
+    "status": "running",
+    "services": ["ssh", "jupyter", "code"],
+    "ports": {"code": 24400, "jupyter": 24200, "ssh": 24000},
+    "gpus": [0],
+    "gpu_count": 1,
+    "gpu_devices": [{"index": 0, "uuid": "GPU-6f2b9a41-0c1d-4e2f-9a3b-5c6d7e8f9012", "name": "NVIDIA A100-SXM4-80GB", "memory_mib": 81920}],
+    "activity": {
+        "ssh": {"port": 24000, "connections_active": 0, "connections_total": 0, "connections_revoked": 0, "bytes_in": 0, "bytes_out": 0}
+    },
+    "idle_seconds": 0,
+    "idle_stop_after_s": 0,
+    "routes_live": true,
+    "ready": true,
+    "readiness": {
+        "ssh": {"ready": true, "ready_at": "2026-11-29T17:59:48.102311Z"},
+        "jupyter": {"ready": true, "ready_at": "2026-11-29T18:00:01.877012Z"},
+        "code": {"ready": true, "ready_at": "2026-11-29T17:59:49.530040Z"}
+    },
+    "created_at": "2026-11-29T17:59:46.758936Z",
+    "updated_at": "2026-11-29T17:59:47.347777Z",
+    "access_info": {
+        "ssh": {
+            "host": "l05fh80rhpiwa1uf.ssh.x-gpu.com",
+            "port": 24000,
+            "username": "remotegpu",
+            "password": "FnGdnrCFdr7H0qXEhSTeMQ2S",
+            "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com"
+        },
+        "jupyter": {"url": "https://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200", "token": "h1z5NDL0LT5NymVnSD1q05it"},
+        "code_server": {"url": "https://l05fh80rhpiwa1uf.code.x-gpu.com:24400", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
+    }
+}))]
 pub struct EnvironmentView {
     pub id: String,
     pub name: String,
     pub image: String,
+    /// `creating`, `running`, `stopped`, `deleting`, `failed` or `deleted`.
+    #[schema(value_type = EnvironmentStatus)]
     pub status: String,
+    /// Why it is in that status, when there is something to say (a failure, an idle stop).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<String>,
     pub services: Vec<String>,
@@ -325,6 +427,25 @@ fn idempotency_key(headers: &HeaderMap, req: &CreateEnvironment) -> Result<Optio
     Ok(Some(IdempotencyKey { key: key.to_string(), request: Sha256::digest(&body).to_vec() }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/environments",
+    tag = "environments",
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,255}$",
+        description = "1 to 255 visible ASCII characters; a retry with the same key and body answers with the environment the first request made"),
+        WaitQuery,
+    ),
+    request_body = CreateEnvironment,
+    responses(
+        (status = 201, description = "Created (or replayed: header `Idempotent-Replayed: true`); the environment with its ports and access information.",
+            body = Envelope<EnvironmentView>,
+            headers(("Idempotent-Replayed" = String, description = "`true` when the answer replays an earlier create with the same `Idempotency-Key`"))),
+        (status = 400, description = "Malformed JSON or wrong content type (code 1001).", body = ErrorEnvelope),
+        (status = 409, description = "More GPUs than are free (code 1008, `data` says how many), a quota (code 1011), or an `Idempotency-Key` whose environment was deleted (code 1006).", body = ErrorEnvelope),
+        (status = 413, description = "Request body over 2 MiB (code 1013).", body = ErrorEnvelope),
+        (status = 422, description = "A field missing, unknown or invalid, or an `Idempotency-Key` reused with another body (code 1002); the image not on the Docker host (code 1007).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/environments` → 201 with the environment and its access information. With
 /// an `Idempotency-Key` already used by this caller: the environment that key created (same
 /// id and ports), with `Idempotent-Replayed: true`. The create runs to completion even if the
@@ -334,9 +455,10 @@ async fn create_environment(
     caller: Caller,
     headers: HeaderMap,
     QueryOf(query): QueryOf<WaitQuery>,
-    Body(req): Body<CreateEnvironment>,
+    Body(mut req): Body<CreateEnvironment>,
 ) -> Result<Response, ApiError> {
-    let wait = wait_of(query.wait, req.wait)?;
+    // Taken out before the idempotency digest is made.
+    let wait = wait_of(query.wait, req.wait.take())?;
     let idempotency = idempotency_key(&headers, &req)?;
     let spec = CreateSpec {
         id: crate::ids::env_id(),
@@ -364,6 +486,12 @@ async fn create_environment(
     Ok(resp)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/environments",
+    tag = "environments",
+    responses((status = 200, description = "The caller's environments (deleted ones excluded).", body = Envelope<Vec<EnvironmentView>>)),
+)]
 /// `GET /api/v1/environments` → the caller's environments.
 async fn list_environments(State(st): State<AppState>, caller: Caller) -> ApiResult<Vec<EnvironmentView>> {
     let mut out = vec![];
@@ -373,12 +501,32 @@ async fn list_environments(State(st): State<AppState>, caller: Caller) -> ApiRes
     Ok(ok(out))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/environments/{id}",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "The environment, with `activity` and `idle_seconds`.", body = Envelope<EnvironmentView>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+    ),
+)]
 /// `GET /api/v1/environments/{id}`.
 async fn get_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
     let env = find(&st, &caller, &id).await?;
     Ok(ok(view(&st, env, None).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/environments/{id}/access",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "How to reach each of the environment's services.", body = Envelope<Access>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+    ),
+)]
 /// `GET /api/v1/environments/{id}/access` → the seed's access shape.
 async fn get_access(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<Access> {
     let env = find(&st, &caller, &id).await?;
@@ -386,6 +534,17 @@ async fn get_access(State(st): State<AppState>, caller: Caller, IdPath(id): IdPa
     Ok(ok(Access { access_info: access_info(&st, &env, &held), environment_id: env.id }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/environments/{id}/stop",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "Stopped: routes disabled, container stopped, GPUs given back; ports and home volume kept.", body = Envelope<EnvironmentView>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 409, description = "Not running, or another operation on it is in progress (code 1006).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/environments/{id}/stop`.
 async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
     let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
@@ -393,6 +552,22 @@ async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id)
     Ok(ok(view(&st, out.env, None).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/environments/{id}/start",
+    tag = "environments",
+    params(
+        ("id" = String, Path, description = "The environment's id (another user's is unknown: 404)."),
+        WaitQuery,
+    ),
+    request_body(content = Option<StartEnvironment>, description = "Optional: `{\"wait\": \"ready\"}`, like `?wait=ready`."),
+    responses(
+        (status = 200, description = "Running again: GPUs allocated, a new container on the same home volume, same ports.", body = Envelope<EnvironmentView>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 422, description = "An unknown `wait`, or different values in query and body (code 1002).", body = ErrorEnvelope),
+        (status = 409, description = "Not stopped or busy (code 1006), too few free GPUs (code 1008, `data` says how many), or a quota (code 1011).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/environments/{id}/start` (`?wait=ready`, or an optional body
 /// `{"wait": "ready"}`).
 async fn start_environment(
@@ -420,13 +595,48 @@ async fn settle_wait(st: &AppInner, env: EnvRow, wait: Wait) -> Result<EnvRow, A
     Ok(envs::get(st.db.pool(), &env.id, None).await?.unwrap_or(env))
 }
 
-/// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.
-async fn delete_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<serde_json::Value> {
-    let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
-    let env = st.ops.run(&st, &id, async move { lifecycle::delete(&st2, &user, &id2).await }).await?;
-    Ok(ok(serde_json::json!({ "id": env.id, "status": env.status })))
+/// `data` of a delete.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Deleted {
+    /// The environment's id.
+    pub id: String,
+    /// `deleted`.
+    #[schema(value_type = EnvironmentStatus)]
+    pub status: String,
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/environments/{id}",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "Deleted: routes, container and home volume removed, ports in quarantine.", body = Envelope<Deleted>),
+        (status = 404, description = "Unknown environment, or deleted already (code 1005).", body = ErrorEnvelope),
+        (status = 409, description = "Another operation on it is in progress (code 1006).", body = ErrorEnvelope),
+    ),
+)]
+/// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.
+async fn delete_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<Deleted> {
+    let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
+    let env = st.ops.run(&st, &id, async move { lifecycle::delete(&st2, &user, &id2).await }).await?;
+    Ok(ok(Deleted { id: env.id, status: env.status }))
+}
+
+#[utoipa::path(
+    patch,
+    path = "/api/v1/environments/{id}",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    request_body = PatchEnvironment,
+    responses(
+        (status = 200, description = "The environment with its new idle limit.", body = Envelope<EnvironmentView>),
+        (status = 400, description = "Malformed JSON or wrong content type (code 1001).", body = ErrorEnvelope),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 413, description = "Request body over 2 MiB (code 1013).", body = ErrorEnvelope),
+        (status = 422, description = "A field missing, unknown or invalid; a limit over the deployment's maximum (code 1002).", body = ErrorEnvelope),
+    ),
+)]
 /// `PATCH /api/v1/environments/{id}`: changes the idle limit.
 async fn patch_environment(
     State(st): State<AppState>,
@@ -438,6 +648,17 @@ async fn patch_environment(
     Ok(ok(view(&st, env, None).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/environments/{id}/sessions/close",
+    tag = "environments",
+    params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
+    responses(
+        (status = 200, description = "The revoke is recorded; `applied` says whether the gateway's table has it yet.", body = Envelope<lifecycle::sessions::SessionsClosed>),
+        (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 409, description = "Not running (code 1006).", body = ErrorEnvelope),
+    ),
+)]
 /// `POST /api/v1/environments/{id}/sessions/close` (owner or admin): closes every session
 /// open now through the gateway; the environment keeps running and new sessions work.
 async fn close_sessions(

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::Admin;
 use crate::db::gpus::{self, GpuRow};
-use crate::error::{ok, ApiResult};
+use crate::error::{ok, ApiResult, Envelope, ErrorEnvelope};
 use crate::state::AppState;
 
 /// The routes of this resource.
@@ -17,7 +17,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// `data` of `GET /api/v1/gpus`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct GpuInventory {
     /// How GPUs reach containers on this host: `nvidia`, `cdi` or `nodes` (after `auto` was
     /// resolved against the engine).
@@ -29,8 +29,17 @@ pub struct GpuInventory {
     pub gpus: Vec<GpuRow>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/gpus",
+    tag = "admin",
+    responses(
+        (status = 200, description = "How GPUs are passed, where the inventory comes from, and every GPU known with its holder.", body = Envelope<GpuInventory>),
+        (status = 403, description = "Needs an admin token (code 1004).", body = ErrorEnvelope),
+    ),
+)]
 /// `GET /api/v1/gpus` (admin).
-async fn list_gpus(State(st): State<AppState>, _admin: Admin) -> ApiResult<GpuInventory> {
+pub(super) async fn list_gpus(State(st): State<AppState>, _admin: Admin) -> ApiResult<GpuInventory> {
     let backend = st.docker.gpu();
     Ok(ok(GpuInventory {
         mode: backend.passing.mode().as_str(),

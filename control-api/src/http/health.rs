@@ -20,7 +20,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::docker::DockerError;
-use crate::error::{ok, ApiError, ApiResult};
+use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope};
 use crate::state::AppState;
 
 /// How long the Docker ping of `/readyz` may take.
@@ -41,13 +41,20 @@ pub fn metrics_router() -> Router<AppState> {
     Router::new().route("/healthz", get(get_healthz)).route("/metrics", get(get_metrics))
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "probes",
+    security(()),
+    responses((status = 200, description = "The process serves requests; `data` is `\"ok\"`.", body = Envelope<String>)),
+)]
 /// `GET /healthz`: the process serves requests.
 async fn get_healthz() -> ApiResult<&'static str> {
     Ok(ok("ok"))
 }
 
 /// `data` of `/readyz`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Readiness {
     /// PostgreSQL answers.
     pub database: bool,
@@ -61,6 +68,7 @@ pub struct Readiness {
     /// This process holds the table's writer lock.
     pub publisher_active_here: bool,
     /// For each dependency that is down, why, as a fixed short reason (see the README).
+    #[schema(value_type = BTreeMap<String, String>)]
     pub reasons: BTreeMap<&'static str, &'static str>,
 }
 
@@ -126,6 +134,16 @@ pub fn table_reason(e: &gpugate_routes::Error) -> &'static str {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "probes",
+    security(()),
+    responses(
+        (status = 200, description = "Database, Docker and the route table are usable.", body = Envelope<Readiness>),
+        (status = 503, description = "Something is down (code 1010); the message and `data.reasons` name it.", body = Envelope<Readiness>),
+    ),
+)]
 /// `GET /readyz`: database, Docker and the route table; 503 in the envelope naming what is
 /// down when any fails.
 async fn get_readyz(State(st): State<AppState>) -> Response {
@@ -205,6 +223,16 @@ fn bearer_matches(headers: &HeaderMap, want: &str) -> bool {
     a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "probes",
+    security((), ("metrics_token" = [])),
+    responses(
+        (status = 200, description = "Prometheus text format.", content_type = "text/plain", body = String),
+        (status = 401, description = "`metrics.token` is set and the request does not carry it (code 1003).", body = ErrorEnvelope),
+    ),
+)]
 /// `GET /metrics`: Prometheus text format, from memory (no query).
 async fn get_metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
     let token = &st.cfg.metrics.token;

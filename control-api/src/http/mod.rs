@@ -1,5 +1,6 @@
 //! The HTTP API: one router per resource, merged here, plus the extractors every handler
-//! shares (bearer-token auth, JSON bodies whose errors use the envelope).
+//! shares (bearer-token auth, JSON bodies whose errors use the envelope). The OpenAPI
+//! document (`openapi`) describes every route; a test holds the two equal.
 
 mod debug;
 pub use debug::reload_pools_from_config as reload_pools;
@@ -7,6 +8,7 @@ mod environments;
 mod gpus;
 mod health;
 pub use health::{Readiness, ReadyLog};
+pub mod openapi;
 mod ports;
 mod ratelimit;
 mod requests;
@@ -15,6 +17,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::header;
+use axum::routing::get;
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -29,6 +32,7 @@ pub fn router(state: AppState) -> Router {
     let app = Router::new()
         .merge(api)
         .merge(health::router(state.cfg.metrics.listen.is_none()))
+        .route(openapi::PATH, get(openapi::get_openapi))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this endpoint does not accept that method".into())
@@ -122,8 +126,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
-/// An optional JSON body: none at all (no `Content-Length`, or 0, and no chunked body) is
-/// `None`; one that is there is read like [`Body`].
+/// An optional JSON body: none at all (no `Content-Length`, or 0, and no chunked body) and
+/// JSON `null` are `None`; one that is there is read like [`Body`].
 pub struct OptionalBody<T>(pub Option<T>);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalBody<T> {
@@ -138,8 +142,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalBody<T> {
         if empty {
             return Ok(OptionalBody(None));
         }
-        let Body(v) = Body::<T>::from_request(req, st).await?;
-        Ok(OptionalBody(Some(v)))
+        let Body(v) = Body::<Option<T>>::from_request(req, st).await?;
+        Ok(OptionalBody(v))
     }
 }
 

@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::state::State;
 
 /// `data` of `POST /api/v1/environments/{id}/sessions/close`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SessionsClosed {
     pub environment_id: String,
     /// The ports whose open sessions are being closed.

@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the API shows per service.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ServiceReadiness {
     /// Whether the service answered like itself since the last start.
     pub ready: bool,
