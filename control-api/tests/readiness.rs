@@ -141,6 +141,10 @@ async fn without_wait_the_create_answers_at_once_and_readiness_follows() {
     assert!(e["message"].as_str().expect("message").contains("ready"), "{e}");
     let (s, e) = ctx.post("/api/v1/environments?wait=soon", &alice, json!({"name": "x"})).await;
     assert_eq!(s, 422, "{e}");
+    let (s, e) = ctx.post("/api/v1/environments", &alice, json!({"name": "x", "wait": -58800})).await;
+    assert_eq!(s, 422, "a well-formed body with a bad value: {e}");
+    let (s, e) = ctx.post(&format!("/api/v1/environments/{id}/start"), &alice, json!({"wait": {"a": 1}})).await;
+    assert_eq!(s, 422, "{e}");
     let (s, e) = ctx.post("/api/v1/environments?wait=routes", &alice, json!({"name": "x", "wait": "ready"})).await;
     assert_eq!(s, 422, "{e}");
     assert_eq!(ctx.containers().len(), 1);

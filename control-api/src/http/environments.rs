@@ -88,7 +88,7 @@ pub struct CreateEnvironment {
 }
 
 /// When a create or start answers.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Wait {
     /// Once the routes are live in the route table (or the route wait passed): the services
@@ -98,6 +98,20 @@ pub enum Wait {
     /// Once every service answered like itself or its readiness deadline passed; the answer
     /// shows each service's readiness either way.
     Ready,
+}
+
+// By hand, not derived: a derived enum makes serde_json call a number or object where the name
+// belongs a syntax error (400, "expected value"); it is a well-formed body with a bad value (422).
+impl<'de> Deserialize<'de> for Wait {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, Unexpected};
+        let name = String::deserialize(d)?;
+        match name.as_str() {
+            "routes" => Ok(Wait::Routes),
+            "ready" => Ok(Wait::Ready),
+            other => Err(D::Error::invalid_value(Unexpected::Str(other), &"\"routes\" or \"ready\"")),
+        }
+    }
 }
 
 /// Query of create and start: `?wait=ready`.
@@ -563,7 +577,9 @@ async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id)
     request_body(content = Option<StartEnvironment>, description = "Optional: `{\"wait\": \"ready\"}`, like `?wait=ready`."),
     responses(
         (status = 200, description = "Running again: GPUs allocated, a new container on the same home volume, same ports.", body = Envelope<EnvironmentView>),
+        (status = 400, description = "A body that is not JSON, or has the wrong content type (code 1001).", body = ErrorEnvelope),
         (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
+        (status = 413, description = "Request body over 2 MiB (code 1013).", body = ErrorEnvelope),
         (status = 422, description = "An unknown `wait`, or different values in query and body (code 1002).", body = ErrorEnvelope),
         (status = 409, description = "Not stopped or busy (code 1006), too few free GPUs (code 1008, `data` says how many), or a quota (code 1011).", body = ErrorEnvelope),
     ),

@@ -280,7 +280,7 @@ mod tests {
             ApiError::NotFound(String::new()),
             ApiError::Conflict(String::new()),
             ApiError::ImageNotFound(String::new()),
-            ApiError::GpusUnavailable { message: String::new(), free: 0, needed: 1 },
+            ApiError::GpusUnavailable { message: String::new(), free: 0, needed: 1, model: None },
             ApiError::PoolExhausted(gpugate_routes::Service::Ssh),
             ApiError::Unavailable(String::new()),
             ApiError::QuotaExceeded(String::new()),
