@@ -143,15 +143,23 @@ st_rc=0
   ${GPUGATE_FUZZ_SEED:+--seed "$GPUGATE_FUZZ_SEED"} || st_rc=$?
 say "schemathesis finished in $(($(date +%s) - started)) s (exit $st_rc)"
 
-# Clean up through the API, as a user would: delete every environment the fuzzer left.
-ids=$(curl -fsS -m 30 -H "Authorization: Bearer $token" "$api/api/v1/environments" |
-  python3 -c 'import json, sys; print(" ".join(e["id"] for e in json.load(sys.stdin)["data"]))')
-for id in $ids; do
-  curl -sS -m 120 -o /dev/null -X DELETE -H "Authorization: Bearer $token" "$api/api/v1/environments/$id"
+# Clean up through the API, as a user would: delete every environment the fuzzer left. A
+# request Schemathesis gave up on at its time limit may still be creating (or waiting for
+# readiness) in the API, so the list is taken again until nothing is left (a minute at most).
+deleted=0
+for _ in $(seq 20); do
+  ids=$(curl -fsS -m 30 -H "Authorization: Bearer $token" "$api/api/v1/environments" |
+    python3 -c 'import json, sys; print(" ".join(e["id"] for e in json.load(sys.stdin)["data"]))')
+  [[ -z $ids ]] && break
+  for id in $ids; do
+    code=$(curl -sS -m 120 -o /dev/null -w '%{http_code}' -X DELETE -H "Authorization: Bearer $token" "$api/api/v1/environments/$id")
+    [[ $code == 200 ]] && deleted=$((deleted + 1))
+  done
+  sleep 3
 done
 left=$(psql -qtA "$db_url" -c "SELECT count(*) FROM environments WHERE status <> 'deleted'")
 containers=$(docker ps -aq --filter "label=gpugate.deployment=$deployment" | wc -l)
-say "deleted $(wc -w <<<"$ids") environments; left: $left in the database, $containers containers"
+say "deleted $deleted environments; left: $left in the database, $containers containers"
 if ((st_rc != 0)); then
   tail -n 50 "$work/api.log" >&2
   die "schemathesis found failures (above)"
