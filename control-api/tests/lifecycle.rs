@@ -351,13 +351,7 @@ async fn a_port_reserved_and_a_gpu_retired_while_held_never_come_back() {
 
 /// The GPU indexes a container has device nodes for (`/dev/nvidia<N>`).
 fn gpu_nodes(ctx: &Ctx, container: &str) -> Vec<u32> {
-    let mut out: Vec<u32> = ctx
-        .exec(container, &["ls", "/dev"])
-        .split_whitespace()
-        .filter_map(|n| n.strip_prefix("nvidia")?.parse().ok())
-        .collect();
-    out.sort_unstable();
-    out
+    common::nvidia_indexes(&ctx.exec(container, &["ls", "/dev"]))
 }
 
 /// GPU rows: (index, status, environment).

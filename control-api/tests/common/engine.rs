@@ -193,13 +193,7 @@ impl Engine {
 
     /// The GPU indexes a container of this engine has device nodes for (`/dev/nvidia<N>`).
     pub fn gpu_nodes(&self, container: &str) -> Vec<u32> {
-        let mut out: Vec<u32> = self
-            .exec(container, &["ls", "/dev"])
-            .split_whitespace()
-            .filter_map(|n| n.strip_prefix("nvidia")?.parse().ok())
-            .collect();
-        out.sort_unstable();
-        out
+        super::nvidia_indexes(&self.exec(container, &["ls", "/dev"]))
     }
 }
 

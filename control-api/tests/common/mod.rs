@@ -501,3 +501,10 @@ pub fn ssh_login(port: u16, key: &Path) -> bool {
     }
     ok
 }
+
+/// The GPU indexes named by `nvidia<N>` entries of a `/dev` listing, sorted.
+pub fn nvidia_indexes(listing: &str) -> Vec<u32> {
+    let mut out: Vec<u32> = listing.split_whitespace().filter_map(|n| n.strip_prefix("nvidia")?.parse().ok()).collect();
+    out.sort_unstable();
+    out
+}
