@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
 use crate::files::{pid_namespace, process_start};
-use crate::layout::{CounterSlot, MAX_WORKERS, PORT_SLOTS};
+use crate::layout::{CounterSlot, NameRefusal, SlotKey, MAX_WORKERS, PORT_SLOTS};
 use crate::mapping::{Kind, Mapping};
 
 const VALUE_BITS: u32 = 48;
@@ -184,8 +184,25 @@ impl CounterFile {
         self.map.poisoned()
     }
 
-    fn slot(&self, port: u16) -> &CounterSlot {
-        self.map.counter_slot(port)
+    fn slot(&self, key: SlotKey) -> &CounterSlot {
+        self.map.counter_slot(key)
+    }
+
+    /// Hostname slots this file counts for besides the ports.
+    pub fn host_slots(&self) -> u32 {
+        self.map.host_slots()
+    }
+
+    /// Counts a connection that name routing refused, by reason.
+    pub fn count_name_refused(&self, why: NameRefusal) {
+        // Relaxed: a statistic.
+        self.map.counters_header().name_refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections refused by name routing so far, per reason.
+    pub fn name_refused(&self) -> Vec<(NameRefusal, u64)> {
+        let h = self.map.counters_header();
+        NameRefusal::ALL.iter().map(|&r| (r, h.name_refused[r as usize].load(Ordering::Relaxed))).collect()
     }
 
     /// Claims a row of session cells for this process (re-using one it holds), after clearing
@@ -227,8 +244,8 @@ impl CounterFile {
     }
 
     fn clear_row(&self, i: usize) {
-        for port in 0..=u16::MAX {
-            let c = self.map.cell(i, port);
+        for k in 0..self.map.keys() {
+            let c = self.map.cell(i, key_at(k));
             // Relaxed: the row is owned by the clearing process; the Release store of the
             // row's owner that follows publishes these stores.
             if c.load(Ordering::Relaxed) != 0 {
@@ -265,17 +282,18 @@ impl CounterFile {
         cleared
     }
 
-    /// Counts a connection refused on `port` (no live route).
-    pub fn count_refused(&self, port: u16) {
+    /// Counts a connection refused on `key` (no live route).
+    pub fn count_refused(&self, key: impl Into<SlotKey>) {
         // Relaxed: a statistic.
-        self.slot(port).refused_total.fetch_add(1, Ordering::Relaxed);
+        self.slot(key.into()).refused_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a session of the route owned by `owner` that opened on `port`.
-    pub fn session_open(&self, row: Option<WorkerRow>, port: u16, owner: u64, now_ms: u64) {
+    /// Counts a session of the route owned by `owner` that opened on `key`.
+    pub fn session_open(&self, row: Option<WorkerRow>, key: impl Into<SlotKey>, owner: u64, now_ms: u64) {
+        let key = key.into();
         let t = tag(owner);
         if let Some(WorkerRow(i)) = row {
-            let c = self.map.cell(i, port);
+            let c = self.map.cell(i, key);
             // Relaxed load and store: only this process writes its row.
             let v = c.load(Ordering::Relaxed);
             let next = match value_for(v, t) {
@@ -285,7 +303,7 @@ impl CounterFile {
             };
             c.store(next, Ordering::Relaxed);
         }
-        tagged_max(&self.slot(port).last_activity_ms, t, now_ms);
+        tagged_max(&self.slot(key).last_activity_ms, t, now_ms);
     }
 
     /// Counts the end of a session that [`CounterFile::session_open`] counted.
@@ -293,22 +311,23 @@ impl CounterFile {
     pub fn session_close(
         &self,
         row: Option<WorkerRow>,
-        port: u16,
+        key: impl Into<SlotKey>,
         owner: u64,
         outcome: Outcome,
         bytes_in: u64,
         bytes_out: u64,
         now_ms: u64,
     ) {
+        let key = key.into();
         let t = tag(owner);
         if let Some(WorkerRow(i)) = row {
-            let c = self.map.cell(i, port);
+            let c = self.map.cell(i, key);
             let v = c.load(Ordering::Relaxed);
             if let Some(n) = value_for(v, t) {
                 c.store(pack(t, n.saturating_sub(1)), Ordering::Relaxed);
             }
         }
-        let s = self.slot(port);
+        let s = self.slot(key);
         match outcome {
             Outcome::Proxied => tagged_add(&s.connections_total, t, 1),
             Outcome::Revoked => {
@@ -324,20 +343,20 @@ impl CounterFile {
 
     /// Adds the bytes a still-open session moved since its last flush (`bytes_in`,
     /// `bytes_out` are deltas); a flush that saw bytes move is activity at `now_ms`.
-    pub fn session_flush(&self, port: u16, owner: u64, bytes_in: u64, bytes_out: u64, now_ms: u64) {
+    pub fn session_flush(&self, key: impl Into<SlotKey>, owner: u64, bytes_in: u64, bytes_out: u64, now_ms: u64) {
         if bytes_in == 0 && bytes_out == 0 {
             return;
         }
-        let s = self.slot(port);
+        let s = self.slot(key.into());
         let t = tag(owner);
         tagged_add(&s.bytes_in, t, bytes_in);
         tagged_add(&s.bytes_out, t, bytes_out);
         tagged_max(&s.last_activity_ms, t, now_ms);
     }
 
-    /// Starts `port`'s counters over for a new owner (the writer, before it writes the route).
-    pub(crate) fn reset(&self, port: u16, owner: u64) {
-        let s = self.slot(port);
+    /// Starts `key`'s counters over for a new owner (the writer, before it writes the route).
+    pub(crate) fn reset(&self, key: SlotKey, owner: u64) {
+        let s = self.slot(key);
         let t = tag(owner);
         // Relaxed stores, then a Release fence: the route write that follows (its W1 is a
         // Release store) is ordered after them, so a worker that sees the new route also sees
@@ -363,10 +382,11 @@ impl CounterFile {
         self.map.counters_header().owners.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// The counters of `port` for the route owned by `owner` (or, with `None`, for whoever
+    /// The counters of `key` for the route owned by `owner` (or, with `None`, for whoever
     /// they were last reset for).
-    pub fn snapshot(&self, port: u16, owner: Option<u64>) -> Counters {
-        let s = self.slot(port);
+    pub fn snapshot(&self, key: impl Into<SlotKey>, owner: Option<u64>) -> Counters {
+        let key = key.into();
+        let s = self.slot(key);
         let owner = owner.unwrap_or_else(|| s.owner.load(Ordering::Relaxed));
         let t = tag(owner);
         let get = |w: &AtomicU64| value_for(w.load(Ordering::Relaxed), t).unwrap_or(0);
@@ -378,7 +398,7 @@ impl CounterFile {
             if o == 0 || o & SWEEPING != 0 {
                 continue;
             }
-            active += value_for(self.map.cell(i, port).load(Ordering::Relaxed), t).unwrap_or(0);
+            active += value_for(self.map.cell(i, key).load(Ordering::Relaxed), t).unwrap_or(0);
         }
         Counters {
             connections_total: get(&s.connections_total),
@@ -397,6 +417,14 @@ impl CounterFile {
         (0..MAX_WORKERS)
             .filter(|&i| self.map.worker_slot(i).owner.load(Ordering::Relaxed) != 0)
             .count()
+    }
+}
+
+/// The key with counter index `k` (< keys).
+fn key_at(k: usize) -> SlotKey {
+    match u16::try_from(k) {
+        Ok(port) => SlotKey::port(port),
+        Err(_) => SlotKey::host((k - PORT_SLOTS) as u32),
     }
 }
 

@@ -1,8 +1,9 @@
 //! `gpugate-routes`: the route table shared by the gpugate control plane and nginx module.
 //!
 //! Two fixed-size files in a directory of their own (default `/dev/shm/gpugate/`): `routes`
-//! maps every local TCP port to the workspace it reaches, and `routes.counters` holds the
-//! per-port traffic counters. One process writes routes ([`Writer`], holding the directory's
+//! maps every local TCP port to the workspace it reaches, and every (environment id, service)
+//! name route to its workspace ([`hosts`]), and `routes.counters` holds their traffic
+//! counters. One process writes routes ([`Writer`], holding the directory's
 //! `flock`); nginx workers and tools map `routes` read-only and read it without locks
 //! ([`Table`]); workers add to the counters ([`CounterFile`]), which live apart so that a
 //! process allowed to count can never change a route.
@@ -22,6 +23,7 @@ pub mod counters;
 pub mod error;
 mod files;
 mod guard;
+pub mod hosts;
 pub mod layout;
 mod mapping;
 pub mod reader;
@@ -32,9 +34,11 @@ pub mod writer;
 pub use counters::{counters_path, CounterFile, Counters, Outcome, WorkerRow};
 pub use error::{Error, Result};
 pub use guard::install_sigbus_guard;
+pub use hosts::HostKey;
+pub use layout::{NameRefusal, SlotKey, DEFAULT_HOST_SLOTS};
 pub use reader::{now_ms, HeaderInfo, Lookup, Table};
 pub use route::{parse_upstream, EnvId, Route, Service};
-pub use writer::{LockMode, OpenReport, SyncReport, Writer};
+pub use writer::{HostWrite, LockMode, OpenReport, SyncReport, Writer};
 
 /// Where the table lives unless configured otherwise.
 pub const DEFAULT_TABLE_PATH: &str = "/dev/shm/gpugate/routes";

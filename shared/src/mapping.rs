@@ -11,9 +11,9 @@ use memmap2::{MmapOptions, MmapRaw};
 use crate::error::{Error, Result};
 use crate::guard;
 use crate::layout::{
-    CounterSlot, CountersHeader, Header, PortSlot, WorkerSlot, CELLS_OFFSET, CELLS_PER_WORKER,
-    COUNTERS_FILE_SIZE, COUNTERS_MAGIC, COUNTERS_OFFSET, COUNTER_SIZE, FILE_SIZE, HEADER_SIZE,
-    LAYOUT_VERSION, MAGIC, MAX_WORKERS, PORTS_OFFSET, PORT_SLOTS, SLOT_SIZE, WORKERS_OFFSET,
+    check_host_slots, routes_file_size, CounterSlot, CountersGeometry, CountersHeader, Header,
+    PortSlot, SlotKey, WorkerSlot, COUNTERS_MAGIC, COUNTERS_OFFSET, COUNTER_SIZE, HEADER_SIZE,
+    HOSTS_OFFSET, LAYOUT_VERSION, MAGIC, MAX_WORKERS, PORTS_OFFSET, PORT_SLOTS, SLOT_SIZE,
     WORKER_SLOT_SIZE,
 };
 
@@ -25,13 +25,18 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub fn len(self) -> usize {
+    /// Bytes a file of this kind with `host_slots` hostname slots needs.
+    pub fn len(self, host_slots: u32) -> usize {
         match self {
-            Kind::Routes => FILE_SIZE,
-            Kind::Counters => COUNTERS_FILE_SIZE,
+            Kind::Routes => routes_file_size(host_slots),
+            Kind::Counters => CountersGeometry::new(host_slots).file_size,
         }
     }
 }
+
+/// Both headers keep the hostname slot count at this offset.
+const HOST_SLOTS_AT: u64 = 28;
+const _: () = assert!(HOST_SLOTS_AT as usize + 4 <= 32);
 
 /// A shared mapping of a table file, with the file kept open to re-check its size.
 pub(crate) struct Mapping {
@@ -42,21 +47,47 @@ pub(crate) struct Mapping {
     writable: bool,
     file_id: (u64, u64),
     guard: Option<usize>,
+    /// The geometry the mapping was made for, fixed for its life: every index is bounded by
+    /// these, never by what the (shared, changeable) header says later.
+    len: usize,
+    host_slots: u32,
+    counters: CountersGeometry,
 }
 
 impl Mapping {
-    /// Maps `file` shared (read-only unless `writable`), after checking its length.
+    /// Maps `file` shared (read-only unless `writable`), with the hostname slot count its
+    /// header names, after checking that count and the file's length.
     pub fn new(file: File, path: &Path, kind: Kind, writable: bool) -> Result<Mapping> {
+        use std::os::unix::fs::FileExt;
+        let mut head = [0u8; 32];
+        // Only a file with our magic names a hostname region; anything else (too short, not a
+        // table) is mapped at the base size and refused by the length check or `validate`.
+        let magic = if kind == Kind::Routes { MAGIC } else { COUNTERS_MAGIC };
+        let host_slots = match file.read_exact_at(&mut head, 0) {
+            Ok(()) if head[..8] == magic.to_le_bytes() => {
+                let at = HOST_SLOTS_AT as usize;
+                u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]])
+            }
+            _ => 0,
+        };
+        if check_host_slots(host_slots).is_err() {
+            return Err(Error::Geometry { path: path.to_owned(), what: "hostname slot count" });
+        }
+        Mapping::new_sized(file, path, kind, writable, host_slots)
+    }
+
+    /// Maps `file` for `host_slots` hostname slots (a file being created has no header yet).
+    pub fn new_sized(file: File, path: &Path, kind: Kind, writable: bool, host_slots: u32) -> Result<Mapping> {
         let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
-        let need = kind.len() as u64;
-        if meta.len() < need {
-            return Err(Error::TooShort { path: path.to_owned(), len: meta.len(), need });
+        let len = kind.len(host_slots);
+        if meta.len() < len as u64 {
+            return Err(Error::TooShort { path: path.to_owned(), len: meta.len(), need: len as u64 });
         }
         let mut opts = MmapOptions::new();
-        opts.len(kind.len());
+        opts.len(len);
         let map = if writable { opts.map_raw(&file) } else { opts.map_raw_read_only(&file) }
             .map_err(|e| Error::io(path, "mmap", e))?;
-        let guard = guard::register(map.as_ptr() as usize, kind.len());
+        let guard = guard::register(map.as_ptr() as usize, len);
         Ok(Mapping {
             map,
             file,
@@ -65,7 +96,20 @@ impl Mapping {
             writable,
             file_id: (meta.dev(), meta.ino()),
             guard,
+            len,
+            host_slots,
+            counters: CountersGeometry::new(host_slots),
         })
+    }
+
+    /// Hostname slots of this mapping (0: no hostname region).
+    pub fn host_slots(&self) -> u32 {
+        self.host_slots
+    }
+
+    /// Keys (ports and hostname slots) this mapping holds slots or counters for.
+    pub fn keys(&self) -> usize {
+        PORT_SLOTS + self.host_slots as usize
     }
 
     pub fn path(&self) -> &Path {
@@ -85,7 +129,7 @@ impl Mapping {
     /// Checks that the file is still long enough for the mapping and that no access faulted
     /// past its end: a file that shrank must not be touched again (SIGBUS).
     pub fn check_size(&self) -> Result<()> {
-        let need = self.kind.len() as u64;
+        let need = self.len as u64;
         if self.guard.is_some_and(guard::poisoned) {
             let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
             return Err(Error::TooShort { path: self.path.clone(), len, need });
@@ -109,7 +153,7 @@ impl Mapping {
     /// operations), `off + size_of::<T>()` must be within the mapping and `off` aligned for
     /// `T` (the mapping itself is page-aligned).
     unsafe fn at<T>(&self, off: usize) -> &T {
-        debug_assert!(off + std::mem::size_of::<T>() <= self.kind.len());
+        debug_assert!(off + std::mem::size_of::<T>() <= self.len);
         debug_assert!(off % std::mem::align_of::<T>() == 0);
         // SAFETY: the caller's contract; the reference is tied to `self`, which owns the
         // mapping.
@@ -126,8 +170,28 @@ impl Mapping {
     pub fn port_slot(&self, port: u16) -> &PortSlot {
         debug_assert_eq!(self.kind, Kind::Routes);
         // SAFETY: PortSlot is atomics only; PORTS_OFFSET + 65535 * SLOT_SIZE + SLOT_SIZE ==
-        // FILE_SIZE for every u16 port; offsets are multiples of 64 from a page-aligned base.
+        // HOSTS_OFFSET <= len for every u16 port; offsets are multiples of 64 from a
+        // page-aligned base.
         unsafe { self.at(PORTS_OFFSET + usize::from(port) * SLOT_SIZE) }
+    }
+
+    /// The slot of `key`: a port slot, or a hostname slot. A hostname key beyond this
+    /// mapping's region reads as slot 0 (never routed, always empty): callers only make keys
+    /// from this mapping's own count, so that is a bug's fallback, not a path.
+    pub fn slot(&self, key: SlotKey) -> &PortSlot {
+        match (key.as_port(), key.host_index()) {
+            (Some(port), _) => self.port_slot(port),
+            (None, Some(i)) if i < self.host_slots => {
+                debug_assert_eq!(self.kind, Kind::Routes);
+                // SAFETY: as for port slots; i < host_slots keeps HOSTS_OFFSET + (i + 1) *
+                // SLOT_SIZE <= routes_file_size(host_slots) == len.
+                unsafe { self.at(HOSTS_OFFSET + i as usize * SLOT_SIZE) }
+            }
+            _ => {
+                debug_assert!(false, "{key} is outside the table");
+                self.port_slot(0)
+            }
+        }
     }
 
     pub fn counters_header(&self) -> &CountersHeader {
@@ -136,11 +200,20 @@ impl Mapping {
         unsafe { self.at(0) }
     }
 
-    /// The counters of `port`.
-    pub fn counter_slot(&self, port: u16) -> &CounterSlot {
+    /// A key's index, or 0 (port 0: never routed) for a key beyond this mapping.
+    fn key_index(&self, key: SlotKey) -> usize {
+        let i = key.index();
+        debug_assert!(i < self.keys(), "{key} is outside the counters");
+        if i < self.keys() { i } else { 0 }
+    }
+
+    /// The counters of `key`.
+    pub fn counter_slot(&self, key: SlotKey) -> &CounterSlot {
         debug_assert_eq!(self.kind, Kind::Counters);
-        // SAFETY: CounterSlot is atomics only; in bounds for every u16 port, 64-byte aligned.
-        unsafe { self.at(COUNTERS_OFFSET + usize::from(port) * COUNTER_SIZE) }
+        let i = self.key_index(key);
+        // SAFETY: CounterSlot is atomics only; i < keys keeps it below workers_offset <= len,
+        // 64-byte aligned.
+        unsafe { self.at(COUNTERS_OFFSET + i * COUNTER_SIZE) }
     }
 
     /// Row `i` (< MAX_WORKERS) of worker slots.
@@ -149,16 +222,17 @@ impl Mapping {
         let i = i.min(MAX_WORKERS - 1);
         // SAFETY: WorkerSlot is atomics only; i < MAX_WORKERS keeps it inside the region,
         // 64-byte aligned.
-        unsafe { self.at(WORKERS_OFFSET + i * WORKER_SLOT_SIZE) }
+        unsafe { self.at(self.counters.workers_offset + i * WORKER_SLOT_SIZE) }
     }
 
-    /// The open-session cell of worker row `i` (< MAX_WORKERS) for `port`.
-    pub fn cell(&self, i: usize, port: u16) -> &std::sync::atomic::AtomicU64 {
+    /// The open-session cell of worker row `i` (< MAX_WORKERS) for `key`.
+    pub fn cell(&self, i: usize, key: SlotKey) -> &std::sync::atomic::AtomicU64 {
         debug_assert!(i < MAX_WORKERS);
         let i = i.min(MAX_WORKERS - 1);
+        let k = self.key_index(key);
         // SAFETY: an AtomicU64 at an 8-byte aligned offset inside the cells region
-        // (i < MAX_WORKERS, port < PORT_SLOTS).
-        unsafe { self.at(CELLS_OFFSET + i * CELLS_PER_WORKER + usize::from(port) * 8) }
+        // (i < MAX_WORKERS, k < keys).
+        unsafe { self.at(self.counters.cells_offset + i * self.counters.cells_per_worker + k * 8) }
     }
 
     /// Checks the header against the layout this build knows. Cheap: a few atomic loads.
@@ -174,21 +248,28 @@ impl Mapping {
         let (version, checks) = match self.kind {
             Kind::Routes => {
                 let h = self.header();
-                let checks: [(bool, &'static str); 4] = [
+                let hosts_at = if self.host_slots > 0 { HOSTS_OFFSET } else { 0 };
+                let checks: [(bool, &'static str); 7] = [
                     (h.header_size.load(Ordering::Relaxed) as usize == HEADER_SIZE, "header size"),
                     (h.port_slots.load(Ordering::Relaxed) as usize == PORT_SLOTS, "port slot count"),
                     (h.slot_size.load(Ordering::Relaxed) as usize == SLOT_SIZE, "slot size"),
                     (h.ports_offset.load(Ordering::Relaxed) as usize == PORTS_OFFSET, "ports offset"),
+                    (h.host_slots.load(Ordering::Relaxed) == self.host_slots, "hostname slot count"),
+                    (h.hosts_offset.load(Ordering::Relaxed) as usize == hosts_at, "hostname offset"),
+                    (h.file_size.load(Ordering::Relaxed) as usize == self.len, "file size"),
                 ];
                 (h.version.load(Ordering::Relaxed), checks)
             }
             Kind::Counters => {
                 let h = self.counters_header();
-                let checks: [(bool, &'static str); 4] = [
+                let checks: [(bool, &'static str); 7] = [
                     (h.port_slots.load(Ordering::Relaxed) as usize == PORT_SLOTS, "port slot count"),
                     (h.counter_size.load(Ordering::Relaxed) as usize == COUNTER_SIZE, "counter size"),
                     (h.worker_slots.load(Ordering::Relaxed) as usize == MAX_WORKERS, "worker slots"),
-                    (h.cells_offset.load(Ordering::Relaxed) as usize == CELLS_OFFSET, "cells offset"),
+                    (h.host_slots.load(Ordering::Relaxed) == self.host_slots, "hostname slot count"),
+                    (h.workers_offset.load(Ordering::Relaxed) as usize == self.counters.workers_offset, "workers offset"),
+                    (h.cells_offset.load(Ordering::Relaxed) as usize == self.counters.cells_offset, "cells offset"),
+                    (h.file_size.load(Ordering::Relaxed) as usize == self.len, "file size"),
                 ];
                 (h.version.load(Ordering::Relaxed), checks)
             }
@@ -219,11 +300,13 @@ impl Mapping {
         h.port_slots.store(PORT_SLOTS as u32, Ordering::Relaxed);
         h.slot_size.store(SLOT_SIZE as u32, Ordering::Relaxed);
         h.counter_size.store(COUNTER_SIZE as u32, Ordering::Relaxed);
-        h.host_slots.store(0, Ordering::Relaxed);
+        h.host_slots.store(self.host_slots, Ordering::Relaxed);
         h.ports_offset.store(PORTS_OFFSET as u64, Ordering::Relaxed);
         h.counters_offset.store(0, Ordering::Relaxed);
-        h.hosts_offset.store(0, Ordering::Relaxed);
-        h.file_size.store(FILE_SIZE as u64, Ordering::Relaxed);
+        let hosts_at = if self.host_slots > 0 { HOSTS_OFFSET } else { 0 };
+        h.hosts_offset.store(hosts_at as u64, Ordering::Relaxed);
+        h.file_size.store(self.len as u64, Ordering::Relaxed);
+        h.host_probe_max.store(0, Ordering::Relaxed);
         h.generation.store(0, Ordering::Relaxed);
         h.heartbeat_ms.store(now_ms, Ordering::Relaxed);
         h.writer_pid.store(pid, Ordering::Relaxed);
@@ -241,11 +324,11 @@ impl Mapping {
         h.port_slots.store(PORT_SLOTS as u32, Ordering::Relaxed);
         h.counter_size.store(COUNTER_SIZE as u32, Ordering::Relaxed);
         h.worker_slots.store(MAX_WORKERS as u32, Ordering::Relaxed);
-        h.reserved.store(0, Ordering::Relaxed);
+        h.host_slots.store(self.host_slots, Ordering::Relaxed);
         h.counters_offset.store(COUNTERS_OFFSET as u64, Ordering::Relaxed);
-        h.workers_offset.store(WORKERS_OFFSET as u64, Ordering::Relaxed);
-        h.cells_offset.store(CELLS_OFFSET as u64, Ordering::Relaxed);
-        h.file_size.store(COUNTERS_FILE_SIZE as u64, Ordering::Relaxed);
+        h.workers_offset.store(self.counters.workers_offset as u64, Ordering::Relaxed);
+        h.cells_offset.store(self.counters.cells_offset as u64, Ordering::Relaxed);
+        h.file_size.store(self.len as u64, Ordering::Relaxed);
         h.magic.store(COUNTERS_MAGIC, Ordering::Release);
     }
 

@@ -7,8 +7,10 @@ use std::sync::atomic::Ordering;
 
 use crate::counters::{counters_path, CounterFile, Counters};
 use crate::error::{Error, Result};
+use crate::hosts::{self, HostKey, SlotState};
+use crate::layout::SlotKey;
 use crate::mapping::{Kind, Mapping};
-use crate::route::Route;
+use crate::route::{RawRoute, Route};
 use crate::seqlock;
 
 /// What one lookup of a port found.
@@ -142,12 +144,13 @@ impl Table {
         }
     }
 
-    /// The revoke epoch of `port`: sessions opened under an earlier epoch are to be closed.
+    /// The revoke epoch of `key` (a port or a hostname slot): sessions opened under an
+    /// earlier epoch are to be closed.
     #[inline]
-    pub fn revoke_epoch(&self, port: u16) -> u64 {
+    pub fn revoke_epoch(&self, key: impl Into<SlotKey>) -> u64 {
         // Relaxed: a session compares it with the value it read at open; a late sight of a
         // bump only delays the close to the next flush.
-        self.map.port_slot(port).revoke_epoch.load(Ordering::Relaxed)
+        self.map.slot(key.into()).revoke_epoch.load(Ordering::Relaxed)
     }
 
     /// Every port with a route (live or expired), in port order.
@@ -157,13 +160,81 @@ impl Table {
         })
     }
 
-    /// A snapshot of `port`'s counters for its current route (zero without a counters file).
-    pub fn counters(&self, port: u16) -> Counters {
+    /// Hostname slots of this table (0: it has no hostname region).
+    pub fn host_slots(&self) -> u32 {
+        self.map.host_slots()
+    }
+
+    /// The longest probe a hostname lookup makes (the header's bound, capped by the region).
+    pub fn host_probe_max(&self) -> u32 {
+        // Relaxed + fence(Acquire): the writer raises it (Release) before it writes a slot that
+        // far out; a reader that then sees the slot's sequence also sees the bound (and a
+        // reader that sees an old bound cannot have seen the new slot's key either).
+        let n = self.map.header().host_probe_max.load(Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
+        n.min(self.map.host_slots())
+    }
+
+    /// Finds the slot keyed with `key`: `Ok(Some((slot key, words)))`, `Ok(None)` when the key
+    /// is in no slot, `Err(())` when a slot on the way stayed busy (fail closed).
+    pub(crate) fn find_host(&self, key: HostKey) -> std::result::Result<Option<(SlotKey, RawRoute)>, ()> {
+        let slots = self.map.host_slots();
+        if slots == 0 {
+            return Ok(None);
+        }
+        for step in 0..self.host_probe_max() {
+            let at = SlotKey::host(key.probe(step, slots));
+            let raw = seqlock::read(self.map.slot(at)).ok_or(())?;
+            match hosts::state(&raw) {
+                SlotState::Empty => return Ok(None),
+                SlotState::Keyed(k) if k == key => return Ok(Some((at, raw))),
+                SlotState::Keyed(_) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Looks the hostname route of `key` up at `now_ms`: what [`Table::lookup_owned`] answers
+    /// for a port, plus the slot it lives in (which names its counters and revoke epoch).
+    /// At most `host_probe_max` seqlock reads.
+    pub fn lookup_host(&self, key: HostKey, now_ms: u64) -> (Lookup, u64, Option<SlotKey>) {
+        match self.find_host(key) {
+            Err(()) => (Lookup::Busy, 0, None),
+            Ok(None) => (Lookup::Absent, 0, None),
+            Ok(Some((at, raw))) => match raw.decode() {
+                None => (Lookup::Absent, 0, None),
+                Some(r) if r.expired_at(now_ms) => (Lookup::Expired(r), raw.owner, Some(at)),
+                Some(r) => (Lookup::Live(r), raw.owner, Some(at)),
+            },
+        }
+    }
+
+    /// The slot of `key`'s hostname route (live or expired), if it has one: where its
+    /// counters are.
+    pub fn host_slot(&self, key: HostKey) -> Option<SlotKey> {
+        match self.find_host(key) {
+            Ok(Some((at, raw))) if raw.decode().is_some() => Some(at),
+            _ => None,
+        }
+    }
+
+    /// Every hostname route (live or expired), in slot order. Reads the whole region.
+    pub fn host_routes(&self) -> impl Iterator<Item = (SlotKey, Route)> + '_ {
+        (0..self.map.host_slots()).filter_map(move |i| {
+            let at = SlotKey::host(i);
+            seqlock::read(self.map.slot(at)).and_then(|raw| raw.decode()).map(|r| (at, r))
+        })
+    }
+
+    /// A snapshot of the counters of `key` (a port or a hostname slot) for its current route
+    /// (zero without a counters file).
+    pub fn counters(&self, key: impl Into<SlotKey>) -> Counters {
+        let key = key.into();
         let Some(c) = &self.counters else { return Counters::default() };
-        let owner = seqlock::read(self.map.port_slot(port))
+        let owner = seqlock::read(self.map.slot(key))
             .filter(|raw| raw.decode().is_some())
             .map(|raw| raw.owner);
-        c.snapshot(port, owner)
+        c.snapshot(key, owner)
     }
 }
 

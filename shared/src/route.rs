@@ -8,7 +8,7 @@ use std::str::FromStr;
 use crate::error::Error;
 
 /// The kind of endpoint a port serves. Stored as one byte in the slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Service {
     Other = 0,
     Ssh = 1,
@@ -63,7 +63,7 @@ impl FromStr for Service {
 }
 
 /// An environment id: 1 to 16 bytes of `[a-z0-9_-]`, stored zero-padded.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct EnvId([u8; 16]);
 
 impl EnvId {

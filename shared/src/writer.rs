@@ -21,7 +21,8 @@ use std::sync::atomic::Ordering;
 use crate::counters::{counters_path, CounterFile};
 use crate::error::{Error, Result};
 use crate::files;
-use crate::layout::{FILE_SIZE, COUNTERS_FILE_SIZE, MAGIC, PORT_SLOTS};
+use crate::hosts::{self, HostKey, SlotState};
+use crate::layout::{check_host_slots, SlotKey, DEFAULT_HOST_SLOTS, MAGIC, PORT_SLOTS};
 use crate::mapping::{Kind, Mapping};
 use crate::reader::{now_ms, Table};
 use crate::route::{RawRoute, Route};
@@ -43,6 +44,15 @@ pub struct SyncReport {
     pub written: usize,
     /// Slots cleared because no route is wanted there.
     pub removed: usize,
+}
+
+/// What [`Writer::set_host`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostWrite {
+    /// The slot the route lives in (its counters and revoke epoch).
+    pub key: SlotKey,
+    /// Whether anything was written (false: the slot already held exactly this route).
+    pub changed: bool,
 }
 
 /// What [`Writer::open`] found and did.
@@ -74,9 +84,18 @@ fn mode_of(file: &File, path: &Path) -> Result<u32> {
 }
 
 impl Writer {
-    /// Opens the table at `path` for writing, creating its directory and files when missing,
-    /// and takes the writer lock. Anything it did not make is refused, never overwritten.
+    /// Opens the table at `path` for writing, creating its directory and files when missing
+    /// (with [`DEFAULT_HOST_SLOTS`] hostname slots), and takes the writer lock. Anything it did
+    /// not make is refused, never overwritten.
     pub fn open(path: &Path, lock: LockMode) -> Result<Writer> {
+        Writer::open_with(path, lock, DEFAULT_HOST_SLOTS)
+    }
+
+    /// [`Writer::open`] for a table with `host_slots` hostname slots (0 or a power of two,
+    /// see [`check_host_slots`]). An existing table with another count is refused: its
+    /// files must be removed to change it (nginx maps the new ones without a reload).
+    pub fn open_with(path: &Path, lock: LockMode, host_slots: u32) -> Result<Writer> {
+        check_host_slots(host_slots).map_err(Error::InvalidRoute)?;
         let dir_path = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
             _ => PathBuf::from("."),
@@ -93,8 +112,11 @@ impl Writer {
             Some(f) => f,
             None => {
                 report.created = true;
-                files::create_whole(&dir, path, FILE_SIZE as u64, 0o644, |f| {
-                    let map = Mapping::new(f.try_clone().map_err(|e| Error::io(path, "dup", e))?, path, Kind::Routes, true)?;
+                let size = Kind::Routes.len(host_slots) as u64;
+                files::create_whole(&dir, path, size, 0o644, |f| {
+                    let dup = f.try_clone().map_err(|e| Error::io(path, "dup", e))?;
+                    let map = Mapping::new_sized(dup, path, Kind::Routes, true, host_slots)?;
+                    // Hostname slots stay zero (empty) and sparse until used.
                     for port in 0..=u16::MAX {
                         seqlock::write(map.port_slot(port), &RawRoute::EMPTY);
                     }
@@ -111,17 +133,31 @@ impl Writer {
         }
         let map = Mapping::new(routes, path, Kind::Routes, true)?;
         map.validate()?;
+        if map.host_slots() != host_slots {
+            return Err(Error::Unsafe {
+                path: path.to_owned(),
+                what: "file",
+                why: format!(
+                    "has {} hostname slots, but {host_slots} are configured: remove the table \
+                     files (the writer rebuilds them from the database; nginx maps the new \
+                     ones without a reload) or configure {}",
+                    map.host_slots(),
+                    map.host_slots()
+                ),
+            });
+        }
 
         let cpath = counters_path(path);
         let counters = match files::open_owned(&dir, &cpath)? {
             Some(f) => f,
-            None => files::create_whole(&dir, &cpath, COUNTERS_FILE_SIZE as u64, 0o664, |f| {
-                let cmap = Mapping::new(f.try_clone().map_err(|e| Error::io(&cpath, "dup", e))?, &cpath, Kind::Counters, true)?;
+            None => files::create_whole(&dir, &cpath, Kind::Counters.len(host_slots) as u64, 0o664, |f| {
+                let dup = f.try_clone().map_err(|e| Error::io(&cpath, "dup", e))?;
+                let cmap = Mapping::new_sized(dup, &cpath, Kind::Counters, true, host_slots)?;
                 cmap.init_counters_header();
                 // Routes kept from an earlier counters file carry its owner stamps: hand out
-                // new ones above them, so a stamp never names two owners of one port.
-                let highest = (0..=u16::MAX)
-                    .filter_map(|port| seqlock::read(map.port_slot(port)))
+                // new ones above them, so a stamp never names two owners of one slot.
+                let highest = all_keys(host_slots)
+                    .filter_map(|key| seqlock::read(map.slot(key)))
                     .map(|raw| raw.owner)
                     .max()
                     .unwrap_or(0);
@@ -135,14 +171,17 @@ impl Writer {
             files::set_mode(&counters, &cpath, cmode & !0o002)?;
         }
         let counters = CounterFile::from_mapping(Mapping::new(counters, &cpath, Kind::Counters, true)?)?;
+        if counters.host_slots() != host_slots {
+            return Err(Error::Geometry { path: cpath, what: "hostname slot count differs from the routes file's" });
+        }
 
         let table = Table::from_parts(map, Some(counters))?;
         let h = table.mapping().header();
         // Relaxed: `clean` is only read and written by writers, which the lock serialises.
         if h.clean.load(Ordering::Relaxed) != 1 {
             report.settled = true;
-            for port in 0..=u16::MAX {
-                if seqlock::settle(table.mapping().port_slot(port)) {
+            for key in all_keys(host_slots) {
+                if seqlock::settle(table.mapping().slot(key)) {
                     report.repaired += 1;
                 }
             }
@@ -209,29 +248,142 @@ impl Writer {
             return Err(Error::InvalidRoute("port 0 cannot be routed".into()));
         }
         route.validate()?;
-        let slot = self.mapping().port_slot(port);
+        Ok(self.write_slot(SlotKey::port(port), route, false))
+    }
+
+    /// Writes `route` into the slot `key` unless it already holds exactly that; `keyed` for
+    /// hostname slots. Returns whether it wrote.
+    fn write_slot(&mut self, key: SlotKey, route: &Route, keyed: bool) -> bool {
+        let slot = self.mapping().slot(key);
         let current = seqlock::read(slot);
         let same_owner = current.and_then(|c| c.decode().map(|r| (r, c.owner))).and_then(|(r, owner)| {
             (r.env_id == route.env_id && r.generation == route.generation).then_some(owner)
         });
+        let encode = |owner| if keyed { hosts::keyed(route, owner) } else { RawRoute::encode(route, owner) };
         let raw = match same_owner {
             Some(owner) => {
-                let raw = RawRoute::encode(route, owner);
+                let raw = encode(owner);
                 if current == Some(raw) {
-                    return Ok(false);
+                    return false;
                 }
                 raw
             }
             None => {
                 let owner = self.counters().next_owner();
                 // Before the route write, so the new owner's sessions find their tag.
-                self.counters().reset(port, owner);
-                RawRoute::encode(route, owner)
+                self.counters().reset(key, owner);
+                encode(owner)
             }
         };
         seqlock::write(slot, &raw);
         self.bump_generation();
+        true
+    }
+
+    /// Stores the hostname route of `route`'s (environment id, service): rewritten in its
+    /// slot if the key has one, else in the first free slot of the key's probe sequence.
+    /// The route needs an environment id; a table without hostname slots, or with none free
+    /// within reach, refuses.
+    pub fn set_host(&mut self, route: &Route) -> Result<HostWrite> {
+        route.validate()?;
+        if route.env_id.as_str().is_empty() {
+            return Err(Error::InvalidRoute("a hostname route needs an environment id".into()));
+        }
+        let slots = self.mapping().host_slots();
+        if slots == 0 {
+            return Err(Error::InvalidRoute(format!(
+                "route table \"{}\" has no hostname slots",
+                self.path.display()
+            )));
+        }
+        let key = HostKey::of(route);
+        if let Some(at) = self.find_host(key) {
+            return Ok(HostWrite { key: at, changed: self.write_slot(at, route, true) });
+        }
+        // The key is in no slot: take the first free (empty or tombstone) one.
+        let limit = self.mapping().header().host_probe_max.load(Ordering::Relaxed);
+        for step in 0..slots {
+            let at = SlotKey::host(key.probe(step, slots));
+            let raw = seqlock::read(self.mapping().slot(at)).unwrap_or(RawRoute::EMPTY);
+            if raw.decode().is_some() {
+                continue;
+            }
+            if step >= limit {
+                // Release: a reader that sees this slot's new sequence (Acquire) also sees
+                // the bound that lets it look this far.
+                self.mapping().header().host_probe_max.store(step + 1, Ordering::Release);
+            }
+            self.write_slot(at, route, true);
+            return Ok(HostWrite { key: at, changed: true });
+        }
+        Err(Error::InvalidRoute(format!(
+            "route table \"{}\": all {slots} hostname slots are in use",
+            self.path.display()
+        )))
+    }
+
+    /// The slot keyed with `key`, live or tombstone (the writer's view: no slot is ever busy
+    /// for the writer itself).
+    fn find_host(&self, key: HostKey) -> Option<SlotKey> {
+        let slots = self.mapping().host_slots();
+        if slots == 0 {
+            return None;
+        }
+        // Relaxed: only the writer stores it.
+        let limit = self.mapping().header().host_probe_max.load(Ordering::Relaxed).min(slots);
+        for step in 0..limit {
+            let at = SlotKey::host(key.probe(step, slots));
+            match seqlock::read(self.mapping().slot(at)).map(|raw| hosts::state(&raw)) {
+                Some(SlotState::Empty) => return None,
+                Some(SlotState::Keyed(k)) if k == key => return Some(at),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Removes the hostname route of `key`, leaving a tombstone; returns whether it had one.
+    pub fn remove_host(&mut self, key: HostKey) -> Result<bool> {
+        let Some(at) = self.find_host(key) else { return Ok(false) };
+        let slot = self.mapping().slot(at);
+        if seqlock::read(slot).and_then(|raw| raw.decode()).is_none() {
+            return Ok(false);
+        }
+        seqlock::write(slot, &hosts::tombstone(key));
+        self.bump_generation();
         Ok(true)
+    }
+
+    /// Revokes every session open on `key`'s hostname route (as [`Writer::revoke`] does for
+    /// a port); returns the new epoch, or `None` when the key has no slot.
+    pub fn revoke_host(&mut self, key: HostKey) -> Result<Option<u64>> {
+        let Some(at) = self.find_host(key) else { return Ok(None) };
+        Ok(Some(self.bump_epoch(at)))
+    }
+
+    /// Raises the revoke epoch of `key`'s hostname slot to `at_least` (see
+    /// [`Writer::raise_revoke_epoch`]); false when the key has no slot or the epoch was there.
+    pub fn raise_host_revoke_epoch(&mut self, key: HostKey, at_least: u64) -> Result<bool> {
+        let Some(at) = self.find_host(key) else { return Ok(false) };
+        Ok(self.raise_epoch(at, at_least))
+    }
+
+    fn bump_epoch(&mut self, at: SlotKey) -> u64 {
+        // Release: ordered after everything written before it (a removal that goes with it).
+        let epoch = self.mapping().slot(at).revoke_epoch.fetch_add(1, Ordering::Release) + 1;
+        self.bump_generation();
+        epoch
+    }
+
+    fn raise_epoch(&mut self, at: SlotKey, at_least: u64) -> bool {
+        let epoch = &self.mapping().slot(at).revoke_epoch;
+        // Relaxed load: only the writer, holding the lock, stores it.
+        if epoch.load(Ordering::Relaxed) >= at_least {
+            return false;
+        }
+        epoch.store(at_least, Ordering::Release);
+        self.bump_generation();
+        true
     }
 
     /// Removes the route of `port`; returns whether there was one.
@@ -256,10 +408,7 @@ impl Writer {
         if port == 0 {
             return Err(Error::InvalidRoute("port 0 cannot be routed".into()));
         }
-        // Release: ordered after everything written before it (a removal that goes with it).
-        let epoch = self.mapping().port_slot(port).revoke_epoch.fetch_add(1, Ordering::Release) + 1;
-        self.bump_generation();
-        Ok(epoch)
+        Ok(self.bump_epoch(SlotKey::port(port)))
     }
 
     /// Raises `port`'s revoke epoch to `at_least` if it is lower (closing the sessions opened
@@ -270,20 +419,20 @@ impl Writer {
         if port == 0 {
             return Err(Error::InvalidRoute("port 0 cannot be routed".into()));
         }
-        let epoch = &self.mapping().port_slot(port).revoke_epoch;
-        // Relaxed load: only the writer, holding the lock, stores it.
-        if epoch.load(Ordering::Relaxed) >= at_least {
-            return Ok(false);
-        }
-        epoch.store(at_least, Ordering::Release);
-        self.bump_generation();
-        Ok(true)
+        Ok(self.raise_epoch(SlotKey::port(port), at_least))
     }
 
     /// Makes the table hold exactly `routes`: writes the ones that differ and clears every
     /// other slot, revoking the sessions still open there (a route nobody wants any more must
     /// not keep carrying traffic). The whole-table re-sync of the publisher.
     pub fn sync(&mut self, routes: &BTreeMap<u16, Route>) -> Result<SyncReport> {
+        self.sync_all(routes, &BTreeMap::new())
+    }
+
+    /// [`Writer::sync`] for port routes and hostname routes together: the table holds exactly
+    /// `routes` by port and `names` by (environment id, service) afterwards. A name route
+    /// whose key differs from its route's env id and service is refused.
+    pub fn sync_all(&mut self, routes: &BTreeMap<u16, Route>, names: &BTreeMap<HostKey, Route>) -> Result<SyncReport> {
         self.verify()?;
         let mut report = SyncReport::default();
         for (&port, route) in routes {
@@ -301,6 +450,31 @@ impl Writer {
             self.revoke(port)?;
             if self.remove(port)? {
                 report.removed += 1;
+            }
+        }
+        for (key, route) in names {
+            if HostKey::of(route) != *key {
+                return Err(Error::InvalidRoute(format!(
+                    "hostname route for {}.{} carries {}.{}",
+                    key.env_id, key.service, route.env_id, route.service
+                )));
+            }
+            if self.set_host(route)?.changed {
+                report.written += 1;
+            }
+        }
+        if self.mapping().host_slots() > 0 {
+            let stale: Vec<HostKey> = self
+                .table
+                .host_routes()
+                .map(|(_, r)| HostKey::of(&r))
+                .filter(|k| !names.contains_key(k))
+                .collect();
+            for key in stale {
+                self.revoke_host(key)?;
+                if self.remove_host(key)? {
+                    report.removed += 1;
+                }
             }
         }
         self.counters().sweep_dead();
@@ -336,6 +510,11 @@ fn holder_pid(path: &Path) -> Option<u32> {
     let magic = u64::from_le_bytes(head[0..8].try_into().ok()?);
     let pid = u32::from_le_bytes(head[80..84].try_into().ok()?);
     (magic == MAGIC && pid != 0).then_some(pid)
+}
+
+/// Every slot key of a table with `host_slots` hostname slots.
+fn all_keys(host_slots: u32) -> impl Iterator<Item = SlotKey> {
+    (0..=u16::MAX).map(SlotKey::port).chain((0..host_slots).map(SlotKey::host))
 }
 
 const _: () = assert!(PORT_SLOTS == u16::MAX as usize + 1);

@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::counters::Outcome;
+use crate::layout::FILE_SIZE;
+use crate::reader::Lookup;
 use crate::route::Service;
 use std::os::unix::fs::PermissionsExt;
 
@@ -212,7 +214,7 @@ fn rows_of_dead_workers_leave_the_gauge() {
     let m = counters.mapping();
     m.worker_slot(5).owner.store(u64::from(pid) | ((start & 0x7fff_ffff) << 32), Ordering::Release);
     m.worker_slot(5).pid_ns.store(crate::files::pid_namespace(), Ordering::Relaxed);
-    m.cell(5, 20000).store((crate::counters::tag(owner) << 48) | 50, Ordering::Relaxed);
+    m.cell(5, SlotKey::port(20000)).store((crate::counters::tag(owner) << 48) | 50, Ordering::Relaxed);
     assert_eq!(reader.counters(20000).connections_active, 50);
     assert_eq!(counters.sweep_dead(), 0, "alive: kept");
     child.kill().unwrap();
@@ -275,4 +277,150 @@ fn raising_the_revoke_epoch_applies_a_request_once() {
     assert!(w.raise_revoke_epoch(0, 1).is_err());
     // The route is untouched: new connections still go where it points.
     assert!(matches!(w.table().lookup(20000, crate::now_ms()), crate::Lookup::Live(_)));
+}
+
+fn name_route(env: &str, service: Service, port: u16, generation: u64) -> Route {
+    Route { service, ..route(env, port, generation) }
+}
+
+fn hk(env: &str, service: Service) -> HostKey {
+    HostKey::new(env.parse().unwrap(), service)
+}
+
+#[test]
+fn name_routes_are_found_by_id_and_service_and_removal_leaves_the_rest_reachable() {
+    let d = tmp_dir("hosts");
+    // The smallest region, filled to 90%: long probe chains, wrap-around, many collisions.
+    let mut w = Writer::open_with(&d.join("routes"), LockMode::NoWait, 1024).unwrap();
+    let ids: Vec<String> = (0..460).map(|i| format!("env{i:05}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        for (svc, port) in [(Service::Jupyter, 8888), (Service::Code, 8080)] {
+            let put = w.set_host(&name_route(id, svc, port, i as u64 + 1)).unwrap();
+            assert!(put.changed && put.key.host_index().is_some());
+        }
+    }
+    let now = crate::now_ms();
+    let t = w.table();
+    for (i, id) in ids.iter().enumerate() {
+        let (found, owner, key) = t.lookup_host(hk(id, Service::Jupyter), now);
+        assert_eq!(found, Lookup::Live(name_route(id, Service::Jupyter, 8888, i as u64 + 1)), "{id}");
+        assert!(owner > 0 && key.is_some());
+    }
+    assert_eq!(t.lookup_host(hk("env00001", Service::Ssh), now).0, Lookup::Absent, "service is part of the key");
+    assert_eq!(t.lookup_host(hk("nobody", Service::Jupyter), now).0, Lookup::Absent);
+    let probe_max = t.host_probe_max();
+    assert!(probe_max >= 2 && probe_max < 1024, "probe bound {probe_max}");
+
+    // Remove every other environment: the others stay reachable past the tombstones.
+    for id in ids.iter().step_by(2) {
+        assert!(w.remove_host(hk(id, Service::Jupyter)).unwrap());
+        assert!(!w.remove_host(hk(id, Service::Jupyter)).unwrap(), "already gone");
+    }
+    let t = w.table();
+    for (i, id) in ids.iter().enumerate() {
+        let got = t.lookup_host(hk(id, Service::Jupyter), now).0;
+        if i % 2 == 0 {
+            assert_eq!(got, Lookup::Absent, "{id} was removed");
+        } else {
+            assert!(matches!(got, Lookup::Live(_)), "{id} lost behind a tombstone: {got:?}");
+        }
+        assert!(matches!(t.lookup_host(hk(id, Service::Code), now).0, Lookup::Live(_)));
+    }
+    // Churn: new keys re-use tombstones, so the table never fills and probes stay bounded.
+    for round in 0..20 {
+        for (i, id) in ids.iter().enumerate().step_by(2) {
+            let gone = format!("{id}r{}", round);
+            let put = w.set_host(&name_route(&gone, Service::Jupyter, 8888, 1)).unwrap();
+            assert!(put.changed);
+            w.remove_host(hk(&gone, Service::Jupyter)).unwrap();
+            let _ = i;
+        }
+    }
+    assert!(w.table().host_probe_max() < 1024, "probes stay bounded under churn");
+    assert_eq!(w.table().host_routes().count(), 460 + 230);
+}
+
+#[test]
+fn a_name_route_rewritten_for_a_new_generation_starts_its_counters_over_in_the_same_slot() {
+    let d = tmp_dir("hostcount");
+    let mut w = Writer::open_with(&d.join("routes"), LockMode::NoWait, 1024).unwrap();
+    let first = w.set_host(&name_route("a", Service::Jupyter, 8888, 1)).unwrap();
+    let (_, owner, key) = w.table().lookup_host(hk("a", Service::Jupyter), 0);
+    assert_eq!(key, Some(first.key));
+    let counters = Table::open_read_only(&d.join("routes")).unwrap();
+    let c = counters.counter_file().unwrap();
+    let c = CounterFile::open(c.path(), true).unwrap();
+    c.session_open(None, first.key, owner, 5);
+    c.session_close(None, first.key, owner, Outcome::Proxied, 10, 20, 6);
+    assert_eq!(w.table().counters(first.key).bytes_out, 20);
+    assert_eq!(w.table().counters(first.key).connections_total, 1);
+    assert_eq!(w.table().host_slot(hk("a", Service::Jupyter)), Some(first.key));
+    // The same route again: nothing written.
+    assert!(!w.set_host(&name_route("a", Service::Jupyter, 8888, 1)).unwrap().changed);
+    // Re-created (new generation): same slot, fresh counters; the old owner cannot count.
+    let again = w.set_host(&name_route("a", Service::Jupyter, 9999, 2)).unwrap();
+    assert_eq!(again.key, first.key);
+    assert_eq!(w.table().counters(first.key), crate::Counters::default());
+    c.session_close(None, first.key, owner, Outcome::Proxied, 10, 20, 7);
+    assert_eq!(w.table().counters(first.key).bytes_out, 0, "a session of the old owner is not charged");
+    // Port routes and name routes do not share counters.
+    w.set(20000, &route("a", 22, 1)).unwrap();
+    assert_eq!(w.table().counters(20000u16), crate::Counters::default());
+}
+
+#[test]
+fn sync_makes_the_name_routes_exactly_the_wanted_ones_and_revokes_the_rest() {
+    let d = tmp_dir("hostsync");
+    let mut w = Writer::open_with(&d.join("routes"), LockMode::NoWait, 1024).unwrap();
+    w.set_host(&name_route("old", Service::Jupyter, 8888, 1)).unwrap();
+    let old_key = w.table().host_slot(hk("old", Service::Jupyter)).unwrap();
+    let epoch = w.table().revoke_epoch(old_key);
+    let keep = name_route("keep", Service::Code, 8080, 4);
+    let names = BTreeMap::from([(HostKey::of(&keep), keep)]);
+    let report = w.sync_all(&BTreeMap::new(), &names).unwrap();
+    assert_eq!(report, SyncReport { written: 1, removed: 1 });
+    assert_eq!(w.table().lookup_host(hk("old", Service::Jupyter), 0).0, Lookup::Absent);
+    assert!(w.table().revoke_epoch(old_key) > epoch, "sessions of a dropped name route are revoked");
+    assert_eq!(w.table().host_routes().map(|(_, r)| r).collect::<Vec<_>>(), vec![keep]);
+    assert_eq!(w.sync_all(&BTreeMap::new(), &names).unwrap(), SyncReport::default(), "idempotent");
+    // A name route filed under another key is refused, not stored under the wrong name.
+    let wrong = BTreeMap::from([(hk("other", Service::Code), keep)]);
+    assert!(w.sync_all(&BTreeMap::new(), &wrong).unwrap_err().to_string().contains("carries keep.code"));
+    // Revoke by key, and raise once.
+    assert_eq!(w.revoke_host(hk("keep", Service::Code)).unwrap(), Some(1));
+    assert!(!w.raise_host_revoke_epoch(hk("keep", Service::Code), 1).unwrap());
+    assert!(w.raise_host_revoke_epoch(hk("keep", Service::Code), 5).unwrap());
+    assert_eq!(w.revoke_host(hk("nobody", Service::Code)).unwrap(), None);
+}
+
+#[test]
+fn a_table_without_name_slots_or_with_another_count_is_refused_clearly() {
+    let d = tmp_dir("hostgeom");
+    let path = d.join("routes");
+    assert!(Writer::open_with(&path, LockMode::NoWait, 1000).err().unwrap().to_string().contains("power of two"));
+    let mut w = Writer::open_with(&path, LockMode::NoWait, 0).unwrap();
+    let err = w.set_host(&name_route("a", Service::Jupyter, 8888, 1)).unwrap_err().to_string();
+    assert!(err.contains("has no hostname slots"), "{err}");
+    assert!(w.set_host(&Route { env_id: crate::route::EnvId::default(), ..name_route("a", Service::Jupyter, 8888, 1) }).is_err());
+    drop(w);
+    let err = Writer::open_with(&path, LockMode::NoWait, 2048).err().unwrap().to_string();
+    assert!(err.contains("has 0 hostname slots, but 2048 are configured"), "{err}");
+    // Readers of a table with name slots see the region's size.
+    let p2 = d.join("t2").join("routes");
+    drop(Writer::open_with(&p2, LockMode::NoWait, 4096).unwrap());
+    assert_eq!(Table::open_read_only(&p2).unwrap().host_slots(), 4096);
+    assert_eq!(std::fs::metadata(&p2).unwrap().len() as usize, crate::layout::routes_file_size(4096));
+}
+
+#[test]
+fn a_full_name_region_refuses_the_next_route_and_keeps_the_others() {
+    let d = tmp_dir("hostfull");
+    let mut w = Writer::open_with(&d.join("routes"), LockMode::NoWait, 1024).unwrap();
+    for i in 0..1024 {
+        w.set_host(&name_route(&format!("e{i}"), Service::Ssh, 22, 1)).unwrap();
+    }
+    let err = w.set_host(&name_route("one-more", Service::Ssh, 22, 1)).unwrap_err().to_string();
+    assert!(err.contains("all 1024 hostname slots are in use"), "{err}");
+    assert!(matches!(w.table().lookup_host(hk("e7", Service::Ssh), 0).0, Lookup::Live(_)));
+    assert_eq!(w.table().lookup_host(hk("one-more", Service::Ssh), 0).0, Lookup::Absent);
 }

@@ -2,7 +2,9 @@
 //! re-executed with `--reader`) check that every read is a whole route that was written.
 //!
 //! Every field of a written route is derived from its generation, so a reader can tell a
-//! torn copy (fields from two writes) from a whole one.
+//! torn copy (fields from two writes) from a whole one. Name routes too: a set of stable
+//! (environment, service) keys is rewritten while other keys are added and removed around
+//! them in a small region (collisions, tombstones), and no reader may ever miss a stable key.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use gpugate_routes::{LockMode, Lookup, Route, Table, Writer};
+use gpugate_routes::{HostKey, LockMode, Lookup, Route, Service, Table, Writer};
 
 const PORTS: std::ops::RangeInclusive<u16> = 30000..=30015;
 const READERS: usize = 3;
@@ -18,6 +20,25 @@ const SECONDS: u64 = 3;
 
 fn route_for(n: u64) -> Route {
     common::route_for('g', n)
+}
+
+/// Stable name keys (always routed) and the churn keys added and removed around them.
+const NAMES: u64 = 64;
+const HOST_SLOTS: u32 = 1024;
+
+fn name_key(i: u64) -> HostKey {
+    HostKey::new(format!("stable{i}").parse().expect("id"), Service::Jupyter)
+}
+
+/// The route of stable key `i` at generation `n` (fields derived from `n`, key fixed).
+fn name_route(i: u64, n: u64) -> Route {
+    let r = common::route_for('x', n);
+    let k = name_key(i);
+    Route { env_id: k.env_id, service: k.service, ..r }
+}
+
+fn check_name(r: &Route, i: u64) -> bool {
+    *r == name_route(i, r.generation)
 }
 
 fn reader(path: &Path) -> Result<u64, String> {
@@ -33,6 +54,14 @@ fn reader(path: &Path) -> Result<u64, String> {
                     }
                 }
                 other => return Err(format!("port {port}: expected a live route, got {other:?}")),
+            }
+            reads += 1;
+        }
+        for i in 0..NAMES {
+            match table.lookup_host(name_key(i), 0).0 {
+                Lookup::Live(r) if check_name(&r, i) => {}
+                Lookup::Live(r) => return Err(format!("torn name route {i}: {r:?}")),
+                other => return Err(format!("name route {i}: expected a live route, got {other:?}")),
             }
             reads += 1;
         }
@@ -65,10 +94,14 @@ fn main() -> ExitCode {
     std::fs::create_dir_all(&dir).expect("temp dir");
     // The writer makes the table directory itself (0755, whatever the umask of the run).
     let path = dir.join("table").join("routes");
-    let mut w = Writer::open(&path, LockMode::NoWait).expect("writer");
+    let mut w = Writer::open_with(&path, LockMode::NoWait, HOST_SLOTS).expect("writer");
     let mut n = 1u64;
     for port in PORTS {
         w.set(port, &route_for(n)).expect("set");
+        n += 1;
+    }
+    for i in 0..NAMES {
+        w.set_host(&name_route(i, n)).expect("set name");
         n += 1;
     }
     let exe = std::env::current_exe().expect("current exe");
@@ -83,10 +116,26 @@ fn main() -> ExitCode {
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(SECONDS);
+    let mut churn = 0u64;
     while Instant::now() < deadline {
         for port in PORTS {
             w.set(port, &route_for(n)).expect("set");
             n += 1;
+        }
+        for i in 0..NAMES {
+            w.set_host(&name_route(i, n)).expect("set name");
+            n += 1;
+        }
+        // 600 churn keys live at a time (~65% load with the stable ones): each round adds
+        // 16 and removes the 16 oldest.
+        for _ in 0..16 {
+            let add = Route { env_id: format!("c{churn}").parse().expect("id"), ..name_route(0, n) };
+            w.set_host(&add).expect("churn add");
+            if churn >= 600 {
+                let gone = HostKey::new(format!("c{}", churn - 600).parse().expect("id"), Service::Jupyter);
+                w.remove_host(gone).expect("churn remove");
+            }
+            churn += 1;
         }
     }
     let mut failed = false;
@@ -105,7 +154,11 @@ fn main() -> ExitCode {
         println!("0 passed, 1 failed");
         return ExitCode::FAILURE;
     }
-    println!("test multiprocess ... ok ({writes} writes by one process, {total} whole reads by {READERS} reader processes, 0 torn)");
+    println!(
+        "test multiprocess ... ok ({writes} writes by one process ({churn} name keys added and removed), \
+         {total} whole reads by {READERS} reader processes, 0 torn, 0 missed; probe bound {})",
+        w.table().host_probe_max()
+    );
     println!("1 passed, 0 failed");
     ExitCode::SUCCESS
 }
