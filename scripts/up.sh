@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the gpugate stack (gateway, API, PostgreSQL) on this machine with docker/compose.yaml.
 #
-#   scripts/up.sh up     build the images that are missing or stale, start the stack, wait until
-#                        the API is ready, create an API token and print how to use it
+#   scripts/up.sh up     build the images that are missing or stale, make the development TLS
+#                        material (scripts/tls-dev.sh), start the stack, wait until the API is
+#                        ready, create an API token and print how to use it
 #   scripts/up.sh down   stop and remove the stack's containers (the database volume and the
 #                        workspaces stay; `down --volumes` also drops the database)
 #   scripts/up.sh demo   create a workspace through the API and open an SSH session into it
@@ -13,7 +14,10 @@
 # apply. The database password: GPUGATE_DB_PASSWORD if set, else the one in
 # $GPUGATE_STATE_DIR/db-password (default .gpugate/, mode 0600), generated on the first run and
 # reused by every later one (the database volume keeps the role it was made for). GPUGATE_TOKEN_USER names the user the token is made for (default
-# "admin", an admin). Needs docker, docker-compose, curl, python3, ssh and sshpass.
+# "admin", an admin). The gateway's TLS port (GPUGATE_TLS_PORT, default 8443) serves every
+# workspace by server name with a certificate from a development CA in GPUGATE_TLS_DIR (default
+# $GPUGATE_STATE_DIR/tls, mounted into the gateway), made on the first run and kept.
+# Needs docker, docker-compose, curl, python3, openssl, ssh and sshpass.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -23,6 +27,13 @@ listen=${GPUGATE_API_LISTEN:-127.0.0.1:8080}
 api=http://${listen/0.0.0.0/127.0.0.1}
 user=${GPUGATE_TOKEN_USER:-admin}
 state=${GPUGATE_STATE_DIR:-$root/.gpugate}
+domain=${GPUGATE_DOMAIN:-gpu.example.com}
+tls_port=${GPUGATE_TLS_PORT:-8443}
+# Absolute: docker-compose resolves a relative host path against the compose file's folder
+# (docker/), not against the directory it was started from.
+tls_dir=${GPUGATE_TLS_DIR:-$state/tls}
+[[ $tls_dir == /* ]] || tls_dir=$root/$tls_dir
+export GPUGATE_TLS_DIR=$tls_dir
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'gpugate: %s\n' "$*" >&2; exit 1; }
@@ -65,6 +76,8 @@ up() {
   say "== images (docker/build-images.sh: builds only what is missing or changed)"
   docker/build-images.sh
   db_password
+  say "== TLS (scripts/tls-dev.sh: development CA, made once, and the gateway's certificate)"
+  scripts/tls-dev.sh "$tls_dir" "$domain" "${GPUGATE_WORKER_GROUP:-nogroup}"
   say "== starting the stack (docker-compose project \"$project\")"
   t=$(date +%s)
   "${compose[@]}" up -d
@@ -99,6 +112,21 @@ then log in through the gateway with data.access_info.ssh (user remotegpu, its p
 
 Delete it: curl -X DELETE -H "Authorization: Bearer \$GPUGATE_TOKEN" $api/api/v1/environments/<id>
 Or run \`make demo\` (creates one and logs you in); \`make down\` stops the stack.
+
+TLS by server name, one port for every workspace (GPUGATE_TLS_PORT=$tls_port), with a certificate
+from the development CA in $tls_dir (its README says more):
+
+  https://<id>.jupyter.$domain:$tls_port/    https://<id>.code.$domain:$tls_port/
+  ssh -o ProxyCommand='openssl s_client -quiet -verify_return_error -CAfile $tls_dir/ca.crt -servername %h -verify_hostname %h -connect 127.0.0.1:$tls_port' remotegpu@<id>.ssh.$domain
+
+Trust the CA once (it is kept across runs): \`curl --cacert $tls_dir/ca.crt ...\`, or
+  Debian: sudo cp $tls_dir/ca.crt /usr/local/share/ca-certificates/gpugate-dev.crt && sudo update-ca-certificates
+  macOS (a copy of ca.crt): sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain ca.crt
+
+Resolve the names to this machine without DNS, any of:
+  curl --cacert $tls_dir/ca.crt --resolve <id>.jupyter.$domain:$tls_port:127.0.0.1 https://<id>.jupyter.$domain:$tls_port/
+  /etc/hosts, a line per workspace: 127.0.0.1 <id>.jupyter.$domain <id>.code.$domain <id>.ssh.$domain
+  a wildcard record per service (\`gpugate-api dns\`), or dnsmasq: address=/jupyter.$domain/127.0.0.1
 EOF
 }
 
