@@ -175,6 +175,18 @@ if [[ -n $why ]]; then
 fi
 chmod 0640 "$dir/gateway.key"
 give_group "$dir/gateway.key" "$dir"
+# gateway.pem: the key and the certificate in one file, which is what nginx.conf names (for
+# ssl_certificate and ssl_certificate_key alike): one rename replaces both at once, so no
+# handshake ever loads a new key with an old certificate.
+cat "$dir/gateway.key" "$dir/gateway.crt" >"$work/gateway.pem"
+if ! cmp -s "$work/gateway.pem" "$dir/gateway.pem"; then
+  chmod 0640 "$work/gateway.pem"
+  give_group "$work/gateway.pem"
+  mv -f "$work/gateway.pem" "$dir/gateway.pem"
+  ((made)) || say "wrote $dir/gateway.pem (gateway.key + gateway.crt)"
+fi
+chmod 0640 "$dir/gateway.pem"
+give_group "$dir/gateway.pem"
 if [[ -n $worker_gid && $(stat -c %g "$dir/gateway.key") != "$worker_gid" ]]; then
   warn "$dir/gateway.key is not in group $group (run as root to give it): nginx workers of that" \
     "group cannot read it"
@@ -194,6 +206,8 @@ gateway.crt  the gateway's certificate, signed by ca.crt, for
              (825 days at most; re-issued by the script 30 days before it expires).
 gateway.key  its private key (EC P-256, mode 0640, group of nginx's workers: they load it at
              each TLS handshake).
+gateway.pem  gateway.key and gateway.crt in one file (mode 0640, same group): what nginx.conf
+             names, so that one rename replaces key and certificate together.
 
 Trust ca.crt:
   one command:    curl --cacert ca.crt https://<id>.jupyter.$domain:<tls port>/
@@ -201,9 +215,9 @@ Trust ca.crt:
   macOS:          security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain ca.crt
   Firefox keeps its own list: Settings, Privacy & Security, View Certificates, Authorities, Import.
 
-Rotate the gateway's certificate (yours, or the script's): write the new key and certificate to
-temporary files in this folder and rename each over gateway.key and gateway.crt (mv in the same
-folder, never copy onto them). nginx is not reloaded: new handshakes use the new pair once the
+Rotate the gateway's certificate (yours, or the script's): write the new key followed by the new
+certificate to a temporary file in this folder and rename it over gateway.pem (mv in the same
+folder, never copy onto it; the script does this for gateway.key, gateway.crt and gateway.pem). nginx is not reloaded: new handshakes use the new pair once the
 gateway's certificate cache entry expires (its validity), open connections keep the old one.
 EOF
 if ! cmp -s "$work/README" "$dir/README"; then

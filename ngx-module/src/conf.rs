@@ -10,6 +10,12 @@
 //!         gpugate_route on;                           # SrvConf
 //!         proxy_pass gpugate;                         # or $gpugate_upstream
 //!     }
+//!     server {
+//!         listen 8443 ssl;                            # ssl_certificate ... (stream ssl)
+//!         gpugate_name_route terminate;               # SrvConf; or passthrough
+//!         gpugate_name_domain gpu.example.com;        # SrvConf (stream or server level)
+//!         proxy_pass gpugate;
+//!     }
 //! }
 //! ```
 
@@ -19,13 +25,15 @@ use std::path::PathBuf;
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_cycle_t, ngx_flag_t, ngx_msec_t,
-    ngx_pool_cleanup_add,
-    ngx_str_t, ngx_stream_session_t, NGX_CONF_UNSET, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
+    ngx_pool_cleanup_add, ngx_str_t, ngx_stream_session_t, ngx_uint_t, NGX_CONF_UNSET,
+    NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::ngx_conf_log_error;
 
 use crate::ctx_index;
-use crate::ffi::{conf_args, conf_main_conf, cycle_main_conf, pool_alloc, session_entry, str_bytes, SessionArray};
+use crate::ffi::{
+    conf_args, conf_main_conf, cycle_main_conf, pool_alloc, pool_str, session_entry, str_bytes, SessionArray,
+};
 use crate::route_source::RouteSource;
 
 /// `stream {}`-level configuration.
@@ -46,6 +54,27 @@ pub struct SrvConf {
     pub route: ngx_flag_t,
     /// `gpugate_flush_interval`, milliseconds (0: off); `NGX_CONF_UNSET_MSEC` until merged.
     pub flush_interval: ngx_msec_t,
+    /// `gpugate_name_route`: one of the `NAME_*` values; `NGX_CONF_UNSET_UINT` until merged.
+    pub name_route: ngx_uint_t,
+    /// `gpugate_name_domain`, lowercased, without a trailing dot; empty until set.
+    pub name_domain: ngx_str_t,
+}
+
+/// `gpugate_name_route off`.
+pub const NAME_OFF: ngx_uint_t = 0;
+/// `gpugate_name_route terminate`: nginx's stream `ssl` terminates TLS; the name is the
+/// handshake's server name.
+pub const NAME_TERMINATE: ngx_uint_t = 1;
+/// `gpugate_name_route passthrough`: the module reads the name from the ClientHello and the
+/// workspace terminates TLS itself.
+pub const NAME_PASSTHROUGH: ngx_uint_t = 2;
+const UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
+
+impl SrvConf {
+    /// The configured domain (valid UTF-8: [`cmd_set_name_domain`] checked it).
+    pub fn domain(&self) -> &str {
+        std::str::from_utf8(str_bytes(&self.name_domain)).unwrap_or("")
+    }
 }
 
 /// Default `gpugate_flush_interval`: one second.
@@ -142,7 +171,12 @@ unsafe extern "C" fn drop_source(data: *mut c_void) {
 }
 
 pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
-    let value = SrvConf { route: NGX_CONF_UNSET as ngx_flag_t, flush_interval: UNSET_MSEC };
+    let value = SrvConf {
+        route: NGX_CONF_UNSET as ngx_flag_t,
+        flush_interval: UNSET_MSEC,
+        name_route: UNSET_UINT,
+        name_domain: ngx_str_t { len: 0, data: std::ptr::null_mut() },
+    };
     // SAFETY: cf->pool is the configuration pool; SrvConf is plain data.
     match unsafe { pool_alloc((*cf).pool, value) } {
         Some(p) => p as *mut c_void,
@@ -176,7 +210,95 @@ pub unsafe extern "C" fn merge_srv_conf(
         );
         return NGX_CONF_ERROR;
     }
+    if scf.name_route == UNSET_UINT {
+        scf.name_route = NAME_OFF;
+    }
+    if scf.name_domain.len == 0 {
+        scf.name_domain = prev.name_domain;
+    }
+    if scf.name_route != NAME_OFF {
+        let problem = if scf.route == 1 {
+            Some("\"gpugate_name_route\" and \"gpugate_route on\" cannot be used in the same server: \
+                  a server routes by port or by name")
+        } else if mcf.table_path.len == 0 {
+            Some("\"gpugate_name_route\" is set but \"gpugate_route_table\" is not set in the stream block")
+        } else if scf.name_domain.len == 0 {
+            Some("\"gpugate_name_route\" needs \"gpugate_name_domain\" (the domain of <env-id>.<service>.<domain>)")
+        } else {
+            None
+        };
+        if let Some(why) = problem {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{why}");
+            return NGX_CONF_ERROR;
+        }
+    }
     NGX_CONF_OK
+}
+
+/// `gpugate_name_route off | terminate | passthrough;`
+pub unsafe extern "C" fn cmd_set_name_route(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: registered with NGX_STREAM_SRV_CONF_OFFSET, so `conf` is a SrvConf.
+    let scf = unsafe { &mut *(conf as *mut SrvConf) };
+    if scf.name_route != UNSET_UINT {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    // SAFETY: NGX_CONF_TAKE1 guarantees two arguments.
+    let value = unsafe { conf_args(cf) }[1];
+    scf.name_route = match str_bytes(&value) {
+        b"off" => NAME_OFF,
+        b"terminate" => NAME_TERMINATE,
+        b"passthrough" => NAME_PASSTHROUGH,
+        other => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "\"gpugate_name_route\" \"{}\" is not a mode (expected off, terminate or passthrough)",
+                String::from_utf8_lossy(other)
+            );
+            return NGX_CONF_ERROR;
+        }
+    };
+    NGX_CONF_OK
+}
+
+/// `gpugate_name_domain DOMAIN;`
+pub unsafe extern "C" fn cmd_set_name_domain(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: registered with NGX_STREAM_SRV_CONF_OFFSET, so `conf` is a SrvConf.
+    let scf = unsafe { &mut *(conf as *mut SrvConf) };
+    if scf.name_domain.len != 0 {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    // SAFETY: NGX_CONF_TAKE1 guarantees two arguments.
+    let value = unsafe { conf_args(cf) }[1];
+    match crate::route_source::check_domain(str_bytes(&value)) {
+        Ok(domain) => {
+            // SAFETY: cf->pool is the configuration pool, alive as long as this SrvConf.
+            match unsafe { pool_str((*cf).pool, domain.as_bytes()) } {
+                Some(s) => {
+                    scf.name_domain = s;
+                    NGX_CONF_OK
+                }
+                None => NGX_CONF_ERROR,
+            }
+        }
+        Err(why) => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "\"gpugate_name_domain\" \"{}\" {why}",
+                String::from_utf8_lossy(str_bytes(&value))
+            );
+            NGX_CONF_ERROR
+        }
+    }
 }
 
 /// `gpugate_flush_interval TIME;`

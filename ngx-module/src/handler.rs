@@ -1,13 +1,15 @@
-//! The per-connection work: the preread lookup, the log-phase counters, the variables, and
-//! the worker start and exit hooks.
+//! The per-connection work: the preread lookup (by local port, or by TLS server name: from
+//! the handshake nginx terminated, or from the ClientHello in passthrough), the log-phase
+//! counters, the variables, and the worker start and exit hooks.
 //!
 //! Preread asks the table once where the connection's local port goes and keeps the answer
 //! in the session context; everything later (variables, the balancer, the counters at close)
 //! reads that snapshot, so a route changed mid-session never splits one connection's view.
 
-use gpugate_routes::Outcome;
+use gpugate_routes::{NameRefusal, Outcome};
 use ngx::ffi::{
-    ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_inet_get_port, ngx_int_t, ngx_stream_add_variable,
+    ngx_array_push, ngx_conf_t, ngx_connection_t, ngx_cycle_t, ngx_inet_get_port, ngx_int_t,
+    ngx_stream_add_variable, SSL_get_servername, TLSEXT_NAMETYPE_host_name, NGX_AGAIN,
     ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
     ngx_stream_phases_NGX_STREAM_LOG_PHASE, ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
     ngx_stream_session_t, ngx_stream_variable_value_t, ngx_str_t, NGX_DECLINED,
@@ -16,12 +18,13 @@ use ngx::ffi::{
 };
 use ngx::ngx_log_error;
 
-use crate::conf::{cycle_source, session_main_conf, session_srv_conf};
+use crate::conf::{cycle_source, session_main_conf, session_srv_conf, NAME_OFF, NAME_TERMINATE};
 use crate::ctx_index;
 use crate::ffi::{cycle_log, monotonic_ms, pool_alloc, set_session_ctx};
 use crate::live;
 use crate::route_source::{Notice, RouteStatus};
 use crate::session::{session_ctx, upstream_name, SessionCtx};
+use crate::sni::{self, Hello};
 
 /// The variables, in the order of `VAR_*` indices passed as the handler's `data`.
 const VARIABLES: [&str; 4] =
@@ -109,24 +112,49 @@ fn log_notices(notices: Vec<Notice>) {
 unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     // SAFETY: nginx calls phase handlers with a live session of a configured server.
     let (scf, mcf) = unsafe { (session_srv_conf(s), session_main_conf(s)) };
+    let by_port = scf.route == 1;
     // SAFETY: as above.
-    if scf.route != 1 || mcf.source.is_null() || unsafe { session_ctx(s) }.is_some() {
+    if !(by_port || scf.name_route != NAME_OFF) || mcf.source.is_null() || unsafe { session_ctx(s) }.is_some() {
         return NGX_DECLINED as ngx_int_t;
     }
     // SAFETY: a non-null source lives as long as the configuration (pool cleanup).
     let source = unsafe { &*mcf.source };
-    // SAFETY: a live session has a live connection whose local_sockaddr is the listening
-    // address (for `listen PORT` on a wildcard address too: the port is what matters).
-    let (pool, port) = unsafe {
-        let c = (*s).connection;
-        ((*c).pool, ngx_inet_get_port((*c).local_sockaddr))
+    // SAFETY: a live session has a live connection.
+    let c = unsafe { (*s).connection };
+    let (mono, wall) = (monotonic_ms(), gpugate_routes::now_ms());
+    let (decision, notices) = if by_port {
+        // SAFETY: the connection's local_sockaddr is the listening address (for `listen PORT`
+        // on a wildcard address too: the port is what matters).
+        let port = unsafe { ngx_inet_get_port((*c).local_sockaddr) };
+        source.decide(port, mono, wall)
+    } else if scf.name_route == NAME_TERMINATE {
+        // SAFETY: a live connection; its TLS state (if any) was set up by the ssl phase.
+        match unsafe { handshake_server_name(c) } {
+            Ok(name) => source.decide_name(name, scf.domain(), mono, wall),
+            Err(why) => source.refuse_name(why, mono),
+        }
+    } else {
+        // SAFETY: a live connection; its preread buffer (if any) holds what the client sent.
+        let Some(sent) = (unsafe { preread_bytes(c) }) else { return NGX_AGAIN as ngx_int_t };
+        match sni::client_hello_server_name(sent) {
+            // Read on while the buffer has room (`preread_buffer_size`); nginx's
+            // `preread_timeout` ends a client that stops sending.
+            // SAFETY: a live connection with a preread buffer.
+            Hello::Incomplete if sent.len() < PREREAD_FULL && unsafe { preread_room(c) } > 0 => {
+                return NGX_AGAIN as ngx_int_t;
+            }
+            Hello::Incomplete | Hello::NotTls => source.refuse_name(NameRefusal::NotTls, mono),
+            Hello::NoName => source.refuse_name(NameRefusal::NoName, mono),
+            Hello::Name(name) => source.decide_name(name.as_bytes(), scf.domain(), mono, wall),
+        }
     };
-    let (decision, notices) = source.decide(port, monotonic_ms(), gpugate_routes::now_ms());
     log_notices(notices);
+    // SAFETY: a live connection's pool.
+    let pool = unsafe { (*c).pool };
     // SAFETY: the connection's pool lives as long as the session; SessionCtx needs no Drop.
-    let Some(ctx) = (unsafe { pool_alloc(pool, SessionCtx::new(port, &decision)) }) else {
+    let Some(ctx) = (unsafe { pool_alloc(pool, SessionCtx::new(&decision)) }) else {
         // Out of memory: the session never reaches the log phase's count, so undo the open.
-        source.close(&decision, port, Outcome::UpstreamFailed, 0, 0, gpugate_routes::now_ms());
+        source.close(&decision, Outcome::UpstreamFailed, 0, 0, gpugate_routes::now_ms());
         return NGX_ERROR as ngx_int_t;
     };
     // SAFETY: `ctx` was allocated from this session's connection pool.
@@ -142,6 +170,62 @@ unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
         // Fail closed: finalize the session now; the log phase still runs (access log shows
         // 403 and $gpugate_route_status).
         NGX_STREAM_FORBIDDEN as ngx_int_t
+    }
+}
+
+/// A ClientHello this long that still is not whole is refused rather than waited for.
+const PREREAD_FULL: usize = 16 * 1024 + 1024;
+
+/// The server name the client asked for in the TLS handshake nginx terminated.
+///
+/// # Safety
+/// `c` must be a live connection.
+unsafe fn handshake_server_name<'a>(c: *mut ngx_connection_t) -> Result<&'a [u8], NameRefusal> {
+    // SAFETY: a live connection; `ssl` is null or nginx's TLS state of it.
+    let ssl = unsafe { (*c).ssl };
+    if ssl.is_null() {
+        // `gpugate_name_route terminate` on a listen without `ssl`.
+        return Err(NameRefusal::NotTls);
+    }
+    // SAFETY: a live TLS connection after its handshake (the ssl phase ran before preread);
+    // the name is owned by the SSL object, which outlives this call.
+    let name = unsafe { SSL_get_servername((*ssl).connection, TLSEXT_NAMETYPE_host_name as i32) };
+    if name.is_null() {
+        return Err(NameRefusal::NoName);
+    }
+    // SAFETY: OpenSSL returns a NUL-terminated string.
+    Ok(unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes())
+}
+
+/// What the client sent so far, in passthrough mode (`None` before nginx made the buffer).
+///
+/// # Safety
+/// `c` must be a live connection.
+unsafe fn preread_bytes<'a>(c: *mut ngx_connection_t) -> Option<&'a [u8]> {
+    // SAFETY: a live connection; its buffer is null or nginx's preread buffer.
+    let b = unsafe { (*c).buffer };
+    if b.is_null() {
+        return None;
+    }
+    // SAFETY: pos..last of a temp buffer are the bytes read into it.
+    unsafe {
+        let len = usize::try_from((*b).last.offset_from((*b).pos)).ok()?;
+        Some(std::slice::from_raw_parts((*b).pos, len))
+    }
+}
+
+/// Free room left in the preread buffer (`preread_buffer_size`).
+///
+/// # Safety
+/// `c` must be a live connection with a preread buffer.
+unsafe fn preread_room(c: *mut ngx_connection_t) -> usize {
+    // SAFETY: as for preread_bytes.
+    unsafe {
+        let b = (*c).buffer;
+        if b.is_null() {
+            return 1;
+        }
+        usize::try_from((*b).end.offset_from((*b).last)).unwrap_or(0)
     }
 }
 
@@ -165,7 +249,7 @@ unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     } else {
         Outcome::Proxied
     };
-    source.close(&ctx.decision(), ctx.port, outcome, bytes_in, bytes_out, gpugate_routes::now_ms());
+    source.close(&ctx.decision(), outcome, bytes_in, bytes_out, gpugate_routes::now_ms());
     NGX_OK as ngx_int_t
 }
 

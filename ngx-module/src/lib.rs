@@ -1,5 +1,5 @@
-//! `ngx_stream_gpugate_module`: routes each stream connection by its local port through the
-//! gpugate route table, with no nginx reload when routes change.
+//! `ngx_stream_gpugate_module`: routes each stream connection by its local port, or by its
+//! TLS server name, through the gpugate route table, with no nginx reload when routes change.
 //!
 //! This file holds the module wiring only (context, command table, `ngx_module_t`). The
 //! decision per connection is plain Rust in [`route_source`]; the nginx glue (`conf`,
@@ -8,6 +8,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod route_source;
+pub mod sni;
 
 /// Index of this module's slot in the stream contexts (fixed once modules are loaded).
 #[cfg(not(test))]
@@ -57,7 +58,7 @@ mod wiring {
     };
 
     // nginx takes `*mut` command and context pointers but never writes through them.
-    static mut COMMANDS: [ngx_command_t; 5] = [
+    static mut COMMANDS: [ngx_command_t; 7] = [
         ngx_command_t {
             name: ngx_string!("gpugate_route_table"),
             type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -78,6 +79,22 @@ mod wiring {
             name: ngx_string!("gpugate_flush_interval"),
             type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
             set: Some(conf::cmd_set_flush_interval),
+            conf: NGX_STREAM_SRV_CONF_OFFSET,
+            offset: 0,
+            post: std::ptr::null_mut(),
+        },
+        ngx_command_t {
+            name: ngx_string!("gpugate_name_route"),
+            type_: (NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+            set: Some(conf::cmd_set_name_route),
+            conf: NGX_STREAM_SRV_CONF_OFFSET,
+            offset: 0,
+            post: std::ptr::null_mut(),
+        },
+        ngx_command_t {
+            name: ngx_string!("gpugate_name_domain"),
+            type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+            set: Some(conf::cmd_set_name_domain),
             conf: NGX_STREAM_SRV_CONF_OFFSET,
             offset: 0,
             post: std::ptr::null_mut(),

@@ -93,8 +93,8 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
     let d = ctx.decision();
     // SAFETY: a live session.
     let (d_in, d_out) = unsafe { take_pending(s, &ctx.live) };
-    source.flush(&d, ctx.port, d_in, d_out, gpugate_routes::now_ms());
-    if source.revoked(&d, ctx.port) {
+    source.flush(&d, d_in, d_out, gpugate_routes::now_ms());
+    if source.revoked(&d) {
         ctx.live.revoked.set(true);
         ctx.live.timer.set(std::ptr::null_mut());
         // SAFETY: a live session's connection log.
@@ -102,9 +102,10 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
         ngx_log_error!(
             NGX_LOG_INFO,
             log,
-            "gpugate: session revoked, closing it (env {}, port {})",
+            "gpugate: session revoked, closing it (env {}, {} {})",
             ctx.env_id,
-            ctx.port
+            ctx.service,
+            ctx.key
         );
         // SAFETY: a live session in the proxy module's hands; closed the way it closes one.
         unsafe { close_session(s) };

@@ -16,7 +16,8 @@ use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 
 use gpugate_routes::{
-    counters_path, CounterFile, Error, Lookup, Outcome, Route, Table, WorkerRow,
+    counters_path, CounterFile, EnvId, Error, HostKey, Lookup, NameRefusal, Outcome, Route,
+    Service, SlotKey, Table, WorkerRow,
 };
 
 /// How often (monotonic ms) a process without a valid table tries to open it again.
@@ -47,7 +48,6 @@ pub fn grid_delay(now: u64, interval: u64) -> u64 {
 
 /// What the module answers for one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum RouteStatus {
     /// A live route: proxy to it.
     Ok,
@@ -61,6 +61,9 @@ pub enum RouteStatus {
     NoTable,
     /// The table file exists but cannot be used (wrong magic or version, short, unreadable).
     BadTable,
+    /// Name routing refused the server name before any lookup (`NoRoute` is a name looked up
+    /// and not found).
+    Name(NameRefusal),
 }
 
 impl RouteStatus {
@@ -73,8 +76,60 @@ impl RouteStatus {
             RouteStatus::Busy => "busy",
             RouteStatus::NoTable => "no_table",
             RouteStatus::BadTable => "bad_table",
+            RouteStatus::Name(why) => why.as_str(),
         }
     }
+}
+
+/// Checks a `gpugate_name_domain` value: a DNS name of at least two labels of lowercase
+/// letters, digits and inner hyphens (as the control plane's domain), returned lowercased.
+pub fn check_domain(raw: &[u8]) -> Result<String, &'static str> {
+    let text = std::str::from_utf8(raw).map_err(|_| "is not a DNS name")?.to_ascii_lowercase();
+    let text = text.strip_suffix('.').unwrap_or(&text).to_owned();
+    let labels: Vec<&str> = text.split('.').collect();
+    if text.len() > 200 || labels.len() < 2 {
+        return Err("is not a DNS name of at least two labels (e.g. gpu.example.com)");
+    }
+    let ok = labels.iter().all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    });
+    if ok { Ok(text) } else { Err("is not a DNS name: labels of a-z, 0-9 and inner '-' only") }
+}
+
+/// Reads a TLS server name as `<env-id>.<service>.<domain>` (case-insensitive, one trailing
+/// dot allowed); `domain` as [`check_domain`] returns it.
+pub fn parse_name(name: &[u8], domain: &str) -> Result<HostKey, NameRefusal> {
+    if name.is_empty() {
+        return Err(NameRefusal::NoName);
+    }
+    let mut buf = [0u8; 256];
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    let lower = buf.get_mut(..name.len()).ok_or(NameRefusal::BadName)?;
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    let d = domain.as_bytes();
+    let head = match lower.strip_suffix(d) {
+        Some(h) if h.last() == Some(&b'.') => &h[..h.len() - 1],
+        _ => return Err(NameRefusal::OtherDomain),
+    };
+    let mut labels = head.split(|&b| b == b'.');
+    let (Some(id), Some(service), None) = (labels.next(), labels.next(), labels.next()) else {
+        return Err(NameRefusal::BadName);
+    };
+    let service = match service {
+        b"ssh" => Service::Ssh,
+        b"jupyter" => Service::Jupyter,
+        b"code" => Service::Code,
+        b"rdp" => Service::Rdp,
+        _ => return Err(NameRefusal::UnknownService),
+    };
+    let id = std::str::from_utf8(id).ok().filter(|s| !s.is_empty()).ok_or(NameRefusal::BadName)?;
+    let env_id: EnvId = id.parse().map_err(|_| NameRefusal::BadName)?;
+    Ok(HostKey::new(env_id, service))
 }
 
 /// A mapped counters file and this process's row in it.
@@ -115,6 +170,9 @@ impl CounterSink {
 #[derive(Clone, Copy, Debug)]
 pub struct Decision {
     pub status: RouteStatus,
+    /// The slot whose counters and revoke epoch are this session's (the port, or the name
+    /// route's slot).
+    pub key: SlotKey,
     /// The route found (also for `Expired`, for the log).
     pub route: Option<Route>,
     /// The route's owner stamp, which tags this session's counters.
@@ -125,6 +183,28 @@ pub struct Decision {
     /// was read from (epochs of another file mean nothing).
     pub epoch: u64,
     pub table_serial: u32,
+}
+
+impl Decision {
+    /// A refusal that counts nowhere per slot.
+    fn refused(status: RouteStatus) -> Decision {
+        Decision {
+            status,
+            key: SlotKey::default(),
+            route: None,
+            owner: 0,
+            sink: std::ptr::null(),
+            epoch: 0,
+            table_serial: 0,
+        }
+    }
+}
+
+/// What a connection is looked up by.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Port(u16),
+    Name(HostKey),
 }
 
 /// Something the process should log once: a change of the table's state.
@@ -323,23 +403,57 @@ impl RouteSource {
     /// The one lookup of a connection to local `port`: `mono_ms` schedules re-checks,
     /// `wall_ms` (unix milliseconds) decides expiry.
     pub fn decide(&self, port: u16, mono_ms: u64, wall_ms: u64) -> (Decision, Vec<Notice>) {
+        self.decide_for(Target::Port(port), mono_ms, wall_ms)
+    }
+
+    /// The one lookup of a connection routed by name: `name` is the TLS server name the
+    /// client sent (empty: none), `domain` the server's `gpugate_name_domain`. A name that is
+    /// not `<env-id>.<service>.<domain>`, or that has no live route, is refused and counted
+    /// by reason.
+    pub fn decide_name(&self, name: &[u8], domain: &str, mono_ms: u64, wall_ms: u64) -> (Decision, Vec<Notice>) {
+        match parse_name(name, domain) {
+            Ok(key) => self.decide_for(Target::Name(key), mono_ms, wall_ms),
+            Err(why) => self.refuse_name(why, mono_ms),
+        }
+    }
+
+    /// Refuses a connection that name routing could not even look up (not TLS, no name, a
+    /// name outside the domain), counting it by reason.
+    pub fn refuse_name(&self, why: NameRefusal, mono_ms: u64) -> (Decision, Vec<Notice>) {
+        let notices = self.maybe_refresh(mono_ms);
+        if let Some(s) = self.sink() {
+            s.file.count_name_refused(why);
+        }
+        (Decision::refused(RouteStatus::Name(why)), notices)
+    }
+
+    fn maybe_refresh(&self, mono_ms: u64) -> Vec<Notice> {
         let poisoned = self.routes.borrow().as_ref().is_some_and(|t| t.poisoned())
             || self.sink().is_some_and(|s| s.file.poisoned());
-        let notices = if mono_ms >= self.next_check_ms.get() || poisoned {
+        if mono_ms >= self.next_check_ms.get() || poisoned {
             self.refresh(mono_ms)
         } else {
             Vec::new()
-        };
+        }
+    }
+
+    fn decide_for(&self, target: Target, mono_ms: u64, wall_ms: u64) -> (Decision, Vec<Notice>) {
+        let notices = self.maybe_refresh(mono_ms);
         let routes = self.routes.borrow();
         let Some(table) = routes.as_ref() else {
             let status = if self.missing.get() { RouteStatus::NoTable } else { RouteStatus::BadTable };
-            let d = Decision { status, route: None, owner: 0, sink: std::ptr::null(), epoch: 0, table_serial: 0 };
-            return (d, notices);
+            return (Decision::refused(status), notices);
         };
-        let (lookup, owner) = table.lookup_owned(port, wall_ms);
+        let (lookup, owner, key) = match target {
+            Target::Port(port) => {
+                let (lookup, owner) = table.lookup_owned(port, wall_ms);
+                (lookup, owner, Some(SlotKey::port(port)))
+            }
+            Target::Name(k) => table.lookup_host(k, wall_ms),
+        };
         // Read after the route: a revoke that lands in between is one this session need not
         // obey (it opened as good as after it).
-        let epoch = table.revoke_epoch(port);
+        let epoch = key.map_or(0, |k| table.revoke_epoch(k));
         let (status, route) = match lookup {
             Lookup::Live(r) => (RouteStatus::Ok, Some(r)),
             Lookup::Absent => (RouteStatus::NoRoute, None),
@@ -348,43 +462,47 @@ impl RouteSource {
         };
         let mut sink = std::ptr::null();
         if let Some(s) = self.sink() {
-            if status == RouteStatus::Ok {
-                s.file.session_open(s.row(), port, owner, wall_ms);
-                s.sessions.set(s.sessions.get() + 1);
-                sink = s as *const CounterSink;
-            } else {
-                s.file.count_refused(port);
+            match (status, key) {
+                (RouteStatus::Ok, Some(k)) => {
+                    s.file.session_open(s.row(), k, owner, wall_ms);
+                    s.sessions.set(s.sessions.get() + 1);
+                    sink = s as *const CounterSink;
+                }
+                (_, Some(k)) => s.file.count_refused(k),
+                // A name with no slot: counted by reason only (there is nothing per name).
+                (_, None) => s.file.count_name_refused(NameRefusal::NoRoute),
             }
         }
-        (Decision { status, route, owner, sink, epoch, table_serial: self.serial.get() }, notices)
+        let key = key.unwrap_or_default();
+        (Decision { status, key, route, owner, sink, epoch, table_serial: self.serial.get() }, notices)
     }
 
-    /// Whether the session given `d` on `port` was revoked since it opened: the table it was
-    /// routed by is still the mapped one and the port's revoke epoch moved on.
-    pub fn revoked(&self, d: &Decision, port: u16) -> bool {
+    /// Whether the session given `d` was revoked since it opened: the table it was routed by
+    /// is still the mapped one and its slot's revoke epoch moved on.
+    pub fn revoked(&self, d: &Decision) -> bool {
         let routes = self.routes.borrow();
         match routes.as_ref() {
             Some(t) if self.serial.get() == d.table_serial && !t.poisoned() => {
-                t.revoke_epoch(port) != d.epoch
+                t.revoke_epoch(d.key) != d.epoch
             }
             _ => false,
         }
     }
 
     /// Adds the bytes an open session moved since its last flush (deltas) to its counters.
-    pub fn flush(&self, d: &Decision, port: u16, bytes_in: u64, bytes_out: u64, wall_ms: u64) {
+    pub fn flush(&self, d: &Decision, bytes_in: u64, bytes_out: u64, wall_ms: u64) {
         if d.sink.is_null() {
             return;
         }
         // SAFETY: as in `close`: the sink outlives every session that points at it.
         let s = unsafe { &*d.sink };
         if !s.file.poisoned() {
-            s.file.session_flush(port, d.owner, bytes_in, bytes_out, wall_ms);
+            s.file.session_flush(d.key, d.owner, bytes_in, bytes_out, wall_ms);
         }
     }
 
     /// Counts the end of a session that [`RouteSource::decide`] gave `d`.
-    pub fn close(&self, d: &Decision, port: u16, outcome: Outcome, bytes_in: u64, bytes_out: u64, wall_ms: u64) {
+    pub fn close(&self, d: &Decision, outcome: Outcome, bytes_in: u64, bytes_out: u64, wall_ms: u64) {
         if d.sink.is_null() {
             return;
         }
@@ -393,7 +511,7 @@ impl RouteSource {
         let s = unsafe { &*d.sink };
         // A file that shrank is not touched; its sessions are simply not counted.
         if !s.file.poisoned() {
-            s.file.session_close(s.row.get().flatten(), port, d.owner, outcome, bytes_in, bytes_out, wall_ms);
+            s.file.session_close(s.row.get().flatten(), d.key, d.owner, outcome, bytes_in, bytes_out, wall_ms);
         }
         s.sessions.set(s.sessions.get().saturating_sub(1));
         if s.sessions.get() == 0 && !std::ptr::eq(d.sink, self.counters.get()) {

@@ -53,10 +53,10 @@ fn missing_table_is_logged_once_then_picked_up_when_created() {
     let t = w.table();
     assert_eq!(t.counters(20000).connections_active, 1);
     assert_eq!(t.counters(20001).refused_total, 1);
-    src.close(&d, 20000, Outcome::Proxied, 5, 7, 2);
+    src.close(&d, Outcome::Proxied, 5, 7, 2);
     let c = t.counters(20000);
     assert_eq!((c.connections_total, c.connections_active, c.bytes_in, c.bytes_out), (1, 0, 5, 7));
-    src.close(&refused, 20001, Outcome::Proxied, 5, 5, 2);
+    src.close(&refused, Outcome::Proxied, 5, 5, 2);
     assert_eq!(t.counters(20001).bytes_in, 0, "a refused session adds nothing");
 }
 
@@ -149,10 +149,10 @@ fn replaced_counters_are_kept_until_their_last_session_ends() {
     let (d, _) = src.decide(20000, 2_500, 20);
     assert_eq!(d.route.unwrap().upstream.port(), 2000);
     assert_eq!(src.mapped_counters(), 2, "the old counters stay mapped for the open session");
-    src.close(&open, 20000, Outcome::Proxied, 1, 1, 30);
+    src.close(&open, Outcome::Proxied, 1, 1, 30);
     assert_eq!(src.mapped_counters(), 1, "released when its last session ended");
     assert_eq!(w.table().counters(20000).connections_total, 0, "the old session counts nowhere new");
-    src.close(&d, 20000, Outcome::Proxied, 1, 1, 30);
+    src.close(&d, Outcome::Proxied, 1, 1, 30);
     assert_eq!(w.table().counters(20000).connections_total, 1);
 }
 
@@ -183,17 +183,17 @@ fn live_flushes_and_revoke() {
     w.set(20000, &route("127.0.0.1:1000")).unwrap();
     let src = RouteSource::new(path.clone());
     let (d, _) = src.decide(20000, 1_000, 10);
-    src.flush(&d, 20000, 100, 200, 20);
+    src.flush(&d, 100, 200, 20);
     let c = w.table().counters(20000);
     assert_eq!((c.bytes_in, c.bytes_out, c.connections_active, c.last_activity_ms), (100, 200, 1, 20));
-    src.flush(&d, 20000, 0, 0, 30);
+    src.flush(&d, 0, 0, 30);
     assert_eq!(w.table().counters(20000).last_activity_ms, 20, "no bytes moved, no activity");
-    assert!(!src.revoked(&d, 20000));
+    assert!(!src.revoked(&d));
     w.revoke(20000).unwrap();
-    assert!(src.revoked(&d, 20000));
+    assert!(src.revoked(&d));
     let (after, _) = src.decide(20000, 1_001, 40);
-    assert!(!src.revoked(&after, 20000), "a session opened after the revoke stays");
-    src.close(&d, 20000, Outcome::Revoked, 1, 2, 50);
+    assert!(!src.revoked(&after), "a session opened after the revoke stays");
+    src.close(&d, Outcome::Revoked, 1, 2, 50);
     let c = w.table().counters(20000);
     assert_eq!((c.bytes_in, c.bytes_out, c.connections_total, c.revoked_total), (101, 202, 1, 1));
     assert_eq!(c.connections_active, 1);
@@ -216,4 +216,82 @@ fn timer_deadlines_fall_on_the_grid_at_least_an_interval_away() {
             assert_eq!(now.wrapping_add(d) % TICK_GRID_MS, 0, "{now} {interval} {d}");
         }
     }
+}
+
+#[test]
+fn server_names_are_read_as_id_service_and_domain() {
+    let d = "gpu.example.com";
+    let ok = |name: &str| parse_name(name.as_bytes(), d);
+    let key = |id: &str, svc| Ok(HostKey::new(id.parse().unwrap(), svc));
+    assert_eq!(ok("6hiflzwte2xnkroq.jupyter.gpu.example.com"), key("6hiflzwte2xnkroq", Service::Jupyter));
+    assert_eq!(ok("AbC.SSH.GPU.Example.COM."), key("abc", Service::Ssh), "DNS names are case-insensitive");
+    assert_eq!(ok("x.code.gpu.example.com"), key("x", Service::Code));
+    assert_eq!(ok("x.rdp.gpu.example.com"), key("x", Service::Rdp));
+    assert_eq!(ok(""), Err(NameRefusal::NoName));
+    assert_eq!(ok("x.jupyter.gpu.example.org"), Err(NameRefusal::OtherDomain));
+    assert_eq!(ok("x.jupyter.evilgpu.example.com"), Err(NameRefusal::OtherDomain), "a suffix is not the domain");
+    assert_eq!(ok("gpu.example.com"), Err(NameRefusal::OtherDomain));
+    assert_eq!(ok("jupyter.gpu.example.com"), Err(NameRefusal::BadName));
+    assert_eq!(ok("a.b.jupyter.gpu.example.com"), Err(NameRefusal::BadName));
+    assert_eq!(ok(".jupyter.gpu.example.com"), Err(NameRefusal::BadName));
+    assert_eq!(ok("x.other.gpu.example.com"), Err(NameRefusal::UnknownService), "'other' is no service by name");
+    assert_eq!(ok("x.smtp.gpu.example.com"), Err(NameRefusal::UnknownService));
+    assert_eq!(ok("seventeen-chars-x.ssh.gpu.example.com"), Err(NameRefusal::BadName));
+    assert_eq!(ok("a+b.ssh.gpu.example.com"), Err(NameRefusal::BadName));
+    assert_eq!(parse_name(&[b'a'; 300], d), Err(NameRefusal::BadName));
+    assert_eq!(parse_name(b"\xff\xfe.ssh.gpu.example.com", d), Err(NameRefusal::BadName));
+}
+
+#[test]
+fn domains_are_checked_and_lowercased() {
+    assert_eq!(check_domain(b"GPU.Example.com.").unwrap(), "gpu.example.com");
+    for bad in [&b"localhost"[..], b"a..b", b"-a.com", b"a_b.com", b"", b"a.com\0"] {
+        assert!(check_domain(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[test]
+fn name_routes_are_decided_counted_and_revoked_like_port_routes() {
+    let path = tmp();
+    let mut w = Writer::open_with(&path, LockMode::NoWait, 1024).unwrap();
+    let up = route("127.0.0.1:8888");
+    let r = Route { env_id: "abc".parse().unwrap(), service: Service::Jupyter, ..up };
+    let slot = w.set_host(&r).unwrap().key;
+    let src = RouteSource::new(path.clone());
+    let d = "gpu.example.com";
+    let (open, _) = src.decide_name(b"abc.jupyter.gpu.example.com", d, 1_000, 10);
+    assert_eq!(open.status, RouteStatus::Ok);
+    assert_eq!(open.key, slot);
+    assert_eq!(open.route, Some(r));
+    for (name, status) in [
+        (&b""[..], RouteStatus::Name(NameRefusal::NoName)),
+        (b"abc.jupyter.other.org", RouteStatus::Name(NameRefusal::OtherDomain)),
+        (b"abc.ftp.gpu.example.com", RouteStatus::Name(NameRefusal::UnknownService)),
+        (b"abc.code.gpu.example.com", RouteStatus::NoRoute),
+        (b"zzz.jupyter.gpu.example.com", RouteStatus::NoRoute),
+    ] {
+        let (refused, _) = src.decide_name(name, d, 1_001, 10);
+        assert_eq!(refused.status, status, "{}", String::from_utf8_lossy(name));
+        assert!(refused.sink.is_null(), "a refusal counts no session");
+    }
+    src.refuse_name(NameRefusal::NotTls, 1_002);
+    let t = Table::open_read_only(&path).unwrap();
+    let by_reason: Vec<(NameRefusal, u64)> = t.counter_file().unwrap().name_refused();
+    let count = |why| by_reason.iter().find(|(r, _)| *r == why).map(|(_, n)| *n).unwrap();
+    assert_eq!(count(NameRefusal::NoName), 1);
+    assert_eq!(count(NameRefusal::OtherDomain), 1);
+    assert_eq!(count(NameRefusal::UnknownService), 1);
+    assert_eq!(count(NameRefusal::NoRoute), 2);
+    assert_eq!(count(NameRefusal::NotTls), 1);
+    assert_eq!(count(NameRefusal::BadName), 0);
+    assert_eq!(t.counters(slot).connections_active, 1, "the open session counts on the name route's slot");
+    // Revoking the name route reaches the session that came in by name.
+    assert!(!src.revoked(&open));
+    w.revoke_host(HostKey::of(&r)).unwrap();
+    assert!(src.revoked(&open));
+    src.flush(&open, 3, 4, 20);
+    src.close(&open, Outcome::Revoked, 5, 6, 30);
+    let c = t.counters(slot);
+    assert_eq!((c.connections_total, c.revoked_total, c.bytes_in, c.bytes_out), (1, 1, 8, 10));
+    assert_eq!(t.counters(0u16), gpugate_routes::Counters::default(), "port 0 is never charged");
 }

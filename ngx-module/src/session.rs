@@ -6,7 +6,7 @@ use std::cell::Cell;
 use std::io::Write;
 use std::net::SocketAddr;
 
-use gpugate_routes::{EnvId, Service};
+use gpugate_routes::{EnvId, Service, SlotKey};
 use ngx::ffi::{ngx_event_t, ngx_stream_session_t, ngx_str_t, socklen_t};
 
 use crate::ctx_index;
@@ -16,7 +16,8 @@ use crate::route_source::{Decision, RouteStatus};
 /// What a session keeps of its lookup: a valid Rust value moved into the connection's pool
 /// (no Drop).
 pub struct SessionCtx {
-    pub port: u16,
+    /// The slot the session was routed by: its local port, or its name route's slot.
+    pub key: SlotKey,
     pub status: RouteStatus,
     pub service: Service,
     pub env_id: EnvId,
@@ -41,13 +42,13 @@ pub const SESSION_CTX_SIZE: usize = std::mem::size_of::<SessionCtx>();
 const _: () = assert!(SESSION_CTX_SIZE <= 176);
 
 impl SessionCtx {
-    pub fn new(port: u16, d: &Decision) -> SessionCtx {
+    pub fn new(d: &Decision) -> SessionCtx {
         let (sockaddr, socklen) = match (d.status, d.route) {
             (RouteStatus::Ok, Some(r)) => RawSockaddr::new(r.upstream),
             _ => RawSockaddr::new(SocketAddr::from(([0, 0, 0, 0], 0))),
         };
         SessionCtx {
-            port,
+            key: d.key,
             status: d.status,
             service: d.route.map_or(Service::Other, |r| r.service),
             env_id: d.route.map_or(EnvId::default(), |r| r.env_id),
@@ -71,6 +72,7 @@ impl SessionCtx {
     pub fn decision(&self) -> Decision {
         Decision {
             status: self.status,
+            key: self.key,
             route: None,
             owner: self.owner,
             sink: self.sink,
