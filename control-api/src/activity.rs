@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use gpugate_routes::{Lookup, Service, Table};
+use gpugate_routes::{Counters, HostKey, Lookup, Service, Table};
 use serde::Serialize;
 
 use crate::config::IdlePolicy;
@@ -12,7 +12,7 @@ use crate::config::IdlePolicy;
 /// One service's traffic through the gateway since the environment last started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ServiceActivity {
-    /// The public port.
+    /// The public port (0: reached by name only).
     pub port: u16,
     /// Sessions open now.
     pub connections_active: u64,
@@ -38,26 +38,36 @@ pub struct Activity {
 }
 
 impl Activity {
-    /// Reads the counters of `env_id`'s ports. A port whose slot holds no route of this
-    /// environment (stopped, or not yet published) reads as zero.
+    /// Reads the counters of `env_id`'s services: its port routes (`held`; port 0: none) and
+    /// its name routes, summed per service. A port whose slot holds no route of this
+    /// environment (stopped, or not yet published) and a name without a route read as zero.
     pub fn read(table: &Table, env_id: &str, held: &[(u16, Service)]) -> Activity {
         let now = gpugate_routes::now_ms();
+        let env = env_id.parse().ok();
         let mut services = BTreeMap::new();
         for &(port, service) in held {
-            let ours = matches!(table.lookup(port, now), Lookup::Live(r) | Lookup::Expired(r) if r.env_id.as_str() == env_id);
+            let ours = port != 0
+                && matches!(table.lookup(port, now), Lookup::Live(r) | Lookup::Expired(r) if r.env_id.as_str() == env_id);
             let mut a = ServiceActivity { port, ..ServiceActivity::default() };
-            if ours {
-                let c = table.counters(port);
-                a.connections_active = c.connections_active;
-                a.connections_total = c.connections_total;
-                a.connections_revoked = c.revoked_total;
-                a.bytes_in = c.bytes_in;
-                a.bytes_out = c.bytes_out;
-                a.last_activity_ms = c.last_activity_ms;
-                a.last_activity_at = (c.last_activity_ms > 0)
-                    .then(|| DateTime::from_timestamp_millis(i64::try_from(c.last_activity_ms).ok()?))
-                    .flatten();
+            let mut c = if ours { table.counters(port) } else { Counters::default() };
+            if let Some(slot) = env.and_then(|e| table.host_slot(HostKey::new(e, service))) {
+                let n = table.counters(slot);
+                c.connections_active += n.connections_active;
+                c.connections_total += n.connections_total;
+                c.revoked_total += n.revoked_total;
+                c.bytes_in += n.bytes_in;
+                c.bytes_out += n.bytes_out;
+                c.last_activity_ms = c.last_activity_ms.max(n.last_activity_ms);
             }
+            a.connections_active = c.connections_active;
+            a.connections_total = c.connections_total;
+            a.connections_revoked = c.revoked_total;
+            a.bytes_in = c.bytes_in;
+            a.bytes_out = c.bytes_out;
+            a.last_activity_ms = c.last_activity_ms;
+            a.last_activity_at = (c.last_activity_ms > 0)
+                .then(|| DateTime::from_timestamp_millis(i64::try_from(c.last_activity_ms).ok()?))
+                .flatten();
             services.insert(service.as_str().to_string(), a);
         }
         Activity { services }

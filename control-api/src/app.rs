@@ -179,7 +179,14 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
 
     let run_publisher = matches!(mode, Mode::PublishOnly | Mode::Api { publisher: true });
     if run_publisher {
-        let p = Publisher::new(db.clone(), &cfg.route_table, metrics.clone(), status.clone(), resync.clone());
+        let p = Publisher::new(
+            db.clone(),
+            &cfg.route_table,
+            cfg.names.table_slots,
+            metrics.clone(),
+            status.clone(),
+            resync.clone(),
+        );
         tasks.push(tokio::spawn(p.run(rx.clone())));
     }
 

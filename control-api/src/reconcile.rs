@@ -352,18 +352,24 @@ async fn release_stopped_gpus(st: &State, env: &EnvRow) -> anyhow::Result<u64> {
 /// Makes a running environment's routes match its container's published ports; returns
 /// whether anything was rewritten.
 async fn repair_routes(st: &State, env: &EnvRow, container: &str) -> anyhow::Result<bool> {
-    let held = ports::env_ports(st.db.pool(), &env.id).await?;
+    let held = ports::env_endpoints(st.db.pool(), &env.id, &env.services).await?;
     let upstreams = st.docker.upstreams(container, &held).await?;
+    let names = crate::lifecycle::name_services(env);
     let rows = routes::of_env(st.db.pool(), &env.id).await?;
-    let right = upstreams.iter().all(|(port, service, upstream)| {
+    let name_rows = routes::names_of_env(st.db.pool(), &env.id).await?;
+    let by_port: Vec<_> = upstreams.iter().filter(|(p, _, _)| *p != 0).collect();
+    let by_name: Vec<_> = upstreams.iter().filter(|(_, s, _)| names.contains(s)).collect();
+    let right = by_port.iter().all(|(port, service, upstream)| {
         rows.iter().any(|row| {
             row.port == i32::from(*port)
                 && row.active
                 && row.service == service.as_str()
                 && row.upstream == upstream.to_string()
         })
+    }) && by_name.iter().all(|(_, service, upstream)| {
+        name_rows.iter().any(|row| row.active && row.service == service.as_str() && row.upstream == upstream.to_string())
     });
-    if right && rows.len() == upstreams.len() {
+    if right && rows.len() == by_port.len() && name_rows.len() == by_name.len() {
         return Ok(false);
     }
     let mut tx = st.db.begin().await?;
@@ -372,7 +378,7 @@ async fn repair_routes(st: &State, env: &EnvRow, container: &str) -> anyhow::Res
     }
     routes::delete_env(&mut *tx, &env.id).await?;
     let generation = envs::next_generation(&mut tx, &env.id).await?;
-    routes::put(&mut tx, &env.id, generation, &upstreams).await?;
+    routes::put(&mut tx, &env.id, generation, &upstreams, &names).await?;
     db::event(&mut *tx, Some(&env.id), "repair_routes_rewritten", serde_json::json!({ "generation": generation })).await?;
     tx.commit().await?;
     Ok(true)

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpugate_routes::{Error as TableError, LockMode, Lookup, Route, Table, Writer};
+use gpugate_routes::{Error as TableError, HostKey, LockMode, Lookup, Route, Table, Writer};
 use sqlx::postgres::PgListener;
 use tokio::sync::{watch, Notify};
 
@@ -49,15 +49,24 @@ impl Resync {
 pub struct Publisher {
     db: Db,
     path: PathBuf,
+    /// Hostname slots of a table this publisher creates (an existing one must match).
+    host_slots: u32,
     metrics: Metrics,
     status: Arc<PublisherStatus>,
     resync: Resync,
 }
 
 impl Publisher {
-    /// A publisher for the table at `path`.
-    pub fn new(db: Db, path: &Path, metrics: Metrics, status: Arc<PublisherStatus>, resync: Resync) -> Self {
-        Publisher { db, path: path.to_owned(), metrics, status, resync }
+    /// A publisher for the table at `path` (with `host_slots` hostname slots).
+    pub fn new(
+        db: Db,
+        path: &Path,
+        host_slots: u32,
+        metrics: Metrics,
+        status: Arc<PublisherStatus>,
+        resync: Resync,
+    ) -> Self {
+        Publisher { db, path: path.to_owned(), host_slots, metrics, status, resync }
     }
 
     /// Runs until `shutdown` turns true: stands by for the lock, then publishes; on any error
@@ -87,8 +96,9 @@ impl Publisher {
             if *shutdown.borrow() {
                 return None;
             }
-            let path = self.path.clone();
-            let opened = tokio::task::spawn_blocking(move || Writer::open(&path, LockMode::NoWait)).await;
+            let (path, slots) = (self.path.clone(), self.host_slots);
+            let opened =
+                tokio::task::spawn_blocking(move || Writer::open_with(&path, LockMode::NoWait, slots)).await;
             match opened {
                 Ok(Ok(w)) => {
                     tracing::info!(table = %self.path.display(), "publisher holds the route table");
@@ -139,7 +149,10 @@ impl Publisher {
                 // open it again (which creates a fresh one).
                 _ = heartbeat.tick() => writer.heartbeat()?,
                 notice = rx.recv() => match notice {
-                    Some(Notice::Ports(ports)) => self.apply(&mut writer, &ports).await?,
+                    Some(Notice::Changes(ports, names)) => {
+                        self.apply(&mut writer, &ports).await?;
+                        self.apply_names(&mut writer, &names).await?;
+                    }
                     Some(Notice::Interrupted) => {
                         // The listening connection dropped (and reconnects): re-sync to cover
                         // whatever was announced meanwhile.
@@ -178,6 +191,45 @@ impl Publisher {
         self.apply_revokes(writer, &revokes)
     }
 
+    async fn apply_names(&self, writer: &mut Writer, keys: &[HostKey]) -> anyhow::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        let wanted = db::routes::desired_names(&self.db, &keys).await?;
+        let revokes = db::routes::name_revoke_epochs(&self.db, Some(&keys)).await?;
+        for key in keys {
+            match wanted.get(&key) {
+                Some(route) => {
+                    if writer.set_host(route)?.changed {
+                        self.metrics.route_writes.with_label_values(&["set"]).inc();
+                        tracing::debug!(env_id = %key.env_id, service = %key.service, generation = route.generation, "name route set");
+                    }
+                }
+                None => {
+                    writer.revoke_host(key)?;
+                    if writer.remove_host(key)? {
+                        self.metrics.route_writes.with_label_values(&["remove"]).inc();
+                        tracing::debug!(env_id = %key.env_id, service = %key.service, "name route removed, its sessions revoked");
+                    }
+                }
+            }
+        }
+        self.apply_name_revokes(writer, &revokes)
+    }
+
+    fn apply_name_revokes(&self, writer: &mut Writer, revokes: &BTreeMap<HostKey, u64>) -> anyhow::Result<()> {
+        for (&key, &epoch) in revokes {
+            if writer.raise_host_revoke_epoch(key, epoch)? {
+                self.metrics.route_writes.with_label_values(&["revoke"]).inc();
+                tracing::info!(env_id = %key.env_id, service = %key.service, epoch, "name route sessions revoked on request");
+            }
+        }
+        Ok(())
+    }
+
     /// Raises the revoke epochs that sessions/close asked for (each applied once).
     fn apply_revokes(&self, writer: &mut Writer, revokes: &BTreeMap<u16, u64>) -> anyhow::Result<()> {
         for (&port, &epoch) in revokes {
@@ -192,8 +244,10 @@ impl Publisher {
     async fn full_sync(&self, writer: &mut Writer) -> anyhow::Result<()> {
         let wanted = db::routes::desired(&self.db).await?;
         let revokes = db::routes::revoke_epochs(&self.db, None).await?;
-        let report = writer.sync(&wanted)?;
+        let name_revokes = db::routes::name_revoke_epochs(&self.db, None).await?;
+        let report = writer.sync_all(&wanted.ports, &wanted.names)?;
         self.apply_revokes(writer, &revokes)?;
+        self.apply_name_revokes(writer, &name_revokes)?;
         self.metrics.route_writes.with_label_values(&["sync_set"]).inc_by(report.written as u64);
         self.metrics.route_writes.with_label_values(&["sync_remove"]).inc_by(report.removed as u64);
         // A difference found by a whole sync is a repair: notifications should have kept the
@@ -201,7 +255,13 @@ impl Publisher {
         self.metrics.repaired("table_route_written", report.written as u64);
         self.metrics.repaired("table_route_removed", report.removed as u64);
         if report.written + report.removed > 0 {
-            tracing::info!(written = report.written, removed = report.removed, routes = wanted.len(), "route table re-synced");
+            tracing::info!(
+                written = report.written,
+                removed = report.removed,
+                routes = wanted.ports.len(),
+                names = wanted.names.len(),
+                "route table re-synced"
+            );
             let detail = serde_json::json!({ "written": report.written, "removed": report.removed });
             if let Err(e) = self.db.event(None, "table_resynced", detail).await {
                 tracing::warn!(error = %e, "recording re-sync event");
@@ -226,8 +286,8 @@ fn remove_and_revoke(writer: &mut Writer, port: u16) -> Result<bool, TableError>
 
 /// What the notification task hands to the publisher.
 enum Notice {
-    /// Ports whose routes changed.
-    Ports(Vec<u16>),
+    /// Ports and name keys whose routes changed.
+    Changes(Vec<u16>, Vec<HostKey>),
     /// The connection dropped; notifications may have been lost.
     Interrupted,
     /// Listening failed for good.
@@ -248,11 +308,17 @@ async fn forward_notifications(mut listener: PgListener, tx: tokio::sync::mpsc::
     loop {
         let notice = match listener.try_recv().await {
             Ok(Some(first)) => {
-                let mut ports: Vec<u16> = first.payload().parse().ok().into_iter().collect();
+                let (mut ports, mut names) = (vec![], vec![]);
+                let mut take = |payload: &str| match db::routes::parse_notice(payload) {
+                    Some(Ok(port)) => ports.push(port),
+                    Some(Err(key)) => names.push(key),
+                    None => tracing::warn!(payload, "unreadable route notification ignored"),
+                };
+                take(first.payload());
                 while let Some(more) = listener.next_buffered() {
-                    ports.extend(more.payload().parse::<u16>().ok());
+                    take(more.payload());
                 }
-                Notice::Ports(ports)
+                Notice::Changes(ports, names)
             }
             Ok(None) => Notice::Interrupted,
             Err(e) => {
@@ -295,15 +361,27 @@ impl TableView {
         Ok(t)
     }
 
-    /// Waits until every `(port, route)` is live in the table with that route's generation
-    /// and upstream; false on time-out.
-    pub async fn wait_live(&self, routes: &[(u16, Route)], timeout: Duration) -> bool {
+    /// Waits until every `(port, route)` and every name route is live in the table with
+    /// that route's generation and upstream; false on time-out.
+    pub async fn wait_live(&self, routes: &[(u16, Route)], names: &[Route], timeout: Duration) -> bool {
+        let same = |found: Lookup, want: &Route| {
+            matches!(found, Lookup::Live(r) if r.generation == want.generation
+                && r.upstream == want.upstream && r.env_id == want.env_id)
+        };
         self.wait(timeout, |t| {
             let now = gpugate_routes::now_ms();
-            routes.iter().all(|(port, want)| {
-                matches!(t.lookup(*port, now), Lookup::Live(r) if r.generation == want.generation
-                    && r.upstream == want.upstream && r.env_id == want.env_id)
-            })
+            routes.iter().all(|(port, want)| same(t.lookup(*port, now), want))
+                && names.iter().all(|want| same(t.lookup_host(HostKey::of(want), now).0, want))
+        })
+        .await
+    }
+
+    /// Waits until `env_id` has no name route in the table for any of `services`, and no
+    /// session open on one; false on time-out.
+    pub async fn wait_names_gone(&self, env_id: &str, services: &[gpugate_routes::Service], timeout: Duration) -> bool {
+        let Ok(env) = env_id.parse::<gpugate_routes::EnvId>() else { return true };
+        self.wait(timeout, |t| {
+            services.iter().all(|svc| t.host_slot(HostKey::new(env, *svc)).is_none())
         })
         .await
     }
@@ -330,6 +408,22 @@ impl TableView {
     /// Waits until every `(port, epoch)` has reached that revoke epoch; false on time-out.
     pub async fn wait_revoked(&self, targets: &[(u16, u64)], timeout: Duration) -> bool {
         self.wait(timeout, |t| targets.iter().all(|(port, epoch)| t.revoke_epoch(*port) >= *epoch)).await
+    }
+
+    /// Waits until each name route `(service, epoch)` of `env` has reached that revoke
+    /// epoch; false on time-out.
+    pub async fn wait_names_revoked(
+        &self,
+        env: gpugate_routes::EnvId,
+        targets: &[(gpugate_routes::Service, u64)],
+        timeout: Duration,
+    ) -> bool {
+        self.wait(timeout, |t| {
+            targets.iter().all(|(svc, epoch)| {
+                t.host_slot(HostKey::new(env, *svc)).is_some_and(|slot| t.revoke_epoch(slot) >= *epoch)
+            })
+        })
+        .await
     }
 
     async fn wait(&self, timeout: Duration, done: impl Fn(&Table) -> bool) -> bool {

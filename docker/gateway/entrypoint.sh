@@ -18,4 +18,16 @@ for f in "$dir"/*.counters; do
   chgrp "$group" "$f"
   chmod g+rw "$f"
 done
-exec /usr/local/nginx/sbin/nginx -p /usr/local/nginx/ -e stderr "$@"
+# The domain of the names the TLS server routes (`gpugate_name_domain`), from GPUGATE_DOMAIN: a
+# copy of nginx.conf with that one line set, made at start (nginx is never reloaded after).
+conf=/usr/local/nginx/conf/nginx.conf
+if [ -n "${GPUGATE_DOMAIN:-}" ]; then
+  case $GPUGATE_DOMAIN in
+    *[!a-z0-9.-]* | .* | *. | *..*)
+      echo "gateway: GPUGATE_DOMAIN \"$GPUGATE_DOMAIN\" is not a lowercase DNS name" >&2
+      exit 64 ;;
+  esac
+  sed "s/^\([[:space:]]*gpugate_name_domain\) .*;/\1 $GPUGATE_DOMAIN;/" "$conf" >/usr/local/nginx/conf/nginx.run.conf
+  conf=/usr/local/nginx/conf/nginx.run.conf
+fi
+exec /usr/local/nginx/sbin/nginx -p /usr/local/nginx/ -c "$conf" -e stderr "$@"

@@ -185,11 +185,11 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
             .execute(&mut *tx)
             .await?;
         let generation = db::envs::next_generation(&mut tx, &owner_env).await?;
-        db::routes::put(&mut tx, &owner_env, generation, &[(port, Service::Ssh, upstream)]).await?;
+        db::routes::put(&mut tx, &owner_env, generation, &[(port, Service::Ssh, upstream)], &[]).await?;
         tx.commit().await?;
         let t = Instant::now();
         let want = gpugate_routes::Route { upstream, env_id, service: Service::Ssh, generation: generation as u64, expires_ms: None };
-        if !st.table.wait_live(&[(port, want)], Duration::from_secs(5)).await {
+        if !st.table.wait_live(&[(port, want)], &[], Duration::from_secs(5)).await {
             bail!("route {port} never went live");
         }
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -206,7 +206,7 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     let mut steps: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     let mut ids = vec![];
     for i in 0..cli.creates {
-        let spec = CreateSpec { id: gpugate_api::ids::env_id(), idempotency: None, name: format!("b{i}"), image: None, gpus: 0, gpu_model: None, services: None, ssh_public_keys: vec![], memory_mb: None, cpus: None, pids: None, idle_stop_after_s: None };
+        let spec = CreateSpec { id: gpugate_api::ids::env_id(), idempotency: None, name: format!("b{i}"), image: None, gpus: 0, gpu_model: None, services: None, ssh_public_keys: vec![], memory_mb: None, cpus: None, pids: None, idle_stop_after_s: None, access: None };
         let out = lifecycle::create(&st, &user, spec).await.map_err(|e| anyhow::anyhow!("create: {e}"))?;
         for (k, v) in out.timings {
             steps.entry(k).or_default().push(v * 1000.0);

@@ -51,6 +51,26 @@ impl Config {
         }
         parse_env(env, "GPUGATE_UPSTREAM_HOST", &mut self.upstream_host)?;
         parse_env(env, "GPUGATE_ROUTE_TABLE", &mut self.route_table)?;
+        if let Some(v) = env_var(env, "GPUGATE_TLS_PORT") {
+            let port = v.trim().parse().map_err(|e| ConfigError::Env {
+                name: "GPUGATE_TLS_PORT",
+                message: format!("\"{v}\": {e}"),
+            })?;
+            self.names.tls_port = Some(port);
+        }
+        parse_env(env, "GPUGATE_NAME_TABLE_SLOTS", &mut self.names.table_slots)?;
+        for svc in ["ssh", "jupyter", "code", "rdp"] {
+            let name: &'static str = match svc {
+                "ssh" => "GPUGATE_ACCESS_SSH",
+                "jupyter" => "GPUGATE_ACCESS_JUPYTER",
+                "code" => "GPUGATE_ACCESS_CODE",
+                _ => "GPUGATE_ACCESS_RDP",
+            };
+            if let Some(v) = env_var(env, name) {
+                let access = v.trim().parse().map_err(|message| ConfigError::Env { name, message })?;
+                self.names.access.insert(svc.to_string(), access);
+            }
+        }
         parse_env(env, "GPUGATE_QUARANTINE_S", &mut self.quarantine_s)?;
         parse_env(env, "GPUGATE_RECONCILE_INTERVAL_S", &mut self.reconcile_interval_s)?;
         parse_env(env, "GPUGATE_ROUTE_WAIT_MS", &mut self.route_wait_ms)?;

@@ -7,6 +7,7 @@ mod env;
 mod gpu;
 mod idle;
 mod metrics;
+mod names;
 mod range;
 mod readiness;
 mod tenant;
@@ -21,6 +22,7 @@ pub use gpu::{GpuConfig, GpuMode, NVIDIA_CAPABILITIES};
 pub use idle::{IdleConfig, IdlePolicy, MAX_IDLE_STOP_AFTER_S};
 pub use readiness::ReadinessConfig;
 pub use metrics::MetricsConfig;
+pub use names::{AccessMode, NamesConfig};
 pub use range::PortRange;
 pub use tenant::{QuotaConfig, RateLimitConfig};
 pub use workspace::{image_allowed, LimitsConfig, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
@@ -183,6 +185,8 @@ pub struct Config {
     pub idle: IdleConfig,
     /// Per-service readiness probes after each start.
     pub readiness: ReadinessConfig,
+    /// Routing by name on the gateway's TLS port (`[names]`).
+    pub names: NamesConfig,
     /// Seconds an `Idempotency-Key` keeps answering with the environment it created.
     pub idempotency_retention_s: u64,
     /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
@@ -228,6 +232,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             idle: IdleConfig::default(),
             readiness: ReadinessConfig::default(),
+            names: NamesConfig::default(),
             idempotency_retention_s: 24 * 3600,
             shutdown_grace_s: 60,
             metrics: MetricsConfig::default(),
@@ -288,6 +293,7 @@ impl Config {
         self.rate_limit.validate().map_err(ConfigError::Invalid)?;
         self.idle.validate().map_err(ConfigError::Invalid)?;
         self.readiness.validate().map_err(ConfigError::Invalid)?;
+        self.names.validate().map_err(ConfigError::Invalid)?;
         self.metrics.validate().map_err(ConfigError::Invalid)?;
         if self.idempotency_retention_s < 24 * 3600 {
             return bad(format!(

@@ -32,6 +32,8 @@ pub struct EnvRow {
     pub status_reason: Option<String>,
     pub container_id: Option<String>,
     pub services: Vec<String>,
+    /// The services reachable by name (`<id>.<service>.<domain>` on the TLS port).
+    pub name_services: Vec<String>,
     /// GPUs held now (empty while stopped: a stop gives them back).
     pub gpus: Vec<i32>,
     /// GPUs the environment asked for; a start allocates this many again.
@@ -75,7 +77,7 @@ impl std::fmt::Debug for EnvRow {
 }
 
 const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, services, \
-    gpus, gpu_count, gpu_model, memory_mb, cpus, pids, route_generation, username, password, jupyter_token, \
+    name_services, gpus, gpu_count, gpu_model, memory_mb, cpus, pids, route_generation, username, password, jupyter_token, \
     ssh_public_keys, op_instance, idle_stop_after_s, running_since, created_at, updated_at, deleted_at";
 
 /// What a create inserts.
@@ -85,6 +87,7 @@ pub struct NewEnv<'a> {
     pub name: &'a str,
     pub image: &'a str,
     pub services: &'a [String],
+    pub name_services: &'a [String],
     pub username: &'a str,
     pub password: &'a str,
     pub jupyter_token: &'a str,
@@ -107,8 +110,8 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     sqlx::query(
         "INSERT INTO environments (id, owner_id, name, image, status, services, username, \
              password, jupyter_token, ssh_public_keys, op_instance, gpu_count, memory_mb, cpus, pids, \
-             idle_stop_after_s, gpu_model) \
-         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             idle_stop_after_s, gpu_model, name_services) \
+         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     )
     .bind(e.id)
     .bind(e.owner_id)
@@ -126,6 +129,7 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     .bind(i32::try_from(e.pids).unwrap_or(i32::MAX))
     .bind(i64::try_from(e.idle_stop_after_s).unwrap_or(i64::MAX))
     .bind(e.gpu_model)
+    .bind(e.name_services)
     .execute(&mut **tx)
     .await
     .map(|_| ())

@@ -273,3 +273,25 @@ pub async fn env_ports<'e, E: PgExecutor<'e>>(exec: E, env_id: &str) -> DbResult
         .filter_map(|(p, s)| Some((u16::try_from(p).ok()?, s.parse().ok()?)))
         .collect())
 }
+
+/// Every service of an environment with its pool port, port 0 for a service reached by name
+/// only (`services`: the environment's services, in its order).
+pub async fn env_endpoints<'e, E: PgExecutor<'e>>(
+    exec: E,
+    env_id: &str,
+    services: &[String],
+) -> DbResult<Vec<(u16, Service)>> {
+    let held = env_ports(exec, env_id).await?;
+    Ok(endpoints(services, &held))
+}
+
+/// [`env_endpoints`] over ports already read.
+pub fn endpoints(services: &[String], held: &[(u16, Service)]) -> Vec<(u16, Service)> {
+    let mut out: Vec<(u16, Service)> = held.to_vec();
+    for svc in services.iter().filter_map(|s| s.parse::<Service>().ok()) {
+        if !out.iter().any(|(_, s)| *s == svc) {
+            out.push((0, svc));
+        }
+    }
+    out
+}

@@ -121,7 +121,9 @@ impl Plan {
             format!("GPUGATE_GPUS={gpu_list}"),
             format!("GPUGATE_SSH_PUBLIC_KEYS={}", spec.ssh_public_keys.join("\n")),
         ];
-        for (port, service) in spec.services {
+        // The public pool port of each service that has one (a service reached by name only
+        // has none).
+        for (port, service) in spec.services.iter().filter(|(p, _)| *p != 0) {
             env.push(format!("GPUGATE_{}_PORT={port}", service.as_str().to_ascii_uppercase()));
         }
         let mut exposed = HashMap::new();

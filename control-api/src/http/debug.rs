@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
-use gpugate_routes::{Counters, HeaderInfo};
+use gpugate_routes::{Counters, HeaderInfo, HostKey, Route};
 use serde::Serialize;
 
 use super::Admin;
 use crate::config::Config;
 use crate::db::ports::{self, PoolSyncError, PoolSyncReport};
-use crate::db::routes::{self, RouteRow};
+use crate::db::routes::{self, NameRouteRow, RouteRow};
 use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope};
 use crate::reconcile::{self, Repairs};
 use crate::state::AppState;
@@ -61,6 +61,38 @@ pub struct DebugRoutes {
     pub table: Vec<Slot>,
     pub database: Vec<RouteRow>,
     pub mismatches: Vec<Mismatch>,
+    /// Routes by name: the table's hostname slots, the database's `name_routes`, and where
+    /// they differ (`<env-id>.<service>`).
+    pub name_routes: NameRoutes,
+}
+
+/// The name-route half of the debug view.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NameRoutes {
+    /// Hostname slots of the table (0: no hostname region) and the probe bound readers use.
+    pub slots: u32,
+    pub probe_max: u32,
+    pub table: Vec<NameSlot>,
+    pub database: Vec<NameRouteRow>,
+    /// `missing_in_table`, `differs` or `not_in_database`, by `<env-id>.<service>`.
+    pub mismatches: Vec<NameMismatch>,
+}
+
+/// One name route in the table.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NameSlot {
+    pub env_id: String,
+    pub service: String,
+    pub upstream: String,
+    pub generation: u64,
+    pub counters: Counters,
+}
+
+/// A name route where the table and the database disagree.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NameMismatch {
+    pub name: String,
+    pub kind: &'static str,
 }
 
 #[utoipa::path(
@@ -101,6 +133,8 @@ async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResul
         .into_iter()
         .map(|(port, kind)| Mismatch { port, kind })
         .collect();
+    let name_rows = routes::all_names(&st.db).await?;
+    let name_routes = name_view(&st, name_rows);
     Ok(ok(DebugRoutes {
         table_path: st.table.path().display().to_string(),
         header,
@@ -109,7 +143,41 @@ async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResul
         table: slots,
         database: rows,
         mismatches,
+        name_routes,
     }))
+}
+
+fn name_view(st: &AppState, rows: Vec<NameRouteRow>) -> NameRoutes {
+    let wanted: BTreeMap<HostKey, Route> = rows.iter().filter(|r| r.active).filter_map(NameRouteRow::to_route).collect();
+    let mut have = BTreeMap::new();
+    let (mut slots, mut probe_max, mut table) = (0, 0, vec![]);
+    if let Ok(t) = st.table.get() {
+        slots = t.host_slots();
+        probe_max = t.host_probe_max();
+        for (slot, r) in t.host_routes() {
+            have.insert(HostKey::of(&r), r);
+            table.push(NameSlot {
+                env_id: r.env_id.to_string(),
+                service: r.service.to_string(),
+                upstream: r.upstream.to_string(),
+                generation: r.generation,
+                counters: t.counters(slot),
+            });
+        }
+    }
+    let name = |k: &HostKey| format!("{}.{}", k.env_id, k.service);
+    let mut mismatches = vec![];
+    for (k, want) in &wanted {
+        match have.get(k) {
+            None => mismatches.push(NameMismatch { name: name(k), kind: "missing_in_table" }),
+            Some(r) if r != want => mismatches.push(NameMismatch { name: name(k), kind: "differs" }),
+            Some(_) => {}
+        }
+    }
+    for k in have.keys().filter(|k| !wanted.contains_key(k)) {
+        mismatches.push(NameMismatch { name: name(k), kind: "not_in_database" });
+    }
+    NameRoutes { slots, probe_max, table, database: rows, mismatches }
 }
 
 /// Re-reads the configuration file (and environment) and re-syncs the pools. Pools may only

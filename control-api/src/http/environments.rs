@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Body, Caller, IdPath, OptionalBody, QueryOf};
 use crate::activity::{Activity, ServiceActivity};
+use crate::config::AccessMode;
 use crate::db::envs::{self, EnvRow};
 use crate::db::{gpus, ports, readiness};
 use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope, Success};
@@ -81,6 +82,13 @@ pub struct CreateEnvironment {
     #[serde(default)]
     #[schema(maximum = 2592000)]
     pub idle_stop_after_s: Option<u64>,
+    /// How each service is reached: `ports` (a pool port), `hostname` (its name on the
+    /// gateway's TLS port, no pool port) or `both`; services left out take the deployment's
+    /// default (`[names]`). Names need the gateway's TLS port configured; RDP is by port only.
+    /// Absent from the idempotency digest when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<BTreeMap<String, AccessMode>>)]
+    pub access: Option<BTreeMap<String, AccessMode>>,
     /// When to answer: `routes` (default) or `ready` (also `?wait=`). Not part of what the
     /// request asks for, so not of its idempotency digest: a retry may wait differently.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,27 +194,52 @@ pub enum EnvironmentStatus {
     Deleted,
 }
 
-/// SSH access.
+/// SSH access: by pool port (`port`, `command`) and/or by name through TLS (`tls`).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SshAccess {
     pub host: String,
-    pub port: u16,
+    /// The pool port (absent when SSH is reached by name only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     pub username: String,
     pub password: String,
-    pub command: String,
+    /// `ssh -p <port> user@host` (with a pool port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// SSH by name, inside TLS to the gateway's TLS port (when reached by name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<SshOverTls>,
 }
 
-/// Jupyter access.
+/// SSH inside TLS: the gateway routes by the TLS server name, OpenSSL's `s_client` (stock on
+/// Debian and macOS) carries the SSH connection.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SshOverTls {
+    /// The gateway's TLS port.
+    pub port: u16,
+    /// One line to log in.
+    pub command: String,
+    /// A `~/.ssh/config` block for every workspace of this deployment (then `ssh <host>`).
+    pub ssh_config: String,
+}
+
+/// Jupyter access. `url` is the name URL (`https://<id>.jupyter.<domain>/`) when Jupyter is
+/// reached by name, else the pool port's (plain HTTP: the gateway does not terminate TLS on
+/// pool ports); `port_url` is the latter when both exist.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JupyterAccess {
     pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_url: Option<String>,
     pub token: String,
 }
 
-/// code-server access.
+/// code-server access (`url` and `port_url` as for Jupyter).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CodeAccess {
     pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_url: Option<String>,
     pub password: String,
 }
 
@@ -314,8 +347,11 @@ pub struct EnvironmentView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<String>,
     pub services: Vec<String>,
-    /// Public port per service.
+    /// Public pool port per service (services reached by name only have none).
     pub ports: BTreeMap<String, u16>,
+    /// How each service is reached: `ports`, `hostname` or `both`.
+    #[schema(value_type = BTreeMap<String, AccessMode>)]
+    pub access: BTreeMap<String, AccessMode>,
     /// GPUs held now (none while stopped).
     pub gpus: Vec<i32>,
     /// GPUs the environment asked for; each start allocates this many.
@@ -352,37 +388,66 @@ fn host(st: &AppInner, id: &str, service: Service) -> String {
     format!("{id}.{}.{}", service.as_str(), st.cfg.domain)
 }
 
+/// The URLs of a web service: (preferred, the port URL when there is also a name URL).
+fn web_urls(st: &AppInner, h: &str, port: u16, by_name: bool) -> (String, Option<String>) {
+    let port_url = (port != 0).then(|| format!("http://{h}:{port}/"));
+    match (by_name, st.cfg.names.tls_port) {
+        (true, Some(tls)) => {
+            let name_url = if tls == 443 { format!("https://{h}/") } else { format!("https://{h}:{tls}/") };
+            (name_url, port_url)
+        }
+        _ => (port_url.unwrap_or_default(), None),
+    }
+}
+
 fn access_info(st: &AppInner, env: &EnvRow, held: &[(u16, Service)]) -> AccessInfo {
     let mut info = AccessInfo { ssh: None, jupyter: None, code_server: None, rdp: None };
-    for (port, service) in held {
-        let h = host(st, &env.id, *service);
+    let names = lifecycle::name_services(env);
+    for &(port, service) in held {
+        let h = host(st, &env.id, service);
+        let by_name = names.contains(&service);
         match service {
             Service::Ssh => {
+                let tls = st.cfg.names.tls_port.filter(|_| by_name).map(|tls| {
+                    let proxy = format!("openssl s_client -quiet -verify_return_error -servername %h -connect %h:{tls}");
+                    SshOverTls {
+                        port: tls,
+                        command: format!("ssh -o ProxyCommand='{proxy}' {}@{h}", env.username),
+                        ssh_config: format!(
+                            "Host *.ssh.{domain}\n    User {user}\n    ProxyCommand {proxy}\n",
+                            domain = st.cfg.domain,
+                            user = env.username
+                        ),
+                    }
+                });
                 info.ssh = Some(SshAccess {
-                    command: format!("ssh -p {port} {}@{h}", env.username),
+                    command: (port != 0).then(|| format!("ssh -p {port} {}@{h}", env.username)),
+                    port: (port != 0).then_some(port),
                     host: h,
-                    port: *port,
                     username: env.username.clone(),
                     password: env.password.clone(),
+                    tls,
                 })
             }
             Service::Jupyter => {
-                info.jupyter = Some(JupyterAccess { url: format!("https://{h}:{port}"), token: env.jupyter_token.clone() })
+                let (url, port_url) = web_urls(st, &h, port, by_name);
+                info.jupyter = Some(JupyterAccess { url, port_url, token: env.jupyter_token.clone() })
             }
             Service::Code => {
-                info.code_server = Some(CodeAccess { url: format!("https://{h}:{port}"), password: env.password.clone() })
+                let (url, port_url) = web_urls(st, &h, port, by_name);
+                info.code_server = Some(CodeAccess { url, port_url, password: env.password.clone() })
             }
-            Service::Rdp => {
-                info.rdp = Some(RdpAccess { host: h, port: *port, username: env.username.clone(), password: env.password.clone() })
+            Service::Rdp if port != 0 => {
+                info.rdp = Some(RdpAccess { host: h, port, username: env.username.clone(), password: env.password.clone() })
             }
-            Service::Other => {}
+            Service::Rdp | Service::Other => {}
         }
     }
     info
 }
 
 async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<EnvironmentView, ApiError> {
-    let held = ports::env_ports(st.db.pool(), &env.id).await?;
+    let held = ports::env_endpoints(st.db.pool(), &env.id, &env.services).await?;
     let access_info = access_info(st, &env, &held);
     let rows = if env.status == envs::status::RUNNING { readiness::of_env(st.db.pool(), &env.id).await? } else { vec![] };
     let (ready, readiness) = crate::readiness::view(&env.status, &env.services, &rows);
@@ -400,7 +465,19 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         activity: activity.map(|a| a.services),
         idle_seconds,
         idle_stop_after_s: env.idle_stop_after_s,
-        ports: held.iter().map(|(p, s)| (s.as_str().to_string(), *p)).collect(),
+        ports: held.iter().filter(|(p, _)| *p != 0).map(|(p, s)| (s.as_str().to_string(), *p)).collect(),
+        access: held
+            .iter()
+            .map(|(p, s)| {
+                let by_name = env.name_services.iter().any(|n| n == s.as_str());
+                let a = match (*p != 0, by_name) {
+                    (true, true) => AccessMode::Both,
+                    (false, true) => AccessMode::Hostname,
+                    _ => AccessMode::Ports,
+                };
+                (s.as_str().to_string(), a)
+            })
+            .collect(),
         access_info,
         id: env.id,
         name: env.name,
@@ -487,6 +564,7 @@ async fn create_environment(
         cpus: req.cpus,
         pids: req.pids,
         idle_stop_after_s: req.idle_stop_after_s,
+        access: req.access,
     };
     let (st2, user, id) = (st.clone(), caller.0.clone(), spec.id.clone());
     let out = st.ops.run(&st, &id, async move { lifecycle::create(&st2, &user, spec).await }).await?;

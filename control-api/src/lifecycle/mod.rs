@@ -43,6 +43,8 @@ pub struct CreateSpec {
     pub pids: Option<u32>,
     /// Seconds of inactivity after which the workspace stops (default from configuration).
     pub idle_stop_after_s: Option<u64>,
+    /// How each service is reached (`ports`, `hostname`, `both`); default from `[names]`.
+    pub access: Option<std::collections::BTreeMap<String, crate::config::AccessMode>>,
 }
 
 /// An `Idempotency-Key` header value and the digest of its request.
@@ -122,7 +124,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             return replay(st, user, k, used).await;
         }
     }
-    let validate::Valid { image, services, limits, idle_stop_after_s } = validate::validate(st, &spec)?;
+    let validate::Valid { image, services, access, limits, idle_stop_after_s } = validate::validate(st, &spec)?;
     let gpu_model = spec.gpu_model.as_deref().map(str::trim);
     if spec.gpus > 0 {
         let total = gpus::inventory_size(&st.db).await?;
@@ -137,6 +139,9 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     let password = crate::ids::secret();
     let token = crate::ids::secret();
     let service_names: Vec<String> = services.iter().map(|s| s.as_str().to_string()).collect();
+    let name_services: Vec<Service> =
+        services.iter().zip(&access).filter(|(_, a)| a.by_name()).map(|(s, _)| *s).collect();
+    let name_service_names: Vec<String> = name_services.iter().map(|s| s.as_str().to_string()).collect();
 
     // Step 1: one transaction allocates everything, or nothing.
     let t = Instant::now();
@@ -157,6 +162,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             name: spec.name.trim(),
             image: &image,
             services: &service_names,
+            name_services: &name_service_names,
             username: &st.cfg.docker.username,
             password: &password,
             jupyter_token: &token,
@@ -182,8 +188,13 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             return replay(st, user, k, used).await;
         }
     }
+    // A service reached by name only holds no pool port (port 0 below).
     let mut allocated: Vec<(u16, Service)> = vec![];
-    for svc in &services {
+    for (svc, how) in services.iter().zip(&access) {
+        if !how.by_port() {
+            allocated.push((0, *svc));
+            continue;
+        }
         match ports::allocate(&mut tx, *svc, &id).await? {
             Some(port) => allocated.push((port, *svc)),
             None => {
@@ -204,7 +215,8 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     }
     envs::set_gpus(&mut tx, &id, &gpu_list).await?;
     let detail = serde_json::json!({
-        "ports": allocated.iter().map(|(p, s)| serde_json::json!({"port": p, "service": s.as_str()})).collect::<Vec<_>>(),
+        "ports": allocated.iter().filter(|(p, _)| *p != 0).map(|(p, s)| serde_json::json!({"port": p, "service": s.as_str()})).collect::<Vec<_>>(),
+        "names": name_service_names,
         "gpus": gpu_list.iter().map(|g| g.request_id()).collect::<Vec<_>>(),
         "image": image,
         "owner": user.name,
@@ -218,7 +230,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     // From here on every failure, including an early `?`, undoes the steps before it.
     let mut container: Option<String> = None;
     let mut routed = false;
-    let rest: Result<Vec<(u16, Route)>, ApiError> = async {
+    let rest: Result<Wanted, ApiError> = async {
         // Step 2: the home volume, then Docker create.
         let t = Instant::now();
         st.docker.ensure_volume(&id).await.map_err(docker_error)?;
@@ -252,7 +264,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
 
         // Step 4: commit the routes and the running state; the publisher writes the slots.
         routed = true;
-        commit_routes(st, &id, &c, &upstreams).await
+        commit_routes(st, &id, &c, &upstreams, &name_services).await
     }
     .await;
     let wanted = match rest {
@@ -262,7 +274,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     let container = container.unwrap_or_default();
     let t = Instant::now();
     st.crash_point("after_routes_commit");
-    let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
+    let live = st.table.wait_live(&wanted.ports, &wanted.names, Duration::from_millis(st.cfg.route_wait_ms)).await;
     step("route_write", t);
     if !live {
         tracing::warn!(env_id = %id, "routes not live in the table within {} ms", st.cfg.route_wait_ms);
@@ -310,21 +322,34 @@ async fn start_and_read(
     st.docker.upstreams(container, allocated).await.map_err(docker_error)
 }
 
-/// Commits routes with a new generation and marks the environment running, starts the
-/// readiness probes of its services; returns the routes the table must then hold.
+/// The routes the table must hold after a commit: by port, and by name.
+pub(crate) struct Wanted {
+    pub ports: Vec<(u16, Route)>,
+    pub names: Vec<Route>,
+}
+
+/// The services of an environment row reachable by name.
+pub(crate) fn name_services(env: &crate::db::envs::EnvRow) -> Vec<Service> {
+    env.name_services.iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+/// Commits routes with a new generation (a port route for each service with a pool port, a
+/// name route for each of `names`) and marks the environment running, starts the readiness
+/// probes of its services; returns the routes the table must then hold.
 async fn commit_routes(
     st: &State,
     id: &str,
     container: &str,
     upstreams: &[(u16, Service, SocketAddr)],
-) -> Result<Vec<(u16, Route)>, ApiError> {
+    names: &[Service],
+) -> Result<Wanted, ApiError> {
     if st.fail_point("route_write") {
         return Err(ApiError::internal("route write", "fault injection: route_write"));
     }
     let env_id: EnvId = id.parse().map_err(|e| ApiError::internal("environment id", e))?;
     let mut tx = st.db.begin().await?;
     let generation = envs::next_generation(&mut tx, id).await?;
-    routes::put(&mut tx, id, generation, upstreams).await?;
+    routes::put(&mut tx, id, generation, upstreams, names).await?;
     let deadlines: Vec<(&str, u64)> =
         upstreams.iter().map(|(_, s, _)| (s.as_str(), st.cfg.readiness.deadline_s(*s))).collect();
     readiness::reset(&mut tx, id, generation, &deadlines, st.instance).await?;
@@ -333,6 +358,7 @@ async fn commit_routes(
         "container": container,
         "generation": generation,
         "routes": upstreams.iter().map(|(p, s, u)| serde_json::json!({"port": p, "service": s.as_str(), "upstream": u.to_string()})).collect::<Vec<_>>(),
+        "names": names.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
     });
     db::event(&mut *tx, Some(id), "container_started", detail).await?;
     tx.commit().await?;
@@ -340,12 +366,11 @@ async fn commit_routes(
     let targets: Vec<(Service, SocketAddr)> = upstreams.iter().map(|(_, s, u)| (*s, *u)).collect();
     st.readiness.spawn(id, generation, &targets);
     let generation = u64::try_from(generation).unwrap_or(0);
-    Ok(upstreams
-        .iter()
-        .map(|(port, service, upstream)| {
-            (*port, Route { upstream: *upstream, env_id, service: *service, generation, expires_ms: None })
-        })
-        .collect())
+    let route = |service: Service, upstream: SocketAddr| Route { upstream, env_id, service, generation, expires_ms: None };
+    Ok(Wanted {
+        ports: upstreams.iter().filter(|(p, _, _)| *p != 0).map(|(p, s, u)| (*p, route(*s, *u))).collect(),
+        names: upstreams.iter().filter(|(_, s, _)| names.contains(s)).map(|(_, s, u)| route(*s, *u)).collect(),
+    })
 }
 
 /// Undoes a failed create in reverse and returns the error to report. If the undo itself
@@ -453,10 +478,12 @@ pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiErro
 /// until the table no longer routes its ports to it, then until the sessions the publisher
 /// revoked with the removal are closed — a close from the gateway for the client, before the
 /// container is stopped or removed (`doing`, for the log). Goes on anyway after a time-out.
-async fn wait_cut_off(st: &State, env_id: &str, held: &[u16], doing: &str) {
+async fn wait_cut_off(st: &State, env_id: &str, held: &[u16], names: &[Service], doing: &str) {
     let wait = Duration::from_millis(st.cfg.route_wait_ms);
     let late = if !st.table.wait_gone(held, env_id, wait).await {
         "routes still in the table"
+    } else if !st.table.wait_names_gone(env_id, names, wait).await {
+        "name routes still in the table"
     } else if !st.table.wait_sessions_closed(held, wait).await {
         "sessions still open after the revoke"
     } else {
@@ -469,7 +496,7 @@ async fn wait_cut_off(st: &State, env_id: &str, held: &[u16], doing: &str) {
 pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
     let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
     routes::delete_env(st.db.pool(), &env.id).await?;
-    wait_cut_off(st, &env.id, &held, "removing").await;
+    wait_cut_off(st, &env.id, &held, &name_services(env), "removing").await;
     remove_containers(st, &env.id, env.container_id.as_deref()).await?;
     st.crash_point("after_container_removed");
     st.docker.remove_volume(&env.id).await?;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gpugate_routes::EnvId;
+use gpugate_routes::{EnvId, HostKey, Service};
 use serde::Serialize;
 
 use crate::db::envs::{self, status, EnvRow};
@@ -17,6 +17,8 @@ pub struct SessionsClosed {
     pub environment_id: String,
     /// The ports whose open sessions are being closed.
     pub ports: Vec<u16>,
+    /// The services whose sessions by name are being closed.
+    pub names: Vec<String>,
     /// The gateway's table has the revoke: nginx closes every session that was open at the
     /// request within its flush interval (`gpugate_flush_interval`, 1 s by default). False
     /// if the publisher did not apply it within the route wait; it still will when it runs.
@@ -56,14 +58,33 @@ pub async fn close(st: &State, user: &User, id: &str) -> Result<SessionsClosed, 
     let targets: Vec<(u16, u64)> = ports.iter().map(|&p| (p, table.revoke_epoch(p).saturating_add(1))).collect();
     let asked = routes::request_revoke(&st.db, &env.id, &targets).await?;
     let targets: Vec<(u16, u64)> = targets.into_iter().filter(|(p, _)| asked.contains(p)).collect();
-    let applied = st.table.wait_revoked(&targets, Duration::from_millis(st.cfg.route_wait_ms)).await;
+    // Sessions that came in by name: the same request on each name route's slot.
+    let env_key: EnvId = env.id.parse().map_err(|e| ApiError::internal("environment id", e))?;
+    let name_targets: Vec<(Service, u64)> = super::name_services(&env)
+        .into_iter()
+        .filter_map(|svc| {
+            let slot = table.host_slot(HostKey::new(env_key, svc))?;
+            Some((svc, table.revoke_epoch(slot).saturating_add(1)))
+        })
+        .collect();
+    let asked_names = routes::request_name_revoke(&st.db, &env.id, &name_targets).await?;
+    let name_targets: Vec<(Service, u64)> =
+        name_targets.into_iter().filter(|(s, _)| asked_names.iter().any(|a| a == s.as_str())).collect();
+    let wait = Duration::from_millis(st.cfg.route_wait_ms);
+    let applied = st.table.wait_revoked(&targets, wait).await
+        && st.table.wait_names_revoked(env_key, &name_targets, wait).await;
     let ports: Vec<u16> = targets.iter().map(|(p, _)| *p).collect();
+    let names: Vec<String> = name_targets.iter().map(|(s, _)| s.as_str().to_string()).collect();
     st.metrics.sessions_closed.with_label_values(&[if applied { "applied" } else { "pending" }]).inc();
     st.db
-        .event(Some(&env.id), "sessions_closed", serde_json::json!({ "ports": ports, "applied": applied, "by": user.name }))
+        .event(
+            Some(&env.id),
+            "sessions_closed",
+            serde_json::json!({ "ports": ports, "names": names, "applied": applied, "by": user.name }),
+        )
         .await?;
-    tracing::info!(env_id = %env.id, ?ports, applied, "sessions closed on request");
-    Ok(SessionsClosed { environment_id: env.id, ports, applied })
+    tracing::info!(env_id = %env.id, ?ports, ?names, applied, "sessions closed on request");
+    Ok(SessionsClosed { environment_id: env.id, ports, names, applied })
 }
 
 /// Sets an environment's idle limit (validated against the deployment's maximum).

@@ -6,9 +6,11 @@
 
 use std::time::Duration;
 
-use gpugate_routes::Route;
 
-use super::{claim, commit_routes, wait_cut_off, docker_error, gpus_unavailable, quota, remove_containers, start_and_read, Outcome};
+use super::{
+    claim, commit_routes, docker_error, gpus_unavailable, name_services, quota, remove_containers, start_and_read,
+    wait_cut_off, Outcome, Wanted,
+};
 use crate::db::envs::{self, status, EnvRow};
 use crate::db::{self, gpus, ports, quotas, readiness, routes, users::User};
 use crate::docker::{Limits, WorkspaceSpec};
@@ -41,7 +43,7 @@ pub async fn stop_env(st: &State, env: &EnvRow, reason: &str, status_reason: Opt
     let result: anyhow::Result<()> = async {
         routes::deactivate(st.db.pool(), &env.id).await?;
         let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
-        wait_cut_off(st, &env.id, &held, "stopping").await;
+        wait_cut_off(st, &env.id, &held, &name_services(env), "stopping").await;
         if let Some(c) = &env.container_id {
             st.docker.stop(c).await?;
         }
@@ -75,8 +77,9 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
     let gpu_list = take_gpus(st, user, &env).await?;
 
     // From here on a failure gives the GPUs back and removes what was made.
-    let rest: Result<Vec<(u16, Route)>, ApiError> = async {
-        let held = ports::env_ports(st.db.pool(), &env.id).await?;
+    let rest: Result<Wanted, ApiError> = async {
+        // Ports held, and port 0 for a service reached by name only.
+        let held = ports::env_endpoints(st.db.pool(), &env.id, &env.services).await?;
         let limits = limits_of(st, &env).await;
         // The old container goes (its device nodes are the old GPUs'); the files of the home
         // stay in the volume.
@@ -96,7 +99,7 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
         let c = st.docker.create(&ws).await.map_err(docker_error)?;
         envs::set_container(st.db.pool(), &env.id, &c).await?;
         let upstreams = start_and_read(st, &c, &held).await?;
-        commit_routes(st, &env.id, &c, &upstreams).await
+        commit_routes(st, &env.id, &c, &upstreams, &name_services(&env)).await
     }
     .await;
     let wanted = match rest {
@@ -109,7 +112,7 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
             return Err(e);
         }
     };
-    let live = st.table.wait_live(&wanted, Duration::from_millis(st.cfg.route_wait_ms)).await;
+    let live = st.table.wait_live(&wanted.ports, &wanted.names, Duration::from_millis(st.cfg.route_wait_ms)).await;
     let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
     tracing::info!(env_id = %env.id, gpus = ?gpu_list, "environment started");
     Ok(Outcome { env, routes_live: live, timings: vec![], replayed: false })

@@ -2,7 +2,7 @@
 
 use gpugate_routes::Service;
 
-use crate::config::{image_allowed, pool_service, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
+use crate::config::{image_allowed, pool_service, AccessMode, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
 use crate::docker::Limits;
 use crate::error::ApiError;
 use crate::state::State;
@@ -16,6 +16,8 @@ pub struct Valid {
     pub image: String,
     /// The services, in request order.
     pub services: Vec<Service>,
+    /// How each service (same order) is reached.
+    pub access: Vec<AccessMode>,
     /// The workspace's resource limits.
     pub limits: Limits,
     /// Seconds of inactivity after which it is stopped (0: never).
@@ -97,6 +99,34 @@ pub fn validate(st: &State, spec: &CreateSpec) -> Result<Valid, ApiError> {
         }
         services.push(svc);
     }
+    let mut access = vec![];
+    for svc in &services {
+        let a = match spec.access.as_ref().and_then(|m| m.get(svc.as_str())) {
+            Some(a) => *a,
+            None => st.cfg.names.default_access(*svc),
+        };
+        if a.by_name() && *svc == Service::Rdp {
+            return Err(ApiError::Validation(format!(
+                "access.rdp \"{}\": RDP cannot be routed by name (its connection starts in clear \
+                 text, before any TLS server name); use \"ports\"",
+                a.as_str()
+            )));
+        }
+        if a.by_name() && st.cfg.names.tls_port.is_none() {
+            return Err(ApiError::Validation(format!(
+                "access.{svc} \"{}\": this gateway serves no names (names.tls_port is not set); use \"ports\"",
+                a.as_str()
+            )));
+        }
+        access.push(a);
+    }
+    if let Some(m) = &spec.access {
+        if let Some(extra) = m.keys().find(|k| !services.iter().any(|s| s.as_str() == k.as_str())) {
+            return Err(ApiError::Validation(format!(
+                "access names \"{extra}\", which is not one of this request's services"
+            )));
+        }
+    }
     // How many GPUs the host has is checked against the inventory in the create.
     if let Some(model) = &spec.gpu_model {
         let m = model.trim();
@@ -123,6 +153,6 @@ pub fn validate(st: &State, spec: &CreateSpec) -> Result<Valid, ApiError> {
     }
     let idle_stop_after_s = spec.idle_stop_after_s.unwrap_or(st.cfg.idle.default_stop_after_s);
     st.cfg.idle.check(idle_stop_after_s).map_err(|e| ApiError::Validation(format!("idle_stop_after_s: {e}")))?;
-    Ok(Valid { image, services, limits, idle_stop_after_s })
+    Ok(Valid { image, services, access, limits, idle_stop_after_s })
 }
 
