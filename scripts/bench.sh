@@ -3,8 +3,9 @@
 # and reported as ratios (no pass/fail on absolute times). Prints the report and keeps a copy in
 # .bench/report.txt (plus a time-stamped one).
 #
-#   1. lookup cost (criterion, shared/benches/lookup.rs)
-#   2. data path, route activation and footprint (tests/src/bin/gpugate-bench/)
+#   1. lookup cost, by port and by server name (criterion, shared/benches/lookup.rs)
+#   2. data path, route activation and footprint, and routing by TLS server name: TLS
+#      connection rate and name-route activation (tests/src/bin/gpugate-bench/)
 #   3. the route-table CLI: single commands vs apply (scripts/bench-cli.sh, which runs alone too)
 #
 # Sizes: GPUGATE_BENCH_* variables (see gpugate-bench's Config). Needs an open-files limit above
@@ -75,11 +76,14 @@ estimate() {
 }
 live=$(estimate live)
 miss=$(estimate miss)
+host_live=$(estimate host_live)
+host_miss=$(estimate host_miss)
 
-echo "bench: data path, activation and footprint (gpugate-bench)" >&2
+echo "bench: data path, activation, footprint and TLS names (gpugate-bench)" >&2
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 TMPDIR="$work" "$target_dir/release/gpugate-bench" \
-  --lookup-live-ns "$live" --lookup-miss-ns "$miss" --out ".bench/report-$stamp.txt" &
+  --lookup-live-ns "$live" --lookup-miss-ns "$miss" \
+  --lookup-host-live-ns "$host_live" --lookup-host-miss-ns "$host_miss" --out ".bench/report-$stamp.txt" &
 bench_pid=$!
 wait "$bench_pid"
 bench_pid=""

@@ -7,6 +7,8 @@
 //!    + `nginx -t` + `nginx -s reload` with the same number of existing ports.
 //! 3. Footprint: nginx processes and memory before/after many route changes against many
 //!    reloads, with long-lived connections open.
+//! 4. Routing by TLS server name: TLS connection rate against a static `ssl` server, and
+//!    name-route activation with many name routes in the table ([`tls`]).
 //!
 //! Sizes come from `GPUGATE_BENCH_*` environment variables (see [`Config`]); the lookup cost
 //! (criterion) is measured by scripts/bench.sh and passed in to be printed with the rest.
@@ -17,6 +19,7 @@ mod procs;
 mod reload;
 mod report;
 mod timers;
+mod tls;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -62,6 +65,14 @@ struct Config {
     idle_sessions: usize,
     /// GPUGATE_BENCH_IDLE_SECS: how long their CPU is measured, per side.
     idle_secs: u64,
+    /// GPUGATE_BENCH_TLS_ROUNDS: rotated rounds of the TLS connection-rate runs (0: skip TLS).
+    tls_rounds: usize,
+    /// GPUGATE_BENCH_TLS_MS: length of one TLS connection-rate run.
+    tls_ms: u64,
+    /// GPUGATE_BENCH_NAMES: name routes in the table of the TLS runs.
+    names: usize,
+    /// GPUGATE_BENCH_NAME_ACTIVATIONS: name-route activations measured.
+    name_activations: usize,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -84,6 +95,10 @@ impl Config {
             conns: env_or("GPUGATE_BENCH_CONNS", 100),
             idle_sessions: env_or("GPUGATE_BENCH_IDLE_SESSIONS", 5000),
             idle_secs: env_or("GPUGATE_BENCH_IDLE_SECS", 60),
+            tls_rounds: env_or("GPUGATE_BENCH_TLS_ROUNDS", 7),
+            tls_ms: env_or("GPUGATE_BENCH_TLS_MS", 2000),
+            names: env_or("GPUGATE_BENCH_NAMES", 100_000),
+            name_activations: env_or("GPUGATE_BENCH_NAME_ACTIVATIONS", 200),
         }
     }
 }
@@ -100,27 +115,42 @@ pub(crate) fn progress(msg: &str) {
     eprintln!("[gpugate-bench] {msg}");
 }
 
-/// `--lookup-live-ns X --lookup-miss-ns Y --out PATH`, all optional.
-fn args() -> (Option<f64>, Option<f64>, Option<String>) {
-    let (mut live, mut miss, mut out) = (None, None, None);
+/// The command line: criterion's medians to print, where to write the report.
+#[derive(Default)]
+struct Args {
+    /// `--lookup-live-ns`, `--lookup-miss-ns`: `Table::lookup_owned`, route and miss.
+    lookup: (Option<f64>, Option<f64>),
+    /// `--lookup-host-live-ns`, `--lookup-host-miss-ns`: `Table::lookup_host`, the same.
+    lookup_host: (Option<f64>, Option<f64>),
+    /// `--out PATH`: a copy of the report.
+    out: Option<String>,
+}
+
+/// `--lookup-live-ns X --lookup-miss-ns Y --lookup-host-live-ns X --lookup-host-miss-ns Y
+/// --out PATH`, all optional.
+fn args() -> Args {
+    let mut args = Args::default();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let v = it.next();
+        let ns = || v.as_deref().and_then(|v| v.parse().ok());
         match a.as_str() {
-            "--lookup-live-ns" => live = v.and_then(|v| v.parse().ok()),
-            "--lookup-miss-ns" => miss = v.and_then(|v| v.parse().ok()),
-            "--out" => out = v,
+            "--lookup-live-ns" => args.lookup.0 = ns(),
+            "--lookup-miss-ns" => args.lookup.1 = ns(),
+            "--lookup-host-live-ns" => args.lookup_host.0 = ns(),
+            "--lookup-host-miss-ns" => args.lookup_host.1 = ns(),
+            "--out" => args.out = v,
             other => {
                 eprintln!("gpugate-bench: unknown argument {other:?}");
                 std::process::exit(2);
             }
         }
     }
-    (live, miss, out)
+    args
 }
 
 fn main() {
-    let (lookup_live, lookup_miss, out) = args();
+    let Args { lookup, lookup_host, out } = args();
     let cfg = Config::from_env();
     assert!(cfg.changes as u64 >= cfg.conns as u64, "one connection per changes/conns route changes");
 
@@ -133,12 +163,17 @@ fn main() {
     // Every port is on 127.0.0.1, below the ephemeral range, and free when handed out; each
     // phase stops its nginx before the next one takes ports.
     data_path(&cfg, &mut Ports::new(), echo, source, &mut report);
+    let names = (cfg.tls_rounds > 0).then(|| tls::measure(&cfg, echo));
     gateway_control(&cfg, &mut Ports::new(), echo, hold.addr, &mut report);
     reload_control(&cfg, &mut Ports::new(), echo, hold.addr, &mut report);
-    report.lookup_ns = (lookup_live, lookup_miss);
+    report.lookup_ns = lookup;
+    report.lookup_host_ns = lookup_host;
     let timers = (cfg.idle_sessions > 0).then(|| timers::measure(hold.addr, cfg.idle_sessions, cfg.idle_secs));
 
     let mut text = report.render(&cfg);
+    if let Some(n) = names {
+        n.render(&mut text);
+    }
     if let Some(t) = timers {
         t.render(&mut text);
     }
