@@ -55,8 +55,9 @@ async fn create_runs_the_workspace_and_delete_leaves_nothing() {
     assert_eq!(info["ssh"]["host"], host.as_str());
     assert_eq!(info["ssh"]["port"], ssh);
     assert_eq!(info["ssh"]["command"], format!("ssh -p {ssh} remotegpu@{host}").as_str());
-    assert_eq!(info["jupyter"]["url"], format!("https://{id}.jupyter.x-gpu.com:{jupyter}").as_str());
-    assert_eq!(info["code_server"]["url"], format!("https://{id}.code.x-gpu.com:{code}").as_str());
+    // Pool ports are plain TCP through the gateway: the URL says http, never https.
+    assert_eq!(info["jupyter"]["url"], format!("http://{id}.jupyter.x-gpu.com:{jupyter}/").as_str());
+    assert_eq!(info["code_server"]["url"], format!("http://{id}.code.x-gpu.com:{code}/").as_str());
     let password = info["ssh"]["password"].as_str().expect("password").to_string();
     let token = info["jupyter"]["token"].as_str().expect("token").to_string();
     assert!(password.len() >= 16 && token.len() >= 16);

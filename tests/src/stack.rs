@@ -76,7 +76,14 @@ impl Ports {
     pub fn db(&self) -> u16 {
         self.base + 81
     }
+    /// The gateway's TLS port (names).
+    pub fn tls(&self) -> u16 {
+        self.base + 82
+    }
 }
+
+/// The domain of the stack's names (the compose file's default).
+pub const DOMAIN: &str = "gpu.example.com";
 
 /// A running private stack.
 pub struct Stack {
@@ -116,6 +123,28 @@ pub fn nginx_conf_with_pools(conf: &str, pools: &[(u16, u16)]) -> String {
 }
 
 impl Stack {
+    /// The development CA the stack's gateway certificate is signed by.
+    pub fn ca(&self) -> PathBuf {
+        self.work.join("tls/ca.crt")
+    }
+
+    /// `curl`s `https://<id>.<service>.<domain>:<tls port><path>` through the gateway's TLS
+    /// port, trusting the stack's CA and resolving the name to 127.0.0.1 (as DNS would);
+    /// returns (HTTP status, body), status 0 when no answer came.
+    pub fn https(&self, id: &str, service: &str, path: &str) -> (u16, String) {
+        let host = format!("{id}.{service}.{DOMAIN}");
+        let tls = self.ports.tls();
+        let out = run(Command::new("curl")
+            .args(["-sS", "-m", "20", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
+            .arg(self.ca())
+            .arg("--resolve")
+            .arg(format!("{host}:{tls}:127.0.0.1"))
+            .arg(format!("https://{host}:{tls}{path}")));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
     /// Starts a stack named `<prefix>-<pid>` on the first block of 100 ports from `bases`
     /// whose ports are all free (several test runs may share a machine), after removing the
     /// stacks of earlier runs of `prefix` whose process is gone; waits until `/readyz` is ready.
@@ -141,7 +170,12 @@ impl Stack {
         let work = crate::temp_dir(name);
         let conf = std::fs::read_to_string(repo_root().join("nginx-conf/nginx.conf")).expect("read nginx.conf");
         let conf = nginx_conf_with_pools(&conf, &[ports.ssh(), ports.jupyter(), ports.code(), ports.rdp()]);
+        assert!(conf.contains("listen 8443 ssl;"), "nginx.conf has no TLS server on 8443");
+        let conf = conf.replace("listen 8443 ssl;", &format!("listen {} ssl;", ports.tls()));
         std::fs::write(work.join("nginx.conf"), conf).expect("write nginx.conf");
+        // The development TLS material `make up` makes, for the stack's TLS port.
+        let tls = work.join("tls");
+        run_ok(Command::new(repo_root().join("scripts/tls-dev.sh")).arg(&tls).arg(DOMAIN).arg("nogroup"));
         std::fs::write(
             work.join("override.yaml"),
             format!(
@@ -168,6 +202,9 @@ impl Stack {
             ("GPUGATE_POOL_JUPYTER", range(ports.jupyter())),
             ("GPUGATE_POOL_CODE", range(ports.code())),
             ("GPUGATE_POOL_RDP", range(ports.rdp())),
+            ("GPUGATE_TLS_PORT", ports.tls().to_string()),
+            ("GPUGATE_TLS_DIR", tls.display().to_string()),
+            ("GPUGATE_DOMAIN", DOMAIN.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

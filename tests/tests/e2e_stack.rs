@@ -1,7 +1,7 @@
 //! End-to-end tests of the Dockerized stack: the gateway image (our nginx with the module), the
 //! API image and the PostgreSQL image, started by the test as a private compose project, driven
 //! with real curl and OpenSSH through the gateway into real workspace containers. Pools take
-//! base..base+79, the API base+80, the database base+81, where base is the first free block of
+//! base..base+79, the API base+80, the database base+81, the TLS port (names) base+82, where base is the first free block of
 //! 100 ports in 26000-26999 (26000 unless another run holds it); each stack has its own name, so
 //! runs on one machine do not collide. One test, in phases that build on each other (a stack
 //! takes seconds to start); each phase prints its timing.
@@ -9,7 +9,8 @@
 use std::time::{Duration, Instant};
 
 use gpugate_tests::stack::{
-    docker, port_refuses, report, run, ssh_command, ssh_run, ssh_run_retry, Login, Session, Stack, Value, WebSocket,
+    docker, port_refuses, repo_root, report, run, ssh_command, ssh_run, ssh_run_retry, Login, Session, Stack, Value,
+    WebSocket, DOMAIN,
 };
 use serde_json::json;
 
@@ -147,7 +148,12 @@ fn stack_end_to_end() {
     // --- A workspace with every default service, reached with real clients through the gateway.
     let env = phase("create a workspace with wait: ready; the first ssh and JupyterLab requests work; scp", || {
         let t = Instant::now();
-        let env = stack.create(&json!({"name": "e2e-main", "gpus": 0, "ssh_public_keys": [pubkey.trim()], "wait": "ready"}));
+        // Every service by port and by name: the port phases below and the names phase use one
+        // workspace.
+        let access = json!({"ssh": "both", "jupyter": "both", "code": "both"});
+        let env = stack.create(
+            &json!({"name": "e2e-main", "gpus": 0, "ssh_public_keys": [pubkey.trim()], "wait": "ready", "access": access}),
+        );
         report(&format!("  create with wait: ready answered in {:.1} s", t.elapsed().as_secs_f64()));
         let id = text(&env, "/id");
         assert_eq!(env["ready"], true, "not ready after wait: ready: {}", env["readiness"]);
@@ -205,6 +211,56 @@ fn stack_end_to_end() {
         let cport = port(&env, "code");
         let (status, body) = curl_until(&format!("http://127.0.0.1:{cport}/health"), 200, Duration::ZERO);
         assert_eq!(status, 200, "code port {cport}: {body}");
+    });
+
+    phase("names on the TLS port: JupyterLab, a kernel over wss, the editor and OpenSSH by name", || {
+        let tls = stack.ports.tls();
+        let token = text(&env, "/access_info/jupyter/token");
+        assert_eq!(env["access_info"]["jupyter"]["url"], format!("https://{id}.jupyter.{DOMAIN}:{tls}/").as_str());
+        assert_eq!(
+            env["access_info"]["jupyter"]["port_url"],
+            format!("http://{id}.jupyter.{DOMAIN}:{}/", port(&env, "jupyter")).as_str(),
+            "a pool port is plain HTTP"
+        );
+        let (status, body) = stack.https(&id, "jupyter", &format!("/api/status?token={token}"));
+        assert_eq!(status, 200, "JupyterLab by name: {body}");
+        assert!(body.contains("started"), "JupyterLab status by name: {body}");
+        let (status, _) = stack.https(&id, "jupyter", "/api/status");
+        assert_eq!(status, 403, "JupyterLab by name without the token");
+        let (status, body) = stack.https(&id, "code", "/health");
+        assert_eq!(status, 200, "the editor by name: {body}");
+        // A kernel executes code over wss:// through the name.
+        let host = format!("{id}.jupyter.{DOMAIN}");
+        let out = run(std::process::Command::new("python3")
+            .arg(repo_root().join("tests/tools/jupyter_kernel.py"))
+            .args([host.as_str(), &tls.to_string(), token])
+            .arg(stack.ca())
+            .arg("print(6 * 7)"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "42",
+            "kernel over wss by name: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // OpenSSH by name inside TLS, with the printed ~/.ssh/config block (the test resolves
+        // the name to 127.0.0.1 and trusts the stack's development CA).
+        let block = text(&env, "/access_info/ssh/tls/ssh_config")
+            .replace("-connect %h:", "-connect 127.0.0.1:")
+            .replace("-verify_return_error", &format!("-verify_return_error -CAfile {}", stack.ca().display()));
+        assert!(block.contains(&format!("Host *.ssh.{DOMAIN}")) && block.contains("ProxyCommand openssl s_client"), "{block}");
+        let cfg = keys.join("ssh_config");
+        std::fs::write(&cfg, block).expect("write ssh config");
+        let out = run(ssh_command("ssh", &key_login).arg("-F").arg(&cfg).arg(format!("{id}.ssh.{DOMAIN}")).arg("hostname"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            id,
+            "ssh by name through TLS: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Names the gateway does not route are refused (no HTTP answer at all).
+        assert_eq!(stack.https("nobody0000000000", "jupyter", "/").0, 0, "an unknown id by name");
+        assert_eq!(stack.https(&id, "rdp", "/").0, 0, "a service without a name route");
+        assert!(activity(&stack, &id, "jupyter", "connections_total") >= 3, "sessions by name are counted");
     });
 
     phase("restart the gateway container; routes still work", || {
@@ -438,6 +494,25 @@ fn stack_end_to_end() {
         stack.delete(&nid);
     });
 
+    phase("deployment defaults with TLS: Jupyter and the editor by name only, no pool port", || {
+        let v = stack.create(&json!({"name": "e2e-names", "gpus": 0, "wait": "ready"}));
+        let nid = text(&v, "/id").to_string();
+        assert_eq!(v["access"], json!({"ssh": "both", "jupyter": "hostname", "code": "hostname"}), "{v}");
+        assert!(v["ports"].get("jupyter").is_none() && v["ports"].get("code").is_none(), "{v}");
+        let token = text(&v, "/access_info/jupyter/token");
+        let (status, body) = stack.https(&nid, "jupyter", &format!("/api/status?token={token}"));
+        assert_eq!(status, 200, "JupyterLab by name only: {body}");
+        // Stop: the name is refused; start: it answers again.
+        let (status, r) = stack.call("POST", &format!("/api/v1/environments/{nid}/stop"), Some("{}"));
+        assert_eq!(status, 200, "stop: {r}");
+        assert_eq!(stack.https(&nid, "jupyter", "/api/status").0, 0, "a stopped workspace's name answers");
+        let (status, r) = stack.call("POST", &format!("/api/v1/environments/{nid}/start?wait=ready"), Some("{}"));
+        assert_eq!(status, 200, "start: {r}");
+        let (status, body) = stack.https(&nid, "jupyter", &format!("/api/status?token={token}"));
+        assert_eq!(status, 200, "JupyterLab by name after a start: {body}");
+        stack.delete(&nid);
+    });
+
     phase("delete the workspace; its port refuses within a second, the container is gone", || {
         let mut open = Session::open(ssh_port, &key_login, Duration::from_secs(10)).expect("session before the delete");
         closed_by_the_gateway(&stack, &mut open, ssh_port, || stack.delete(&id));
@@ -446,6 +521,8 @@ fn stack_end_to_end() {
         assert!(refused, "port {ssh_port} still answers 1 s after the delete");
         report(&format!("  refused {} ms after the delete returned", t.elapsed().as_millis()));
         assert!(ssh_run(ssh_port, &key_login, "true").is_err(), "ssh still logs in after the delete");
+        let token = text(&env, "/access_info/jupyter/token");
+        assert_eq!(stack.https(&id, "jupyter", &format!("/api/status?token={token}")).0, 0, "the name still answers after the delete");
         let gone = gpugate_tests::wait_until(Duration::from_secs(10), || stack.containers(Some(&id)).is_empty());
         assert!(gone, "the container of {id} is still there");
         let (status, v) = stack.call("GET", &format!("/api/v1/environments/{id}"), None);

@@ -283,7 +283,12 @@ impl DockerClient {
             }
             found = self.networks_named(&name).await?;
         }
-        found.sort_by_key(|n| (n.created.clone(), n.id.clone()));
+        // The oldest is kept, by its parsed time: Docker prints a variable number of fractional
+        // digits, so the strings do not sort by time.
+        found.sort_by_key(|n| {
+            let at = n.created.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+            (at.map(|t| t.timestamp_nanos_opt().unwrap_or(i64::MAX)).unwrap_or(i64::MAX), n.id.clone())
+        });
         let Some(keep) = found.first().cloned() else {
             return Err(DockerError::Network(name, "missing right after it was created".into()));
         };
@@ -299,9 +304,9 @@ impl DockerClient {
                 format!("exists but is not a bridge with {icc}=false; remove it (docker network rm) or set docker.network to another name"),
             ));
         }
-        if let Some(id) = keep.id {
-            self.plan.network = id;
-        }
+        // Containers name the network, not the id this process saw: two processes starting
+        // together may each have created one, and the one that removes the younger may remove
+        // the one the other first saw; by name, both end up on the one that stays.
         Ok(())
     }
 

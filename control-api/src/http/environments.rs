@@ -277,8 +277,8 @@ pub struct AccessInfo {
             "password": "FnGdnrCFdr7H0qXEhSTeMQ2S",
             "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com"
         },
-        "jupyter": {"url": "https://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200", "token": "h1z5NDL0LT5NymVnSD1q05it"},
-        "code_server": {"url": "https://l05fh80rhpiwa1uf.code.x-gpu.com:24400", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
+        "jupyter": {"url": "http://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200/", "token": "h1z5NDL0LT5NymVnSD1q05it"},
+        "code_server": {"url": "http://l05fh80rhpiwa1uf.code.x-gpu.com:24400/", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
     }
 }))]
 pub struct Access {
@@ -307,6 +307,7 @@ pub struct GpuDeviceView {
     "status": "running",
     "services": ["ssh", "jupyter", "code"],
     "ports": {"code": 24400, "jupyter": 24200, "ssh": 24000},
+    "access": {"code": "ports", "jupyter": "ports", "ssh": "ports"},
     "gpus": [0],
     "gpu_count": 1,
     "gpu_devices": [{"index": 0, "uuid": "GPU-6f2b9a41-0c1d-4e2f-9a3b-5c6d7e8f9012", "name": "NVIDIA A100-SXM4-80GB", "memory_mib": 81920}],
@@ -332,8 +333,8 @@ pub struct GpuDeviceView {
             "password": "FnGdnrCFdr7H0qXEhSTeMQ2S",
             "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com"
         },
-        "jupyter": {"url": "https://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200", "token": "h1z5NDL0LT5NymVnSD1q05it"},
-        "code_server": {"url": "https://l05fh80rhpiwa1uf.code.x-gpu.com:24400", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
+        "jupyter": {"url": "http://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200/", "token": "h1z5NDL0LT5NymVnSD1q05it"},
+        "code_server": {"url": "http://l05fh80rhpiwa1uf.code.x-gpu.com:24400/", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
     }
 }))]
 pub struct EnvironmentView {

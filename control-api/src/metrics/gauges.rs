@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpugate_routes::{Counters, Service};
+use gpugate_routes::{Counters, NameRefusal, Service};
 use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, Opts, Registry};
 use tokio::sync::watch;
@@ -165,6 +165,22 @@ pub fn traffic_families(
     Ok(set.finish())
 }
 
+/// Connections the TLS port refused by name, per reason (every reason present, zero included).
+pub fn name_refused_families(counts: &[(NameRefusal, u64)]) -> Result<Vec<MetricFamily>, prometheus::Error> {
+    let set = Set::new();
+    let g = set.gauge(
+        "gpugate_gateway_name_refused_total",
+        "Connections the gateway's name routing refused at once, by reason (no_name, other_domain, \
+         bad_name, unknown_service, no_route, not_tls), since the counters file was made",
+        &["reason"],
+    )?;
+    for why in NameRefusal::ALL {
+        let n = counts.iter().find(|(r, _)| *r == why).map_or(0, |(_, n)| *n);
+        g.with_label_values(&[why.as_str()]).set(n as f64);
+    }
+    Ok(set.finish())
+}
+
 /// The one task that refreshes the gauges.
 pub struct Refresher {
     db: Db,
@@ -209,13 +225,23 @@ impl Refresher {
 
     fn read_table(&self) -> Result<Vec<MetricFamily>, String> {
         let t = self.table.get().map_err(|e| e.to_string())?;
-        let traffic: Vec<PortTraffic> = t
+        // Port routes and name routes alike (a service reached both ways adds both up).
+        let mut traffic: Vec<PortTraffic> = t
             .routes()
             .map(|(port, r)| PortTraffic { env_id: r.env_id.to_string(), service: r.service.as_str(), counters: t.counters(port) })
             .collect();
+        traffic.extend(t.host_routes().map(|(slot, r)| PortTraffic {
+            env_id: r.env_id.to_string(),
+            service: r.service.as_str(),
+            counters: t.counters(slot),
+        }));
         let services: Vec<&'static str> =
             self.cfg.services().into_iter().map(|(s, _)| s.as_str()).filter(|s| *s != Service::Other.as_str()).collect();
-        traffic_families(&traffic, &services, self.cfg.metrics.per_environment).map_err(|e| e.to_string())
+        let mut families =
+            traffic_families(&traffic, &services, self.cfg.metrics.per_environment).map_err(|e| e.to_string())?;
+        let refused = t.counter_file().map(|c| c.name_refused()).unwrap_or_default();
+        families.extend(name_refused_families(&refused).map_err(|e| e.to_string())?);
+        Ok(families)
     }
 
     /// Refreshes every `metrics.refresh_ms` until `stop` turns true.
@@ -270,6 +296,14 @@ mod tests {
                 last_activity_ms: 0,
             },
         }
+    }
+
+    #[test]
+    fn every_name_refusal_reason_is_a_series() {
+        let t = text(&name_refused_families(&[(NameRefusal::NoRoute, 3)]).unwrap());
+        assert!(t.contains("gpugate_gateway_name_refused_total{reason=\"no_route\"} 3"), "{t}");
+        assert!(t.contains("gpugate_gateway_name_refused_total{reason=\"no_name\"} 0"), "{t}");
+        assert_eq!(t.matches("gpugate_gateway_name_refused_total{").count(), NameRefusal::ALL.len());
     }
 
     #[test]
