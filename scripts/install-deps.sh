@@ -10,6 +10,7 @@ pkgs=(
   python3-pip                                                        # docker/workspace/fetch-wheels.sh (pip download)
   python3-venv                                                       # scripts/fuzz.sh (Schemathesis in a virtual environment)
   busybox-static dropbear-bin                                        # control-api/tests/image/build-iso.sh (isolation tests)
+  chromium libnss3-tools                                             # a real browser by name in the end-to-end test
 )
 missing=()
 for p in "${pkgs[@]}"; do

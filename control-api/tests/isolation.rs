@@ -88,7 +88,13 @@ async fn workspaces_are_isolated_limited_and_confined() {
     assert_eq!(ib["HostConfig"]["Memory"], 1024u64 * 1024 * 1024, "the default limit");
     let netinfo: Value = serde_json::from_slice(&docker(&["network", "inspect", &net]).stdout).expect("network JSON");
     assert_eq!(netinfo[0]["Options"]["com.docker.network.bridge.enable_icc"], "false");
-    assert_eq!(hc["NetworkMode"], netinfo[0]["Id"], "A is attached to the deployment's network");
+    // Named, not by id (two API processes starting together agree on the name only).
+    assert_eq!(hc["NetworkMode"], net.as_str(), "{hc}");
+    assert_eq!(
+        ia["NetworkSettings"]["Networks"][net.as_str()]["NetworkID"],
+        netinfo[0]["Id"],
+        "A is attached to the deployment's network"
+    );
     // Inside: no-new-privileges set, NET_RAW gone (no raw sockets: no ARP spoofing).
     let status = ctx.exec(&ca, &["cat", "/proc/1/status"]);
     assert!(status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "{status}");

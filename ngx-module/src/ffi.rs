@@ -6,7 +6,8 @@ use std::ffi::c_void;
 use std::net::SocketAddr;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_current_msec, ngx_cycle, ngx_cycle_t, ngx_palloc, ngx_pool_t,
+    ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_cycle, ngx_cycle_t, ngx_palloc, ngx_pool_t,
+    SSL_get_servername, TLSEXT_NAMETYPE_host_name,
     ngx_stream_conf_ctx_t, ngx_stream_module, ngx_stream_session_t, ngx_str_t, sockaddr_in,
     sockaddr_in6, socklen_t, AF_INET, AF_INET6,
 };
@@ -179,5 +180,67 @@ impl RawSockaddr {
                 (RawSockaddr { v6: sa }, std::mem::size_of::<sockaddr_in6>() as socklen_t)
             }
         }
+    }
+}
+
+/// What a connection's TLS state says about the server name the client asked for.
+pub enum TlsName<'a> {
+    /// The connection has no TLS (a listen without `ssl`).
+    NotTls,
+    /// TLS without a server name (no SNI).
+    NoName,
+    /// The name, as sent.
+    Name(&'a [u8]),
+}
+
+/// The server name of the TLS handshake nginx terminated on `c`.
+///
+/// # Safety
+/// `c` must be a live connection whose handshake (if any) is complete (the ssl phase ran).
+pub unsafe fn tls_server_name<'a>(c: *mut ngx_connection_t) -> TlsName<'a> {
+    // SAFETY: a live connection; `ssl` is null or nginx's TLS state of it.
+    let ssl = unsafe { (*c).ssl };
+    if ssl.is_null() {
+        return TlsName::NotTls;
+    }
+    // SAFETY: a live TLS connection after its handshake; the name is owned by the SSL object,
+    // which lives as long as the connection.
+    let name = unsafe { SSL_get_servername((*ssl).connection, TLSEXT_NAMETYPE_host_name as i32) };
+    if name.is_null() {
+        return TlsName::NoName;
+    }
+    // SAFETY: OpenSSL returns a NUL-terminated string.
+    TlsName::Name(unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes())
+}
+
+/// What the client sent so far (`None` before nginx made the preread buffer).
+///
+/// # Safety
+/// `c` must be a live connection.
+pub unsafe fn preread_bytes<'a>(c: *mut ngx_connection_t) -> Option<&'a [u8]> {
+    // SAFETY: a live connection; its buffer is null or nginx's preread buffer.
+    let b = unsafe { (*c).buffer };
+    if b.is_null() {
+        return None;
+    }
+    // SAFETY: pos..last of a temp buffer are the bytes read into it.
+    unsafe {
+        let len = usize::try_from((*b).last.offset_from((*b).pos)).ok()?;
+        Some(std::slice::from_raw_parts((*b).pos, len))
+    }
+}
+
+/// Free room left in the preread buffer (`preread_buffer_size`); 1 before there is one.
+///
+/// # Safety
+/// `c` must be a live connection.
+pub unsafe fn preread_room(c: *mut ngx_connection_t) -> usize {
+    // SAFETY: as for preread_bytes.
+    unsafe {
+        let b = (*c).buffer;
+        if b.is_null() {
+            return 1;
+        }
+        usize::try_from((*b).end.offset_from((*b).last)).unwrap_or(0)
     }
 }

@@ -8,8 +8,7 @@
 
 use gpugate_routes::{NameRefusal, Outcome};
 use ngx::ffi::{
-    ngx_array_push, ngx_conf_t, ngx_connection_t, ngx_cycle_t, ngx_inet_get_port, ngx_int_t,
-    ngx_stream_add_variable, SSL_get_servername, TLSEXT_NAMETYPE_host_name, NGX_AGAIN,
+    ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_inet_get_port, ngx_int_t, ngx_stream_add_variable, NGX_AGAIN,
     ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
     ngx_stream_phases_NGX_STREAM_LOG_PHASE, ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
     ngx_stream_session_t, ngx_stream_variable_value_t, ngx_str_t, NGX_DECLINED,
@@ -20,7 +19,7 @@ use ngx::ngx_log_error;
 
 use crate::conf::{cycle_source, session_main_conf, session_srv_conf, NAME_OFF, NAME_TERMINATE};
 use crate::ctx_index;
-use crate::ffi::{cycle_log, monotonic_ms, pool_alloc, set_session_ctx};
+use crate::ffi::{cycle_log, monotonic_ms, pool_alloc, preread_bytes, preread_room, set_session_ctx, tls_server_name, TlsName};
 use crate::live;
 use crate::route_source::{Notice, RouteStatus};
 use crate::session::{session_ctx, upstream_name, SessionCtx};
@@ -129,9 +128,11 @@ unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
         source.decide(port, mono, wall)
     } else if scf.name_route == NAME_TERMINATE {
         // SAFETY: a live connection; its TLS state (if any) was set up by the ssl phase.
-        match unsafe { handshake_server_name(c) } {
-            Ok(name) => source.decide_name(name, scf.domain(), mono, wall),
-            Err(why) => source.refuse_name(why, mono),
+        match unsafe { tls_server_name(c) } {
+            TlsName::Name(name) => source.decide_name(name, scf.domain(), mono, wall),
+            TlsName::NoName => source.refuse_name(NameRefusal::NoName, mono),
+            // `gpugate_name_route terminate` on a listen without `ssl`.
+            TlsName::NotTls => source.refuse_name(NameRefusal::NotTls, mono),
         }
     } else {
         // SAFETY: a live connection; its preread buffer (if any) holds what the client sent.
@@ -175,59 +176,6 @@ unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
 
 /// A ClientHello this long that still is not whole is refused rather than waited for.
 const PREREAD_FULL: usize = 16 * 1024 + 1024;
-
-/// The server name the client asked for in the TLS handshake nginx terminated.
-///
-/// # Safety
-/// `c` must be a live connection.
-unsafe fn handshake_server_name<'a>(c: *mut ngx_connection_t) -> Result<&'a [u8], NameRefusal> {
-    // SAFETY: a live connection; `ssl` is null or nginx's TLS state of it.
-    let ssl = unsafe { (*c).ssl };
-    if ssl.is_null() {
-        // `gpugate_name_route terminate` on a listen without `ssl`.
-        return Err(NameRefusal::NotTls);
-    }
-    // SAFETY: a live TLS connection after its handshake (the ssl phase ran before preread);
-    // the name is owned by the SSL object, which outlives this call.
-    let name = unsafe { SSL_get_servername((*ssl).connection, TLSEXT_NAMETYPE_host_name as i32) };
-    if name.is_null() {
-        return Err(NameRefusal::NoName);
-    }
-    // SAFETY: OpenSSL returns a NUL-terminated string.
-    Ok(unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes())
-}
-
-/// What the client sent so far, in passthrough mode (`None` before nginx made the buffer).
-///
-/// # Safety
-/// `c` must be a live connection.
-unsafe fn preread_bytes<'a>(c: *mut ngx_connection_t) -> Option<&'a [u8]> {
-    // SAFETY: a live connection; its buffer is null or nginx's preread buffer.
-    let b = unsafe { (*c).buffer };
-    if b.is_null() {
-        return None;
-    }
-    // SAFETY: pos..last of a temp buffer are the bytes read into it.
-    unsafe {
-        let len = usize::try_from((*b).last.offset_from((*b).pos)).ok()?;
-        Some(std::slice::from_raw_parts((*b).pos, len))
-    }
-}
-
-/// Free room left in the preread buffer (`preread_buffer_size`).
-///
-/// # Safety
-/// `c` must be a live connection with a preread buffer.
-unsafe fn preread_room(c: *mut ngx_connection_t) -> usize {
-    // SAFETY: as for preread_bytes.
-    unsafe {
-        let b = (*c).buffer;
-        if b.is_null() {
-            return 1;
-        }
-        usize::try_from((*b).end.offset_from((*b).last)).unwrap_or(0)
-    }
-}
 
 unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     // SAFETY: nginx runs log handlers with the session still alive.

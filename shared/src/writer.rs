@@ -85,16 +85,21 @@ fn mode_of(file: &File, path: &Path) -> Result<u32> {
 
 impl Writer {
     /// Opens the table at `path` for writing, creating its directory and files when missing
-    /// (with [`DEFAULT_HOST_SLOTS`] hostname slots), and takes the writer lock. Anything it did
-    /// not make is refused, never overwritten.
+    /// (with [`DEFAULT_HOST_SLOTS`] hostname slots; an existing table keeps its own count),
+    /// and takes the writer lock. Anything it did not make is refused, never overwritten.
     pub fn open(path: &Path, lock: LockMode) -> Result<Writer> {
-        Writer::open_with(path, lock, DEFAULT_HOST_SLOTS)
+        Writer::open_inner(path, lock, None)
     }
 
     /// [`Writer::open`] for a table with `host_slots` hostname slots (0 or a power of two,
     /// see [`check_host_slots`]). An existing table with another count is refused: its
     /// files must be removed to change it (nginx maps the new ones without a reload).
     pub fn open_with(path: &Path, lock: LockMode, host_slots: u32) -> Result<Writer> {
+        Writer::open_inner(path, lock, Some(host_slots))
+    }
+
+    fn open_inner(path: &Path, lock: LockMode, wanted: Option<u32>) -> Result<Writer> {
+        let host_slots = wanted.unwrap_or(DEFAULT_HOST_SLOTS);
         check_host_slots(host_slots).map_err(Error::InvalidRoute)?;
         let dir_path = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
@@ -133,6 +138,8 @@ impl Writer {
         }
         let map = Mapping::new(routes, path, Kind::Routes, true)?;
         map.validate()?;
+        // Without a wish, an existing table keeps the count it was made with.
+        let host_slots = if wanted.is_none() { map.host_slots() } else { host_slots };
         if map.host_slots() != host_slots {
             return Err(Error::Unsafe {
                 path: path.to_owned(),

@@ -405,6 +405,8 @@ fn a_table_without_name_slots_or_with_another_count_is_refused_clearly() {
     drop(w);
     let err = Writer::open_with(&path, LockMode::NoWait, 2048).err().unwrap().to_string();
     assert!(err.contains("has 0 hostname slots, but 2048 are configured"), "{err}");
+    // Without a wish (the CLI), an existing table is opened with the count it has.
+    assert_eq!(Writer::open(&path, LockMode::NoWait).unwrap().table().host_slots(), 0);
     // Readers of a table with name slots see the region's size.
     let p2 = d.join("t2").join("routes");
     drop(Writer::open_with(&p2, LockMode::NoWait, 4096).unwrap());

@@ -44,6 +44,21 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
+/// The development TLS material `make up` makes (`scripts/tls-dev.sh`: `ca.crt`, and
+/// `gateway.pem` for `*.{ssh,jupyter,code,rdp}.<domain>`, readable by nginx's workers), made
+/// in `<root>/tls`; returns that folder.
+pub fn dev_tls(root: &Path, domain: &str) -> PathBuf {
+    let tls = root.join("tls");
+    let out = Command::new(stack::repo_root().join("scripts/tls-dev.sh"))
+        .arg(&tls)
+        .arg(domain)
+        .arg("nogroup")
+        .output()
+        .expect("run scripts/tls-dev.sh");
+    assert!(out.status.success(), "tls-dev.sh: {}", String::from_utf8_lossy(&out.stderr));
+    tls
+}
+
 /// A directory for the route table, the operator recipe from the README: owned by the writer
 /// (root here) and writable by no one else, group nogroup and setgid so the counters file
 /// inherits the group of nginx's workers (nobody:nogroup), who may write counters but not

@@ -174,8 +174,7 @@ impl Stack {
         let conf = conf.replace("listen 8443 ssl;", &format!("listen {} ssl;", ports.tls()));
         std::fs::write(work.join("nginx.conf"), conf).expect("write nginx.conf");
         // The development TLS material `make up` makes, for the stack's TLS port.
-        let tls = work.join("tls");
-        run_ok(Command::new(repo_root().join("scripts/tls-dev.sh")).arg(&tls).arg(DOMAIN).arg("nogroup"));
+        let tls = crate::dev_tls(&work, DOMAIN);
         std::fs::write(
             work.join("override.yaml"),
             format!(

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use gpugate_tests::stack::{
-    docker, port_refuses, repo_root, report, run, ssh_command, ssh_run, ssh_run_retry, Login, Session, Stack, Value,
-    WebSocket, DOMAIN,
+    docker, port_refuses, repo_root, report, run, run_ok, ssh_command, ssh_run, ssh_run_retry, Login, Session, Stack,
+    Value, WebSocket, DOMAIN,
 };
 use serde_json::json;
 
@@ -261,6 +261,32 @@ fn stack_end_to_end() {
         assert_eq!(stack.https("nobody0000000000", "jupyter", "/").0, 0, "an unknown id by name");
         assert_eq!(stack.https(&id, "rdp", "/").0, 0, "a service without a name route");
         assert!(activity(&stack, &id, "jupyter", "connections_total") >= 3, "sessions by name are counted");
+
+        // A real browser: headless Chromium resolves the name to 127.0.0.1 (as DNS would),
+        // trusts the stack's development CA (an NSS database of its own, as a user who
+        // imported it) and renders JupyterLab's launcher at the name URL.
+        let home = keys.join("browser");
+        let nssdb = home.join(".pki/nssdb");
+        std::fs::create_dir_all(&nssdb).expect("browser profile");
+        let db = format!("sql:{}", nssdb.display());
+        run_ok(std::process::Command::new("certutil").args(["-d", &db, "-N", "--empty-password"]));
+        run_ok(std::process::Command::new("certutil").args(["-d", &db, "-A", "-n", "gpugate-dev", "-t", "C,,", "-i"]).arg(stack.ca()));
+        let url = format!("https://{id}.jupyter.{DOMAIN}:{tls}/lab?token={token}");
+        let t = Instant::now();
+        let out = run(std::process::Command::new("timeout")
+            .args(["120", "chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000"])
+            .arg(format!("--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1"))
+            .arg("--dump-dom")
+            .arg(&url)
+            .env("HOME", &home));
+        let dom = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            dom.contains("jp-LauncherCard"),
+            "Chromium did not render JupyterLab's launcher at {url} ({} bytes of DOM): {}",
+            dom.len(),
+            String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.contains("dbus")).take(5).collect::<Vec<_>>().join("\n")
+        );
+        report(&format!("  Chromium rendered the launcher by name in {:.1} s", t.elapsed().as_secs_f64()));
     });
 
     phase("restart the gateway container; routes still work", || {

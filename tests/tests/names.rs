@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,23 +26,11 @@ struct Gate {
     pass: u16,
 }
 
-fn tls_material(root: &Path) -> PathBuf {
-    let tls = root.join("tls");
-    let out = Command::new(stack::repo_root().join("scripts/tls-dev.sh"))
-        .arg(&tls)
-        .arg(DOMAIN)
-        .arg("nogroup")
-        .output()
-        .expect("run scripts/tls-dev.sh");
-    assert!(out.status.success(), "tls-dev.sh: {}", String::from_utf8_lossy(&out.stderr));
-    tls
-}
-
 fn gate(tag: &str, term: u16, pass: u16) -> Gate {
     let root = temp_dir(tag);
     let path = table_dir(&root).join("routes");
     let w = Writer::open_with(&path, LockMode::NoWait, 1024).expect("open writer");
-    let tls = tls_material(&root);
+    let tls = dev_tls(&root, DOMAIN);
     let body = format!(
         r#"
     log_format gpugate '$server_port $gpugate_route_status env=$gpugate_env_id svc=$gpugate_service up=$gpugate_upstream $status';

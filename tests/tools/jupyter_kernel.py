@@ -118,10 +118,11 @@ def main():
     try:
         s = connect(host, port, cafile)
         key = base64.b64encode(os.urandom(16)).decode()
-        s.sendall((
+        upgrade = (
             "GET /api/kernels/%s/channels?token=%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ) % (kernel, token, host, key)).encode()
+        ) % (kernel, token, host, key)
+        s.sendall(upgrade.encode())
         head = read_head(s)
         if " 101 " not in head.splitlines()[0]:
             print("websocket upgrade: %s" % head.splitlines()[0], file=sys.stderr)

@@ -122,10 +122,13 @@ impl Plan {
             format!("GPUGATE_SSH_PUBLIC_KEYS={}", spec.ssh_public_keys.join("\n")),
         ];
         // The public pool port of each service that has one (a service reached by name only
-        // has none).
+        // has none), and which services to run: all of them, by port or by name (the image
+        // would otherwise run only those with a port).
         for (port, service) in spec.services.iter().filter(|(p, _)| *p != 0) {
             env.push(format!("GPUGATE_{}_PORT={port}", service.as_str().to_ascii_uppercase()));
         }
+        let run: Vec<&str> = spec.services.iter().map(|(_, s)| s.as_str()).collect();
+        env.push(format!("GPUGATE_SERVICES={}", run.join(" ")));
         let mut exposed = HashMap::new();
         let mut bindings = HashMap::new();
         for (_, service) in spec.services {
@@ -259,6 +262,19 @@ mod tests {
         let binds = host.port_bindings.expect("bindings");
         let b = &binds["22/tcp"].as_ref().expect("22")[0];
         assert_eq!((b.host_ip.as_deref(), b.host_port.as_deref()), (Some("127.0.0.1"), Some("")));
+    }
+
+    #[test]
+    fn a_service_reached_by_name_only_is_run_and_published_without_a_pool_port() {
+        let cfg = Config::default();
+        let services = [(20001, Service::Ssh), (0, Service::Jupyter)];
+        let (_, c) = Plan::from_config(&cfg).container(&spec(&[], &services));
+        let env = c.env.expect("env");
+        assert!(env.contains(&"GPUGATE_SERVICES=ssh jupyter".to_string()), "{env:?}");
+        assert!(env.contains(&"GPUGATE_SSH_PORT=20001".to_string()));
+        assert!(!env.iter().any(|e| e.starts_with("GPUGATE_JUPYTER_PORT")), "no port to show: {env:?}");
+        let binds = c.host_config.expect("host config").port_bindings.expect("bindings");
+        assert!(binds.contains_key("8888/tcp"), "Jupyter is published for the gateway: {binds:?}");
     }
 
     #[test]

@@ -17,13 +17,12 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpugate_tests::{route, stack, table_dir, temp_dir, LockMode, Nginx, Service, Writer};
+use gpugate_tests::{route, table_dir, temp_dir, LockMode, Nginx, Service, Writer};
 use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -115,18 +114,6 @@ fn client_config(ca: &Path) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
-/// The development CA and gateway certificate (scripts/tls-dev.sh, as `make up` makes them).
-fn tls_material(root: &Path) -> PathBuf {
-    let tls = root.join("tls");
-    let out = Command::new(stack::repo_root().join("scripts/tls-dev.sh"))
-        .arg(&tls)
-        .arg(DOMAIN)
-        .arg("nogroup")
-        .output()
-        .expect("run scripts/tls-dev.sh");
-    assert!(out.status.success(), "tls-dev.sh: {}", String::from_utf8_lossy(&out.stderr));
-    tls
-}
 
 /// Random 16-character [a-z0-9] environment ids (splitmix64 seeded from the clock): ids the
 /// control plane could hand out, fresh in every run.
@@ -206,7 +193,7 @@ fn first_success(client: &TlsClient, port: u16, start: Instant, limit: Duration)
 /// Runs the TLS phase: one nginx with the three servers, `cfg.names` name routes in its table.
 pub fn measure(cfg: &Config, echo: SocketAddr) -> NameRouting {
     let root = temp_dir("bench-tls");
-    let tls = tls_material(&root);
+    let tls = gpugate_tests::dev_tls(&root, DOMAIN);
     let config = client_config(&tls.join("ca.crt"));
     let table = table_dir(&root).join("routes");
     // The default hostname region (262,144 slots), as the publisher opens it.
