@@ -152,13 +152,19 @@ demo() {
   id=$(json 'd["data"]["id"]' <<<"$out" 2>/dev/null) || die "create failed: $out"
   port=$(json 'd["data"]["ports"]["ssh"]' <<<"$out")
   pass=$(json 'd["data"]["access_info"]["ssh"]["password"]' <<<"$out")
-  say "created workspace $id (the demo image serves plain HTTP; see the README on TLS):"
+  say "created workspace $id (names on the TLS port: trust .gpugate/tls/ca.crt and resolve them, as printed by make up):"
   say "  ssh      ssh -p $port remotegpu@127.0.0.1   password $pass"
+  # By pool port when there is one, else by name on the TLS port (trust the CA and resolve the
+  # name as `make up` printed).
   json '"\n".join(x for x in [
-      "  jupyter  http://127.0.0.1:%d/lab?token=%s" % (d["data"]["ports"]["jupyter"], d["data"]["access_info"]["jupyter"]["token"])
-        if "jupyter" in d["data"]["ports"] else "",
-      "  code     http://127.0.0.1:%d/   password %s" % (d["data"]["ports"]["code"], d["data"]["access_info"]["code_server"]["password"])
-        if "code" in d["data"]["ports"] else ""] if x)' <<<"$out"
+      ("  jupyter  http://127.0.0.1:%d/lab?token=%s" % (d["data"]["ports"]["jupyter"], d["data"]["access_info"]["jupyter"]["token"])
+        if "jupyter" in d["data"]["ports"] else
+       "  jupyter  %slab?token=%s" % (d["data"]["access_info"]["jupyter"]["url"], d["data"]["access_info"]["jupyter"]["token"]))
+        if "jupyter" in d["data"]["access_info"] else "",
+      ("  code     http://127.0.0.1:%d/   password %s" % (d["data"]["ports"]["code"], d["data"]["access_info"]["code_server"]["password"])
+        if "code" in d["data"]["ports"] else
+       "  code     %s   password %s" % (d["data"]["access_info"]["code_server"]["url"], d["data"]["access_info"]["code_server"]["password"]))
+        if "code_server" in d["data"]["access_info"] else ""] if x)' <<<"$out"
   say "  delete:  curl -X DELETE -H 'Authorization: Bearer $tok' $api/api/v1/environments/$id"
   local ssh=(ssh -p "$port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
     -o LogLevel=ERROR -o ConnectTimeout=5 -o PubkeyAuthentication=no remotegpu@127.0.0.1)
