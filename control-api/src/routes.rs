@@ -209,8 +209,7 @@ impl Publisher {
                     }
                 }
                 None => {
-                    writer.revoke_host(key)?;
-                    if writer.remove_host(key)? {
+                    if remove_and_revoke_host(writer, key)? {
                         self.metrics.route_writes.with_label_values(&["remove"]).inc();
                         tracing::debug!(env_id = %key.env_id, service = %key.service, "name route removed, its sessions revoked");
                     }
@@ -282,6 +281,15 @@ fn remove_and_revoke(writer: &mut Writer, port: u16) -> Result<bool, TableError>
     }
     writer.revoke(port)?;
     writer.remove(port)
+}
+
+/// [`remove_and_revoke`] for a name route: its sessions are revoked only when it had a route.
+fn remove_and_revoke_host(writer: &mut Writer, key: HostKey) -> Result<bool, TableError> {
+    if writer.table().host_slot(key).is_none() {
+        return Ok(false);
+    }
+    writer.revoke_host(key)?;
+    writer.remove_host(key)
 }
 
 /// What the notification task hands to the publisher.
@@ -442,22 +450,22 @@ impl TableView {
     }
 }
 
-/// A routes map for tests and tools: `desired` minus what the table holds, and the reverse.
-pub fn mismatches(
-    wanted: &BTreeMap<u16, Route>,
-    table: &BTreeMap<u16, Route>,
-) -> Vec<(u16, &'static str)> {
+/// Route maps (by port or by name) compared: `desired` minus what the table holds, and the reverse.
+pub fn mismatches<K: Ord + Copy>(
+    wanted: &BTreeMap<K, Route>,
+    table: &BTreeMap<K, Route>,
+) -> Vec<(K, &'static str)> {
     let mut out = vec![];
-    for (port, want) in wanted {
-        match table.get(port) {
-            None => out.push((*port, "missing_in_table")),
-            Some(have) if have != want => out.push((*port, "differs")),
+    for (key, want) in wanted {
+        match table.get(key) {
+            None => out.push((*key, "missing_in_table")),
+            Some(have) if have != want => out.push((*key, "differs")),
             Some(_) => {}
         }
     }
-    for port in table.keys() {
-        if !wanted.contains_key(port) {
-            out.push((*port, "not_in_database"));
+    for key in table.keys() {
+        if !wanted.contains_key(key) {
+            out.push((*key, "not_in_database"));
         }
     }
     out.sort_unstable();

@@ -165,18 +165,10 @@ fn name_view(st: &AppState, rows: Vec<NameRouteRow>) -> NameRoutes {
             });
         }
     }
-    let name = |k: &HostKey| format!("{}.{}", k.env_id, k.service);
-    let mut mismatches = vec![];
-    for (k, want) in &wanted {
-        match have.get(k) {
-            None => mismatches.push(NameMismatch { name: name(k), kind: "missing_in_table" }),
-            Some(r) if r != want => mismatches.push(NameMismatch { name: name(k), kind: "differs" }),
-            Some(_) => {}
-        }
-    }
-    for k in have.keys().filter(|k| !wanted.contains_key(k)) {
-        mismatches.push(NameMismatch { name: name(k), kind: "not_in_database" });
-    }
+    let mismatches = crate::routes::mismatches(&wanted, &have)
+        .into_iter()
+        .map(|(k, kind)| NameMismatch { name: format!("{}.{}", k.env_id, k.service), kind })
+        .collect();
     NameRoutes { slots, probe_max, table, database: rows, mismatches }
 }
 
