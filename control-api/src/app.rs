@@ -224,7 +224,11 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
     let Some((mut docker, devices)) = engine else {
         anyhow::bail!("API mode without a Docker engine");
     };
-    let change = gpus::sync_inventory(&db, &devices).await.context("synchronising the GPU inventory")?;
+    let host = &cfg.fleet.host_name;
+    db::hosts::adopt_local(&db, host, cfg.docker.endpoint.trim(), cfg.upstream_host)
+        .await
+        .context("registering this API's own host")?;
+    let change = gpus::sync_inventory(&db, host, &devices).await.context("synchronising the GPU inventory")?;
     tracing::info!(gpus = devices.len(), added = change.added.len(), retired = change.retired.len(), "GPU inventory synchronised");
     docker.ensure_network().await.context("preparing the workspace network")?;
 
@@ -244,10 +248,12 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         i64::from(instance),
         rx.clone(),
     ));
+    let fleet = crate::fleet::Fleet::new(cfg.clone(), db.clone(), docker.clone());
     let state: AppState = Arc::new(State {
         cfg: cfg.clone(),
         db,
         docker,
+        fleet,
         metrics,
         readiness,
         table: Arc::new(TableView::new(&cfg.route_table)),
@@ -269,6 +275,7 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
     gauges.refresh().await;
     tasks.push(tokio::spawn(gauges.run(rx.clone())));
     tasks.push(tokio::spawn(crate::idle::run(state.clone(), rx.clone())));
+    tasks.push(tokio::spawn(crate::fleet::health::run(state.clone(), rx.clone())));
     let (reconcile_stop, reconcile_rx) = watch::channel(false);
     let reconciler = tokio::spawn(crate::reconcile::run(
         state.clone(),

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::db::{quotas, users, Db};
+use crate::db::{hosts, quotas, users, Db};
 
 /// `gpugate-api token ...`
 #[derive(Debug, Subcommand)]
@@ -66,6 +66,54 @@ pub enum UserCommand {
         /// Most environments creating or running at once.
         #[arg(long)]
         running: Option<u32>,
+    },
+}
+
+/// `gpugate-api host ...`: the fleet's GPU hosts.
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// List every host: state, health, GPUs free of total, environments.
+    List,
+    /// Add a GPU host (active at once; its engine is probed within fleet.probe_interval_s).
+    Add {
+        /// 1 to 63 of a-z, 0-9 and '-'.
+        #[arg(long)]
+        name: String,
+        /// unix:///path, tcp://host:2376 or https://host:2376 (with --tls-dir), or http://host:port
+        /// (no TLS: a trusted lab network only).
+        #[arg(long)]
+        docker: String,
+        /// Directory (on every API host) with the engine's TLS client certificates: ca.pem,
+        /// cert.pem, key.pem.
+        #[arg(long)]
+        tls_dir: Option<String>,
+        /// The address the host's containers publish on; gateways dial routes there.
+        #[arg(long)]
+        upstream: std::net::IpAddr,
+        /// GPU indexes of the host, comma-separated (0,1,2,3); none for a CPU-only host.
+        #[arg(long, value_delimiter = ',')]
+        gpus: Vec<u32>,
+        /// The GPUs' model label (matched by a create's gpu_model).
+        #[arg(long, default_value = "")]
+        gpu_model: String,
+        /// Most environments at once.
+        #[arg(long)]
+        max_environments: Option<u32>,
+    },
+    /// Stop placing new environments on a host (those there keep running, stop and start).
+    Drain {
+        /// The host's name.
+        name: String,
+    },
+    /// Place new environments on a drained host again.
+    Undrain {
+        /// The host's name.
+        name: String,
+    },
+    /// Remove a host and its GPUs; refused while environments live there.
+    Remove {
+        /// The host's name.
+        name: String,
     },
 }
 
@@ -160,6 +208,70 @@ pub async fn user(cfg: &Config, command: UserCommand) -> anyhow::Result<()> {
                 return Err(missing(&user));
             }
             eprintln!("quota of {user}: environments {environments:?}, gpus {gpus:?}, running {running:?} (None: the default)");
+        }
+    }
+    Ok(())
+}
+
+/// Runs a host command.
+pub async fn host(cfg: &Config, command: HostCommand) -> anyhow::Result<()> {
+    let db = connect(cfg).await?;
+    let missing = |name: &str| anyhow::anyhow!("no host named {name} (see host list)");
+    match command {
+        HostCommand::List => {
+            println!(
+                "{:<20} {:<9} {:<7} {:>9} {:>5} {:<16} {:<24} {}",
+                "name", "state", "health", "gpus", "envs", "upstream", "model", "docker"
+            );
+            for h in hosts::list(&db).await? {
+                println!(
+                    "{:<20} {:<9} {:<7} {:>9} {:>5} {:<16} {:<24} {}",
+                    h.name,
+                    h.state,
+                    h.health,
+                    format!("{}/{}", h.gpus_free, h.gpus_total),
+                    h.environments,
+                    h.upstream_address,
+                    if h.gpu_model.is_empty() { "-" } else { &h.gpu_model },
+                    if h.docker_endpoint.is_empty() { "(local defaults)" } else { &h.docker_endpoint },
+                );
+            }
+        }
+        HostCommand::Add { name, docker, tls_dir, upstream, gpus, gpu_model, max_environments } => {
+            let new = hosts::NewHost {
+                name,
+                docker_endpoint: docker,
+                tls_dir,
+                upstream_address: upstream,
+                gpu_model,
+                max_environments,
+                gpus,
+            };
+            crate::fleet::check_new_host(&new).map_err(anyhow::Error::msg)?;
+            let Some(row) = hosts::add(&db, &new).await? else {
+                anyhow::bail!("a host named {} exists (see host list)", new.name);
+            };
+            eprintln!("host {} added: {} GPUs, publishing on {}", row.name, row.gpus_total, row.upstream_address);
+        }
+        HostCommand::Drain { name } => {
+            hosts::set_state(&db, &name, hosts::state::DRAINING).await?.ok_or_else(|| missing(&name))?;
+            eprintln!("host {name} is draining: no new placements there");
+        }
+        HostCommand::Undrain { name } => {
+            hosts::set_state(&db, &name, hosts::state::ACTIVE).await?.ok_or_else(|| missing(&name))?;
+            eprintln!("host {name} is active");
+        }
+        HostCommand::Remove { name } => {
+            if name == cfg.fleet.host_name {
+                anyhow::bail!("host {name} is this configuration's own engine (fleet.host_name); drain it instead");
+            }
+            match hosts::remove(&db, &name).await? {
+                hosts::Removed::Done => eprintln!("host {name} removed"),
+                hosts::Removed::NotFound => return Err(missing(&name)),
+                hosts::Removed::InUse(n) => anyhow::bail!(
+                    "host {name} still has {n} environments (any status but deleted); drain it, and delete them or wait for them first"
+                ),
+            }
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! - [`config`]: typed configuration (file + environment).
 //! - [`db`]: PostgreSQL, the source of truth (pools, environments, routes, users, events).
 //! - [`docker`]: the workspace containers.
+//! - [`fleet`]: the GPU hosts: one Docker client per host, placement's data, host health.
 //! - [`gpu`]: a GPU host's device passing (checked against its engine) and inventory discovery.
 //! - [`routes`]: the publisher, the route table's one writer, and the API's read view of it.
 //! - [`lifecycle`]: create / stop / start / delete, each undone in reverse on failure.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod db;
 pub mod docker;
 pub mod error;
+pub mod fleet;
 pub mod gpu;
 pub mod http;
 pub mod ids;

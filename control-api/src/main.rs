@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gpugate_api::app::{self, Mode};
-use gpugate_api::cli::{self as admin, TokenCommand, UserCommand};
+use gpugate_api::cli::{self as admin, HostCommand, TokenCommand, UserCommand};
 use gpugate_api::config::Config;
 
 /// The gpugate control plane: REST API, port pools, workspaces, route publisher.
@@ -48,6 +48,11 @@ enum Command {
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+    /// Manage the fleet's GPU hosts: list, add, drain, undrain, remove.
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -93,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Token { command } => admin::token(&cfg, command).await,
         Command::User { command } => admin::user(&cfg, command).await,
+        Command::Host { command } => admin::host(&cfg, command).await,
         Command::Migrate => {
             let db = gpugate_api::db::Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
             db.migrate().await?;

@@ -1,14 +1,15 @@
 //! The reconciler: at start and every interval, makes Docker and the route table converge to
 //! the database (the source of truth), and counts every repair (metrics and events).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::db::envs::{self, status, EnvRow};
-use crate::db::{self, gpus, idempotency, ports, readiness, routes};
+use crate::db::{self, gpus, hosts, idempotency, ports, readiness, routes};
+use crate::docker::DockerClient;
 use crate::lifecycle;
 use crate::state::State;
 
@@ -157,7 +158,11 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
         }
         let outcome = match env.status.as_str() {
             status::CREATING => {
-                let res = lifecycle::undo_create(st, &env.id, env.container_id.as_deref(), false, "create interrupted; undone by the reconciler").await;
+                let reason = "create interrupted; undone by the reconciler";
+                let res = match st.fleet.client(&env.host).await {
+                    Ok(dk) => lifecycle::undo_create(st, &dk, &env.id, env.container_id.as_deref(), false, reason).await,
+                    Err(e) => Err(e.into()),
+                };
                 if res.is_ok() {
                     r.creates_undone += 1;
                 }
@@ -181,82 +186,22 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
         end_repair(st, &env.id).await;
     }
 
-    // 2. Docker against the database. Docker is listed first: a create inserts its row before
-    // it makes its container, so every container listed here whose row is missing from the
-    // later database listing really has no environment (listing the database first would
-    // remove the container of a create in flight).
-    let containers = st.docker.list_managed().await?;
-    let volumes = st.docker.list_volumes().await?;
-    let live = envs::list_live(&st.db).await?;
-    let known: HashSet<&str> = live.iter().map(|e| e.id.as_str()).collect();
-    let mut by_env: HashMap<&str, Vec<&crate::docker::Managed>> = HashMap::new();
-    for c in &containers {
-        if known.contains(c.env_id.as_str()) {
-            by_env.entry(c.env_id.as_str()).or_default().push(c);
-        } else {
-            tracing::info!(container = %c.id, env_id = %c.env_id, "reconcile: removing container with no environment");
-            st.docker.remove(&c.id).await?;
-            st.db.event(Some(&c.env_id), "repair_container_removed", serde_json::json!({ "container": c.id })).await?;
-            r.containers_removed += 1;
+    // 2. Docker against the database, host by host; a host that does not answer is left
+    // alone (the health probes deal with it: its environments are not failed for a listing
+    // that timed out).
+    for host in hosts::probed(&st.db).await? {
+        if host.health == hosts::health::DOWN {
+            continue;
         }
-    }
-    // Home volumes after the containers (a volume in use cannot go): those of environments
-    // deleted or never known. One that cannot go now is tried again at the next pass.
-    for v in volumes.iter().filter(|v| !known.contains(v.env_id.as_str())) {
-        match st.docker.remove_volume_named(&v.name).await {
-            Ok(()) => {
-                tracing::info!(volume = %v.name, env_id = %v.env_id, "reconcile: removed a home volume with no environment");
-                st.db.event(Some(&v.env_id), "repair_volume_removed", serde_json::json!({ "volume": v.name })).await?;
-                r.volumes_removed += 1;
+        let client = match st.fleet.client(&host.name).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(host = %host.name, error = %e, "reconcile: host not reachable; skipped this pass");
+                continue;
             }
-            Err(e) => tracing::warn!(volume = %v.name, error = %e, "reconcile: removing an orphaned home volume failed"),
-        }
-    }
-    for env in live.iter().filter(|e| e.op_instance.is_none()) {
-        let mine = by_env.get(env.id.as_str()).cloned().unwrap_or_default();
-        let recorded = mine.iter().find(|c| Some(&c.id) == env.container_id.as_ref()).copied();
-        match env.status.as_str() {
-            status::RUNNING => match recorded {
-                Some(c) if c.running => {
-                    if repair_routes(st, env, &c.id).await? {
-                        r.routes_rewritten += 1;
-                    }
-                }
-                Some(_) => {
-                    if mark_failed(st, env, "container exited").await? {
-                        r.environments_failed += 1;
-                    }
-                }
-                None => {
-                    if mark_failed(st, env, "container vanished").await? {
-                        r.environments_failed += 1;
-                    }
-                }
-            },
-            // A stopped environment needs no container (a start makes a new one), but one that
-            // runs is stopped; its GPUs go back once it is seen stopped.
-            status::STOPPED => {
-                if let Some(c) = recorded.filter(|c| c.running) {
-                    // Claimed like an operation, so a start in flight cannot interleave.
-                    if !take_unowned(st, env).await? {
-                        continue;
-                    }
-                    let res: anyhow::Result<()> = async {
-                        routes::deactivate(st.db.pool(), &env.id).await?;
-                        st.docker.stop(&c.id).await?;
-                        st.db.event(Some(&env.id), "repair_container_stopped", serde_json::json!({ "container": c.id })).await?;
-                        Ok(())
-                    }
-                    .await;
-                    end_repair(st, &env.id).await;
-                    res?;
-                    r.containers_stopped += 1;
-                }
-                if !env.gpus.is_empty() {
-                    r.gpus_released += release_stopped_gpus(st, env).await?;
-                }
-            }
-            _ => {}
+        };
+        if let Err(e) = reconcile_host(st, &host.name, &client, &mut r).await {
+            tracing::warn!(host = %host.name, error = %format!("{e:#}"), "reconcile: host pass failed");
         }
     }
 
@@ -300,12 +245,126 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
     Ok(r)
 }
 
+/// Makes one host's containers and home volumes converge to the database: removes those of
+/// environments that do not live there (deleted, unknown, placed elsewhere) and stray
+/// containers of settled environments (not the one recorded: a host lost and back), fails
+/// running environments whose container vanished or exited, stops containers of stopped ones.
+async fn reconcile_host(st: &State, host: &str, docker: &DockerClient, r: &mut Repairs) -> anyhow::Result<()> {
+    // Docker is listed first: a create inserts its row before it makes its container, so
+    // every container listed here whose row is missing from the later database listing
+    // really has no environment (listing the database first would remove the container of a
+    // create in flight).
+    // Only what this host made (unlabelled: made before fleets, by this API's own host).
+    let ours = |label: &Option<String>| label.as_deref().map_or(host == st.fleet.local_name(), |h| h == host);
+    let containers: Vec<_> = docker.list_managed().await?.into_iter().filter(|c| ours(&c.host)).collect();
+    let volumes: Vec<_> = docker.list_volumes().await?.into_iter().filter(|v| ours(&v.host)).collect();
+    let live: Vec<EnvRow> = envs::list_live(&st.db).await?.into_iter().filter(|e| e.host == host).collect();
+    let known: HashMap<&str, &EnvRow> = live.iter().map(|e| (e.id.as_str(), e)).collect();
+    let mut by_env: HashMap<&str, Vec<&crate::docker::Managed>> = HashMap::new();
+    for c in &containers {
+        let stray = match known.get(c.env_id.as_str()) {
+            None => Some("no environment on this host"),
+            // Settled (no operation in flight) and not its recorded container: left from
+            // before the environment failed with its host, or from an interrupted start.
+            Some(env) if env.op_instance.is_none()
+                && env.container_id.as_deref() != Some(c.id.as_str())
+                && env.status != status::CREATING
+                && env.status != status::DELETING =>
+            {
+                Some("not the environment's container")
+            }
+            Some(_) => None,
+        };
+        match stray {
+            None => by_env.entry(c.env_id.as_str()).or_default().push(c),
+            Some(why) => {
+                tracing::info!(host, container = %c.id, env_id = %c.env_id, why, "reconcile: removing container");
+                docker.remove(&c.id).await?;
+                let detail = serde_json::json!({ "container": c.id, "host": host, "why": why });
+                st.db.event(Some(&c.env_id), "repair_container_removed", detail).await?;
+                r.containers_removed += 1;
+            }
+        }
+    }
+    // Home volumes after the containers (a volume in use cannot go): those of environments
+    // deleted or never known here. One that cannot go now is tried again at the next pass.
+    for v in volumes.iter().filter(|v| !known.contains_key(v.env_id.as_str())) {
+        match docker.remove_volume_named(&v.name).await {
+            Ok(()) => {
+                tracing::info!(host, volume = %v.name, env_id = %v.env_id, "reconcile: removed a home volume with no environment");
+                st.db.event(Some(&v.env_id), "repair_volume_removed", serde_json::json!({ "volume": v.name, "host": host })).await?;
+                r.volumes_removed += 1;
+            }
+            Err(e) => tracing::warn!(volume = %v.name, error = %e, "reconcile: removing an orphaned home volume failed"),
+        }
+    }
+    for env in live.iter().filter(|e| e.op_instance.is_none()) {
+        let mine = by_env.get(env.id.as_str()).cloned().unwrap_or_default();
+        let recorded = mine.iter().find(|c| Some(&c.id) == env.container_id.as_ref()).copied();
+        match env.status.as_str() {
+            status::RUNNING => match recorded {
+                Some(c) if c.running => {
+                    if repair_routes(st, docker, env, &c.id).await? {
+                        r.routes_rewritten += 1;
+                    }
+                }
+                Some(_) => {
+                    if mark_failed(st, env, "container exited").await? {
+                        r.environments_failed += 1;
+                    }
+                }
+                None => {
+                    if mark_failed(st, env, "container vanished").await? {
+                        r.environments_failed += 1;
+                    }
+                }
+            },
+            // A stopped environment needs no container (a start makes a new one), but one that
+            // runs is stopped; its GPUs go back once it is seen stopped.
+            status::STOPPED => {
+                if let Some(c) = recorded.filter(|c| c.running) {
+                    // Claimed like an operation, so a start in flight cannot interleave.
+                    if !take_unowned(st, env).await? {
+                        continue;
+                    }
+                    let res: anyhow::Result<()> = async {
+                        routes::deactivate(st.db.pool(), &env.id).await?;
+                        docker.stop(&c.id).await?;
+                        st.db.event(Some(&env.id), "repair_container_stopped", serde_json::json!({ "container": c.id })).await?;
+                        Ok(())
+                    }
+                    .await;
+                    end_repair(st, &env.id).await;
+                    res?;
+                    r.containers_stopped += 1;
+                }
+                if !env.gpus.is_empty() {
+                    r.gpus_released += release_stopped_gpus(st, env).await?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes the containers and volumes on `host` that no environment there owns (a host back
+/// after being down: environments that failed meanwhile forgot their containers, whose GPUs
+/// may already be promised elsewhere on that host). Returns how many containers went.
+pub async fn host_strays(st: &State, host: &str, docker: &DockerClient) -> anyhow::Result<u64> {
+    let mut r = Repairs::default();
+    reconcile_host(st, host, docker, &mut r).await?;
+    st.metrics.repaired("container_removed", r.containers_removed);
+    st.metrics.repaired("volume_removed", r.volumes_removed);
+    Ok(r.containers_removed)
+}
+
 /// Re-reads a discovered inventory (`nvidia-smi`) and syncs it: new GPUs join, GPUs gone
 /// leave (each environment still holding one is logged and gets a `gpu_vanished` event). A
 /// discovery that fails changes nothing: an unreadable `nvidia-smi` never empties the
 /// inventory.
 async fn rediscover(st: &State, r: &mut Repairs) {
-    let source = &st.docker.gpu().source;
+    let source = &st.fleet.local().gpu().source;
     if !source.is_discovered() {
         return;
     }
@@ -316,7 +375,7 @@ async fn rediscover(st: &State, r: &mut Repairs) {
             return;
         }
     };
-    match gpus::sync_inventory(&st.db, &devices).await {
+    match gpus::sync_inventory(&st.db, st.fleet.local_name(), &devices).await {
         Ok(change) => {
             for g in &change.added {
                 tracing::info!(gpu = %g, "GPU joined the inventory");
@@ -351,9 +410,9 @@ async fn release_stopped_gpus(st: &State, env: &EnvRow) -> anyhow::Result<u64> {
 
 /// Makes a running environment's routes match its container's published ports; returns
 /// whether anything was rewritten.
-async fn repair_routes(st: &State, env: &EnvRow, container: &str) -> anyhow::Result<bool> {
+async fn repair_routes(st: &State, docker: &DockerClient, env: &EnvRow, container: &str) -> anyhow::Result<bool> {
     let held = ports::env_endpoints(st.db.pool(), &env.id, &env.services).await?;
-    let upstreams = st.docker.upstreams(container, &held).await?;
+    let upstreams = docker.upstreams(container, &held).await?;
     let names = crate::lifecycle::name_services(env);
     let rows = routes::of_env(st.db.pool(), &env.id).await?;
     let name_rows = routes::names_of_env(st.db.pool(), &env.id).await?;

@@ -18,8 +18,10 @@ pub struct State {
     pub cfg: Arc<Config>,
     /// The database.
     pub db: Db,
-    /// The Docker engine.
+    /// This API's own host's Docker engine (the fleet's local client; GPU facts, `/readyz`).
     pub docker: DockerClient,
+    /// Every host's Docker client, by host name.
+    pub fleet: crate::fleet::Fleet,
     /// Metrics of this process.
     pub metrics: Metrics,
     /// Readiness probers of this process.

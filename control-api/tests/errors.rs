@@ -128,7 +128,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         (json!({"name": "x", "services": []}), 422, 1002, "at least one"),
         (json!({"name": "n".repeat(65)}), 422, 1002, "at most 64"),
         (json!({"name": "  "}), 422, 1002, "empty"),
-        (json!({"name": "x", "gpus": 3}), 422, 1002, "3 GPUs requested, this host has 2"),
+        (json!({"name": "x", "gpus": 3}), 422, 1002, "3 GPUs requested, the largest host has 2"),
         (json!({"name": "x", "gpus": -1}), 422, 1002, "expected u32"),
         (json!({"name": "a\u{202E}gpj.exe"}), 422, 1002, "U+202E"),
         (json!({"name": "zero\u{200B}width"}), 422, 1002, "U+200B"),
@@ -180,7 +180,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "one", "gpus": 1, "services": ["ssh"]})).await;
     // The one error whose `data` is not null: the counts, for a client to show or retry on.
     assert_eq!((s, v["code"].as_u64()), (409, Some(1008)), "{v}");
-    assert_eq!(v["message"], "1 GPUs requested, 0 free", "{v}");
+    assert_eq!(v["message"], "1 GPUs requested, 0 free on any one host", "{v}");
     assert_eq!(v["data"], json!({"gpus_free": 0, "gpus_needed": 1}), "{v}");
     // Pool exhaustion: 503 naming the service; the other pools are untouched.
     let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "r1", "services": ["rdp"]})).await;

@@ -112,7 +112,7 @@ async fn nvidia_mode_gives_each_workspace_exactly_its_gpus_by_uuid() {
     assert_eq!(s, 200);
     let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "c", "gpus": 1, "gpu_model": "A100"})).await;
     assert_eq!((s, v["code"].as_u64()), (409, Some(1008)), "{v}");
-    assert_eq!(v["message"], "1 GPUs of model \"A100\" requested, 0 free; free now: NVIDIA H100 80GB HBM3 (2)");
+    assert_eq!(v["message"], "1 GPUs of model \"A100\" requested, 0 free on any one host; free now: NVIDIA H100 80GB HBM3 (2)");
     assert_eq!(
         v["data"],
         json!({"gpus_free": 0, "gpus_needed": 1, "gpu_model": "A100", "free_by_model": {"NVIDIA H100 80GB HBM3": 2}})
@@ -181,7 +181,7 @@ async fn discovery_adds_new_gpus_and_retires_vanished_ones_which_are_never_hande
 
     // The host has two GPUs now; B gets exactly them, by UUID, at their new indexes.
     let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "b", "gpus": 3})).await;
-    assert_eq!((s, v["message"].as_str()), (422, Some("3 GPUs requested, this host has 2")), "{v}");
+    assert_eq!((s, v["message"].as_str()), (422, Some("3 GPUs requested, the largest host has 2")), "{v}");
     let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "b", "gpus": 2})).await;
     assert_eq!(s, 201, "{v}");
     assert_eq!(uuids_of(&v["data"]), vec![uuid(g2), uuid(g9)]);

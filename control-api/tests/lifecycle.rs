@@ -402,7 +402,7 @@ async fn stop_gives_the_gpus_back_and_start_takes_them_again_keeping_the_home() 
     // nothing, and its container is left alone.
     let (s, v) = ctx.post(&format!("/api/v1/environments/{a}/start"), &alice, json!({})).await;
     assert_eq!((s, v["code"].as_u64()), (409, Some(1008)), "{v}");
-    assert_eq!(v["message"], format!("not enough free GPUs to start environment {a}: 0 free, 2 needed"));
+    assert_eq!(v["message"], format!("not enough free GPUs on host local (where its home volume is) to start environment {a}: 0 free, 2 needed"));
     assert_eq!(v["data"], json!({"gpus_free": 0, "gpus_needed": 2}));
     let (_, g) = ctx.get(&format!("/api/v1/environments/{a}"), &alice).await;
     assert_eq!((g["data"]["status"].clone(), g["data"]["gpus"].clone()), (json!("stopped"), json!([])), "{g}");

@@ -96,6 +96,10 @@ impl Config {
         parse_env(env, "GPUGATE_READINESS_RDP_DEADLINE_S", &mut self.readiness.rdp_deadline_s)?;
         parse_env(env, "GPUGATE_READINESS_PROBE_TIMEOUT_MS", &mut self.readiness.probe_timeout_ms)?;
         parse_env(env, "GPUGATE_READINESS_MAX_BACKOFF_MS", &mut self.readiness.max_backoff_ms)?;
+        parse_env(env, "GPUGATE_HOST_NAME", &mut self.fleet.host_name)?;
+        parse_env(env, "GPUGATE_PLACEMENT", &mut self.fleet.placement)?;
+        parse_env(env, "GPUGATE_HOST_PROBE_INTERVAL_S", &mut self.fleet.probe_interval_s)?;
+        parse_env(env, "GPUGATE_HOST_FAIL_AFTER_S", &mut self.fleet.fail_after_s)?;
         parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
         parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
         self.metrics.apply_env(env)?;

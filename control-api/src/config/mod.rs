@@ -4,6 +4,7 @@
 //! URL's password) never appear in `Debug` output or logs.
 
 mod env;
+mod fleet;
 mod gpu;
 mod idle;
 mod metrics;
@@ -18,6 +19,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+pub use fleet::{valid_host_name, FleetConfig, Placement};
 pub use gpu::{GpuConfig, GpuMode, NVIDIA_CAPABILITIES};
 pub use idle::{IdleConfig, IdlePolicy, MAX_IDLE_STOP_AFTER_S};
 pub use readiness::ReadinessConfig;
@@ -187,6 +189,8 @@ pub struct Config {
     pub readiness: ReadinessConfig,
     /// Routing by name on the gateway's TLS port (`[names]`).
     pub names: NamesConfig,
+    /// GPU hosts: this engine's host name, placement, host health (`[fleet]`).
+    pub fleet: FleetConfig,
     /// Seconds an `Idempotency-Key` keeps answering with the environment it created.
     pub idempotency_retention_s: u64,
     /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
@@ -233,6 +237,7 @@ impl Default for Config {
             idle: IdleConfig::default(),
             readiness: ReadinessConfig::default(),
             names: NamesConfig::default(),
+            fleet: FleetConfig::default(),
             idempotency_retention_s: 24 * 3600,
             shutdown_grace_s: 60,
             metrics: MetricsConfig::default(),
@@ -294,6 +299,7 @@ impl Config {
         self.idle.validate().map_err(ConfigError::Invalid)?;
         self.readiness.validate().map_err(ConfigError::Invalid)?;
         self.names.validate().map_err(ConfigError::Invalid)?;
+        self.fleet.validate().map_err(ConfigError::Invalid)?;
         self.metrics.validate().map_err(ConfigError::Invalid)?;
         if self.idempotency_retention_s < 24 * 3600 {
             return bad(format!(

@@ -19,6 +19,8 @@ pub mod status {
     pub const FAILED: &str = "failed";
     /// Gone; ports released.
     pub const DELETED: &str = "deleted";
+    /// Its host stopped answering: routes kept for `fleet.fail_after_s`, then `failed`.
+    pub const UNREACHABLE: &str = "unreachable";
 }
 
 /// One environment row.
@@ -31,6 +33,8 @@ pub struct EnvRow {
     pub status: String,
     pub status_reason: Option<String>,
     pub container_id: Option<String>,
+    /// The host it lives on (its container and home volume are there).
+    pub host: String,
     pub services: Vec<String>,
     /// The services reachable by name (`<id>.<service>.<domain>` on the TLS port).
     pub name_services: Vec<String>,
@@ -69,6 +73,7 @@ impl std::fmt::Debug for EnvRow {
             .field("owner_id", &self.owner_id)
             .field("status", &self.status)
             .field("container_id", &self.container_id)
+            .field("host", &self.host)
             .field("services", &self.services)
             .field("gpus", &self.gpus)
             .field("gpu_count", &self.gpu_count)
@@ -76,7 +81,7 @@ impl std::fmt::Debug for EnvRow {
     }
 }
 
-const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, services, \
+const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, host, services, \
     name_services, gpus, gpu_count, gpu_model, memory_mb, cpus, pids, route_generation, username, password, jupyter_token, \
     ssh_public_keys, op_instance, idle_stop_after_s, running_since, created_at, updated_at, deleted_at";
 
@@ -103,6 +108,8 @@ pub struct NewEnv<'a> {
     pub pids: u32,
     pub idle_stop_after_s: u64,
     pub instance: i64,
+    /// The host placement chose.
+    pub host: &'a str,
 }
 
 /// Inserts a new environment in state `creating`, owned by `instance` until it settles.
@@ -110,8 +117,8 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     sqlx::query(
         "INSERT INTO environments (id, owner_id, name, image, status, services, username, \
              password, jupyter_token, ssh_public_keys, op_instance, gpu_count, memory_mb, cpus, pids, \
-             idle_stop_after_s, gpu_model, name_services) \
-         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+             idle_stop_after_s, gpu_model, name_services, host) \
+         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
     )
     .bind(e.id)
     .bind(e.owner_id)
@@ -130,6 +137,7 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     .bind(i64::try_from(e.idle_stop_after_s).unwrap_or(i64::MAX))
     .bind(e.gpu_model)
     .bind(e.name_services)
+    .bind(e.host)
     .execute(&mut **tx)
     .await
     .map(|_| ())
@@ -353,4 +361,65 @@ pub async fn list_idle_candidates(db: &Db) -> DbResult<Vec<EnvRow>> {
     ))
     .fetch_all(db.pool())
     .await
+}
+
+/// A host stopped answering: its running environments (no operation in flight) become
+/// `unreachable` with `reason`, keeping their routes. Returns their ids.
+pub async fn host_unreachable(db: &Db, host: &str, reason: &str) -> DbResult<Vec<String>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "UPDATE environments SET status = 'unreachable', status_reason = $2, updated_at = now() \
+         WHERE host = $1 AND status = 'running' AND op_instance IS NULL RETURNING id",
+    )
+    .bind(host)
+    .bind(reason)
+    .fetch_all(db.pool())
+    .await?;
+    for id in &ids {
+        super::event(db.pool(), Some(id), "host_unreachable", serde_json::json!({ "host": host, "reason": reason }))
+            .await?;
+    }
+    Ok(ids)
+}
+
+/// A host answers again: its `unreachable` environments are `running` again (their routes
+/// never left; the reconciler checks their containers). Returns their ids.
+pub async fn host_back(db: &Db, host: &str) -> DbResult<Vec<String>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "UPDATE environments SET status = 'running', status_reason = NULL, updated_at = now() \
+         WHERE host = $1 AND status = 'unreachable' AND op_instance IS NULL RETURNING id",
+    )
+    .bind(host)
+    .fetch_all(db.pool())
+    .await?;
+    for id in &ids {
+        super::event(db.pool(), Some(id), "host_reachable", serde_json::json!({ "host": host })).await?;
+    }
+    Ok(ids)
+}
+
+/// A host stayed unreachable too long: its `unreachable` environments become `failed` with
+/// `reason`, forget their container (the reconciler removes it if the host comes back, before
+/// the host takes placements again) and release their GPUs. The caller deletes their routes in
+/// the same transaction. Returns their ids.
+pub async fn host_lost(tx: &mut Tx<'_>, host: &str, reason: &str) -> DbResult<Vec<String>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "UPDATE environments SET status = 'failed', status_reason = $2, container_id = NULL, gpus = '{}', \
+             updated_at = now() \
+         WHERE host = $1 AND status = 'unreachable' AND op_instance IS NULL RETURNING id",
+    )
+    .bind(host)
+    .bind(reason)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(ids)
+}
+
+/// Records the host placement chose (in the create's transaction).
+pub async fn set_host(tx: &mut Tx<'_>, id: &str, host: &str) -> DbResult<()> {
+    sqlx::query("UPDATE environments SET host = $2 WHERE id = $1")
+        .bind(id)
+        .bind(host)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
 }

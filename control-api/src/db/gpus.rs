@@ -25,9 +25,11 @@ pub struct GpuRow {
     pub in_inventory: bool,
     /// The environment holding it.
     pub env_id: Option<String>,
+    /// The host it is on.
+    pub host: String,
 }
 
-const COLUMNS: &str = "id, idx AS index, uuid, name, memory_mib, status, in_inventory, env_id";
+const COLUMNS: &str = "id, idx AS index, uuid, name, memory_mib, status, in_inventory, env_id, host";
 
 /// A GPU that left the inventory in a sync.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -52,7 +54,7 @@ pub struct InventoryChange {
 /// inventory: a free one retires at once, an allocated one stays with its environment until
 /// released, then retires (every release path honours `in_inventory`). Each change is an
 /// event (`gpu_added`, `gpu_vanished` on the environment holding it).
-pub async fn sync_inventory(db: &Db, devices: &[Device]) -> DbResult<InventoryChange> {
+pub async fn sync_inventory(db: &Db, host: &str, devices: &[Device]) -> DbResult<InventoryChange> {
     let ids: Vec<String> = devices.iter().map(Device::key).collect();
     let idx: Vec<i32> = devices.iter().map(|d| i32::try_from(d.index).unwrap_or(i32::MAX)).collect();
     let uuids: Vec<Option<String>> = devices.iter().map(|d| d.uuid.clone()).collect();
@@ -61,13 +63,14 @@ pub async fn sync_inventory(db: &Db, devices: &[Device]) -> DbResult<InventoryCh
     let mut tx = db.begin().await?;
     // One sync at a time, so that each change is reported once.
     sqlx::query("LOCK TABLE gpu_devices IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
-    let before: Vec<String> = sqlx::query_scalar("SELECT id FROM gpu_devices WHERE in_inventory")
+    let before: Vec<String> = sqlx::query_scalar("SELECT id FROM gpu_devices WHERE in_inventory AND host = $1")
+        .bind(host)
         .fetch_all(&mut *tx)
         .await?;
     sqlx::query(
-        "INSERT INTO gpu_devices (id, idx, uuid, name, memory_mib) \
-         SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bigint[]) \
-         ON CONFLICT (id) DO UPDATE SET idx = EXCLUDED.idx, uuid = EXCLUDED.uuid, name = EXCLUDED.name, \
+        "INSERT INTO gpu_devices (host, id, idx, uuid, name, memory_mib) \
+         SELECT $6, * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bigint[]) \
+         ON CONFLICT (host, id) DO UPDATE SET idx = EXCLUDED.idx, uuid = EXCLUDED.uuid, name = EXCLUDED.name, \
              memory_mib = EXCLUDED.memory_mib, in_inventory = true, \
              status = CASE WHEN gpu_devices.status = 'retired' THEN 'available' ELSE gpu_devices.status END",
     )
@@ -76,14 +79,16 @@ pub async fn sync_inventory(db: &Db, devices: &[Device]) -> DbResult<InventoryCh
     .bind(&uuids)
     .bind(&names)
     .bind(&mem)
+    .bind(host)
     .execute(&mut *tx)
     .await?;
     let gone: Vec<(String, Option<String>)> = sqlx::query_as(
         "UPDATE gpu_devices SET in_inventory = false, \
              status = CASE WHEN status = 'available' THEN 'retired' ELSE status END \
-         WHERE in_inventory AND NOT (id = ANY($1::text[])) RETURNING id, env_id",
+         WHERE in_inventory AND host = $2 AND NOT (id = ANY($1::text[])) RETURNING id, env_id",
     )
     .bind(&ids)
+    .bind(host)
     .fetch_all(&mut *tx)
     .await?;
     let mut change = InventoryChange::default();
@@ -104,16 +109,20 @@ pub async fn sync_inventory(db: &Db, devices: &[Device]) -> DbResult<InventoryCh
     Ok(change)
 }
 
-/// How many GPUs the host has now.
-pub async fn inventory_size(db: &Db) -> DbResult<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM gpu_devices WHERE in_inventory")
-        .fetch_one(db.pool())
-        .await
+/// How many GPUs the largest host of the fleet (not disabled) has now: no create can ask for
+/// more.
+pub async fn largest_inventory(db: &Db) -> DbResult<i64> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(max(n), 0)::bigint FROM (SELECT count(*) AS n FROM gpu_devices g \
+             JOIN hosts h ON h.name = g.host WHERE g.in_inventory AND h.state <> 'disabled' GROUP BY g.host) c",
+    )
+    .fetch_one(db.pool())
+    .await
 }
 
-/// Every GPU known, those on the host first, by index.
+/// Every GPU known, by host, those in the inventory first, by index.
 pub async fn list(db: &Db) -> DbResult<Vec<GpuRow>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM gpu_devices ORDER BY in_inventory DESC, idx, id"))
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM gpu_devices ORDER BY host, in_inventory DESC, idx, id"))
         .fetch_all(db.pool())
         .await
 }
@@ -133,16 +142,17 @@ pub async fn free_by_model<'e, E: PgExecutor<'e>>(exec: E) -> DbResult<Vec<(Stri
         .await
 }
 
-/// Allocates `count` free GPUs to `env_id` in `tx` (same `SKIP LOCKED` pattern as ports),
-/// only of a model whose name contains `model` (case-insensitive) when one is given. Returns
-/// fewer than `count` when not enough are free; the caller rolls back.
-pub async fn allocate(tx: &mut Tx<'_>, env_id: &str, count: u32, model: Option<&str>) -> DbResult<Vec<GpuRef>> {
+/// Allocates `count` free GPUs of `host` to `env_id` in `tx` (same `SKIP LOCKED` pattern as
+/// ports), only of a model whose name contains `model` (case-insensitive) when one is given.
+/// Returns fewer than `count` when not enough are free; the caller gives those back
+/// ([`release_env`]) or rolls back.
+pub async fn allocate(tx: &mut Tx<'_>, host: &str, env_id: &str, count: u32, model: Option<&str>) -> DbResult<Vec<GpuRef>> {
     if count == 0 {
         return Ok(vec![]);
     }
     let rows: Vec<(i32, Option<String>)> = sqlx::query_as(
         "UPDATE gpu_devices SET status = 'allocated', env_id = $1 \
-         WHERE id IN (SELECT id FROM gpu_devices WHERE status = 'available' \
+         WHERE (host, id) IN (SELECT host, id FROM gpu_devices WHERE host = $4 AND status = 'available' \
                         AND ($3::text IS NULL OR strpos(lower(name), lower($3)) > 0) \
                       ORDER BY idx, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
          RETURNING idx, uuid",
@@ -150,6 +160,7 @@ pub async fn allocate(tx: &mut Tx<'_>, env_id: &str, count: u32, model: Option<&
     .bind(env_id)
     .bind(i64::from(count))
     .bind(model)
+    .bind(host)
     .fetch_all(&mut **tx)
     .await?;
     let mut out: Vec<GpuRef> = rows
@@ -158,6 +169,19 @@ pub async fn allocate(tx: &mut Tx<'_>, env_id: &str, count: u32, model: Option<&
         .collect();
     out.sort_by(|a, b| (a.index, &a.uuid).cmp(&(b.index, &b.uuid)));
     Ok(out)
+}
+
+/// The most free GPUs (of `model`, when given) on any one host that takes placements.
+pub async fn most_free_on_a_host(db: &Db, model: Option<&str>) -> DbResult<i64> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(max(n), 0)::bigint FROM (SELECT count(*) AS n FROM gpu_devices g \
+             JOIN hosts h ON h.name = g.host \
+             WHERE g.status = 'available' AND h.state = 'active' AND h.health <> 'down' \
+               AND ($1::text IS NULL OR strpos(lower(g.name), lower($1)) > 0) GROUP BY g.host) c",
+    )
+    .bind(model)
+    .fetch_one(db.pool())
+    .await
 }
 
 /// Returns `env_id`'s GPUs to the inventory (retired if they left it meanwhile).

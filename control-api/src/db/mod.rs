@@ -4,6 +4,7 @@
 
 pub mod envs;
 pub mod gpus;
+pub mod hosts;
 pub mod idempotency;
 pub mod ports;
 pub mod quotas;
@@ -115,6 +116,16 @@ pub async fn hold_instance_lock(conn: &mut PgConnection, instance: i32) -> DbRes
         .bind(instance)
         .fetch_one(conn)
         .await
+}
+
+/// The host prober's advisory lock (one bigint key; the liveness locks use the two-key form,
+/// so the two never collide).
+const PROBER_LOCK: i64 = 0x6770_7567_686f_7374;
+
+/// Takes the host prober's lock on `conn` (held until the connection closes): one API process
+/// probes the fleet at a time, so two processes that see a host differently do not flap it.
+pub async fn try_prober_lock(conn: &mut PgConnection) -> DbResult<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(PROBER_LOCK).fetch_one(conn).await
 }
 
 /// Whether the instance `instance` is alive (its liveness lock is held by some session).

@@ -47,7 +47,7 @@ pub async fn lock_usage(tx: &mut Tx<'_>, user_id: i64) -> DbResult<Usage> {
     sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user_id).execute(&mut **tx).await?;
     let (environments, gpus, running): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), COALESCE(sum(gpu_count), 0)::bigint, \
-             count(*) FILTER (WHERE status IN ('creating', 'running')) \
+             count(*) FILTER (WHERE status IN ('creating', 'running', 'unreachable')) \
          FROM environments WHERE owner_id = $1 AND status <> 'deleted'",
     )
     .bind(user_id)

@@ -286,7 +286,7 @@ pub async fn prune(db: &Db) -> DbResult<(u64, u64)> {
         .rows_affected();
         disabled += sqlx::query(&format!(
             "UPDATE {table} r SET active = false, updated_at = now() FROM environments e \
-             WHERE e.id = r.env_id AND r.active AND e.status <> 'running' AND e.op_instance IS NULL"
+             WHERE e.id = r.env_id AND r.active AND e.status NOT IN ('running', 'unreachable') AND e.op_instance IS NULL"
         ))
         .execute(db.pool())
         .await?

@@ -31,6 +31,9 @@ pub const LABEL_MANAGED: &str = "gpugate.managed";
 pub const LABEL_DEPLOYMENT: &str = "gpugate.deployment";
 /// Label naming the environment.
 pub const LABEL_ENV: &str = "gpugate.env_id";
+/// Label naming the fleet host that made the container or volume: an engine registered under
+/// two names by mistake never has one name's reconciler remove the other's workspaces.
+pub const LABEL_HOST: &str = "gpugate.host";
 
 /// A Docker failure, one variant per operation.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,8 @@ pub struct Managed {
     pub id: String,
     /// Its `gpugate.env_id` label.
     pub env_id: String,
+    /// Its `gpugate.host` label (none on containers made before fleets).
+    pub host: Option<String>,
     /// Whether it is running.
     pub running: bool,
 }
@@ -98,7 +103,20 @@ pub struct Inspected {
     pub limits: Option<Limits>,
 }
 
-/// The Docker client of one deployment.
+/// Where a host's engine is and where its containers publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The host's name in the fleet (labels its containers and volumes).
+    pub host: String,
+    /// `unix:///path`, `tcp://host:port` (TLS), `https://`, `http://`; empty: local defaults.
+    pub endpoint: String,
+    /// Directory with `ca.pem`, `cert.pem`, `key.pem` for TLS endpoints.
+    pub tls_dir: Option<String>,
+    /// The address published ports bind to; routes point there.
+    pub upstream: IpAddr,
+}
+
+/// The Docker client of one deployment on one host.
 #[derive(Clone)]
 pub struct DockerClient {
     docker: Docker,
@@ -128,37 +146,73 @@ fn server_message(e: &BollardError) -> String {
 }
 
 impl DockerClient {
-    /// Connects to the configured endpoint and negotiates the API version.
+    /// Connects to the configured endpoint (this API's own host) and negotiates the API
+    /// version.
     pub async fn connect(cfg: &Config) -> Result<DockerClient, DockerError> {
+        let target = Endpoint {
+            host: cfg.fleet.host_name.clone(),
+            endpoint: cfg.docker.endpoint.clone(),
+            tls_dir: None,
+            upstream: cfg.upstream_host,
+        };
+        DockerClient::connect_to(cfg, &target, GpuBackend::configured(&cfg.gpu)).await
+    }
+
+    /// Connects to another host's engine: its endpoint, TLS client certificates and upstream
+    /// address, with `gpu` (the mode resolved on this API's own host: every host of a fleet
+    /// passes GPUs the same way).
+    pub async fn connect_to(cfg: &Config, target: &Endpoint, gpu: GpuBackend) -> Result<DockerClient, DockerError> {
         let timeout = cfg.docker.call_timeout_s.max(1);
-        let ep = cfg.docker.endpoint.trim();
+        let ep = target.endpoint.trim();
         let docker = if ep.is_empty() {
             Docker::connect_with_local_defaults()
         } else if let Some(path) = ep.strip_prefix("unix://") {
             Docker::connect_with_unix(path, timeout, bollard::API_DEFAULT_VERSION)
-        } else if ep.starts_with("tcp://") || ep.starts_with("http://") {
+        } else if ep.starts_with("tcp://") || ep.starts_with("https://") {
+            let Some(dir) = target.tls_dir.as_deref() else {
+                return Err(DockerError::Connect(format!(
+                    "endpoint \"{ep}\" needs TLS client certificates (a directory with ca.pem, cert.pem and key.pem); use http:// only on a trusted lab network"
+                )));
+            };
+            let dir = std::path::Path::new(dir);
+            Docker::connect_with_ssl(
+                ep,
+                &dir.join("key.pem"),
+                &dir.join("cert.pem"),
+                &dir.join("ca.pem"),
+                timeout,
+                bollard::API_DEFAULT_VERSION,
+            )
+        } else if ep.starts_with("http://") {
             Docker::connect_with_http(ep, timeout, bollard::API_DEFAULT_VERSION)
         } else {
             return Err(DockerError::Connect(format!(
-                "endpoint \"{ep}\" must start with unix://, tcp:// or http://"
+                "endpoint \"{ep}\" must start with unix://, tcp:// (TLS), https:// (TLS) or http://"
             )));
         }
         .map_err(|e| DockerError::Connect(e.to_string()))?;
-        let docker = docker.negotiate_version().await.map_err(|e| DockerError::Connect(e.to_string()))?;
-        let host_cpus = match docker.info().await {
-            Ok(info) => info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
-            Err(e) => {
-                tracing::warn!(error = %e, "docker info failed; CPU limits are passed unclamped");
+        let docker = tokio::time::timeout(Duration::from_secs(timeout), docker.negotiate_version())
+            .await
+            .map_err(|_| DockerError::Timeout("version"))?
+            .map_err(|e| DockerError::Connect(e.to_string()))?;
+        let host_cpus = match tokio::time::timeout(Duration::from_secs(timeout), docker.info()).await {
+            Ok(Ok(info)) => info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
+            _ => {
+                tracing::warn!(endpoint = %ep, "docker info failed; CPU limits are passed unclamped");
                 None
             }
         };
+        let mut plan = Plan::from_config(cfg);
+        plan.upstream_host = target.upstream;
+        plan.host = target.host.clone();
+        plan.gpu = gpu.passing.clone();
         Ok(DockerClient {
             docker,
-            plan: Plan::from_config(cfg),
+            plan,
             stop_timeout_s: cfg.docker.stop_timeout_s,
             call_timeout: Duration::from_secs(timeout),
             host_cpus,
-            gpu: GpuBackend::configured(&cfg.gpu),
+            gpu,
         })
     }
 
@@ -463,9 +517,11 @@ impl DockerClient {
             .into_iter()
             .filter_map(|c| {
                 let env_id = c.labels.as_ref()?.get(LABEL_ENV)?.clone();
+                let host = c.labels.as_ref()?.get(LABEL_HOST).cloned();
                 Some(Managed {
                     id: c.id?,
                     env_id,
+                    host,
                     running: c.state.as_deref() == Some("running"),
                 })
             })

@@ -15,7 +15,7 @@ use bollard::models::{
 };
 use gpugate_routes::Service;
 
-use super::{LABEL_DEPLOYMENT, LABEL_ENV, LABEL_MANAGED};
+use super::{LABEL_DEPLOYMENT, LABEL_ENV, LABEL_HOST, LABEL_MANAGED};
 use crate::config::Config;
 use crate::gpu::{DevicePassing, GpuRef};
 
@@ -82,6 +82,8 @@ pub struct WorkspaceSpec<'a> {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub(super) deployment: String,
+    /// The fleet host this engine is (the `gpugate.host` label).
+    pub(super) host: String,
     pub(super) network: String,
     pub(super) upstream_host: IpAddr,
     /// How GPUs reach this engine's containers (resolved against the engine at start).
@@ -93,6 +95,7 @@ impl Plan {
     pub fn from_config(cfg: &Config) -> Plan {
         Plan {
             deployment: cfg.deployment.clone(),
+            host: cfg.fleet.host_name.clone(),
             network: cfg.network(),
             upstream_host: cfg.upstream_host,
             gpu: DevicePassing::configured(&cfg.gpu),
@@ -111,6 +114,7 @@ impl Plan {
         labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
         labels.insert(LABEL_DEPLOYMENT.to_string(), self.deployment.clone());
         labels.insert(LABEL_ENV.to_string(), spec.env_id.to_string());
+        labels.insert(LABEL_HOST.to_string(), self.host.clone());
 
         let gpu_list = spec.gpus.iter().map(|g| g.index.to_string()).collect::<Vec<_>>().join(",");
         let mut env = vec![

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use bollard::volume::{CreateVolumeOptions, ListVolumesOptions, RemoveVolumeOptions};
 
-use super::{server_message, server_status, DockerClient, DockerError, LABEL_DEPLOYMENT, LABEL_ENV, LABEL_MANAGED};
+use super::{server_message, server_status, DockerClient, DockerError, LABEL_DEPLOYMENT, LABEL_ENV, LABEL_HOST, LABEL_MANAGED};
 
 /// A managed volume as listed by label.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +15,8 @@ pub struct ManagedVolume {
     pub name: String,
     /// Its `gpugate.env_id` label.
     pub env_id: String,
+    /// Its `gpugate.host` label (none on volumes made before fleets).
+    pub host: Option<String>,
 }
 
 impl DockerClient {
@@ -31,6 +33,7 @@ impl DockerClient {
         labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
         labels.insert(LABEL_DEPLOYMENT.to_string(), self.plan.deployment.clone());
         labels.insert(LABEL_ENV.to_string(), env_id.to_string());
+        labels.insert(LABEL_HOST.to_string(), self.plan.host.clone());
         let opts = CreateVolumeOptions { name: name.clone(), driver: "local".to_string(), labels, ..Default::default() };
         // Creating a volume that exists answers with the existing one.
         match self.timed("create volume", self.docker.create_volume(opts)).await? {
@@ -70,7 +73,10 @@ impl DockerClient {
             .volumes
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|v| Some(ManagedVolume { env_id: v.labels.get(LABEL_ENV)?.clone(), name: v.name }))
+            .filter_map(|v| {
+                let host = v.labels.get(LABEL_HOST).cloned();
+                Some(ManagedVolume { env_id: v.labels.get(LABEL_ENV)?.clone(), host, name: v.name })
+            })
             .collect())
     }
 }

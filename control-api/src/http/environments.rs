@@ -192,6 +192,9 @@ pub enum EnvironmentStatus {
     Failed,
     /// Gone; ports released.
     Deleted,
+    /// Its host stopped answering: routes kept for a grace period (`fleet.fail_after_s`),
+    /// then `failed`; back to `running` if the host answers again first.
+    Unreachable,
 }
 
 /// SSH access: by pool port (`port`, `command`) and/or by name through TLS (`tls`).
@@ -341,13 +344,15 @@ pub struct EnvironmentView {
     pub id: String,
     pub name: String,
     pub image: String,
-    /// `creating`, `running`, `stopped`, `deleting`, `failed` or `deleted`.
+    /// `creating`, `running`, `stopped`, `deleting`, `failed`, `deleted` or `unreachable`.
     #[schema(value_type = EnvironmentStatus)]
     pub status: String,
     /// Why it is in that status, when there is something to say (a failure, an idle stop).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<String>,
     pub services: Vec<String>,
+    /// The GPU host it lives on (its container and home volume are there).
+    pub host: String,
     /// Public pool port per service (services reached by name only have none).
     pub ports: BTreeMap<String, u16>,
     /// How each service is reached: `ports`, `hostname` or `both`.
@@ -486,6 +491,7 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         status: env.status,
         status_reason: env.status_reason,
         services: env.services,
+        host: env.host,
         gpus: env.gpus,
         gpu_count: env.gpu_count,
         gpu_model: env.gpu_model,

@@ -7,6 +7,7 @@ pub use debug::reload_pools_from_config as reload_pools;
 mod environments;
 mod gpus;
 mod health;
+mod hosts;
 pub use health::{Readiness, ReadyLog};
 pub mod openapi;
 mod ports;
@@ -27,7 +28,7 @@ use crate::state::AppState;
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new().merge(environments::router()).merge(ports::router()).merge(gpus::router()).merge(debug::router());
+    let api = Router::new().merge(environments::router()).merge(ports::router()).merge(gpus::router()).merge(hosts::router()).merge(debug::router());
     let api = ratelimit::apply(api, &state.cfg.rate_limit);
     let app = Router::new()
         .merge(api)

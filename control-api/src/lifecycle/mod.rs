@@ -16,8 +16,9 @@ mod validate;
 pub use stop_start::{start, stop, stop_env};
 
 use crate::db::envs::{self, status, EnvRow, NewEnv};
-use crate::db::{self, gpus, idempotency, ports, quotas, readiness, routes, users::User};
-use crate::docker::{DockerError, WorkspaceSpec};
+use crate::db::{self, gpus, hosts, idempotency, ports, quotas, readiness, routes, users::User};
+use crate::docker::{DockerClient, DockerError, WorkspaceSpec};
+use crate::gpu::GpuRef;
 use crate::error::ApiError;
 use crate::state::State;
 
@@ -127,13 +128,14 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     let validate::Valid { image, services, access, limits, idle_stop_after_s } = validate::validate(st, &spec)?;
     let gpu_model = spec.gpu_model.as_deref().map(str::trim);
     if spec.gpus > 0 {
-        let total = gpus::inventory_size(&st.db).await?;
+        let total = gpus::largest_inventory(&st.db).await?;
         if i64::from(spec.gpus) > total {
-            return Err(ApiError::Validation(format!("{} GPUs requested, this host has {total}", spec.gpus)));
+            return Err(ApiError::Validation(format!(
+                "{} GPUs requested, the largest host has {total}",
+                spec.gpus
+            )));
         }
     }
-    // Before anything changes: an image that is not here is a 422 naming it.
-    st.docker.image_exists(&image).await.map_err(docker_error)?;
 
     let id = spec.id.clone();
     let password = crate::ids::secret();
@@ -174,6 +176,8 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             pids: limits.pids,
             idle_stop_after_s,
             instance: st.instance,
+            // Set again below once placement has taken the GPUs.
+            host: st.fleet.local_name(),
         },
     )
     .await?;
@@ -205,26 +209,40 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             }
         }
     }
-    let gpu_list = gpus::allocate(&mut tx, &id, spec.gpus, gpu_model).await?;
-    if gpu_list.len() < spec.gpus as usize {
+    // Placement: the best host by policy whose GPUs can be taken now (rows another create
+    // holds are skipped, so the next host is tried rather than waited for).
+    let Some((host, gpu_list)) = place(st, &mut tx, &id, spec.gpus, gpu_model).await? else {
         tx.rollback().await?;
+        if spec.gpus == 0 {
+            st.metrics.creates.with_label_values(&["no_host"]).inc();
+            return Err(ApiError::Unavailable(
+                "no host can take a new environment now (every host is draining, disabled, down or full)".into(),
+            ));
+        }
         st.metrics.creates.with_label_values(&["gpus_unavailable"]).inc();
-        let free = gpu_list.len();
+        let free = usize::try_from(gpus::most_free_on_a_host(&st.db, gpu_model).await.unwrap_or(0)).unwrap_or(0);
         let of = gpu_model.map(|m| format!(" of model \"{m}\"")).unwrap_or_default();
-        return Err(gpus_unavailable(st, format!("{} GPUs{of} requested, {free} free", spec.gpus), free, spec.gpus, gpu_model).await);
-    }
+        let what = format!("{} GPUs{of} requested, {free} free on any one host", spec.gpus);
+        return Err(gpus_unavailable(st, what, free, spec.gpus, gpu_model).await);
+    };
+    envs::set_host(&mut tx, &id, &host).await?;
     envs::set_gpus(&mut tx, &id, &gpu_list).await?;
+    // Before anything is committed: an image that is not on that host is a 422 naming it.
+    let dk = st.fleet.client(&host).await.map_err(|e| host_error(&host, e))?;
+    dk.image_exists(&image).await.map_err(|e| host_error(&host, e))?;
     let detail = serde_json::json!({
         "ports": allocated.iter().filter(|(p, _)| *p != 0).map(|(p, s)| serde_json::json!({"port": p, "service": s.as_str()})).collect::<Vec<_>>(),
         "names": name_service_names,
         "gpus": gpu_list.iter().map(|g| g.request_id()).collect::<Vec<_>>(),
+        "host": host,
         "image": image,
         "owner": user.name,
     });
     db::event(&mut *tx, Some(&id), "created", detail).await?;
     tx.commit().await?;
     step("database", t);
-    tracing::info!(env_id = %id, ports = ?allocated, gpus = ?gpu_list, "environment allocated");
+    st.metrics.placements.with_label_values(&[&host]).inc();
+    tracing::info!(env_id = %id, host = %host, ports = ?allocated, gpus = ?gpu_list, "environment allocated");
     st.crash_point("after_allocate");
 
     // From here on every failure, including an early `?`, undoes the steps before it.
@@ -233,7 +251,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     let rest: Result<Wanted, ApiError> = async {
         // Step 2: the home volume, then Docker create.
         let t = Instant::now();
-        st.docker.ensure_volume(&id).await.map_err(docker_error)?;
+        dk.ensure_volume(&id).await.map_err(docker_error)?;
         let ws = WorkspaceSpec {
             env_id: &id,
             image: &image,
@@ -248,7 +266,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         let created = if st.fail_point("docker_create") {
             Err(DockerError::Create("fault injection: docker_create".into()))
         } else {
-            st.docker.create(&ws).await
+            dk.create(&ws).await
         };
         let c = created.map_err(docker_error)?;
         container = Some(c.clone());
@@ -258,7 +276,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
 
         // Step 3: Docker start, and read the published addresses back.
         let t = Instant::now();
-        let upstreams = start_and_read(st, &c, &allocated).await?;
+        let upstreams = start_and_read(&dk, &c, &allocated).await?;
         step("docker_start", t);
         st.crash_point("after_docker_start");
 
@@ -269,7 +287,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     .await;
     let wanted = match rest {
         Ok(w) => w,
-        Err(e) => return Err(fail_create(st, &id, container.as_deref(), routed, e).await),
+        Err(e) => return Err(fail_create(st, &dk, &id, container.as_deref(), routed, e).await),
     };
     let container = container.unwrap_or_default();
     let t = Instant::now();
@@ -314,12 +332,49 @@ async fn replay(st: &State, user: &User, key: &IdempotencyKey, used: idempotency
 }
 
 async fn start_and_read(
-    st: &State,
+    dk: &DockerClient,
     container: &str,
     allocated: &[(u16, Service)],
 ) -> Result<Vec<(u16, Service, SocketAddr)>, ApiError> {
-    st.docker.start(container).await.map_err(docker_error)?;
-    st.docker.upstreams(container, allocated).await.map_err(docker_error)
+    dk.start(container).await.map_err(docker_error)?;
+    dk.upstreams(container, allocated).await.map_err(docker_error)
+}
+
+/// Chooses a host for a new environment and takes its GPUs there, in the create's
+/// transaction: the candidates in the configured policy's order, each under its environment
+/// limit, the first whose GPUs could all be taken. `None`: no host can take it now.
+async fn place(
+    st: &State,
+    tx: &mut crate::db::Tx<'_>,
+    id: &str,
+    count: u32,
+    model: Option<&str>,
+) -> Result<Option<(String, Vec<GpuRef>)>, ApiError> {
+    for c in hosts::candidates(tx, count, model, st.cfg.fleet.placement).await? {
+        // Drained or removed since the candidates were read, or full: the next one.
+        if !hosts::hold_for_placement(tx, &c.name).await? || !hosts::has_room(tx, &c).await? {
+            continue;
+        }
+        let got = gpus::allocate(tx, &c.name, id, count, model).await?;
+        if got.len() == count as usize {
+            return Ok(Some((c.name, got)));
+        }
+        // Another create took some meanwhile: give these back and try the next host.
+        gpus::release_env(&mut **tx, id).await?;
+    }
+    Ok(None)
+}
+
+/// A host that cannot be reached or lacks the image, as the client sees it.
+fn host_error(host: &str, e: DockerError) -> ApiError {
+    match e {
+        DockerError::ImageMissing(image) => ApiError::ImageNotFound(image),
+        DockerError::Connect(_) | DockerError::Timeout(_) => {
+            tracing::error!(host, error = %e, "host's Docker engine unavailable");
+            ApiError::Unavailable(format!("host {host} is unavailable; try again"))
+        }
+        other => ApiError::internal("Docker error", other),
+    }
 }
 
 /// The routes the table must hold after a commit: by port, and by name.
@@ -376,11 +431,11 @@ async fn commit_routes(
 /// Undoes a failed create in reverse and returns the error to report. If the undo itself
 /// fails, the environment is left in `creating` without an operating instance, and the
 /// reconciler finishes the undo.
-async fn fail_create(st: &State, id: &str, container: Option<&str>, routed: bool, err: ApiError) -> ApiError {
+async fn fail_create(st: &State, dk: &DockerClient, id: &str, container: Option<&str>, routed: bool, err: ApiError) -> ApiError {
     st.metrics.creates.with_label_values(&["failed"]).inc();
     tracing::warn!(env_id = %id, error = %err, "create failed; undoing");
     let reason = format!("create failed: {err}");
-    if let Err(e) = undo_create(st, id, container, routed, &reason).await {
+    if let Err(e) = undo_create(st, dk, id, container, routed, &reason).await {
         tracing::error!(env_id = %id, error = %e, "undo of a failed create failed; the reconciler will finish it");
         let _ = envs::release_claim(&st.db, id, st.instance).await;
     }
@@ -392,6 +447,7 @@ async fn fail_create(st: &State, id: &str, container: Option<&str>, routed: bool
 /// `reason`.
 pub async fn undo_create(
     st: &State,
+    dk: &DockerClient,
     id: &str,
     container: Option<&str>,
     routed: bool,
@@ -402,8 +458,8 @@ pub async fn undo_create(
         let ports: Vec<u16> = held.iter().map(|(p, _)| *p).collect();
         st.table.wait_gone(&ports, id, Duration::from_millis(st.cfg.route_wait_ms)).await;
     }
-    remove_containers(st, id, container).await?;
-    st.docker.remove_volume(id).await?;
+    remove_containers(dk, id, container).await?;
+    dk.remove_volume(id).await?;
     let mut tx = st.db.begin().await?;
     let q = if routed { st.cfg.quarantine_s } else { 0 };
     let released = ports::release_env(&mut *tx, id, q).await?;
@@ -417,12 +473,12 @@ pub async fn undo_create(
 
 /// Removes the environment's container: the known id, and any other container labelled with
 /// the environment (a crash between create and recording the id).
-async fn remove_containers(st: &State, id: &str, known: Option<&str>) -> Result<(), DockerError> {
+async fn remove_containers(dk: &DockerClient, id: &str, known: Option<&str>) -> Result<(), DockerError> {
     if let Some(c) = known {
-        st.docker.remove(c).await?;
+        dk.remove(c).await?;
     }
-    for c in st.docker.list_managed().await?.into_iter().filter(|c| c.env_id == id) {
-        st.docker.remove(&c.id).await?;
+    for c in dk.list_managed().await?.into_iter().filter(|c| c.env_id == id) {
+        dk.remove(&c.id).await?;
     }
     Ok(())
 }
@@ -449,7 +505,7 @@ async fn claim(st: &State, user: &User, id: &str, from: &[&str], to: &str, verb:
 /// ports into quarantine.
 pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiError> {
     let started = Instant::now();
-    let from = [status::RUNNING, status::STOPPED, status::FAILED, status::CREATING];
+    let from = [status::RUNNING, status::STOPPED, status::FAILED, status::CREATING, status::UNREACHABLE];
     let env = match claim(st, user, id, &from, status::DELETING, "delete").await {
         Ok(env) => env,
         Err(e) => {
@@ -497,9 +553,16 @@ pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
     let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
     routes::delete_env(st.db.pool(), &env.id).await?;
     wait_cut_off(st, &env.id, &held, &name_services(env), "removing").await;
-    remove_containers(st, &env.id, env.container_id.as_deref()).await?;
-    st.crash_point("after_container_removed");
-    st.docker.remove_volume(&env.id).await?;
+    // A host that is down keeps what it had: the reconciler removes the container and the
+    // home volume (no environment owns them any more) when the host is back.
+    if hosts::get(st.db.pool(), &env.host).await?.is_some_and(|h| h.health == hosts::health::DOWN) {
+        tracing::warn!(env_id = %env.id, host = %env.host, "host is down; its container and home volume go when it is back");
+    } else {
+        let dk = st.fleet.client(&env.host).await?;
+        remove_containers(&dk, &env.id, env.container_id.as_deref()).await?;
+        st.crash_point("after_container_removed");
+        dk.remove_volume(&env.id).await?;
+    }
     let mut tx = st.db.begin().await?;
     let released = ports::release_env(&mut *tx, &env.id, st.cfg.quarantine_s).await?;
     gpus::release_env(&mut *tx, &env.id).await?;

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 
 use super::{
-    claim, commit_routes, docker_error, gpus_unavailable, name_services, quota, remove_containers, start_and_read,
+    claim, commit_routes, docker_error, gpus_unavailable, host_error, name_services, quota, remove_containers, start_and_read,
     wait_cut_off, Outcome, Wanted,
 };
 use crate::db::envs::{self, status, EnvRow};
 use crate::db::{self, gpus, ports, quotas, readiness, routes, users::User};
-use crate::docker::{Limits, WorkspaceSpec};
+use crate::docker::{DockerClient, Limits, WorkspaceSpec};
 use crate::error::ApiError;
 use crate::gpu::GpuRef;
 use crate::state::State;
@@ -45,7 +45,7 @@ pub async fn stop_env(st: &State, env: &EnvRow, reason: &str, status_reason: Opt
         let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
         wait_cut_off(st, &env.id, &held, &name_services(env), "stopping").await;
         if let Some(c) = &env.container_id {
-            st.docker.stop(c).await?;
+            st.fleet.client(&env.host).await?.stop(c).await?;
         }
         let mut tx = st.db.begin().await?;
         let released = gpus::release_env(&mut *tx, &env.id).await?;
@@ -72,19 +72,20 @@ pub async fn stop_env(st: &State, env: &EnvRow, reason: &str, status_reason: Opt
 /// leaves the environment stopped, holding no GPU and no container.
 pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
     let env = claim(st, user, id, &[status::STOPPED], status::STOPPED, "start").await?;
-    // Before anything changes: an image that is gone is a 422 naming it.
-    st.docker.image_exists(&env.image).await.map_err(docker_error)?;
+    // Before anything changes: an image that is gone from its host is a 422 naming it.
+    let dk = st.fleet.client(&env.host).await.map_err(|e| host_error(&env.host, e))?;
+    dk.image_exists(&env.image).await.map_err(|e| host_error(&env.host, e))?;
     let gpu_list = take_gpus(st, user, &env).await?;
 
     // From here on a failure gives the GPUs back and removes what was made.
     let rest: Result<Wanted, ApiError> = async {
         // Ports held, and port 0 for a service reached by name only.
         let held = ports::env_endpoints(st.db.pool(), &env.id, &env.services).await?;
-        let limits = limits_of(st, &env).await;
+        let limits = limits_of(st, &dk, &env).await;
         // The old container goes (its device nodes are the old GPUs'); the files of the home
         // stay in the volume.
-        remove_containers(st, &env.id, env.container_id.as_deref()).await.map_err(docker_error)?;
-        st.docker.ensure_volume(&env.id).await.map_err(docker_error)?;
+        remove_containers(&dk, &env.id, env.container_id.as_deref()).await.map_err(docker_error)?;
+        dk.ensure_volume(&env.id).await.map_err(docker_error)?;
         let ws = WorkspaceSpec {
             env_id: &env.id,
             image: &env.image,
@@ -96,9 +97,9 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
             ssh_public_keys: &env.ssh_public_keys,
             limits,
         };
-        let c = st.docker.create(&ws).await.map_err(docker_error)?;
+        let c = dk.create(&ws).await.map_err(docker_error)?;
         envs::set_container(st.db.pool(), &env.id, &c).await?;
-        let upstreams = start_and_read(st, &c, &held).await?;
+        let upstreams = start_and_read(&dk, &c, &held).await?;
         commit_routes(st, &env.id, &c, &upstreams, &name_services(&env)).await
     }
     .await;
@@ -106,7 +107,7 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
         Ok(w) => w,
         Err(e) => {
             let reason = format!("start failed: {e}");
-            if let Err(u) = undo_start(st, &env.id, &reason).await {
+            if let Err(u) = undo_start(st, &dk, &env.id, &reason).await {
                 tracing::error!(env_id = %env.id, error = %format!("{u:#}"), "undo of a failed start failed; the reconciler finishes it");
             }
             return Err(e);
@@ -135,12 +136,16 @@ async fn take_gpus(st: &State, user: &User, env: &EnvRow) -> Result<Vec<GpuRef>,
     let adds = quota::Adds { environments: 0, gpus: 0, running: 1 };
     quota::check(&user.name, &st.cfg.quotas, overrides, usage, adds)?;
     let model = env.gpu_model.as_deref();
-    let list = gpus::allocate(&mut tx, &env.id, needed, model).await?;
+    // On its own host: its home volume is there.
+    let list = gpus::allocate(&mut tx, &env.host, &env.id, needed, model).await?;
     if list.len() < needed as usize {
         tx.rollback().await?;
         let free = list.len();
         let of = model.map(|m| format!(" of model \"{m}\"")).unwrap_or_default();
-        let what = format!("not enough free GPUs{of} to start environment {}: {free} free, {needed} needed", env.id);
+        let what = format!(
+            "not enough free GPUs{of} on host {} (where its home volume is) to start environment {}: {free} free, {needed} needed",
+            env.host, env.id
+        );
         return Err(gpus_unavailable(st, what, free, needed, model).await);
     }
     envs::set_gpus(&mut tx, &env.id, &list).await?;
@@ -152,7 +157,7 @@ async fn take_gpus(st: &State, user: &User, env: &EnvRow) -> Result<Vec<GpuRef>,
 
 /// The limits the re-created container gets: those recorded at create; for an environment
 /// made before they were recorded, those of its old container; else the deployment's defaults.
-async fn limits_of(st: &State, env: &EnvRow) -> Limits {
+async fn limits_of(st: &State, dk: &DockerClient, env: &EnvRow) -> Limits {
     let recorded = (|| {
         Some(Limits {
             memory_mb: u64::try_from(env.memory_mb?).ok()?,
@@ -164,7 +169,7 @@ async fn limits_of(st: &State, env: &EnvRow) -> Limits {
         return l;
     }
     if let Some(c) = &env.container_id {
-        if let Ok(Some(old)) = st.docker.inspect(c).await {
+        if let Ok(Some(old)) = dk.inspect(c).await {
             if let Some(l) = old.limits {
                 return l;
             }
@@ -177,8 +182,8 @@ async fn limits_of(st: &State, env: &EnvRow) -> Limits {
 
 /// Undoes a failed start: removes the containers it made, gives the GPUs back, forgets the
 /// container and settles the environment `stopped` with `reason`.
-async fn undo_start(st: &State, id: &str, reason: &str) -> anyhow::Result<()> {
-    remove_containers(st, id, None).await?;
+async fn undo_start(st: &State, dk: &DockerClient, id: &str, reason: &str) -> anyhow::Result<()> {
+    remove_containers(dk, id, None).await?;
     let mut tx = st.db.begin().await?;
     routes::deactivate(&mut *tx, id).await?;
     gpus::release_env(&mut *tx, id).await?;

@@ -75,6 +75,10 @@ pub struct Metrics {
     pub service_ready_seconds: HistogramVec,
     /// Services given up on at their readiness deadline.
     pub services_not_ready: IntCounterVec,
+    /// 1 while a host's engine answered the last probe, 0 after one it did not answer.
+    pub host_up: GaugeVec,
+    /// Creates placed, by host.
+    pub placements: IntCounterVec,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -171,6 +175,12 @@ impl Metrics {
                 "Services that did not answer by their readiness deadline",
                 &["service"],
             ),
+            host_up: gauge(
+                "gpugate_host_up",
+                "1 while the host's Docker engine answered the last probe of this process, 0 when it did not",
+                &["host"],
+            ),
+            placements: counter("gpugate_placements_total", "Creates placed on each host", &["host"]),
             registry,
         }
     }

@@ -60,6 +60,9 @@ pub struct Engine {
     pub sock: PathBuf,
     bridge: String,
     namespace: String,
+    /// The address pool's second octet and third octet base.
+    pool: (u32, u32),
+    hook: bool,
     child: Option<Child>,
 }
 
@@ -72,7 +75,10 @@ impl Engine {
         std::fs::create_dir_all(dir.join("bin")).expect("engine dir");
         let bridge = format!("gg{id}");
         let namespace = format!("gg-eng-{id}");
-        let mut engine = Engine { sock: dir.join("d.sock"), dir, bridge, namespace, child: None };
+        let octet = 100 + (u32::from_str_radix(&id[..2], 16).expect("hex") % 100);
+        let third = u32::from_str_radix(&id[2..4], 16).expect("hex");
+        let mut engine =
+            Engine { sock: dir.join("d.sock"), dir, bridge, namespace, pool: (octet, third), hook, child: None };
         let write = |name: &str, text: &str| {
             let path = engine.dir.join("bin").join(name);
             std::fs::write(&path, text.replace("__DIR__", &engine.dir.display().to_string())).expect("write script");
@@ -84,18 +90,22 @@ impl Engine {
         }
         std::fs::write(engine.dir.join("daemon.json"), "{}").expect("daemon.json");
         // The bridge and a private address pool in 10.x: nothing else on the host uses them.
-        let octet = 100 + (u32::from_str_radix(&id[..2], 16).expect("hex") % 100);
-        let third = u32::from_str_radix(&id[2..4], 16).expect("hex");
         run(Command::new("ip").args(["link", "add", &engine.bridge, "type", "bridge"]));
         run(Command::new("ip").args(["addr", "add", &format!("10.{octet}.{third}.1/24"), "dev", &engine.bridge]));
         run(Command::new("ip").args(["link", "set", &engine.bridge, "up"]));
-        let path = if hook {
-            format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", engine.dir.join("bin").display())
+        engine.spawn_daemon();
+        engine
+    }
+
+    fn spawn_daemon(&mut self) {
+        let (octet, third) = self.pool;
+        let path = if self.hook {
+            format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", self.dir.join("bin").display())
         } else {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()
         };
-        let d = &engine.dir;
-        let log = std::fs::File::create(d.join("dockerd.log")).expect("log");
+        let d = &self.dir;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("dockerd.log")).expect("log");
         let child = Command::new("dockerd")
             .env_clear()
             .env("PATH", path)
@@ -108,27 +118,40 @@ impl Engine {
             .arg("--pidfile")
             .arg(d.join("dockerd.pid"))
             .arg("-H")
-            .arg(format!("unix://{}", engine.sock.display()))
-            .args(["--bridge", &engine.bridge, "--iptables=false", "--ip-masq=false"])
+            .arg(format!("unix://{}", self.sock.display()))
+            .args(["--bridge", &self.bridge, "--iptables=false", "--ip-masq=false"])
             .args(["--default-address-pool", &format!("base=10.{octet}.{}.0/24,size=28", (third + 128) % 256)])
-            .args(["--containerd-namespace", &engine.namespace])
-            .args(["--containerd-plugins-namespace", &format!("{}-plugins", engine.namespace)])
+            .args(["--containerd-namespace", &self.namespace])
+            .args(["--containerd-plugins-namespace", &format!("{}-plugins", self.namespace)])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("spawn dockerd");
-        engine.child = Some(child);
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !engine.docker(&["version"]).status.success() {
+        while !self.docker(&["version"]).status.success() {
             assert!(
                 Instant::now() < deadline,
                 "the second dockerd did not answer: {}",
-                std::fs::read_to_string(engine.dir.join("dockerd.log")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        engine
+    }
+
+    /// Stops the daemon (its containers stop with it; they stay on disk), as a host that goes
+    /// down; [`Engine::restart`] brings it back with the same state.
+    pub fn stop_daemon(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop_child(child);
+        }
+    }
+
+    /// Starts the daemon again after [`Engine::stop_daemon`].
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the daemon is running");
+        self.spawn_daemon();
     }
 
     /// The endpoint gpugate's `docker.endpoint` takes.
@@ -197,6 +220,23 @@ impl Engine {
     }
 }
 
+/// SIGTERM, then SIGKILL after 20 s.
+fn stop_child(mut child: Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd.output().expect("run");
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -206,7 +246,7 @@ impl Drop for Engine {
     // Synchronous, and whatever state the test left: containers, daemon (and the containerd
     // it started under its exec root), mounts, bridge, files.
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(child) = self.child.take() {
             let ids = self.docker(&["ps", "-aq"]);
             let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout).lines().map(str::to_string).collect();
             if !ids.is_empty() {
@@ -214,19 +254,7 @@ impl Drop for Engine {
                 args.extend(ids.iter().map(String::as_str));
                 let _ = self.docker(&args);
             }
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            stop_child(child);
         }
         // Mounts the daemon left under its directories (deepest first).
         let dir = self.dir.display().to_string();
