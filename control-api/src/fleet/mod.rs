@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use tokio::sync::RwLock;
 
-use crate::config::Config;
-use crate::db::{hosts, Db};
+use crate::config::{Config, Placement};
+use crate::db::{gpus, hosts, Db, DbResult, Tx};
+use crate::gpu::GpuRef;
 use crate::docker::{DockerClient, DockerError, Endpoint};
 
 /// The Docker clients of the fleet's hosts.
@@ -68,6 +69,32 @@ impl Fleet {
         self.others.write().await.insert(host.to_string(), (want, client.clone()));
         Ok(client)
     }
+}
+
+/// Chooses a host for a new environment `id` (already inserted in `tx`) and takes its GPUs
+/// there, in the create's transaction: the candidates in `policy`'s order, each held against
+/// removal and re-checked (still active, under its environment limit), the first whose GPUs
+/// could all be taken (`FOR UPDATE SKIP LOCKED`: rows another create holds are skipped, so the
+/// next host is tried rather than waited for). `None`: no host can take it now.
+pub async fn place(
+    tx: &mut Tx<'_>,
+    id: &str,
+    count: u32,
+    model: Option<&str>,
+    policy: Placement,
+) -> DbResult<Option<(String, Vec<GpuRef>)>> {
+    for c in hosts::candidates(tx, count, model, policy).await? {
+        if !hosts::hold_for_placement(tx, &c.name).await? || !hosts::has_room(tx, &c).await? {
+            continue;
+        }
+        let got = gpus::allocate(tx, &c.name, id, count, model).await?;
+        if got.len() == count as usize {
+            return Ok(Some((c.name, got)));
+        }
+        // Another create took some meanwhile: give these back and try the next host.
+        gpus::release_env(&mut **tx, id).await?;
+    }
+    Ok(None)
 }
 
 /// Checks a host to add (the API and the CLI both): the message names the field to fix.

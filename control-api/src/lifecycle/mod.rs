@@ -18,7 +18,6 @@ pub use stop_start::{start, stop, stop_env};
 use crate::db::envs::{self, status, EnvRow, NewEnv};
 use crate::db::{self, gpus, hosts, idempotency, ports, quotas, readiness, routes, users::User};
 use crate::docker::{DockerClient, DockerError, WorkspaceSpec};
-use crate::gpu::GpuRef;
 use crate::error::ApiError;
 use crate::state::State;
 
@@ -211,7 +210,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     }
     // Placement: the best host by policy whose GPUs can be taken now (rows another create
     // holds are skipped, so the next host is tried rather than waited for).
-    let Some((host, gpu_list)) = place(st, &mut tx, &id, spec.gpus, gpu_model).await? else {
+    let Some((host, gpu_list)) = crate::fleet::place(&mut tx, &id, spec.gpus, gpu_model, st.cfg.fleet.placement).await? else {
         tx.rollback().await?;
         if spec.gpus == 0 {
             st.metrics.creates.with_label_values(&["no_host"]).inc();
@@ -338,31 +337,6 @@ async fn start_and_read(
 ) -> Result<Vec<(u16, Service, SocketAddr)>, ApiError> {
     dk.start(container).await.map_err(docker_error)?;
     dk.upstreams(container, allocated).await.map_err(docker_error)
-}
-
-/// Chooses a host for a new environment and takes its GPUs there, in the create's
-/// transaction: the candidates in the configured policy's order, each under its environment
-/// limit, the first whose GPUs could all be taken. `None`: no host can take it now.
-async fn place(
-    st: &State,
-    tx: &mut crate::db::Tx<'_>,
-    id: &str,
-    count: u32,
-    model: Option<&str>,
-) -> Result<Option<(String, Vec<GpuRef>)>, ApiError> {
-    for c in hosts::candidates(tx, count, model, st.cfg.fleet.placement).await? {
-        // Drained or removed since the candidates were read, or full: the next one.
-        if !hosts::hold_for_placement(tx, &c.name).await? || !hosts::has_room(tx, &c).await? {
-            continue;
-        }
-        let got = gpus::allocate(tx, &c.name, id, count, model).await?;
-        if got.len() == count as usize {
-            return Ok(Some((c.name, got)));
-        }
-        // Another create took some meanwhile: give these back and try the next host.
-        gpus::release_env(&mut **tx, id).await?;
-    }
-    Ok(None)
 }
 
 /// A host that cannot be reached or lacks the image, as the client sees it.
