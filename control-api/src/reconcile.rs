@@ -356,6 +356,8 @@ pub async fn host_strays(st: &State, host: &str, docker: &DockerClient) -> anyho
     reconcile_host(st, host, docker, &mut r).await?;
     st.metrics.repaired("container_removed", r.containers_removed);
     st.metrics.repaired("volume_removed", r.volumes_removed);
+    st.metrics.repaired("environment_failed", r.environments_failed);
+    st.metrics.repaired("routes_rewritten", r.routes_rewritten);
     Ok(r.containers_removed)
 }
 

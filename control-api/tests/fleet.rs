@@ -81,6 +81,9 @@ fn local_containers(deployment: &str) -> Vec<String> {
 async fn placement_follows_the_policy_and_never_books_a_gpu_twice() {
     let mut ctx = Ctx::new("fleet_place").await;
     ctx.cfg.default_services = vec!["ssh".into()];
+    // Room for every create below, released ports staying in quarantine: the 40 concurrent
+    // creates must fail for want of GPUs, not of ports.
+    ctx.cfg.pools.get_mut("ssh").expect("ssh pool").range = "20000-20099".parse().expect("range");
     ctx.cfg.fleet.placement = Placement::Spread;
     ctx.cfg.fleet.probe_interval_s = 1;
     ctx.cfg.fleet.fail_after_s = 60;
@@ -173,9 +176,47 @@ async fn placement_follows_the_policy_and_never_books_a_gpu_twice() {
         assert_eq!(s, 200, "{v}");
     }
 
-    // 40 concurrent creates over two API processes: exactly the four GPUs are taken, each by
-    // one environment on its own host; every other create is a clean 409.
+    // A host's environment limit, and one engine registered under two names by mistake: h3
+    // is h2's engine again, CPU only, at most one environment.
+    let h3 = json!({
+        "name": "h3", "docker_endpoint": engine.endpoint(), "upstream_address": "127.0.0.5", "max_environments": 1,
+    });
+    let (s, v) = ctx.post("/api/v1/admin/hosts", &admin, h3).await;
+    assert_eq!(s, 201, "{v}");
+    for h in ["local", "h2"] {
+        let (s, _) = ctx.post(&format!("/api/v1/admin/hosts/{h}/drain"), &admin, json!({})).await;
+        assert_eq!(s, 200);
+    }
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "cpu1"})).await;
+    assert_eq!((s, v["data"]["host"].as_str()), (201, Some("h3")), "{v}");
+    let on_h3 = v["data"]["id"].as_str().expect("id").to_string();
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "cpu2"})).await;
+    assert_eq!((s, v["code"].as_u64()), (503, Some(1010)), "h3 is full, the others drain: {v}");
+    // A reconcile pass over both names leaves h3's workspace alone: h2's reconciler does not
+    // take it for one of its own strays (the gpugate.host label).
+    let (s, v) = ctx.post("/api/v1/admin/reconcile", &admin, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["containers_removed"], 0, "{v}");
+    assert_eq!(env_status(&ctx, &alice, &on_h3).await, "running");
+    assert_eq!(engine.containers(&ctx.deployment).len(), 1);
+    let (s, v) = ctx.delete(&format!("/api/v1/environments/{on_h3}"), &alice).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = ctx.delete("/api/v1/admin/hosts/h3", &admin).await;
+    assert_eq!(s, 200, "{v}");
+    for h in ["local", "h2"] {
+        let (s, _) = ctx.post(&format!("/api/v1/admin/hosts/{h}/undrain"), &admin, json!({})).await;
+        assert_eq!(s, 200);
+    }
+
+    // 40 concurrent creates over two API processes, by eight users (one user's creates queue
+    // on their quota row): exactly the four GPUs are taken, each by one environment on its
+    // own host; every other create is a clean 409.
     ctx.stop().await;
+    ctx.cfg.database_max_connections = 30;
+    let mut users = vec![];
+    for u in 0..8 {
+        users.push(ctx.token(&format!("user{u}"), false).await);
+    }
     let extra = [("GPUGATE_PLACEMENT", "spread"), ("GPUGATE_HOST_PROBE_INTERVAL_S", "1")];
     let (a, base_a) = ctx.spawn(&["serve"], &extra);
     let (b, base_b) = ctx.spawn(&["serve"], &extra);
@@ -184,7 +225,7 @@ async fn placement_follows_the_policy_and_never_books_a_gpu_twice() {
     let mut calls = vec![];
     for i in 0..40 {
         let base = if i % 2 == 0 { base_a.clone() } else { base_b.clone() };
-        let (http, token) = (ctx.http.clone(), alice.clone());
+        let (http, token) = (ctx.http.clone(), users[i % 8].clone());
         calls.push(tokio::spawn(async move {
             let r = http
                 .post(format!("{base}/api/v1/environments"))
@@ -215,7 +256,13 @@ async fn placement_follows_the_policy_and_never_books_a_gpu_twice() {
         assert!(made.iter().any(|(id, h)| id == env && h == host), "{env} on {host}: {made:?}");
     }
     for (id, _) in &made {
-        let (s, v) = ctx.call(&base_a, reqwest::Method::DELETE, &format!("/api/v1/environments/{id}"), &alice, None).await;
+        let owner: String = sqlx::query_scalar("SELECT u.name FROM environments e JOIN users u ON u.id = e.owner_id WHERE e.id = $1")
+            .bind(id)
+            .fetch_one(ctx.db().pool())
+            .await
+            .expect("owner");
+        let token = &users[owner.trim_start_matches("user").parse::<usize>().expect("user number")];
+        let (s, v) = ctx.call(&base_a, reqwest::Method::DELETE, &format!("/api/v1/environments/{id}"), token, None).await;
         assert_eq!(s, 200, "{v}");
     }
     ctx.kill(a);
@@ -248,8 +295,9 @@ async fn a_lost_host_turns_unreachable_then_failed_and_is_cleaned_when_back() {
     let live = |ctx: &Ctx| matches!(ctx.table().lookup(port, gpugate_routes::now_ms()), Lookup::Live(r) if r.env_id.as_str() == id);
     assert!(live(&ctx));
 
-    // The host goes down: unreachable, routes kept; then failed, routes gone, GPU released.
-    engine.stop_daemon();
+    // The host stops answering (its engine frozen; its containers keep running): unreachable,
+    // routes kept; then failed, routes gone, GPU released.
+    engine.freeze();
     assert!(wait_health(&ctx, &admin, "h2", "down").await, "h2 never seen down");
     let mut seen = false;
     for _ in 0..100 {
@@ -281,9 +329,9 @@ async fn a_lost_host_turns_unreachable_then_failed_and_is_cleaned_when_back() {
         .expect("count");
     assert_eq!(held, 0, "a failed workspace's GPUs go back");
 
-    // Back: the left-over container (stopped with the daemon, still on its disk) is removed
-    // before h2 takes placements again.
-    engine.restart();
+    // Back: the lost workspace's container, still running with the GPU that was given back,
+    // is removed before h2 takes placements again.
+    engine.thaw();
     assert!(wait_health(&ctx, &admin, "h2", "up").await, "h2 never back up");
     assert!(engine.containers(&ctx.deployment).is_empty(), "the lost workspace's container was not removed");
     let (s, v) = ctx.post("/api/v1/admin/hosts/local/drain", &admin, json!({})).await;

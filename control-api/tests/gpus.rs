@@ -132,7 +132,7 @@ async fn nvidia_mode_gives_each_workspace_exactly_its_gpus_by_uuid() {
     assert_eq!((s, v["code"].as_u64()), (409, Some(1008)), "{v}");
     assert_eq!(
         v["message"],
-        format!("not enough free GPUs of model \"a100\" to start environment {a}: 1 free, 2 needed; free now: NVIDIA A100-SXM4-80GB (1)")
+        format!("not enough free GPUs of model \"a100\" on host local (where its home volume is) to start environment {a}: 1 free, 2 needed; free now: NVIDIA A100-SXM4-80GB (1)")
     );
     ctx.finish().await;
 }

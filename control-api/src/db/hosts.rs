@@ -235,10 +235,17 @@ pub struct Candidate {
     pub max_environments: Option<i32>,
 }
 
-/// The hosts that can take an environment with `gpus` GPUs (of `model`, when given), best
+/// The hosts that can take the environment `env_id` (being created in `tx`, not counted) with
+/// `gpus` GPUs (of `model`, when given), best
 /// first by `policy`: active, not down, enough free GPUs, under their environment limit.
 /// Counts are read without locks; the GPU rows taken next are what makes a placement safe.
-pub async fn candidates(tx: &mut Tx<'_>, gpus: u32, model: Option<&str>, policy: Placement) -> DbResult<Vec<Candidate>> {
+pub async fn candidates(
+    tx: &mut Tx<'_>,
+    env_id: &str,
+    gpus: u32,
+    model: Option<&str>,
+    policy: Placement,
+) -> DbResult<Vec<Candidate>> {
     let order = match policy {
         Placement::Pack => "free ASC, environments DESC, name",
         Placement::Spread => "environments ASC, free DESC, name",
@@ -247,7 +254,7 @@ pub async fn candidates(tx: &mut Tx<'_>, gpus: u32, model: Option<&str>, policy:
         "SELECT * FROM (SELECT h.name, h.max_environments, \
              (SELECT count(*) FROM gpu_devices g WHERE g.host = h.name AND g.status = 'available' \
                  AND ($2::text IS NULL OR strpos(lower(g.name), lower($2)) > 0)) AS free, \
-             (SELECT count(*) FROM environments e WHERE e.host = h.name \
+             (SELECT count(*) FROM environments e WHERE e.host = h.name AND e.id <> $3 \
                  AND e.status IN ('creating', 'running', 'unreachable')) AS environments \
            FROM hosts h WHERE h.state = 'active' AND h.health <> 'down') c \
          WHERE free >= $1 AND (max_environments IS NULL OR environments < max_environments) \
@@ -255,6 +262,7 @@ pub async fn candidates(tx: &mut Tx<'_>, gpus: u32, model: Option<&str>, policy:
     ))
     .bind(i64::from(gpus))
     .bind(model)
+    .bind(env_id)
     .fetch_all(&mut **tx)
     .await
 }
@@ -272,7 +280,7 @@ pub async fn hold_for_placement(tx: &mut Tx<'_>, name: &str) -> DbResult<bool> {
 /// For a host with an environment limit: locks its row (creates placing there queue here) and
 /// tells whether it still has room, counting committed environments. Always true without a
 /// limit (no lock is taken, so such hosts never serialise creates).
-pub async fn has_room(tx: &mut Tx<'_>, c: &Candidate) -> DbResult<bool> {
+pub async fn has_room(tx: &mut Tx<'_>, env_id: &str, c: &Candidate) -> DbResult<bool> {
     let Some(_) = c.max_environments else { return Ok(true) };
     let max: Option<i32> = sqlx::query_scalar("SELECT max_environments FROM hosts WHERE name = $1 FOR UPDATE")
         .bind(&c.name)
@@ -281,9 +289,11 @@ pub async fn has_room(tx: &mut Tx<'_>, c: &Candidate) -> DbResult<bool> {
         .flatten();
     let Some(max) = max else { return Ok(true) };
     let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM environments WHERE host = $1 AND status IN ('creating', 'running', 'unreachable')",
+        "SELECT count(*) FROM environments WHERE host = $1 AND id <> $2 \
+             AND status IN ('creating', 'running', 'unreachable')",
     )
     .bind(&c.name)
+    .bind(env_id)
     .fetch_one(&mut **tx)
     .await?;
     Ok(n < i64::from(max))

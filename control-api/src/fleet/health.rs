@@ -76,16 +76,23 @@ pub async fn pass(st: &State) -> anyhow::Result<()> {
         };
         st.metrics.host_up.with_label_values(&[&host.name]).set(1.0);
         if host.health != hosts::health::UP {
-            // Back (or first seen): its containers are matched to the database first.
+            // Back (or first seen): its unreachable workspaces are running again, then its
+            // containers are matched to the database (a workspace whose container died
+            // meanwhile fails, strays go) before placement may use its GPUs again.
+            let back = envs::host_back(&st.db, &host.name).await?;
+            if !back.is_empty() {
+                tracing::info!(host = %host.name, environments = back.len(), "environments reachable again");
+            }
+            // Its workspace network may be gone (a rebuilt host): made again before any create.
+            if let Err(e) = client.clone().ensure_network().await {
+                down(st, &host.name, &format!("workspace network: {e}")).await?;
+                continue;
+            }
             if host.health == hosts::health::DOWN {
                 let removed = crate::reconcile::host_strays(st, &host.name, &client).await?;
                 tracing::info!(host = %host.name, containers_removed = removed, "host reachable again; reconciled");
             }
-            let back = envs::host_back(&st.db, &host.name).await?;
             hosts::mark_up(&st.db, &host.name).await?;
-            if !back.is_empty() {
-                tracing::info!(host = %host.name, environments = back.len(), "environments reachable again");
-            }
         } else {
             hosts::mark_up(&st.db, &host.name).await?;
         }

@@ -25,12 +25,14 @@ pub struct Fleet {
     /// Clients of the other hosts, with the endpoint each was made for (a changed row makes
     /// a new client).
     others: Arc<RwLock<HashMap<String, (Endpoint, DockerClient)>>>,
+    /// Held while a client is made, so a burst of creates connects to a host once.
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Fleet {
     /// A fleet whose own host is `local` (named `cfg.fleet.host_name`).
     pub fn new(cfg: Arc<Config>, db: Db, local: DockerClient) -> Fleet {
-        Fleet { cfg, db, local, others: Arc::default() }
+        Fleet { cfg, db, local, others: Arc::default(), connecting: Arc::default() }
     }
 
     /// This API's own host's name.
@@ -49,15 +51,33 @@ impl Fleet {
         if host == self.local_name() {
             return Ok(self.local.clone());
         }
-        let row = hosts::get(self.db.pool(), host)
-            .await
-            .map_err(|e| DockerError::Connect(format!("reading host {host}: {e}")))?
-            .ok_or_else(|| DockerError::Connect(format!("host {host} is not in the fleet")))?;
+        let row = hosts::get(self.db.pool(), host).await.map_err(|e| DockerError::Connect(format!("reading host {host}: {e}")))?;
+        self.client_of(host, row).await
+    }
+
+    /// [`Fleet::client`] reading the host's row in `tx` (a create's transaction must not wait
+    /// for a second pool connection while it holds one).
+    pub async fn client_in(&self, tx: &mut Tx<'_>, host: &str) -> Result<DockerClient, DockerError> {
+        if host == self.local_name() {
+            return Ok(self.local.clone());
+        }
+        let row = hosts::get(&mut **tx, host).await.map_err(|e| DockerError::Connect(format!("reading host {host}: {e}")))?;
+        self.client_of(host, row).await
+    }
+
+    async fn client_of(&self, host: &str, row: Option<hosts::HostRow>) -> Result<DockerClient, DockerError> {
+        let row = row.ok_or_else(|| DockerError::Connect(format!("host {host} is not in the fleet")))?;
         let upstream: IpAddr = row
             .upstream_address
             .parse()
             .map_err(|_| DockerError::Connect(format!("host {host} has a bad upstream address")))?;
         let want = Endpoint { host: host.to_string(), endpoint: row.docker_endpoint.clone(), tls_dir: row.tls_dir.clone(), upstream };
+        if let Some((had, client)) = self.others.read().await.get(host) {
+            if *had == want {
+                return Ok(client.clone());
+            }
+        }
+        let _one = self.connecting.lock().await;
         if let Some((had, client)) = self.others.read().await.get(host) {
             if *had == want {
                 return Ok(client.clone());
@@ -83,8 +103,8 @@ pub async fn place(
     model: Option<&str>,
     policy: Placement,
 ) -> DbResult<Option<(String, Vec<GpuRef>)>> {
-    for c in hosts::candidates(tx, count, model, policy).await? {
-        if !hosts::hold_for_placement(tx, &c.name).await? || !hosts::has_room(tx, &c).await? {
+    for c in hosts::candidates(tx, id, count, model, policy).await? {
+        if !hosts::hold_for_placement(tx, &c.name).await? || !hosts::has_room(tx, id, &c).await? {
             continue;
         }
         let got = gpus::allocate(tx, &c.name, id, count, model).await?;

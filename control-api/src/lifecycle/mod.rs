@@ -227,7 +227,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     envs::set_host(&mut tx, &id, &host).await?;
     envs::set_gpus(&mut tx, &id, &gpu_list).await?;
     // Before anything is committed: an image that is not on that host is a 422 naming it.
-    let dk = st.fleet.client(&host).await.map_err(|e| host_error(&host, e))?;
+    let dk = st.fleet.client_in(&mut tx, &host).await.map_err(|e| host_error(&host, e))?;
     dk.image_exists(&image).await.map_err(|e| host_error(&host, e))?;
     let detail = serde_json::json!({
         "ports": allocated.iter().filter(|(p, _)| *p != 0).map(|(p, s)| serde_json::json!({"port": p, "service": s.as_str()})).collect::<Vec<_>>(),

@@ -63,6 +63,7 @@ pub struct Engine {
     /// The address pool's second octet and third octet base.
     pool: (u32, u32),
     hook: bool,
+    frozen: bool,
     child: Option<Child>,
 }
 
@@ -78,7 +79,7 @@ impl Engine {
         let octet = 100 + (u32::from_str_radix(&id[..2], 16).expect("hex") % 100);
         let third = u32::from_str_radix(&id[2..4], 16).expect("hex");
         let mut engine =
-            Engine { sock: dir.join("d.sock"), dir, bridge, namespace, pool: (octet, third), hook, child: None };
+            Engine { sock: dir.join("d.sock"), dir, bridge, namespace, pool: (octet, third), hook, frozen: false, child: None };
         let write = |name: &str, text: &str| {
             let path = engine.dir.join("bin").join(name);
             std::fs::write(&path, text.replace("__DIR__", &engine.dir.display().to_string())).expect("write script");
@@ -140,18 +141,25 @@ impl Engine {
         }
     }
 
-    /// Stops the daemon (its containers stop with it; they stay on disk), as a host that goes
-    /// down; [`Engine::restart`] brings it back with the same state.
-    pub fn stop_daemon(&mut self) {
-        if let Some(child) = self.child.take() {
-            stop_child(child);
+    /// Freezes the daemon (SIGSTOP): its API stops answering while its containers keep
+    /// running, as a host cut off from the control plane. [`Engine::thaw`] undoes it.
+    ///
+    /// Not a stop and restart: a dockerd restarted with a data root whose network store names
+    /// a user-supplied bridge deletes the machine's own `docker0` (seen with Engine 20.10),
+    /// which would break every other test on the machine's engine.
+    pub fn freeze(&mut self) {
+        if let Some(child) = &self.child {
+            run(Command::new("kill").arg("-STOP").arg(child.id().to_string()));
+            self.frozen = true;
         }
     }
 
-    /// Starts the daemon again after [`Engine::stop_daemon`].
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "the daemon is running");
-        self.spawn_daemon();
+    /// Lets a frozen daemon run again.
+    pub fn thaw(&mut self) {
+        if let Some(child) = &self.child {
+            run(Command::new("kill").arg("-CONT").arg(child.id().to_string()));
+            self.frozen = false;
+        }
     }
 
     /// The endpoint gpugate's `docker.endpoint` takes.
@@ -246,6 +254,9 @@ impl Drop for Engine {
     // Synchronous, and whatever state the test left: containers, daemon (and the containerd
     // it started under its exec root), mounts, bridge, files.
     fn drop(&mut self) {
+        if self.frozen {
+            self.thaw();
+        }
         if let Some(child) = self.child.take() {
             let ids = self.docker(&["ps", "-aq"]);
             let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout).lines().map(str::to_string).collect();
