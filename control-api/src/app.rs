@@ -186,6 +186,10 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
             metrics.clone(),
             status.clone(),
             resync.clone(),
+            crate::registry::Identity {
+                name: cfg.gateway_name.clone(),
+                heartbeat: Duration::from_millis(cfg.gateway_heartbeat_ms),
+            },
         );
         tasks.push(tokio::spawn(p.run(rx.clone())));
     }
