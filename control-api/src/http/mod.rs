@@ -5,6 +5,7 @@
 mod debug;
 pub use debug::reload_pools_from_config as reload_pools;
 mod environments;
+mod gateways;
 mod gpus;
 mod health;
 pub use health::{Readiness, ReadyLog};
@@ -27,7 +28,7 @@ use crate::state::AppState;
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new().merge(environments::router()).merge(ports::router()).merge(gpus::router()).merge(debug::router());
+    let api = Router::new().merge(environments::router()).merge(ports::router()).merge(gpus::router()).merge(gateways::router()).merge(debug::router());
     let api = ratelimit::apply(api, &state.cfg.rate_limit);
     let app = Router::new()
         .merge(api)

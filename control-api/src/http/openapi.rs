@@ -16,7 +16,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{debug, environments, gpus, health, ports};
+use super::{debug, environments, gateways, gpus, health, ports};
 use crate::error::ErrorEnvelope;
 
 /// Where the document is served.
@@ -72,6 +72,7 @@ A user sees and touches only their own environments: another user's id is a 404.
         environments::close_sessions,
         ports::get_port_stats,
         gpus::list_gpus,
+        gateways::list_gateways,
         debug::get_debug_routes,
         debug::reload_pools,
         debug::run_reconcile,
