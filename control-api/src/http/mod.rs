@@ -11,6 +11,7 @@ mod health;
 pub use health::{Readiness, ReadyLog};
 pub mod openapi;
 mod ports;
+pub mod publisher;
 mod ratelimit;
 mod requests;
 
