@@ -31,7 +31,7 @@ pub enum Mode {
 
 /// A started process; [`Running::shutdown`] stops it.
 pub struct Running {
-    /// Where the HTTP API listens (API mode).
+    /// Where the HTTP API listens (API mode), or the publisher's probes (publish mode).
     pub addr: Option<SocketAddr>,
     /// Where `/metrics` listens when it has an address of its own (`metrics.listen`).
     pub metrics_addr: Option<SocketAddr>,
@@ -147,8 +147,77 @@ async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router, mut st
     }
 }
 
-/// Starts everything for `mode`. In API mode the HTTP server is bound to `cfg.listen`
-/// (port 0 picks a free port; see [`Running::addr`]).
+/// The rest of a start without an API (`gpugate-api publish`): a whole re-sync every
+/// `reconcile_interval_s` in place of the reconciler's, and `/healthz`, `/readyz` and
+/// `/metrics` on `cfg.listen` (`/metrics` on `metrics.listen` when set), so the gateway host
+/// can be probed and scraped like an API process.
+async fn publish_only(
+    cfg: Arc<Config>,
+    metrics: Metrics,
+    status: Arc<PublisherStatus>,
+    resync: Resync,
+    shutdown: watch::Sender<bool>,
+    rx: watch::Receiver<bool>,
+    mut tasks: Vec<JoinHandle<()>>,
+) -> anyhow::Result<Running> {
+    let interval = Duration::from_secs(cfg.reconcile_interval_s);
+    let mut stop = rx.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => resync.request(),
+                _ = stop.changed() => return,
+            }
+        }
+    }));
+    // Both addresses are bound before either serves, so a bad one fails the start cleanly.
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {} (listen / GPUGATE_LISTEN) for the publisher's probes", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let metrics_listener = match cfg.metrics.listen {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at).await.with_context(|| format!("binding metrics.listen {at}"))?,
+        ),
+        None => None,
+    };
+    let probes = crate::http::publisher::PublishState {
+        cfg: cfg.clone(),
+        status: status.clone(),
+        metrics,
+        ready_log: Default::default(),
+    };
+    let (http_stop, _) = watch::channel(false);
+    let http = tokio::spawn(serve_http(
+        listener,
+        crate::http::publisher::router(probes.clone()),
+        http_stop.subscribe(),
+        "probe HTTP",
+    ));
+    let mut metrics_addr = None;
+    if let Some(listener) = metrics_listener {
+        metrics_addr = Some(listener.local_addr()?);
+        let app = crate::http::publisher::metrics_router(probes);
+        tasks.push(tokio::spawn(serve_http(listener, app, http_stop.subscribe(), "metrics HTTP")));
+    }
+    tracing::info!(%addr, gateway = %cfg.gateway_name, "publisher probes listening (/healthz, /readyz, /metrics)");
+    let (reconcile_stop, _) = watch::channel(false);
+    Ok(Running {
+        addr: Some(addr),
+        metrics_addr,
+        state: None,
+        publisher: status,
+        http_stop,
+        http: Some(http),
+        reconcile_stop,
+        reconciler: None,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Starts everything for `mode`. The HTTP server (the API, or a publisher's probes) is bound
+/// to `cfg.listen` (port 0 picks a free port; see [`Running::addr`]).
 pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
     for w in cfg.warnings() {
         tracing::warn!("{w}");
@@ -186,37 +255,16 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
             metrics.clone(),
             status.clone(),
             resync.clone(),
+            crate::registry::Identity {
+                name: cfg.gateway_name.clone(),
+                heartbeat: Duration::from_millis(cfg.gateway_heartbeat_ms),
+            },
         );
         tasks.push(tokio::spawn(p.run(rx.clone())));
     }
 
     if mode == Mode::PublishOnly {
-        // Without an API there is no reconciler; re-sync the table every interval instead.
-        let resync = resync.clone();
-        let interval = Duration::from_secs(cfg.reconcile_interval_s);
-        let mut stop = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => resync.request(),
-                    _ = stop.changed() => return,
-                }
-            }
-        }));
-        let (http_stop, _) = watch::channel(false);
-        let (reconcile_stop, _) = watch::channel(false);
-        return Ok(Running {
-            addr: None,
-            metrics_addr: None,
-            state: None,
-            publisher: status,
-            http_stop,
-            http: None,
-            reconcile_stop,
-            reconciler: None,
-            shutdown: tx,
-            tasks,
-        });
+        return publish_only(cfg, metrics, status, resync, tx, rx, tasks).await;
     }
 
     let report = ports::sync_pools(&db, &cfg).await.context("synchronising port pools")?;

@@ -39,6 +39,12 @@ pub fn token() -> String {
     format!("ggt_{}", draw(ALNUM, 40))
 }
 
+/// A random tag that tells this process's messages from any other's (barrier tokens): 16
+/// lowercase alphanumerics.
+pub fn nonce() -> String {
+    draw(LOWER_ALNUM, 16)
+}
+
 /// A random positive 31-bit number (instance ids).
 pub fn instance_id() -> i32 {
     let s = draw(b"0123456789", 9);

@@ -6,6 +6,7 @@
 //! - [`fleet`]: the GPU hosts: one Docker client per host, placement's data, host health.
 //! - [`gpu`]: a GPU host's device passing (checked against its engine) and inventory discovery.
 //! - [`routes`]: the publisher, the route table's one writer, and the API's read view of it.
+//! - [`registry`]: the active publisher's row in the gateway registry.
 //! - [`lifecycle`]: create / stop / start / delete, each undone in reverse on failure.
 //! - [`ops`]: runs accepted operations to completion in their own tasks.
 //! - [`reconcile`]: converges Docker and the table to the database.
@@ -31,5 +32,6 @@ pub mod metrics;
 pub mod ops;
 pub mod readiness;
 pub mod reconcile;
+pub mod registry;
 pub mod routes;
 pub mod state;

@@ -6,10 +6,14 @@
 //! table, then applies each committed change announced on `LISTEN gpugate_routes`. Every
 //! reconcile pass asks it for another whole re-sync, so a missed notification costs at most one
 //! interval. Only this module writes the table.
+//!
+//! While it holds the table, the publisher also reports to the gateway registry
+//! ([`crate::registry`]): it signals each sync and each batch of changes, and hands over the
+//! generation barriers that come back on its listener.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +23,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::db::{self, Db};
 use crate::metrics::Metrics;
+use crate::registry::{Identity, Registry};
 
 /// How often a standby publisher tries the lock.
 const STANDBY_POLL: Duration = Duration::from_millis(100);
@@ -32,6 +37,13 @@ pub struct PublisherStatus {
     pub last_sync_ms: AtomicU64,
     /// Whole-table syncs done.
     pub syncs: AtomicU64,
+    /// When the writer last renewed the table's heartbeat (unix ms).
+    pub last_heartbeat_ms: AtomicU64,
+    /// The route generation the table is known to hold: every committed change up to it is
+    /// applied (a barrier's watermark; 0: none confirmed yet).
+    pub applied_generation: AtomicI64,
+    /// Whether the last write to the gateway registry succeeded.
+    pub registered: AtomicBool,
 }
 
 /// Handle to ask the running publisher for a whole-table re-sync.
@@ -54,10 +66,13 @@ pub struct Publisher {
     metrics: Metrics,
     status: Arc<PublisherStatus>,
     resync: Resync,
+    /// This gateway's name and heartbeat in the registry.
+    identity: Identity,
 }
 
 impl Publisher {
-    /// A publisher for the table at `path` (with `host_slots` hostname slots).
+    /// A publisher for the table at `path` (with `host_slots` hostname slots), reporting to
+    /// the gateway registry as `identity`.
     pub fn new(
         db: Db,
         path: &Path,
@@ -65,8 +80,9 @@ impl Publisher {
         metrics: Metrics,
         status: Arc<PublisherStatus>,
         resync: Resync,
+        identity: Identity,
     ) -> Self {
-        Publisher { db, path: path.to_owned(), host_slots, metrics, status, resync }
+        Publisher { db, path: path.to_owned(), host_slots, metrics, status, resync, identity }
     }
 
     /// Runs until `shutdown` turns true: stands by for the lock, then publishes; on any error
@@ -76,6 +92,7 @@ impl Publisher {
             let Some(writer) = self.acquire(&mut shutdown).await else { return };
             let result = self.serve(writer, &mut shutdown).await;
             self.status.active.store(false, Ordering::Relaxed);
+            self.status.registered.store(false, Ordering::Relaxed);
             self.metrics.publisher_active.set(0);
             match result {
                 Ok(()) => return,
@@ -130,7 +147,8 @@ impl Publisher {
 
     async fn serve(&self, mut writer: Writer, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut listener = PgListener::connect_with(self.db.pool()).await?;
-        listener.listen(db::routes::CHANNEL).await?;
+        // Barriers on the same connection: they arrive in commit order with the routes'.
+        listener.listen_all([db::routes::CHANNEL, db::gateways::BARRIER_CHANNEL]).await?;
         // The listener runs in its own task and hands batches over a channel, so the loop
         // below only ever waits on cancel-safe futures.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Notice>(1024);
@@ -140,24 +158,42 @@ impl Publisher {
         self.full_sync(&mut writer).await?;
         self.status.active.store(true, Ordering::Relaxed);
         self.metrics.publisher_active.set(1);
+        // Only the active writer reports; dropped (its task stopped) when this run ends.
+        let registry = Registry::start(self.db.clone(), &self.identity, &self.path, self.status.clone());
+        registry.synced();
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return Ok(()),
-                _ = self.resync.0.notified() => { self.full_sync(&mut writer).await?; }
+                _ = self.resync.0.notified() => {
+                    self.full_sync(&mut writer).await?;
+                    registry.synced();
+                }
                 // An error: the table was deleted, replaced or truncated under us; let go and
                 // open it again (which creates a fresh one).
-                _ = heartbeat.tick() => writer.heartbeat()?,
+                _ = heartbeat.tick() => {
+                    writer.heartbeat()?;
+                    self.status.last_heartbeat_ms.store(gpugate_routes::now_ms(), Ordering::Relaxed);
+                }
                 notice = rx.recv() => match notice {
-                    Some(Notice::Changes(ports, names)) => {
+                    Some(Notice::Changes(ports, names, barriers)) => {
                         self.apply(&mut writer, &ports).await?;
                         self.apply_names(&mut writer, &names).await?;
+                        if !ports.is_empty() || !names.is_empty() {
+                            registry.applied_changes();
+                        }
+                        // After the batch: everything notified before a barrier is applied.
+                        for b in &barriers {
+                            registry.on_barrier(b);
+                        }
                     }
                     Some(Notice::Interrupted) => {
                         // The listening connection dropped (and reconnects): re-sync to cover
                         // whatever was announced meanwhile.
                         tracing::warn!("route notifications interrupted; re-syncing the table");
+                        registry.interrupted();
                         self.full_sync(&mut writer).await?;
+                        registry.synced();
                     }
                     Some(Notice::Failed(e)) => anyhow::bail!("listening for route changes: {e}"),
                     None => anyhow::bail!("route notification task ended"),
@@ -167,6 +203,9 @@ impl Publisher {
     }
 
     async fn apply(&self, writer: &mut Writer, ports: &[u16]) -> anyhow::Result<()> {
+        if ports.is_empty() {
+            return Ok(());
+        }
         let mut ports = ports.to_vec();
         ports.sort_unstable();
         ports.dedup();
@@ -294,8 +333,9 @@ fn remove_and_revoke_host(writer: &mut Writer, key: HostKey) -> Result<bool, Tab
 
 /// What the notification task hands to the publisher.
 enum Notice {
-    /// Ports and name keys whose routes changed.
-    Changes(Vec<u16>, Vec<HostKey>),
+    /// Ports and name keys whose routes changed, and gateway barriers (payloads), in one
+    /// batch.
+    Changes(Vec<u16>, Vec<HostKey>, Vec<String>),
     /// The connection dropped; notifications may have been lost.
     Interrupted,
     /// Listening failed for good.
@@ -316,17 +356,23 @@ async fn forward_notifications(mut listener: PgListener, tx: tokio::sync::mpsc::
     loop {
         let notice = match listener.try_recv().await {
             Ok(Some(first)) => {
-                let (mut ports, mut names) = (vec![], vec![]);
-                let mut take = |payload: &str| match db::routes::parse_notice(payload) {
-                    Some(Ok(port)) => ports.push(port),
-                    Some(Err(key)) => names.push(key),
-                    None => tracing::warn!(payload, "unreadable route notification ignored"),
+                let (mut ports, mut names, mut barriers) = (vec![], vec![], vec![]);
+                let mut take = |n: &sqlx::postgres::PgNotification| {
+                    if n.channel() == db::gateways::BARRIER_CHANNEL {
+                        barriers.push(n.payload().to_string());
+                        return;
+                    }
+                    match db::routes::parse_notice(n.payload()) {
+                        Some(Ok(port)) => ports.push(port),
+                        Some(Err(key)) => names.push(key),
+                        None => tracing::warn!(payload = n.payload(), "unreadable route notification ignored"),
+                    }
                 };
-                take(first.payload());
+                take(&first);
                 while let Some(more) = listener.next_buffered() {
-                    take(more.payload());
+                    take(&more);
                 }
-                Notice::Changes(ports, names)
+                Notice::Changes(ports, names, barriers)
             }
             Ok(None) => Notice::Interrupted,
             Err(e) => {

@@ -394,6 +394,7 @@ async fn ssh_through_each_gateway_into_a_workspace_on_each_host() {
     ctx.cfg.docker.allowed_images = vec![ISO_IMAGE.into()];
     ctx.cfg.default_services = vec!["ssh".into()];
     ctx.cfg.fleet.probe_interval_s = 1;
+    ctx.cfg.gateway_name = "gw-a".into();
     // A pool of its own: the gateways bind it on 127.0.0.2 and 127.0.0.3.
     let (lo, hi) = (24100u16, 24109u16);
     ctx.cfg.pools.get_mut("ssh").expect("ssh pool").range = format!("{lo}-{hi}").parse().expect("range");
@@ -411,8 +412,24 @@ async fn ssh_through_each_gateway_into_a_workspace_on_each_host() {
     let alice = ctx.token("alice", false).await;
     ctx.start().await;
     let table_b_s = table_b.display().to_string();
-    let (publisher_b, _) = ctx.spawn(&["publish"], &[("GPUGATE_ROUTE_TABLE", &table_b_s)]);
+    let (publisher_b, _) =
+        ctx.spawn(&["publish"], &[("GPUGATE_ROUTE_TABLE", &table_b_s), ("GPUGATE_GATEWAY_NAME", "gw-b")]);
     add_h2(&ctx, &admin, &engine).await;
+    // Both publishers registered as gateways.
+    let mut both = false;
+    for _ in 0..100 {
+        let (_, v) = ctx.get("/api/v1/admin/gateways", &admin).await;
+        let fresh: Vec<&str> = v["data"]["gateways"]
+            .as_array()
+            .map(|a| a.iter().filter(|g| g["stale"] == false).filter_map(|g| g["name"].as_str()).collect())
+            .unwrap_or_default();
+        if fresh.contains(&"gw-a") && fresh.contains(&"gw-b") {
+            both = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(both, "gw-a and gw-b never both registered");
 
     let mut made = vec![];
     for (host, other) in [("h2", "local"), ("local", "h2")] {
@@ -421,6 +438,9 @@ async fn ssh_through_each_gateway_into_a_workspace_on_each_host() {
         let body = json!({"name": format!("on-{host}"), "ssh_public_keys": [public.clone()]});
         let (s, v) = ctx.post("/api/v1/environments", &alice, body).await;
         assert_eq!((s, v["data"]["host"].as_str()), (201, Some(host)), "{v}");
+        // Live here, and the answer says both registered gateways had applied it.
+        assert_eq!(v["data"]["routes_live"], true, "{v}");
+        assert_eq!(v["data"]["gateways"], json!({"applied": 2, "registered": 2}), "{v}");
         let (s, _) = ctx.post(&format!("/api/v1/admin/hosts/{other}/undrain"), &admin, json!({})).await;
         assert_eq!(s, 200);
         let id = v["data"]["id"].as_str().expect("id").to_string();

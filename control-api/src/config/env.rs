@@ -49,6 +49,13 @@ impl Config {
             })?;
             self.gateway_address = Some(ip);
         }
+        if let Some(v) = env_var(env, "GPUGATE_GATEWAY_NAME") {
+            let name = v.trim();
+            super::check_gateway_name(name)
+                .map_err(|message| ConfigError::Env { name: "GPUGATE_GATEWAY_NAME", message })?;
+            self.gateway_name = name.to_string();
+        }
+        parse_env(env, "GPUGATE_GATEWAY_HEARTBEAT_MS", &mut self.gateway_heartbeat_ms)?;
         parse_env(env, "GPUGATE_UPSTREAM_HOST", &mut self.upstream_host)?;
         parse_env(env, "GPUGATE_ROUTE_TABLE", &mut self.route_table)?;
         if let Some(v) = env_var(env, "GPUGATE_TLS_PORT") {

@@ -5,6 +5,7 @@
 
 mod env;
 mod fleet;
+mod gateway;
 mod gpu;
 mod idle;
 mod metrics;
@@ -20,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 pub use fleet::{valid_host_name, FleetConfig, Placement};
+pub use gateway::{check_name as check_gateway_name, HEARTBEAT_MS_RANGE as GATEWAY_HEARTBEAT_MS_RANGE};
 pub use gpu::{GpuConfig, GpuMode, NVIDIA_CAPABILITIES};
 pub use idle::{IdleConfig, IdlePolicy, MAX_IDLE_STOP_AFTER_S};
 pub use readiness::ReadinessConfig;
@@ -158,6 +160,13 @@ pub struct Config {
     pub domain: String,
     /// Public address of the gateway, for `gpugate-api dns`.
     pub gateway_address: Option<IpAddr>,
+    /// This gateway's name in the gateway registry, under which its publisher reports the
+    /// route generation its table holds (`GPUGATE_GATEWAY_NAME`). 1 to 63 characters of
+    /// `A-Z a-z 0-9 . _ -`, unique per gateway host. Default: the machine's host name.
+    pub gateway_name: String,
+    /// How often the publisher renews its row in the gateway registry (ms); a row not renewed
+    /// for three intervals shows as stale (`GPUGATE_GATEWAY_HEARTBEAT_MS`, 100-300000).
+    pub gateway_heartbeat_ms: u64,
     /// Address container ports are published on; routes point there.
     pub upstream_host: IpAddr,
     /// The route-table file shared with nginx.
@@ -222,6 +231,8 @@ impl Default for Config {
             database_acquire_timeout_ms: 2000,
             domain: "x-gpu.com".into(),
             gateway_address: None,
+            gateway_name: gateway::default_name(),
+            gateway_heartbeat_ms: gateway::DEFAULT_HEARTBEAT_MS,
             upstream_host: IpAddr::from([127, 0, 0, 1]),
             route_table: PathBuf::from(gpugate_routes::DEFAULT_TABLE_PATH),
             quarantine_s: 300,
@@ -305,6 +316,16 @@ impl Config {
             return bad(format!(
                 "idempotency_retention_s {} is under 24 h (86400); clients retry for a day",
                 self.idempotency_retention_s
+            ));
+        }
+        gateway::check_name(&self.gateway_name)
+            .map_err(|m| ConfigError::Invalid(format!("gateway_name (GPUGATE_GATEWAY_NAME) {m}")))?;
+        if !gateway::HEARTBEAT_MS_RANGE.contains(&self.gateway_heartbeat_ms) {
+            return bad(format!(
+                "gateway_heartbeat_ms {} is outside {}-{}",
+                self.gateway_heartbeat_ms,
+                gateway::HEARTBEAT_MS_RANGE.start(),
+                gateway::HEARTBEAT_MS_RANGE.end()
             ));
         }
         if self.reconcile_interval_s == 0 {
@@ -479,6 +500,19 @@ mod tests {
         let d = Config::default();
         assert_eq!(cfg.pools, d.pools);
         assert_eq!((cfg.listen, cfg.quarantine_s, cfg.route_table.clone()), (d.listen, d.quarantine_s, d.route_table));
+    }
+
+    #[test]
+    fn a_bad_gateway_name_is_refused_naming_the_setting() {
+        let env = |k: &str| (k == "GPUGATE_GATEWAY_NAME").then(|| "gw a".to_string());
+        let err = Config::load_with(None, &env).expect_err("refused").to_string();
+        assert!(err.contains("GPUGATE_GATEWAY_NAME"), "{err}");
+        let env = |k: &str| (k == "GPUGATE_GATEWAY_NAME").then(|| "gw-b.example".to_string());
+        assert_eq!(Config::load_with(None, &env).expect("valid").gateway_name, "gw-b.example");
+        let cfg = Config::from_toml("gateway_name = \"\"\n").expect("parses");
+        assert!(cfg.validate().expect_err("refused").to_string().contains("gateway_name"));
+        let cfg = Config::from_toml("gateway_heartbeat_ms = 50\n").expect("parses");
+        assert!(cfg.validate().expect_err("refused").to_string().contains("gateway_heartbeat_ms"));
     }
 
     #[test]

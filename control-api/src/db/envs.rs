@@ -258,7 +258,17 @@ pub async fn set_container<'e, E: PgExecutor<'e>>(exec: E, id: &str, container_i
 }
 
 /// Bumps and returns the environment's route generation (a deployment-wide sequence value).
+///
+/// Takes the generation lock shared first, held until the transaction ends: generations
+/// commit in any order, and a gateway barrier (`gateways::barrier`) waits on this lock to
+/// learn that every generation handed out so far has settled. Only barriers take it
+/// exclusive, for one read of the sequence.
 pub async fn next_generation(tx: &mut Tx<'_>, id: &str) -> DbResult<i64> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
+        .bind(super::GENERATION_LOCK.0)
+        .bind(super::GENERATION_LOCK.1)
+        .execute(&mut **tx)
+        .await?;
     sqlx::query_scalar(
         "UPDATE environments SET route_generation = nextval('route_generation_seq') \
          WHERE id = $1 RETURNING route_generation",

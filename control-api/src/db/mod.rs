@@ -3,6 +3,7 @@
 //! Only this module runs SQL. Its submodules own one table family each.
 
 pub mod envs;
+pub mod gateways;
 pub mod gpus;
 pub mod hosts;
 pub mod idempotency;
@@ -108,6 +109,11 @@ pub async fn event<'e, E: sqlx::PgExecutor<'e>>(
 
 /// Advisory-lock namespace of instance liveness locks (keeps clear of other applications).
 const INSTANCE_LOCK_SPACE: i32 = 0x6770_7567;
+
+/// The advisory lock (namespace, key) every transaction that takes a route generation holds
+/// shared until it ends, so that a gateway barrier (exclusive) knows when every generation
+/// handed out so far has committed or rolled back (see [`gateways`]).
+pub(crate) const GENERATION_LOCK: (i32, i32) = (0x6767_656e, 1);
 
 /// Takes this instance's liveness lock on `conn` (held until the connection closes).
 pub async fn hold_instance_lock(conn: &mut PgConnection, instance: i32) -> DbResult<bool> {

@@ -15,7 +15,7 @@ use super::{Body, Caller, IdPath, OptionalBody, QueryOf};
 use crate::activity::{Activity, ServiceActivity};
 use crate::config::AccessMode;
 use crate::db::envs::{self, EnvRow};
-use crate::db::{gpus, ports, readiness};
+use crate::db::{gateways as gateway_rows, gpus, ports, readiness};
 use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope, Success};
 use crate::readiness::ServiceReadiness;
 use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
@@ -380,6 +380,10 @@ pub struct EnvironmentView {
     /// Whether the routes were seen live in the route table (create/start responses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routes_live: Option<bool>,
+    /// Create/start responses: how many registered gateways had applied its routes when the
+    /// answer was made, of how many are registered and fresh (`GET /api/v1/admin/gateways`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<GatewaysApplied>,
     /// Whether every service answers like itself at its address since the last start (a
     /// login works); false while any is starting or gave up, and whenever not running.
     pub ready: bool,
@@ -452,6 +456,30 @@ fn access_info(st: &AppInner, env: &EnvRow, held: &[(u16, Service)]) -> AccessIn
     info
 }
 
+/// `gateways` of a create or start answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GatewaysApplied {
+    /// Fresh gateways whose applied generation reached the environment's routes.
+    pub applied: i64,
+    /// Fresh gateways registered.
+    pub registered: i64,
+}
+
+/// After a create or start: waits briefly (up to 500 ms, or `route_wait_ms` if shorter) for
+/// every registered gateway to report the environment's generation, then counts them. A
+/// gateway applies a change within milliseconds; its registry row follows a moment later.
+async fn gateways_applied(st: &AppInner, generation: i64) -> Result<GatewaysApplied, ApiError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(st.cfg.route_wait_ms.min(500));
+    loop {
+        let registered = gateway_rows::count_fresh(&st.db).await?;
+        let applied = gateway_rows::count_applied(&st.db, generation).await?;
+        if applied >= registered || std::time::Instant::now() >= deadline {
+            return Ok(GatewaysApplied { applied, registered });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<EnvironmentView, ApiError> {
     let held = ports::env_endpoints(st.db.pool(), &env.id, &env.services).await?;
     let access_info = access_info(st, &env, &held);
@@ -462,6 +490,10 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         .into_iter()
         .map(|g| GpuDeviceView { index: g.index, uuid: g.uuid, name: g.name, memory_mib: g.memory_mib })
         .collect();
+    let gateways = match routes_live {
+        Some(true) if env.status == envs::status::RUNNING => Some(gateways_applied(st, env.route_generation).await?),
+        _ => None,
+    };
     let activity = st.table.get().ok().map(|t| Activity::read(&t, &env.id, &held));
     let idle_seconds = match (&activity, env.status == envs::status::RUNNING) {
         (Some(a), true) => Some(a.idle_ms(st.cfg.idle.policy, env.running_since, gpugate_routes::now_ms()) / 1000),
@@ -496,6 +528,7 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         gpu_count: env.gpu_count,
         gpu_model: env.gpu_model,
         gpu_devices,
+        gateways,
         routes_live,
         ready,
         readiness,

@@ -49,7 +49,7 @@ pub fn metrics_router() -> Router<AppState> {
     responses((status = 200, description = "The process serves requests; `data` is `\"ok\"`.", body = Envelope<String>)),
 )]
 /// `GET /healthz`: the process serves requests.
-async fn get_healthz() -> ApiResult<&'static str> {
+pub(super) async fn get_healthz() -> ApiResult<&'static str> {
     Ok(ok("ok"))
 }
 
@@ -80,7 +80,7 @@ pub struct ReadyLog(Mutex<BTreeMap<&'static str, String>>);
 impl ReadyLog {
     /// Records the state of `dependency`: logs a new or changed error at warn, a recovery at
     /// info, and nothing while it stays the same.
-    fn note(&self, dependency: &'static str, error: Option<String>) {
+    pub(super) fn note(&self, dependency: &'static str, error: Option<String>) {
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match error {
             Some(e) => {
@@ -211,7 +211,7 @@ async fn get_readyz(State(st): State<AppState>) -> Response {
 
 /// Whether `headers` carry `Authorization: Bearer <want>` (scheme case-insensitive; the
 /// token compared in constant time, through its digest).
-fn bearer_matches(headers: &HeaderMap, want: &str) -> bool {
+pub(super) fn bearer_matches(headers: &HeaderMap, want: &str) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };

@@ -5,12 +5,14 @@
 mod debug;
 pub use debug::reload_pools_from_config as reload_pools;
 mod environments;
+mod gateways;
 mod gpus;
 mod health;
 mod hosts;
 pub use health::{Readiness, ReadyLog};
 pub mod openapi;
 mod ports;
+pub mod publisher;
 mod ratelimit;
 mod requests;
 
@@ -28,7 +30,13 @@ use crate::state::AppState;
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new().merge(environments::router()).merge(ports::router()).merge(gpus::router()).merge(hosts::router()).merge(debug::router());
+    let api = Router::new()
+        .merge(environments::router())
+        .merge(ports::router())
+        .merge(gpus::router())
+        .merge(hosts::router())
+        .merge(gateways::router())
+        .merge(debug::router());
     let api = ratelimit::apply(api, &state.cfg.rate_limit);
     let app = Router::new()
         .merge(api)

@@ -16,7 +16,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{debug, environments, gpus, health, hosts, ports};
+use super::{debug, environments, gateways, gpus, health, hosts, ports};
 use crate::error::ErrorEnvelope;
 
 /// Where the document is served.
@@ -77,6 +77,7 @@ A user sees and touches only their own environments: another user's id is a 404.
         hosts::drain_host,
         hosts::undrain_host,
         hosts::remove_host,
+        gateways::list_gateways,
         debug::get_debug_routes,
         debug::reload_pools,
         debug::run_reconcile,

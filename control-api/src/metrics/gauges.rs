@@ -1,11 +1,12 @@
-//! The gauges read from PostgreSQL (ports, environments) and from the route table's counters
-//! (gateway connections and bytes), refreshed by one task at `metrics.refresh_ms`.
+//! The gauges read from PostgreSQL (ports, environments, the gateway registry) and from the
+//! route table's counters (gateway connections and bytes), refreshed by one task at
+//! `metrics.refresh_ms`.
 //!
 //! Each refresh builds a whole new set of series and swaps it in ([`Metrics::replace`]): a
 //! scrape only renders what is there, so it costs no query, two scrapes cannot interleave a
 //! reset with an add, and when a source fails its last values stay. Traffic is summed per
 //! service (bounded cardinality); series per environment only when `metrics.per_environment`
-//! is on.
+//! is on; series per gateway always (a fleet has few).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 use super::{Metrics, Source};
 use crate::config::Config;
 use crate::db::ports::PoolStats;
+use crate::db::gateways::{self, GatewayRow};
 use crate::db::{envs, ports, Db};
 use crate::routes::TableView;
 
@@ -71,6 +73,34 @@ pub fn database_families(pools: &[PoolStats], by_status: &[(String, i64)]) -> Re
     let envs = set.gauge("gpugate_environments", "Environments by status (deleted ones excluded)", &["status"])?;
     for (status, n) in by_status {
         envs.with_label_values(&[status]).set(*n as f64);
+    }
+    Ok(set.finish())
+}
+
+/// The gateway registry's series, one per registered gateway: the route generation its table
+/// holds, its lag behind the newest, and its heartbeat's age (a retired gateway's series stay,
+/// ageing, until its row is removed).
+pub fn gateway_families(rows: &[GatewayRow]) -> Result<Vec<MetricFamily>, prometheus::Error> {
+    let set = Set::new();
+    let applied = set.gauge(
+        "gpugate_gateway_applied_generation",
+        "The route generation the gateway's table holds: every committed route change up to it is applied",
+        &["gateway"],
+    )?;
+    let lag = set.gauge(
+        "gpugate_gateway_lag_generations",
+        "Route generations handed out that the gateway has not confirmed (the sequence's last value minus its applied generation)",
+        &["gateway"],
+    )?;
+    let age = set.gauge(
+        "gpugate_gateway_heartbeat_age_seconds",
+        "Seconds since the gateway's publisher last renewed its registry row (stale after three of its heartbeat intervals)",
+        &["gateway"],
+    )?;
+    for g in rows {
+        applied.with_label_values(&[&g.name]).set(g.applied_generation as f64);
+        lag.with_label_values(&[&g.name]).set(g.lag_generations as f64);
+        age.with_label_values(&[&g.name]).set(g.heartbeat_age_s.max(0.0));
     }
     Ok(set.finish())
 }
@@ -220,7 +250,10 @@ impl Refresher {
     async fn read_database(&self) -> Result<Vec<MetricFamily>, String> {
         let pools = ports::stats(&self.db).await.map_err(|e| e.to_string())?;
         let by_status = envs::count_by_status(&self.db).await.map_err(|e| e.to_string())?;
-        database_families(&pools, &by_status).map_err(|e| e.to_string())
+        let registry = gateways::list(&self.db).await.map_err(|e| e.to_string())?;
+        let mut families = database_families(&pools, &by_status).map_err(|e| e.to_string())?;
+        families.extend(gateway_families(&registry).map_err(|e| e.to_string())?);
+        Ok(families)
     }
 
     fn read_table(&self) -> Result<Vec<MetricFamily>, String> {
@@ -332,6 +365,35 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("gpugate_environment_bytes_total{direction=\"in\",env_id=\"bbbbbbbbbbbbbbbb\",service=\"ssh\"} 100"), "{t}");
+    }
+
+    #[test]
+    fn each_gateway_is_a_series_of_its_own() {
+        let row = |name: &str, applied: i64, age: f64| GatewayRow {
+            name: name.into(),
+            applied_generation: applied,
+            current_generation: 9,
+            lag_generations: 9 - applied,
+            heartbeat_age_s: age,
+            stale: age > 6.0,
+            heartbeat_ms: 2000,
+            heartbeat_at: chrono::Utc::now(),
+            last_sync_at: chrono::Utc::now(),
+            started_at: chrono::Utc::now(),
+            table_path: "/dev/shm/gpugate/routes".into(),
+            pid: 1,
+            version: "0".into(),
+        };
+        let t = text(&gateway_families(&[row("gw-a", 9, 0.5), row("gw-b", 4, 30.0)]).expect("families"));
+        for want in [
+            "gpugate_gateway_applied_generation{gateway=\"gw-a\"} 9",
+            "gpugate_gateway_applied_generation{gateway=\"gw-b\"} 4",
+            "gpugate_gateway_lag_generations{gateway=\"gw-a\"} 0",
+            "gpugate_gateway_lag_generations{gateway=\"gw-b\"} 5",
+            "gpugate_gateway_heartbeat_age_seconds{gateway=\"gw-b\"} 30",
+        ] {
+            assert!(t.contains(want), "missing {want}:\n{t}");
+        }
     }
 
     #[test]
