@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use gpugate_api::config::{Config, PoolConfig, Secret};
+use gpugate_api::config::{Config, PoolConfig, QuotaConfig, Secret};
 use gpugate_api::db::{self, ports, Db};
 use gpugate_api::lifecycle::{self, CreateSpec};
 use gpugate_routes::Service;
@@ -111,6 +111,9 @@ fn config(url: &str, dir: &std::path::Path, image: &str) -> Config {
     };
     cfg.docker.default_image = image.into();
     cfg.docker.stop_timeout_s = 1;
+    // One user makes every create: the default per-user quotas (10 environments) would stop
+    // the create row half-way.
+    cfg.quotas = QuotaConfig { environments: None, gpus: None, running: None };
     cfg.pools.clear();
     cfg.pools.insert("ssh".into(), PoolConfig { range: "40000-47999".parse().expect("constant range"), bound: None, reserved: vec![] });
     cfg.pools.insert("jupyter".into(), PoolConfig { range: "48000-48999".parse().expect("constant range"), bound: None, reserved: vec![] });
@@ -126,7 +129,7 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     println!("gpugate control-plane benchmark (ratios side by side; absolute times depend on the machine)");
 
     // 1. Allocation throughput and duplicates, two processes of 16 clients each.
-    let owner_env = bench_env(&st.db, user.id).await?;
+    let owner_env = bench_env(&st.db, user.id, &cfg.fleet.host_name).await?;
     let mut rates = vec![];
     println!("\n## port allocation: 32 concurrent clients over 2 processes, {} allocations each method", 32 * cli.per_client);
     for method in ["ours", "seed"] {
@@ -228,12 +231,13 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// An environment row to own the benchmark's allocations.
-async fn bench_env(db: &Db, owner: i64) -> anyhow::Result<String> {
+/// An environment row on `host` to own the benchmark's allocations.
+async fn bench_env(db: &Db, owner: i64, host: &str) -> anyhow::Result<String> {
     let id = gpugate_api::ids::env_id();
-    sqlx::query("INSERT INTO environments (id, owner_id, name, image, status, services, username, password, jupyter_token) VALUES ($1, $2, 'bench', 'none', 'stopped', '{ssh}', 'u', 'p', 't')")
+    sqlx::query("INSERT INTO environments (id, owner_id, name, image, status, services, username, password, jupyter_token, host) VALUES ($1, $2, 'bench', 'none', 'stopped', '{ssh}', 'u', 'p', 't', $3)")
         .bind(&id)
         .bind(owner)
+        .bind(host)
         .execute(db.pool())
         .await?;
     Ok(id)
