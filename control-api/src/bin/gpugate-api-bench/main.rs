@@ -4,12 +4,20 @@
 //! 1. Port allocation: 32 concurrent clients split over two processes, our one-statement
 //!    `FOR UPDATE SKIP LOCKED` allocation against the seed's method (a process mutex around
 //!    `SELECT ... ORDER BY port LIMIT 1` then `UPDATE`): allocations/s and duplicates.
-//! 2. Route activation: commit of a route transaction until the slot is live in the table.
-//! 3. Create latency by step, with a small local image.
+//! 2. Placement ([`fleet`]): 32 concurrent creates over two processes on two hosts of stand-in
+//!    GPUs, `fleet::place` under `spread` and `pack` against the same creates serialised by a
+//!    global lock (`LOCK TABLE gpu_devices IN EXCLUSIVE MODE`): creates/s, the ratio, and
+//!    duplicates (every reported GPU checked against the database, nothing released meanwhile).
+//! 3. Route activation: commit of a route transaction until the slot is live in the table.
+//! 4. Route live on all gateways ([`fleet`]): two `gpugate-api publish` processes with a table
+//!    each; commit until the slot is live in both, beside the first table alone (same samples).
+//! 5. Create latency by step, with a small local image.
 //!
-//! Needs `DATABASE_URL` (a superuser URL; a scratch database is created and dropped) and a
-//! local Docker with the image given by `--image`.
+//! Needs `DATABASE_URL` (a superuser URL; two scratch databases are created and dropped), a
+//! local Docker with the image given by `--image`, and `gpugate-api` built next to this binary.
 #![forbid(unsafe_code)]
+
+mod fleet;
 
 use std::collections::HashSet;
 use std::process::Stdio;
@@ -18,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use gpugate_api::config::{Config, PoolConfig, Secret};
+use gpugate_api::config::{Config, Placement, PoolConfig, QuotaConfig, Secret};
 use gpugate_api::db::{self, ports, Db};
 use gpugate_api::lifecycle::{self, CreateSpec};
 use gpugate_routes::Service;
@@ -59,6 +67,24 @@ enum Cmd {
         #[arg(long)]
         env_id: String,
     },
+    /// One placement worker process (started by the benchmark itself).
+    #[command(hide = true)]
+    PlaceWorker {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        policy: Placement,
+        /// Serialise every create with a global lock on the GPU table (the baseline).
+        #[arg(long)]
+        global_lock: bool,
+        #[arg(long)]
+        clients: usize,
+        #[arg(long)]
+        per_client: usize,
+        /// The user owning the environments.
+        #[arg(long)]
+        owner: i64,
+    },
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -83,19 +109,38 @@ fn with_db(url: &str, db: &str) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Cmd::AllocWorker { url, method, clients, per_client, env_id }) = cli.command {
-        return alloc_worker(&url, &method, clients, per_client, &env_id).await;
+    match cli.command {
+        Some(Cmd::AllocWorker { url, method, clients, per_client, env_id }) => {
+            return alloc_worker(&url, &method, clients, per_client, &env_id).await;
+        }
+        Some(Cmd::PlaceWorker { url, policy, global_lock, clients, per_client, owner }) => {
+            return fleet::place_worker(&url, policy, global_lock, clients, per_client, owner).await;
+        }
+        None => {}
     }
     let admin = std::env::var("DATABASE_URL").context("DATABASE_URL (a superuser URL) is required")?;
+    // The API's database, and the fleet rows' own (no API loop runs on it).
     let name = format!("gg_bench_{}", rand_suffix());
+    let names = [name.clone(), format!("{name}_fleet")];
     let mut conn = sqlx::PgConnection::connect(&admin).await?;
-    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await?;
-    let url = with_db(&admin, &name);
     let dir = std::env::temp_dir().join(format!("gpugate-bench-{}", rand_suffix()));
-    std::fs::create_dir_all(&dir)?;
-    let result = run(&cli, &url, &dir).await;
+    let mut result = Ok(());
+    for n in &names {
+        if let Err(e) = sqlx::query(&format!("CREATE DATABASE \"{n}\"")).execute(&mut conn).await {
+            result = Err(e.into());
+            break;
+        }
+    }
+    if result.is_ok() {
+        result = match std::fs::create_dir_all(&dir) {
+            Ok(()) => run(&cli, &with_db(&admin, &names[0]), &with_db(&admin, &names[1]), &dir).await,
+            Err(e) => Err(e.into()),
+        };
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut conn).await;
+    for n in &names {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")).execute(&mut conn).await;
+    }
     result
 }
 
@@ -111,6 +156,9 @@ fn config(url: &str, dir: &std::path::Path, image: &str) -> Config {
     };
     cfg.docker.default_image = image.into();
     cfg.docker.stop_timeout_s = 1;
+    // One user makes every create: the default per-user quotas (10 environments) would stop
+    // the create row half-way.
+    cfg.quotas = QuotaConfig { environments: None, gpus: None, running: None };
     cfg.pools.clear();
     cfg.pools.insert("ssh".into(), PoolConfig { range: "40000-47999".parse().expect("constant range"), bound: None, reserved: vec![] });
     cfg.pools.insert("jupyter".into(), PoolConfig { range: "48000-48999".parse().expect("constant range"), bound: None, reserved: vec![] });
@@ -118,7 +166,7 @@ fn config(url: &str, dir: &std::path::Path, image: &str) -> Config {
     cfg
 }
 
-async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+async fn run(cli: &Cli, url: &str, fleet_url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config(url, dir, &cli.image);
     let running = gpugate_api::app::start(cfg.clone(), gpugate_api::app::Mode::Api { publisher: true }).await?;
     let st = running.state.clone().context("API state")?;
@@ -126,7 +174,7 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     println!("gpugate control-plane benchmark (ratios side by side; absolute times depend on the machine)");
 
     // 1. Allocation throughput and duplicates, two processes of 16 clients each.
-    let owner_env = bench_env(&st.db, user.id).await?;
+    let owner_env = bench_env(&st.db, user.id, &cfg.fleet.host_name).await?;
     let mut rates = vec![];
     println!("\n## port allocation: 32 concurrent clients over 2 processes, {} allocations each method", 32 * cli.per_client);
     for method in ["ours", "seed"] {
@@ -172,21 +220,18 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
         .execute(st.db.pool())
         .await?;
 
-    // 2. Route activation: commit -> live in the table (through NOTIFY and the publisher).
+    // 2. Placement throughput and duplicates, on the fleet rows' own database.
+    let fleet_db = fleet::open(&config(fleet_url, dir, &cli.image)).await?;
+    let (placer, _) = db::users::create_token(&fleet_db, "bench-place", false, None).await?;
+    fleet::placement(&fleet_db, fleet_url, placer.id, cli.per_client).await?;
+
+    // 3. Route activation: commit -> live in the table (through NOTIFY and the publisher).
     let mut lat = vec![];
     let env_id: gpugate_routes::EnvId = owner_env.parse()?;
     for i in 0..cli.activations {
         let port = 40000 + (i % 1000) as u16;
         let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", 10000 + i).parse()?;
-        let mut tx = st.db.begin().await?;
-        sqlx::query("UPDATE port_pool SET status = 'allocated', env_id = $2 WHERE port = $1")
-            .bind(i32::from(port))
-            .bind(&owner_env)
-            .execute(&mut *tx)
-            .await?;
-        let generation = db::envs::next_generation(&mut tx, &owner_env).await?;
-        db::routes::put(&mut tx, &owner_env, generation, &[(port, Service::Ssh, upstream)], &[]).await?;
-        tx.commit().await?;
+        let generation = commit_route(&st.db, &owner_env, port, upstream).await?;
         let t = Instant::now();
         let want = gpugate_routes::Route { upstream, env_id, service: Service::Ssh, generation: generation as u64, expires_ms: None };
         if !st.table.wait_live(&[(port, want)], &[], Duration::from_secs(5)).await {
@@ -202,7 +247,12 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     println!("\n## route activation: commit -> slot live in the table ({} samples)", lat.len());
     println!("p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (target p99 < 10 ms)", pct(&lat, 0.5), pct(&lat, 0.99), pct(&lat, 1.0));
 
-    // 3. Create latency by step, small image, sequential creates.
+    // 4. Commit -> live on every gateway: two publisher processes on the fleet database.
+    let gateway_env = bench_env(&fleet_db, placer.id, &cfg.fleet.host_name).await?;
+    fleet::gateways(&fleet_db, fleet_url, dir, &gateway_env, cli.activations).await?;
+    fleet_db.pool().close().await;
+
+    // 5. Create latency by step, small image, sequential creates.
     let mut steps: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     let mut ids = vec![];
     for i in 0..cli.creates {
@@ -228,15 +278,31 @@ async fn run(cli: &Cli, url: &str, dir: &std::path::Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// An environment row to own the benchmark's allocations.
-async fn bench_env(db: &Db, owner: i64) -> anyhow::Result<String> {
+/// An environment row on `host` to own the benchmark's allocations.
+async fn bench_env(db: &Db, owner: i64, host: &str) -> anyhow::Result<String> {
     let id = gpugate_api::ids::env_id();
-    sqlx::query("INSERT INTO environments (id, owner_id, name, image, status, services, username, password, jupyter_token) VALUES ($1, $2, 'bench', 'none', 'stopped', '{ssh}', 'u', 'p', 't')")
+    sqlx::query("INSERT INTO environments (id, owner_id, name, image, status, services, username, password, jupyter_token, host) VALUES ($1, $2, 'bench', 'none', 'stopped', '{ssh}', 'u', 'p', 't', $3)")
         .bind(&id)
         .bind(owner)
+        .bind(host)
         .execute(db.pool())
         .await?;
     Ok(id)
+}
+
+/// Commits a route of `env` on `port` to `upstream` (the port taken for it, a new generation)
+/// as the lifecycle does; returns the generation. The publisher hears of it on commit.
+async fn commit_route(db: &Db, env: &str, port: u16, upstream: std::net::SocketAddr) -> anyhow::Result<i64> {
+    let mut tx = db.begin().await?;
+    sqlx::query("UPDATE port_pool SET status = 'allocated', env_id = $2 WHERE port = $1")
+        .bind(i32::from(port))
+        .bind(env)
+        .execute(&mut *tx)
+        .await?;
+    let generation = db::envs::next_generation(&mut tx, env).await?;
+    db::routes::put(&mut tx, env, generation, &[(port, Service::Ssh, upstream)], &[]).await?;
+    tx.commit().await?;
+    Ok(generation)
 }
 
 /// One worker process: `clients` concurrent clients, `per_client` allocations each.
