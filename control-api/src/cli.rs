@@ -105,7 +105,13 @@ pub enum HostCommand {
         /// The host's name.
         name: String,
     },
-    /// Place new environments on a drained host again.
+    /// Take a host out of the fleet's work: no placement and no probe (a host being rebuilt);
+    /// its environments stay as they are. `undrain` makes it active again.
+    Disable {
+        /// The host's name.
+        name: String,
+    },
+    /// Place new environments on a drained or disabled host again.
     Undrain {
         /// The host's name.
         name: String,
@@ -256,6 +262,10 @@ pub async fn host(cfg: &Config, command: HostCommand) -> anyhow::Result<()> {
         HostCommand::Drain { name } => {
             hosts::set_state(&db, &name, hosts::state::DRAINING).await?.ok_or_else(|| missing(&name))?;
             eprintln!("host {name} is draining: no new placements there");
+        }
+        HostCommand::Disable { name } => {
+            hosts::set_state(&db, &name, hosts::state::DISABLED).await?.ok_or_else(|| missing(&name))?;
+            eprintln!("host {name} is disabled: no placements, no probes");
         }
         HostCommand::Undrain { name } => {
             hosts::set_state(&db, &name, hosts::state::ACTIVE).await?.ok_or_else(|| missing(&name))?;

@@ -489,3 +489,51 @@ async fn ssh_through_each_gateway_into_a_workspace_on_each_host() {
     let _ = std::fs::remove_dir_all(&root_a);
     let _ = std::fs::remove_dir_all(&root_b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_commands_add_list_drain_disable_and_remove() {
+    let mut ctx = Ctx::new("fleet_cli").await;
+    ctx.connect().await;
+    let add = |ctx: &Ctx, extra: &[&str]| {
+        let mut args = vec!["host", "add", "--name", "gpu-9", "--upstream", "10.9.0.9", "--gpus", "0,1,2", "--gpu-model", "Stand-in C"];
+        args.extend_from_slice(extra);
+        ctx.cli(&args)
+    };
+    // Refused with the reason, and nothing added.
+    let (ok, _, err) = add(&ctx, &["--docker", "tcp://10.9.0.9:2376"]);
+    assert!(!ok && err.contains("tls_dir"), "{err}");
+    let (ok, _, err) = add(&ctx, &["--docker", "unix:///run/gpu9.sock", "--max-environments", "0"]);
+    assert!(!ok && err.contains("max_environments"), "{err}");
+    let (_, out, _) = ctx.cli(&["host", "list"]);
+    assert!(!out.contains("gpu-9"), "{out}");
+
+    let (ok, _, err) = add(&ctx, &["--docker", "unix:///run/gpu9.sock"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = add(&ctx, &["--docker", "unix:///run/gpu9.sock"]);
+    assert!(!ok && err.contains("exists"), "a second add of the name: {err}");
+    let row = |ctx: &Ctx| {
+        let (ok, out, err) = ctx.cli(&["host", "list"]);
+        assert!(ok, "{err}");
+        out.lines().find(|l| l.starts_with("gpu-9 ")).map(str::to_string).unwrap_or_default()
+    };
+    let line = row(&ctx);
+    assert!(line.contains("active") && line.contains("3/3") && line.contains("10.9.0.9"), "{line}");
+    for (cmd, state) in [("drain", "draining"), ("disable", "disabled"), ("undrain", "active")] {
+        let (ok, _, err) = ctx.cli(&["host", cmd, "gpu-9"]);
+        assert!(ok, "{cmd}: {err}");
+        assert!(row(&ctx).contains(state), "after {cmd}: {}", row(&ctx));
+    }
+    let (ok, _, err) = ctx.cli(&["host", "drain", "nope"]);
+    assert!(!ok && err.contains("no host named nope"), "{err}");
+    let (ok, _, err) = ctx.cli(&["host", "remove", "local"]);
+    assert!(!ok && err.contains("own engine"), "{err}");
+    let (ok, _, err) = ctx.cli(&["host", "remove", "gpu-9"]);
+    assert!(ok, "{err}");
+    assert!(row(&ctx).is_empty());
+    let gpus: i64 = sqlx::query_scalar("SELECT count(*) FROM gpu_devices WHERE host = 'gpu-9'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("count");
+    assert_eq!(gpus, 0, "its GPU rows go with it");
+    ctx.finish().await;
+}

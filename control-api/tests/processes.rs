@@ -220,7 +220,7 @@ async fn allocation_is_unique_under_32_concurrent_transactions() {
             for _ in 0..20 {
                 let id = gpugate_api::ids::env_id();
                 let mut tx = db.begin().await.expect("tx");
-                sqlx::query("INSERT INTO environments (id, owner_id, name, image, status, services, username, password, jupyter_token) VALUES ($1, $2, 'b', 'i', 'creating', '{ssh}', 'u', 'p', 't')")
+                sqlx::query("INSERT INTO environments (id, owner_id, name, image, status, services, username, password, jupyter_token, host) VALUES ($1, $2, 'b', 'i', 'creating', '{ssh}', 'u', 'p', 't', 'local')")
                     .bind(&id).bind(owner).execute(&mut *tx).await.expect("env");
                 let port = ports::allocate(&mut tx, Service::Ssh, &id).await.expect("allocate");
                 tx.commit().await.expect("commit");

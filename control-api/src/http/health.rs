@@ -235,11 +235,16 @@ pub(super) fn bearer_matches(headers: &HeaderMap, want: &str) -> bool {
 )]
 /// `GET /metrics`: Prometheus text format, from memory (no query).
 async fn get_metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
-    let token = &st.cfg.metrics.token;
-    if !token.is_empty() && !bearer_matches(&headers, token.expose()) {
+    metrics_response(&st.cfg, &st.metrics, &headers)
+}
+
+/// `/metrics` of any process: the text format from memory, behind `metrics.token` when set.
+pub(super) fn metrics_response(cfg: &crate::config::Config, metrics: &crate::metrics::Metrics, headers: &HeaderMap) -> Response {
+    let token = &cfg.metrics.token;
+    if !token.is_empty() && !bearer_matches(headers, token.expose()) {
         return ApiError::Unauthorized.into_response();
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()).into_response()
 }
 
 #[cfg(test)]

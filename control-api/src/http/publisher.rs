@@ -8,13 +8,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
 
-use super::health::{bearer_matches, get_healthz, ReadyLog};
+use super::health::{get_healthz, ReadyLog};
 use crate::config::Config;
 use crate::error::{ok, ApiError, Envelope};
 use crate::metrics::Metrics;
@@ -136,11 +136,7 @@ async fn get_readyz(State(st): State<PublishState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format of this process, from memory.
 async fn get_metrics(State(st): State<PublishState>, headers: HeaderMap) -> Response {
-    let token = &st.cfg.metrics.token;
-    if !token.is_empty() && !bearer_matches(&headers, token.expose()) {
-        return ApiError::Unauthorized.into_response();
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+    super::health::metrics_response(&st.cfg, &st.metrics, &headers)
 }
 
 #[cfg(test)]
