@@ -305,7 +305,7 @@ pub async fn gateways(db: &Db, url: &str, dir: &Path, env: &str, samples: usize)
     }
     let paths: Vec<PathBuf> = (1..=2).map(|i| dir.join(format!("gateway{i}")).join("routes")).collect();
     let mut publishers = vec![];
-    for path in &paths {
+    for (i, path) in paths.iter().enumerate() {
         publishers.push(
             tokio::process::Command::new(&api)
                 .arg("publish")
@@ -313,6 +313,9 @@ pub async fn gateways(db: &Db, url: &str, dir: &Path, env: &str, samples: usize)
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("DATABASE_URL", url)
                 .env("GPUGATE_ROUTE_TABLE", path)
+                // Each publisher serves its probes on a port of its own, under its own name.
+                .env("GPUGATE_LISTEN", "127.0.0.1:0")
+                .env("GPUGATE_GATEWAY_NAME", format!("bench-gw{}", i + 1))
                 .env("GPUGATE_RECONCILE_INTERVAL_S", "3600")
                 .env("GPUGATE_LOG", "warn")
                 .stdin(Stdio::null())
