@@ -254,23 +254,31 @@ async fn reconcile_host(st: &State, host: &str, docker: &DockerClient, r: &mut R
     // every container listed here whose row is missing from the later database listing
     // really has no environment (listing the database first would remove the container of a
     // create in flight).
-    // Only what this host made (unlabelled: made before fleets, by this API's own host).
+    // Removed are only containers and volumes this host name made (unlabelled: made before
+    // fleets, by this API's own host): an engine registered under two names by mistake keeps
+    // the other name's. Matched to this host's environments is every container of the engine
+    // whatever its label (a host renamed keeps its workspaces).
     let ours = |label: &Option<String>| label.as_deref().map_or(host == st.fleet.local_name(), |h| h == host);
-    let containers: Vec<_> = docker.list_managed().await?.into_iter().filter(|c| ours(&c.host)).collect();
+    let containers = docker.list_managed().await?;
     let volumes: Vec<_> = docker.list_volumes().await?.into_iter().filter(|v| ours(&v.host)).collect();
     let live: Vec<EnvRow> = envs::list_live(&st.db).await?.into_iter().filter(|e| e.host == host).collect();
     let known: HashMap<&str, &EnvRow> = live.iter().map(|e| (e.id.as_str(), e)).collect();
     let mut by_env: HashMap<&str, Vec<&crate::docker::Managed>> = HashMap::new();
     for c in &containers {
         let stray = match known.get(c.env_id.as_str()) {
+            None if !ours(&c.host) => continue,
             None => Some("no environment on this host"),
             // Settled (no operation in flight) and not its recorded container: left from
             // before the environment failed with its host, or from an interrupted start.
-            Some(env) if env.op_instance.is_none()
-                && env.container_id.as_deref() != Some(c.id.as_str())
-                && env.status != status::CREATING
-                && env.status != status::DELETING =>
+            Some(env)
+                if env.op_instance.is_none()
+                    && env.container_id.as_deref() != Some(c.id.as_str())
+                    && env.status != status::CREATING
+                    && env.status != status::DELETING =>
             {
+                if !ours(&c.host) {
+                    continue;
+                }
                 Some("not the environment's container")
             }
             Some(_) => None,

@@ -537,3 +537,33 @@ async fn the_host_commands_add_list_drain_disable_and_remove() {
     assert_eq!(gpus, 0, "its GPU rows go with it");
     ctx.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_the_api_s_own_host_keeps_its_workspaces() {
+    let mut ctx = Ctx::new("fleet_rename").await;
+    ctx.cfg.default_services = vec!["ssh".into()];
+    let admin = ctx.token("root", true).await;
+    let alice = ctx.token("alice", false).await;
+    ctx.start().await;
+    let (s, v) = create(&ctx, &alice, "kept", 1).await;
+    assert_eq!((s, v["data"]["host"].as_str()), (201, Some("local")), "{v}");
+    let id = v["data"]["id"].as_str().expect("id").to_string();
+    // The operator names the engine: the row, its GPUs and its environments follow, and the
+    // container made under the old name is still the workspace's (not a stray, not vanished).
+    ctx.stop().await;
+    ctx.cfg.fleet.host_name = "gpu-main".into();
+    ctx.start().await;
+    let (_, v) = ctx.get("/api/v1/admin/hosts", &admin).await;
+    let names: Vec<&str> = v["data"]["hosts"].as_array().expect("hosts").iter().filter_map(|h| h["name"].as_str()).collect();
+    assert_eq!(names, ["gpu-main"], "{v}");
+    assert_eq!(v["data"]["hosts"][0]["gpus_total"], 2, "{v}");
+    let (s, v) = ctx.post("/api/v1/admin/reconcile", &admin, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((v["data"]["containers_removed"].as_u64(), v["data"]["environments_failed"].as_u64()), (Some(0), Some(0)), "{v}");
+    let (_, v) = ctx.get(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!((v["data"]["status"].as_str(), v["data"]["host"].as_str()), (Some("running"), Some("gpu-main")), "{v}");
+    assert_eq!(local_containers(&ctx.deployment).len(), 1);
+    let (s, v) = ctx.delete(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!(s, 200, "{v}");
+    ctx.finish().await;
+}
