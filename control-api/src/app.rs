@@ -296,11 +296,10 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         i64::from(instance),
         rx.clone(),
     ));
-    let fleet = crate::fleet::Fleet::new(cfg.clone(), db.clone(), docker.clone());
+    let fleet = crate::fleet::Fleet::new(cfg.clone(), db.clone(), docker);
     let state: AppState = Arc::new(State {
         cfg: cfg.clone(),
         db,
-        docker,
         fleet,
         metrics,
         readiness,

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::db::Db;
-use crate::docker::DockerClient;
 use crate::metrics::Metrics;
 use crate::ops::{Liveness, Operations};
 use crate::routes::{PublisherStatus, Resync, TableView};
@@ -18,9 +17,7 @@ pub struct State {
     pub cfg: Arc<Config>,
     /// The database.
     pub db: Db,
-    /// This API's own host's Docker engine (the fleet's local client; GPU facts, `/readyz`).
-    pub docker: DockerClient,
-    /// Every host's Docker client, by host name.
+    /// Every host's Docker client, by host name (`fleet.local()`: this API's own engine).
     pub fleet: crate::fleet::Fleet,
     /// Metrics of this process.
     pub metrics: Metrics,

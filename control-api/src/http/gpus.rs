@@ -40,7 +40,7 @@ pub struct GpuInventory {
 )]
 /// `GET /api/v1/gpus` (admin).
 pub(super) async fn list_gpus(State(st): State<AppState>, _admin: Admin) -> ApiResult<GpuInventory> {
-    let backend = st.docker.gpu();
+    let backend = st.fleet.local().gpu();
     Ok(ok(GpuInventory {
         mode: backend.passing.mode().as_str(),
         source: backend.source.describe(),

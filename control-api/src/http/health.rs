@@ -162,7 +162,7 @@ async fn get_readyz(State(st): State<AppState>) -> Response {
         }
     };
     st.ready_log.note("database", error);
-    let ping = tokio::time::timeout(DOCKER_PING, st.docker.ping()).await;
+    let ping = tokio::time::timeout(DOCKER_PING, st.fleet.local().ping()).await;
     let (docker, error) = match ping.unwrap_or(Err(DockerError::Timeout("ping"))) {
         Ok(()) => (true, None),
         Err(e) => {
