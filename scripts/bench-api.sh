@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Control-plane benchmark: port allocation (ours vs the seed's method, two processes),
 # placement throughput on two hosts (ours vs a global lock, two processes), route activation
-# latency (one table, then two publisher processes with a table each), create latency by step.
+# latency (one table, then two publisher processes with a table each), create latency by step,
+# and the gateways' activity reports (`scripts/bench-api.sh activity` runs that row alone).
 # Prints ratios side by side; never fails on absolute times. Starts its own throw-away
 # PostgreSQL (unless DATABASE_URL is set) and builds the small test image if Docker lacks it.
 set -euo pipefail

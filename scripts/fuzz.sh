@@ -108,8 +108,8 @@ export GPUGATE_DOCKER_STOP_TIMEOUT_S=1
 export GPUGATE_READINESS_SSH_DEADLINE_S=2 GPUGATE_READINESS_JUPYTER_DEADLINE_S=2
 export GPUGATE_READINESS_CODE_DEADLINE_S=2 GPUGATE_READINESS_RDP_DEADLINE_S=2
 # The default quotas (10 environments, 4 GPUs) bound what the fuzzer can hold at once; the rate
-# limit is off so the fuzzer's pace is not what is tested.
-export GPUGATE_RATE_LIMIT_PER_S=0
+# limits are off so the fuzzer's pace (and its requests without a token) is not what is tested.
+export GPUGATE_RATE_LIMIT_PER_S=0 GPUGATE_RATE_LIMIT_FAILED_AUTH_PER_MIN=0
 export GPUGATE_LOG=${GPUGATE_LOG:-warn}
 unset GPUGATE_CONFIG
 

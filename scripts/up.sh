@@ -101,10 +101,11 @@ $api, PostgreSQL. API token for user "$user" (admin; shown once, keep it):
 
   export GPUGATE_TOKEN=$tok
 
-Create a workspace (SSH, JupyterLab and a code editor; the answer holds ports and passwords):
+Create a workspace (SSH, JupyterLab and a code editor; the answer holds ports and passwords,
+and comes once every service answers, so the login below works at once):
 
   curl -sS -X POST -H "Authorization: Bearer \$GPUGATE_TOKEN" -H 'Content-Type: application/json' \\
-    -d '{"name":"my-workspace","gpus":0}' $api/api/v1/environments
+    -d '{"name":"my-workspace","gpus":0,"wait":"ready"}' $api/api/v1/environments
 
 then log in through the gateway with data.access_info.ssh (user remotegpu, its password):
 

@@ -1,15 +1,20 @@
-//! What the gateway saw of a workspace: per-service sessions and bytes from the route table's
-//! counters (nginx flushes them while sessions are open), and the idle rule built on them.
+//! What the gateways saw of a workspace: per-service sessions and bytes from the route tables'
+//! counters (nginx flushes them while sessions are open), summed over every fresh gateway
+//! from their reports ([`crate::activity_report`], [`crate::db::activity`]), and the idle rule
+//! built on them.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use gpugate_routes::{Counters, HostKey, Lookup, Service, Table};
+use gpugate_routes::Service;
 use serde::Serialize;
 
 use crate::config::IdlePolicy;
+use crate::db::activity::ServiceSum;
+use crate::db::envs::EnvRow;
+use crate::db::Db;
 
-/// One service's traffic through the gateway since the environment last started.
+/// One service's traffic through the gateways since the environment last started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ServiceActivity {
     /// The public port (0: reached by name only).
@@ -38,39 +43,36 @@ pub struct Activity {
 }
 
 impl Activity {
-    /// Reads the counters of `env_id`'s services: its port routes (`held`; port 0: none) and
-    /// its name routes, summed per service. A port whose slot holds no route of this
-    /// environment (stopped, or not yet published) and a name without a route read as zero.
-    pub fn read(table: &Table, env_id: &str, held: &[(u16, Service)]) -> Activity {
-        let now = gpugate_routes::now_ms();
-        let env = env_id.parse().ok();
+    /// Builds the activity of an environment's services (`held`: port, service; port 0:
+    /// by name only) from the counters summed over every fresh gateway (by service name; a
+    /// service no gateway reported reads as zero).
+    pub fn from_sums(held: &[(u16, Service)], sums: &BTreeMap<String, ServiceSum>) -> Activity {
         let mut services = BTreeMap::new();
         for &(port, service) in held {
-            let ours = port != 0
-                && matches!(table.lookup(port, now), Lookup::Live(r) | Lookup::Expired(r) if r.env_id.as_str() == env_id);
+            let u = |v: i64| u64::try_from(v).unwrap_or(0);
             let mut a = ServiceActivity { port, ..ServiceActivity::default() };
-            let mut c = if ours { table.counters(port) } else { Counters::default() };
-            if let Some(slot) = env.and_then(|e| table.host_slot(HostKey::new(e, service))) {
-                let n = table.counters(slot);
-                c.connections_active += n.connections_active;
-                c.connections_total += n.connections_total;
-                c.revoked_total += n.revoked_total;
-                c.bytes_in += n.bytes_in;
-                c.bytes_out += n.bytes_out;
-                c.last_activity_ms = c.last_activity_ms.max(n.last_activity_ms);
+            if let Some(c) = sums.get(service.as_str()) {
+                a.connections_active = u(c.connections_active);
+                a.connections_total = u(c.connections_total);
+                a.connections_revoked = u(c.revoked_total);
+                a.bytes_in = u(c.bytes_in);
+                a.bytes_out = u(c.bytes_out);
+                a.last_activity_ms = u(c.last_activity_ms);
+                a.last_activity_at = (a.last_activity_ms > 0)
+                    .then(|| DateTime::from_timestamp_millis(c.last_activity_ms))
+                    .flatten();
             }
-            a.connections_active = c.connections_active;
-            a.connections_total = c.connections_total;
-            a.connections_revoked = c.revoked_total;
-            a.bytes_in = c.bytes_in;
-            a.bytes_out = c.bytes_out;
-            a.last_activity_ms = c.last_activity_ms;
-            a.last_activity_at = (c.last_activity_ms > 0)
-                .then(|| DateTime::from_timestamp_millis(i64::try_from(c.last_activity_ms).ok()?))
-                .flatten();
             services.insert(service.as_str().to_string(), a);
         }
         Activity { services }
+    }
+
+    /// Reads the activity of every endpoint of `env` (services reached by name only, which
+    /// hold no pool port, included) from the gateways' reports; returns the endpoints too.
+    pub async fn of_env(db: &Db, env: &EnvRow) -> Result<(Vec<(u16, Service)>, Activity), sqlx::Error> {
+        let held = crate::db::ports::env_endpoints(db.pool(), &env.id, &env.services).await?;
+        let activity = Activity::from_sums(&held, &crate::db::activity::of_env(db, &env.id).await?);
+        Ok((held, activity))
     }
 
     /// Sessions open now, across services.

@@ -14,7 +14,8 @@ use crate::db::{self, gpus, ports, Db};
 use crate::docker::DockerClient;
 use crate::metrics::Metrics;
 use crate::ops::{Liveness, Operations};
-use crate::routes::{Publisher, PublisherStatus, Resync, TableView};
+use crate::publisher_status::PublisherStatus;
+use crate::routes::{Publisher, Resync, TableView};
 use crate::state::{AppState, State};
 
 /// What to run in this process.
@@ -137,7 +138,7 @@ async fn hold_liveness(db: Db, instance: i32, live: Arc<Liveness>, mut shutdown:
 
 /// Serves `app` on `listener` until `stop` changes (then finishes the open requests).
 async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>, what: &'static str) {
-    let served = axum::serve(listener, app)
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(async move {
             let _ = stop.changed().await;
         })
@@ -226,8 +227,26 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         anyhow::bail!("no database configured: set DATABASE_URL or database_url");
     }
     let cfg = Arc::new(cfg);
+    let begun = std::time::Instant::now();
+    let step = |what: &str| tracing::info!(listen = %cfg.listen, ms = begun.elapsed().as_millis() as u64, "start-up: {what}");
     let db = Db::connect(&cfg).await.context("connecting to PostgreSQL")?;
-    db.migrate().await.context("applying database migrations")?;
+    // A gateway's publisher reads routes and writes its own registry row only, with a role
+    // that cannot change the schema: it checks the schema instead of migrating it.
+    // A gateway that starts before any API has migrated waits for the schema.
+    if mode == Mode::PublishOnly {
+        let mut waiting = false;
+        while let Err(e) = db.check_schema().await {
+            if !waiting {
+                tracing::warn!("{e}; waiting for it");
+                waiting = true;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    } else {
+        step("connected to PostgreSQL");
+        db.migrate().await.context("applying database migrations")?;
+        step("migrations applied");
+    }
     let metrics = Metrics::new();
     let status = Arc::new(PublisherStatus::default());
     let resync = Resync::default();
@@ -240,7 +259,10 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         Mode::PublishOnly => None,
         Mode::Api { .. } => {
             let mut docker = DockerClient::connect(&cfg).await.context("connecting to Docker")?;
-            let (backend, devices) = crate::gpu::prepare(&cfg, &docker).await.map_err(anyhow::Error::msg)?;
+            step("connected to Docker");
+            let facts = |probe| docker.gpu_facts(&cfg.docker.default_image, probe);
+            let (backend, devices) = crate::gpu::prepare(&cfg, facts).await.map_err(anyhow::Error::msg)?;
+            step("GPU backend prepared");
             docker.set_gpu(backend);
             Some((docker, devices))
         }
@@ -258,6 +280,7 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
             crate::registry::Identity {
                 name: cfg.gateway_name.clone(),
                 heartbeat: Duration::from_millis(cfg.gateway_heartbeat_ms),
+                activity_report: Duration::from_millis(cfg.gateway_activity_report_ms),
             },
         );
         tasks.push(tokio::spawn(p.run(rx.clone())));
@@ -269,16 +292,29 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
 
     let report = ports::sync_pools(&db, &cfg).await.context("synchronising port pools")?;
     tracing::info!(?report, "port pools synchronised");
+    step("port pools synchronised");
     let Some((mut docker, devices)) = engine else {
         anyhow::bail!("API mode without a Docker engine");
     };
     let host = &cfg.fleet.host_name;
-    db::hosts::adopt_local(&db, host, cfg.docker.endpoint.trim(), cfg.upstream_host)
+    let engine_id = docker.engine_id().map(str::to_string);
+    if let Some(recorded) = db::hosts::adopt_local(&db, host, cfg.docker.endpoint.trim(), cfg.upstream_host, engine_id.as_deref())
         .await
-        .context("registering this API's own host")?;
+        .context("registering this API's own host")?
+    {
+        anyhow::bail!(
+            "fleet.host_name \"{host}\" is Docker engine {recorded} in the database, but this process's engine is {}: \
+             another API process acts for that host with another engine. Give this process its own fleet.host_name, \
+             or, if the host was rebuilt with a new engine, run `gpugate-api host forget-engine {host}` first",
+            engine_id.as_deref().unwrap_or("unknown")
+        );
+    }
+    step("own host registered");
     let change = gpus::sync_inventory(&db, host, &devices).await.context("synchronising the GPU inventory")?;
     tracing::info!(gpus = devices.len(), added = change.added.len(), retired = change.retired.len(), "GPU inventory synchronised");
+    step("GPU inventory synchronised");
     docker.ensure_network().await.context("preparing the workspace network")?;
+    step("workspace network ready");
 
     let instance = crate::ids::instance_id();
     let liveness = Arc::new(Liveness::default());
@@ -288,6 +324,7 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
     while !liveness.holding() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    step("liveness lock wait over");
 
     let readiness = Arc::new(crate::readiness::Prober::new(
         db.clone(),
@@ -297,6 +334,7 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         rx.clone(),
     ));
     let fleet = crate::fleet::Fleet::new(cfg.clone(), db.clone(), docker);
+    let ops = Operations::new(db.clone(), i64::from(instance), liveness.clone());
     let state: AppState = Arc::new(State {
         cfg: cfg.clone(),
         db,
@@ -308,7 +346,7 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         resync,
         instance: i64::from(instance),
         liveness,
-        ops: Operations::default(),
+        ops,
         ready_log: Default::default(),
     });
     // Gauges from the database and the table: filled once before the first scrape can come,
@@ -320,9 +358,10 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         state.metrics.clone(),
     );
     gauges.refresh().await;
+    step("gauges filled");
     tasks.push(tokio::spawn(gauges.run(rx.clone())));
     tasks.push(tokio::spawn(crate::idle::run(state.clone(), rx.clone())));
-    tasks.push(tokio::spawn(crate::fleet::health::run(state.clone(), rx.clone())));
+    tasks.push(tokio::spawn(crate::host_health::run(state.clone(), rx.clone())));
     let (reconcile_stop, reconcile_rx) = watch::channel(false);
     let reconciler = tokio::spawn(crate::reconcile::run(
         state.clone(),

@@ -121,6 +121,13 @@ pub enum HostCommand {
         /// The host's name.
         name: String,
     },
+    /// Forget the Docker engine a host name stands for (the host was rebuilt with a new
+    /// engine): the next process that reaches it records the new one. Until then, a process
+    /// whose engine differs from the recorded one refuses to act for the host.
+    ForgetEngine {
+        /// The host's name.
+        name: String,
+    },
 }
 
 /// Parses `30d`, `12h`, `15m`, `90s` (or plain seconds) into seconds.
@@ -270,6 +277,12 @@ pub async fn host(cfg: &Config, command: HostCommand) -> anyhow::Result<()> {
         HostCommand::Undrain { name } => {
             hosts::set_state(&db, &name, hosts::state::ACTIVE).await?.ok_or_else(|| missing(&name))?;
             eprintln!("host {name} is active");
+        }
+        HostCommand::ForgetEngine { name } => {
+            if !hosts::forget_engine(&db, &name).await? {
+                return Err(missing(&name));
+            }
+            eprintln!("host {name} forgot its engine; the next process to reach it records the one it finds");
         }
         HostCommand::Remove { name } => {
             if name == cfg.fleet.host_name {

@@ -149,6 +149,12 @@ impl From<sqlx::Error> for ApiError {
                 tracing::error!(error = %e, "database not accepting connections");
                 ApiError::Unavailable("database unavailable".into())
             }
+            // A deadlock or serialization failure (40P01, 40001) rolled the transaction back:
+            // nothing changed, and the same request may well pass now.
+            sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")) => {
+                tracing::warn!(error = %e, "transaction rolled back by contention");
+                ApiError::Unavailable("the database was busy with a conflicting change; try again".into())
+            }
             _ => ApiError::internal("database error", e),
         }
     }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::db::envs::{self, status, EnvRow};
-use crate::db::{self, gpus, hosts, idempotency, ports, readiness, routes};
+use crate::db::{self, gpus, hosts, idempotency, ports, readiness, retention, routes};
 use crate::docker::DockerClient;
 use crate::lifecycle;
 use crate::state::State;
@@ -45,6 +45,9 @@ pub struct Repairs {
     /// GPUs discovery no longer reports, taken out of the inventory (never handed out again
     /// while gone; one an environment holds retires when released).
     pub gpus_retired: u64,
+    /// Environments whose repair failed this pass (logged; the pass went on, and the next
+    /// pass tries again).
+    pub errors: u64,
 }
 
 impl Repairs {
@@ -63,6 +66,12 @@ impl Repairs {
             + self.gpus_released
             + self.gpus_added
             + self.gpus_retired
+    }
+
+    /// Counts and logs a repair of environment `env_id` that failed; the pass goes on.
+    fn failed(&mut self, env_id: &str, what: &str, e: &anyhow::Error) {
+        self.errors += 1;
+        tracing::error!(env_id = %env_id, error = %format!("{e:#}"), "reconcile: {what} failed; the next pass tries again");
     }
 }
 
@@ -91,7 +100,7 @@ pub async fn run(st: std::sync::Arc<State>, interval: Duration, mut shutdown: wa
 /// deletes its routes, in one transaction.
 async fn mark_failed(st: &State, env: &EnvRow, reason: &str) -> anyhow::Result<bool> {
     let mut tx = st.db.begin().await?;
-    if !envs::mark_failed(&mut tx, &env.id, reason).await? {
+    if !envs::mark_failed(&mut tx, &env.id, env.container_id.as_deref(), reason).await? {
         return Ok(false);
     }
     routes::delete_env(&mut *tx, &env.id).await?;
@@ -103,30 +112,35 @@ async fn mark_failed(st: &State, env: &EnvRow, reason: &str) -> anyhow::Result<b
 
 /// Takes the row of an operation that is not running anywhere: claimed by a dead process, or
 /// by this one with no operation registered here (it ended without settling). Registers the
-/// repair as an operation of this process while it runs; returns whether the row was taken.
-async fn take_orphan(st: &State, env: &EnvRow, op: i64) -> anyhow::Result<bool> {
+/// repair as an operation of this process while it runs; returns the new claim's epoch, if the
+/// row was taken (the old operation, should it still run somewhere, is fenced off by it).
+async fn take_orphan(st: &State, env: &EnvRow, op: i64) -> anyhow::Result<Option<i64>> {
     let mut active = st.ops.lock_active().await;
     if active.contains(&env.id) {
-        return Ok(false);
+        return Ok(None);
     }
     if op != st.instance && db::instance_alive(&st.db, op).await? {
-        return Ok(false);
+        return Ok(None);
     }
-    if !envs::take_over(&st.db, &env.id, op, st.instance).await? {
-        return Ok(false);
-    }
+    let Some(epoch) = envs::take_over(&st.db, &env.id, op, st.instance).await? else {
+        return Ok(None);
+    };
     active.insert(env.id.clone());
-    Ok(true)
+    Ok(Some(epoch))
 }
 
-/// Takes the row of an environment that no operation holds, registering the repair.
-async fn take_unowned(st: &State, env: &EnvRow) -> anyhow::Result<bool> {
+/// Takes the row of an environment that no operation holds, registering the repair; returns
+/// the claim's epoch if it was taken.
+async fn take_unowned(st: &State, env: &EnvRow) -> anyhow::Result<Option<i64>> {
     let mut active = st.ops.lock_active().await;
-    if active.contains(&env.id) || !envs::take_over_unowned(&st.db, &env.id, st.instance).await? {
-        return Ok(false);
+    if active.contains(&env.id) {
+        return Ok(None);
     }
+    let Some(epoch) = envs::take_over_unowned(&st.db, &env.id, st.instance).await? else {
+        return Ok(None);
+    };
     active.insert(env.id.clone());
-    Ok(true)
+    Ok(Some(epoch))
 }
 
 /// Ends a repair registered by [`take_orphan`] or [`take_unowned`], releasing the row if the
@@ -148,40 +162,24 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
 
     // 1. Operations that are not running in any live process: finish or undo them.
     for env in envs::list_live(&st.db).await? {
+        let transitional =
+            matches!(env.status.as_str(), status::CREATING | status::DELETING | status::STOPPING | status::STARTING);
         let taken = match env.op_instance {
-            Some(op) => take_orphan(st, &env, op).await?,
-            None if matches!(env.status.as_str(), status::CREATING | status::DELETING) => take_unowned(st, &env).await?,
-            None => false,
+            Some(op) => take_orphan(st, &env, op).await,
+            None if transitional => take_unowned(st, &env).await,
+            None => Ok(None),
         };
-        if !taken {
-            continue;
-        }
-        let outcome = match env.status.as_str() {
-            status::CREATING => {
-                let reason = "create interrupted; undone by the reconciler";
-                let res = match st.fleet.client(&env.host).await {
-                    Ok(dk) => lifecycle::undo_create(st, &dk, &env.id, env.container_id.as_deref(), false, reason).await,
-                    Err(e) => Err(e.into()),
-                };
-                if res.is_ok() {
-                    r.creates_undone += 1;
-                }
-                res
-            }
-            status::DELETING => {
-                let res = lifecycle::finish_delete(st, &env).await;
-                if res.is_ok() {
-                    r.deletes_finished += 1;
-                }
-                res
-            }
-            _ => {
-                r.operations_released += 1;
-                Ok(())
+        let epoch = match taken {
+            Ok(Some(epoch)) => epoch,
+            Ok(None) => continue,
+            Err(e) => {
+                r.failed(&env.id, "taking over an orphaned operation", &e);
+                continue;
             }
         };
-        if let Err(e) = outcome {
-            tracing::error!(env_id = %env.id, error = %format!("{e:#}"), "reconcile: repair failed");
+        let env = EnvRow { op_epoch: Some(epoch), ..env };
+        if let Err(e) = finish_orphan(st, &env, epoch, &mut r).await {
+            r.failed(&env.id, "repairing an interrupted operation", &e);
         }
         end_repair(st, &env.id).await;
     }
@@ -217,6 +215,18 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
     rediscover(st, &mut r).await;
     ports::end_quarantine(&st.db).await?;
     idempotency::purge(&st.db, st.cfg.idempotency_retention_s).await?;
+    if st.cfg.retention_days > 0 {
+        match retention::purge(&st.db, st.cfg.retention_days).await {
+            Ok(p) if p != retention::Purged::default() => tracing::info!(
+                events = p.events,
+                environments = p.environments,
+                close_requests = p.close_requests,
+                "retention: old rows removed"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention: removing old rows failed; the next pass tries again"),
+        }
+    }
 
     // 4. The table against the routes (the publisher counts what it rewrites).
     st.resync.request();
@@ -239,10 +249,40 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
     ] {
         st.metrics.repaired(kind, n);
     }
+    st.metrics.reconcile_errors.inc_by(r.errors);
     if r.total() > 0 {
         st.db.event(None, "reconciled", serde_json::to_value(&r).unwrap_or_default()).await?;
     }
     Ok(r)
+}
+
+/// Finishes or undoes the interrupted operation on `env`, now claimed by this process with
+/// epoch `epoch`: a create is undone, a delete and a stop finished, a start undone (the
+/// environment is stopped, its home kept).
+async fn finish_orphan(st: &State, env: &EnvRow, epoch: i64, r: &mut Repairs) -> anyhow::Result<()> {
+    match env.status.as_str() {
+        status::CREATING => {
+            let reason = "create interrupted; undone by the reconciler";
+            let dk = st.fleet.client(&env.host).await?;
+            lifecycle::undo_create(st, &dk, &env.id, epoch, env.container_id.as_deref(), false, reason).await?;
+            r.creates_undone += 1;
+        }
+        status::DELETING => {
+            lifecycle::finish_delete(st, env).await?;
+            r.deletes_finished += 1;
+        }
+        status::STOPPING => {
+            lifecycle::stop_env(st, env, "interrupted stop finished by the reconciler", env.status_reason.as_deref()).await?;
+            r.operations_released += 1;
+        }
+        status::STARTING => {
+            let dk = st.fleet.client(&env.host).await?;
+            lifecycle::undo_start(st, &dk, &env.id, epoch, "start interrupted; undone by the reconciler").await?;
+            r.operations_released += 1;
+        }
+        _ => r.operations_released += 1,
+    }
+    Ok(())
 }
 
 /// Makes one host's containers and home volumes converge to the database: removes those of
@@ -260,6 +300,7 @@ async fn reconcile_host(st: &State, host: &str, docker: &DockerClient, r: &mut R
     // whatever its label (a host renamed keeps its workspaces).
     let ours = |label: &Option<String>| label.as_deref().map_or(host == st.fleet.local_name(), |h| h == host);
     let containers = docker.list_managed().await?;
+    st.pause_point("reconcile_listed").await;
     let volumes: Vec<_> = docker.list_volumes().await?.into_iter().filter(|v| ours(&v.host)).collect();
     let live: Vec<EnvRow> = envs::list_live(&st.db).await?.into_iter().filter(|e| e.host == host).collect();
     let known: HashMap<&str, &EnvRow> = live.iter().map(|e| (e.id.as_str(), e)).collect();
@@ -287,10 +328,17 @@ async fn reconcile_host(st: &State, host: &str, docker: &DockerClient, r: &mut R
             None => by_env.entry(c.env_id.as_str()).or_default().push(c),
             Some(why) => {
                 tracing::info!(host, container = %c.id, env_id = %c.env_id, why, "reconcile: removing container");
-                docker.remove(&c.id).await?;
-                let detail = serde_json::json!({ "container": c.id, "host": host, "why": why });
-                st.db.event(Some(&c.env_id), "repair_container_removed", detail).await?;
-                r.containers_removed += 1;
+                let removed: anyhow::Result<()> = async {
+                    docker.remove(&c.id).await?;
+                    let detail = serde_json::json!({ "container": c.id, "host": host, "why": why });
+                    st.db.event(Some(&c.env_id), "repair_container_removed", detail).await?;
+                    Ok(())
+                }
+                .await;
+                match removed {
+                    Ok(()) => r.containers_removed += 1,
+                    Err(e) => r.failed(&c.env_id, "removing a stray container", &e),
+                }
             }
         }
     }
@@ -308,50 +356,77 @@ async fn reconcile_host(st: &State, host: &str, docker: &DockerClient, r: &mut R
     }
     for env in live.iter().filter(|e| e.op_instance.is_none()) {
         let mine = by_env.get(env.id.as_str()).cloned().unwrap_or_default();
-        let recorded = mine.iter().find(|c| Some(&c.id) == env.container_id.as_ref()).copied();
-        match env.status.as_str() {
-            status::RUNNING => match recorded {
-                Some(c) if c.running => {
-                    if repair_routes(st, docker, env, &c.id).await? {
-                        r.routes_rewritten += 1;
-                    }
-                }
-                Some(_) => {
-                    if mark_failed(st, env, "container exited").await? {
-                        r.environments_failed += 1;
-                    }
-                }
-                None => {
-                    if mark_failed(st, env, "container vanished").await? {
-                        r.environments_failed += 1;
-                    }
-                }
-            },
-            // A stopped environment needs no container (a start makes a new one), but one that
-            // runs is stopped; its GPUs go back once it is seen stopped.
-            status::STOPPED => {
-                if let Some(c) = recorded.filter(|c| c.running) {
-                    // Claimed like an operation, so a start in flight cannot interleave.
-                    if !take_unowned(st, env).await? {
-                        continue;
-                    }
-                    let res: anyhow::Result<()> = async {
-                        routes::deactivate(st.db.pool(), &env.id).await?;
-                        docker.stop(&c.id).await?;
-                        st.db.event(Some(&env.id), "repair_container_stopped", serde_json::json!({ "container": c.id })).await?;
-                        Ok(())
-                    }
-                    .await;
-                    end_repair(st, &env.id).await;
-                    res?;
-                    r.containers_stopped += 1;
-                }
-                if !env.gpus.is_empty() {
-                    r.gpus_released += release_stopped_gpus(st, env).await?;
+        if let Err(e) = reconcile_env(st, docker, env, &mine, r).await {
+            r.failed(&env.id, "reconciling its container", &e);
+        }
+    }
+    Ok(())
+}
+
+/// One settled environment of a host against its containers there (`mine`, listed before the
+/// environment was read).
+async fn reconcile_env(
+    st: &State,
+    docker: &DockerClient,
+    env: &EnvRow,
+    mine: &[&crate::docker::Managed],
+    r: &mut Repairs,
+) -> anyhow::Result<()> {
+    if st.fail_point(&format!("reconcile_env:{}", env.name)) {
+        anyhow::bail!("fault injection: reconcile_env:{}", env.name);
+    }
+    let recorded = mine.iter().find(|c| Some(&c.id) == env.container_id.as_ref()).copied();
+    match env.status.as_str() {
+        status::RUNNING => match recorded {
+            Some(c) if c.running => {
+                if repair_routes(st, docker, env, &c.id).await? {
+                    r.routes_rewritten += 1;
                 }
             }
-            _ => {}
+            _ => {
+                // The listing is older than the row: the recorded container may have been
+                // made (or started) since. Asked by id, now, before anything is failed.
+                let why = match env.container_id.as_deref() {
+                    Some(c) => match docker.inspect(c).await? {
+                        Some(now) if now.running => return Ok(()),
+                        Some(_) => "container exited",
+                        None => "container vanished",
+                    },
+                    None => "container vanished",
+                };
+                if mark_failed(st, env, why).await? {
+                    r.environments_failed += 1;
+                }
+            }
+        },
+        // A stopped or failed environment needs no container (a start makes a new one), but
+        // one that runs is stopped; its GPUs go back once none of its containers runs.
+        status::STOPPED | status::FAILED => {
+            if let Some(c) = recorded.filter(|c| c.running) {
+                // Claimed like an operation, so a start in flight cannot interleave.
+                if take_unowned(st, env).await?.is_none() {
+                    return Ok(());
+                }
+                let res: anyhow::Result<()> = async {
+                    routes::deactivate(st.db.pool(), &env.id).await?;
+                    docker.stop(&c.id).await?;
+                    st.db.event(Some(&env.id), "repair_container_stopped", serde_json::json!({ "container": c.id })).await?;
+                    Ok(())
+                }
+                .await;
+                end_repair(st, &env.id).await;
+                res?;
+                r.containers_stopped += 1;
+            } else if mine.iter().any(|c| c.running) {
+                // Another of its containers runs (a stray, removed above unless the listing
+                // raced): its GPUs stay until the next pass sees none.
+                return Ok(());
+            }
+            if !env.gpus.is_empty() || env.status == status::FAILED {
+                r.gpus_released += release_settled_gpus(st, env).await?;
+            }
         }
+        _ => {}
     }
     Ok(())
 }
@@ -403,15 +478,18 @@ async fn rediscover(st: &State, r: &mut Repairs) {
     }
 }
 
-/// Gives back the GPUs a stopped environment still holds (a stop that failed half-way, or one
-/// from before stops gave them back), if it is still stopped with no operation; its container
-/// has been seen stopped. Returns how many.
-async fn release_stopped_gpus(st: &State, env: &EnvRow) -> anyhow::Result<u64> {
+/// Gives back the GPUs a stopped or failed environment still holds (a stop that failed
+/// half-way, a workspace whose host was lost and is back), if it is still in that state with
+/// no operation; none of its containers has been seen running on its host. Returns how many.
+async fn release_settled_gpus(st: &State, env: &EnvRow) -> anyhow::Result<u64> {
     let mut tx = st.db.begin().await?;
-    if !envs::lock_if_idle_in(&mut tx, &env.id, status::STOPPED).await? {
+    if !envs::lock_if_idle_in(&mut tx, &env.id, &env.status).await? {
         return Ok(0);
     }
     let n = gpus::release_env(&mut *tx, &env.id).await?;
+    if n == 0 && env.gpus.is_empty() {
+        return Ok(0);
+    }
     envs::set_gpus(&mut tx, &env.id, &[]).await?;
     db::event(&mut *tx, Some(&env.id), "repair_gpus_released", serde_json::json!({ "gpus": env.gpus })).await?;
     tx.commit().await?;
@@ -447,7 +525,9 @@ async fn repair_routes(st: &State, docker: &DockerClient, env: &EnvRow, containe
     }
     routes::delete_env(&mut *tx, &env.id).await?;
     let generation = envs::next_generation(&mut tx, &env.id).await?;
-    routes::put(&mut tx, &env.id, generation, &upstreams, &names).await?;
+    if let Some(port) = routes::put(&mut tx, &env.id, generation, &upstreams, &names).await? {
+        anyhow::bail!("port {port} is routed to another environment; not rewriting environment {}'s routes", env.id);
+    }
     db::event(&mut *tx, Some(&env.id), "repair_routes_rewritten", serde_json::json!({ "generation": generation })).await?;
     tx.commit().await?;
     Ok(true)

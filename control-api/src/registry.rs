@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::db::{gateways, Db};
-use crate::routes::PublisherStatus;
+use crate::publisher_status::PublisherStatus;
 
 /// The longest one registry call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,6 +29,8 @@ pub struct Identity {
     pub name: String,
     /// `gateway_heartbeat_ms`.
     pub heartbeat: Duration,
+    /// `gateway_activity_report_ms` (zero: this gateway reports no activity).
+    pub activity_report: Duration,
 }
 
 /// What the publisher has done, as the registry task last heard it.

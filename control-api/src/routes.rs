@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,30 +21,14 @@ use gpugate_routes::{Error as TableError, HostKey, LockMode, Lookup, Route, Tabl
 use sqlx::postgres::PgListener;
 use tokio::sync::{watch, Notify};
 
+use crate::activity_report::{self, Reporter};
 use crate::db::{self, Db};
 use crate::metrics::Metrics;
+use crate::publisher_status::PublisherStatus;
 use crate::registry::{Identity, Registry};
 
 /// How often a standby publisher tries the lock.
 const STANDBY_POLL: Duration = Duration::from_millis(100);
-
-/// What the publisher is doing, for health checks and the debug view.
-#[derive(Debug, Default)]
-pub struct PublisherStatus {
-    /// Whether this process holds the writer lock and has synced.
-    pub active: AtomicBool,
-    /// When the last whole-table sync finished (unix ms).
-    pub last_sync_ms: AtomicU64,
-    /// Whole-table syncs done.
-    pub syncs: AtomicU64,
-    /// When the writer last renewed the table's heartbeat (unix ms).
-    pub last_heartbeat_ms: AtomicU64,
-    /// The route generation the table is known to hold: every committed change up to it is
-    /// applied (a barrier's watermark; 0: none confirmed yet).
-    pub applied_generation: AtomicI64,
-    /// Whether the last write to the gateway registry succeeded.
-    pub registered: AtomicBool,
-}
 
 /// Handle to ask the running publisher for a whole-table re-sync.
 #[derive(Clone, Default)]
@@ -148,7 +132,7 @@ impl Publisher {
     async fn serve(&self, mut writer: Writer, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut listener = PgListener::connect_with(self.db.pool()).await?;
         // Barriers on the same connection: they arrive in commit order with the routes'.
-        listener.listen_all([db::routes::CHANNEL, db::gateways::BARRIER_CHANNEL]).await?;
+        listener.listen_all([db::routes::CHANNEL, db::gateways::BARRIER_CHANNEL, db::close_requests::CHANNEL]).await?;
         // The listener runs in its own task and hands batches over a channel, so the loop
         // below only ever waits on cancel-safe futures.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Notice>(1024);
@@ -161,6 +145,15 @@ impl Publisher {
         // Only the active writer reports; dropped (its task stopped) when this run ends.
         let registry = Registry::start(self.db.clone(), &self.identity, &self.path, self.status.clone());
         registry.synced();
+        let reporting = (!self.identity.activity_report.is_zero()).then(|| {
+            let r = Reporter::start(self.db.clone(), &self.identity.name, self.identity.activity_report, self.metrics.clone());
+            let mut tick = tokio::time::interval(self.identity.activity_report);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            (r, tick)
+        });
+        let (reporter, mut report_tick) = reporting.unzip();
+        // Keys of the last snapshot: sizes the next one's map at once.
+        let mut reported_keys = 0;
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -175,10 +168,22 @@ impl Publisher {
                     writer.heartbeat()?;
                     self.status.last_heartbeat_ms.store(gpugate_routes::now_ms(), Ordering::Relaxed);
                 }
+                // Between route batches: one pass over the table's counters, sent by the
+                // reporter's own task.
+                _ = tick_or_never(&mut report_tick) => {
+                    if let Some(r) = &reporter {
+                        let snapshot = activity_report::snapshot(&writer, reported_keys);
+                        reported_keys = snapshot.len();
+                        r.offer(snapshot);
+                    }
+                }
                 notice = rx.recv() => match notice {
-                    Some(Notice::Changes(ports, names, barriers)) => {
+                    Some(Notice::Changes(ports, names, barriers, closes)) => {
                         self.apply(&mut writer, &ports).await?;
                         self.apply_names(&mut writer, &names).await?;
+                        if closes {
+                            self.apply_close_requests(&mut writer).await?;
+                        }
                         if !ports.is_empty() || !names.is_empty() {
                             registry.applied_changes();
                         }
@@ -307,35 +312,58 @@ impl Publisher {
         }
         self.status.last_sync_ms.store(gpugate_routes::now_ms(), Ordering::Relaxed);
         self.status.syncs.fetch_add(1, Ordering::Relaxed);
+        // A missed notification costs at most one re-sync.
+        self.apply_close_requests(writer).await
+    }
+
+    /// Applies every close request this gateway has not applied yet ([`crate::revokes`]),
+    /// each once, and records them as applied (after the table write: a crash in between
+    /// applies the request again at the restart, which can close only sessions opened in
+    /// that instant).
+    async fn apply_close_requests(&self, writer: &mut Writer) -> anyhow::Result<()> {
+        let gateway = &self.identity.name;
+        let pending = db::close_requests::pending(&self.db, gateway).await?;
+        let mut ids = Vec::with_capacity(pending.len());
+        for req in &pending {
+            let done = crate::revokes::apply(writer, req)?;
+            self.metrics.route_writes.with_label_values(&["revoke"]).inc_by(done.revoked as u64);
+            tracing::info!(env_id = %req.env_id, request = req.id, revoked = done.revoked, moved_on = done.moved_on, "sessions closed on request");
+            ids.push(req.id);
+        }
+        db::close_requests::mark_applied(&self.db, gateway, &ids).await?;
         Ok(())
+    }
+}
+
+/// The next tick of `tick`; never without one. (Cancel-safe, as [`tokio::time::Interval::tick`].)
+async fn tick_or_never(tick: &mut Option<tokio::time::Interval>) {
+    match tick {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
 /// Removes a port's route and revokes the sessions still open on it: a route leaves the
 /// database when its environment stops, is deleted or fails, and each of those must end its
 /// sessions too (nginx closes them within `gpugate_flush_interval`), before the container goes.
+/// The route goes first and the revoke after it (the writer's method keeps that order), so
+/// no connection between the two steps can get the old route with the new epoch.
 fn remove_and_revoke(writer: &mut Writer, port: u16) -> Result<bool, TableError> {
-    if writer.table().lookup(port, gpugate_routes::now_ms()) == Lookup::Absent {
-        return Ok(false);
-    }
-    writer.revoke(port)?;
-    writer.remove(port)
+    writer.remove_and_revoke(port)
 }
 
 /// [`remove_and_revoke`] for a name route: its sessions are revoked only when it had a route.
 fn remove_and_revoke_host(writer: &mut Writer, key: HostKey) -> Result<bool, TableError> {
-    if writer.table().host_slot(key).is_none() {
-        return Ok(false);
-    }
-    writer.revoke_host(key)?;
-    writer.remove_host(key)
+    writer.remove_and_revoke_host(key)
 }
 
 /// What the notification task hands to the publisher.
 enum Notice {
-    /// Ports and name keys whose routes changed, and gateway barriers (payloads), in one
-    /// batch.
-    Changes(Vec<u16>, Vec<HostKey>, Vec<String>),
+    /// Ports and name keys whose routes changed, gateway barriers (payloads), and whether a
+    /// close request came, in one batch.
+    Changes(Vec<u16>, Vec<HostKey>, Vec<String>, bool),
     /// The connection dropped; notifications may have been lost.
     Interrupted,
     /// Listening failed for good.
@@ -356,10 +384,14 @@ async fn forward_notifications(mut listener: PgListener, tx: tokio::sync::mpsc::
     loop {
         let notice = match listener.try_recv().await {
             Ok(Some(first)) => {
-                let (mut ports, mut names, mut barriers) = (vec![], vec![], vec![]);
+                let (mut ports, mut names, mut barriers, mut closes) = (vec![], vec![], vec![], false);
                 let mut take = |n: &sqlx::postgres::PgNotification| {
                     if n.channel() == db::gateways::BARRIER_CHANNEL {
                         barriers.push(n.payload().to_string());
+                        return;
+                    }
+                    if n.channel() == db::close_requests::CHANNEL {
+                        closes = true;
                         return;
                     }
                     match db::routes::parse_notice(n.payload()) {
@@ -372,7 +404,7 @@ async fn forward_notifications(mut listener: PgListener, tx: tokio::sync::mpsc::
                 while let Some(more) = listener.next_buffered() {
                     take(&more);
                 }
-                Notice::Changes(ports, names, barriers)
+                Notice::Changes(ports, names, barriers, closes)
             }
             Ok(None) => Notice::Interrupted,
             Err(e) => {

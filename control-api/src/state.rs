@@ -6,7 +6,8 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::ops::{Liveness, Operations};
-use crate::routes::{PublisherStatus, Resync, TableView};
+use crate::publisher_status::PublisherStatus;
+use crate::routes::{Resync, TableView};
 
 /// Everything a request needs; cheap to clone.
 pub type AppState = Arc<State>;
@@ -36,7 +37,7 @@ pub struct State {
     /// The lifecycle operations running in this process.
     pub ops: Operations,
     /// What `/readyz` last logged per dependency (each failure is logged once per change).
-    pub ready_log: crate::http::ReadyLog,
+    pub ready_log: crate::ready_log::ReadyLog,
 }
 
 impl State {
@@ -52,5 +53,21 @@ impl State {
     /// Whether the testing fault `fail:<point>` is armed (only with `fault-injection`).
     pub fn fail_point(&self, point: &str) -> bool {
         cfg!(feature = "fault-injection") && self.cfg.fault_is("fail", point)
+    }
+
+    /// Sleeps for `ms` milliseconds if the testing fault `sleep:<point>:<ms>` is armed (only
+    /// with `fault-injection`): a window in which a test can take the process's claims away.
+    pub async fn pause_point(&self, point: &str) {
+        if !cfg!(feature = "fault-injection") {
+            return;
+        }
+        let Some(ms) = self.cfg.fault.as_deref().and_then(|f| f.strip_prefix("sleep:")).and_then(|rest| {
+            let (p, ms) = rest.rsplit_once(':')?;
+            (p == point).then(|| ms.parse::<u64>().ok()).flatten()
+        }) else {
+            return;
+        };
+        tracing::warn!(point, ms, "fault injection: pausing");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }

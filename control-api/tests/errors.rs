@@ -92,8 +92,15 @@ async fn failed_steps_are_undone() {
         assert!(reason.starts_with("create failed"), "{reason}");
         ctx.stop().await;
     }
-    // The failed creates went into the audit trail.
-    let undone: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'create_undone'")
+    // The failed creates went into the audit trail (and the refused one, whose image was
+    // checked outside the allocating transaction, as refused).
+    let refused: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'create_undone' AND detail->>'reason' LIKE 'create refused%'")
+            .fetch_one(ctx.db().pool())
+            .await
+            .expect("events");
+    assert_eq!(refused, 1);
+    let undone: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'create_undone' AND detail->>'reason' LIKE 'create failed%'")
         .fetch_one(ctx.db().pool())
         .await
         .expect("events");

@@ -199,6 +199,21 @@ async fn placement_follows_the_policy_and_never_books_a_gpu_twice() {
     assert_eq!(v["data"]["containers_removed"], 0, "{v}");
     assert_eq!(env_status(&ctx, &alice, &on_h3).await, "running");
     assert_eq!(engine.containers(&ctx.deployment).len(), 1);
+    // A refusal for want of GPUs counts only GPUs a create could be placed on: the four free
+    // ones are on draining hosts, then on a host at its environment limit.
+    let (s, v) = create(&ctx, &alice, "g1", 1).await;
+    assert_eq!((s, v["data"].clone()), (409, json!({"gpus_free": 0, "gpus_needed": 1})), "GPUs of draining hosts counted: {v}");
+    sqlx::query("UPDATE hosts SET max_environments = 1 WHERE name = 'h2'").execute(ctx.db().pool()).await.expect("limit h2");
+    let (s, _) = ctx.post("/api/v1/admin/hosts/h2/undrain", &admin, json!({})).await;
+    assert_eq!(s, 200);
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "cpu3"})).await;
+    assert_eq!((s, v["data"]["host"].as_str()), (201, Some("h2")), "{v}");
+    let on_h2 = v["data"]["id"].as_str().expect("id").to_string();
+    let (s, v) = create(&ctx, &alice, "g2", 1).await;
+    assert_eq!((s, v["data"].clone()), (409, json!({"gpus_free": 0, "gpus_needed": 1})), "GPUs of a full host counted: {v}");
+    let (s, v) = ctx.delete(&format!("/api/v1/environments/{on_h2}"), &alice).await;
+    assert_eq!(s, 200, "{v}");
+    sqlx::query("UPDATE hosts SET max_environments = NULL WHERE name = 'h2'").execute(ctx.db().pool()).await.expect("unlimit h2");
     let (s, v) = ctx.delete(&format!("/api/v1/environments/{on_h3}"), &alice).await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = ctx.delete("/api/v1/admin/hosts/h3", &admin).await;
@@ -327,13 +342,18 @@ async fn a_lost_host_turns_unreachable_then_failed_and_is_cleaned_when_back() {
         .fetch_one(ctx.db().pool())
         .await
         .expect("count");
-    assert_eq!(held, 0, "a failed workspace's GPUs go back");
+    assert_eq!(held, 1, "a lost workspace keeps its GPU while its container may still run there");
 
-    // Back: the lost workspace's container, still running with the GPU that was given back,
-    // is removed before h2 takes placements again.
+    // Back: the lost workspace's container, still running with its GPU, is removed, and only
+    // then does the GPU go back, before h2 takes placements again.
     engine.thaw();
     assert!(wait_health(&ctx, &admin, "h2", "up").await, "h2 never back up");
     assert!(engine.containers(&ctx.deployment).is_empty(), "the lost workspace's container was not removed");
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM gpu_devices WHERE host = 'h2' AND status = 'allocated'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("count");
+    assert_eq!(held, 0, "the GPU goes back once the lost container is gone");
     let (s, v) = ctx.post("/api/v1/admin/hosts/local/drain", &admin, json!({})).await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = create(&ctx, &alice, "again", 1).await;
@@ -366,24 +386,6 @@ fn ssh_hostname(addr: &str, port: u16, key: &Path) -> String {
         eprintln!("ssh {addr}:{port}: {}", String::from_utf8_lossy(&out.stderr));
     }
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A gateway: our nginx binding the SSH pool on `addr`, reading `table`.
-fn gateway(root: &Path, addr: &str, table: &Path, lo: u16, hi: u16) -> gpugate_tests::Nginx {
-    let body = format!(
-        r#"
-    gpugate_route_table {table};
-    upstream gpugate {{ gpugate_balancer; }}
-    server {{
-        listen {addr}:{lo}-{hi};
-        gpugate_route on;
-        proxy_connect_timeout 2s;
-        proxy_pass gpugate;
-    }}
-"#,
-        table = table.display()
-    );
-    gpugate_tests::Nginx::start(root, &gpugate_tests::nginx_conf(&body))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,8 +460,8 @@ async fn ssh_through_each_gateway_into_a_workspace_on_each_host() {
         .await;
         assert!(ok, "routes not live in {}", t.display());
     }
-    let mut gw_a = gateway(&root_a, "127.0.0.2", &ctx.table, lo, hi);
-    let mut gw_b = gateway(&root_b, "127.0.0.3", &table_b, lo, hi);
+    let mut gw_a = common::gateway(&root_a, "127.0.0.2", &ctx.table, lo, hi);
+    let mut gw_b = common::gateway(&root_b, "127.0.0.3", &table_b, lo, hi);
     // A workspace's hostname is its environment id: the login landed in the right one.
     for (host, id, port) in &made {
         for addr in ["127.0.0.2", "127.0.0.3"] {

@@ -296,3 +296,53 @@ async fn a_barrier_waits_for_every_transaction_holding_a_generation() {
     assert_eq!(n.payload(), format!("t/3:{after}"), "a barrier that failed must not notify");
     ctx.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_gone_for_good_is_removed_by_an_admin_and_the_idle_task_stops_waiting() {
+    let mut ctx = Ctx::new("gateways_remove").await;
+    ctx.cfg.gateway_name = "gw-api".into();
+    ctx.cfg.default_services = vec!["ssh".into()];
+    ctx.cfg.idle.check_interval_s = 1;
+    let alice = ctx.token("alice", false).await;
+    let admin = ctx.token("root", true).await;
+    ctx.start().await;
+    let root = gpugate_tests::temp_dir("gateways_remove-gone");
+    let (gone, _) = publisher(&mut ctx, "gw-gone", &gpugate_tests::table_dir(&root).join("routes"));
+    gateway_when(&ctx, &admin, "gw-gone", "registered", |g| g["stale"] == false).await;
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "nap", "image": common::IMAGE, "idle_stop_after_s": 2})).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["data"]["id"].as_str().expect("id").to_string();
+
+    // Alive: refused, and only admins may ask; an unknown name is a 404.
+    let path = "/api/v1/admin/gateways/gw-gone";
+    let (s, v) = ctx.delete(path, &admin).await;
+    assert_eq!((s, v["code"].as_u64()), (409, Some(1006)), "{v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains("is alive"), "{v}");
+    let (s, v) = ctx.delete(path, &alice).await;
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = ctx.delete("/api/v1/admin/gateways/gw-never", &admin).await;
+    assert_eq!((s, v["code"].as_u64()), (404, Some(1005)), "{v}");
+
+    // Its host is gone: the row goes stale and the idle task waits (nobody knows whether the
+    // workspace is used there), well past the idle limit.
+    ctx.kill(gone);
+    gateway_when(&ctx, &admin, "gw-gone", "stale", |g| g["stale"] == true).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, v) = ctx.get(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!(v["data"]["status"], "running", "stopped while a gateway's activity was unknown: {v}");
+
+    // Removed: the registry no longer lists it, the event records it, and the idle workspace stops.
+    let (s, v) = ctx.delete(path, &admin).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["name"], "gw-gone", "{v}");
+    assert_eq!(registered(&ctx).await, vec!["gw-api".to_string()]);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'gateway_removed' AND detail->>'gateway' = 'gw-gone'")
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("events");
+    assert_eq!(events, 1);
+    let status = ctx.status_within_10s(&alice, &id, "stopped").await;
+    assert_eq!(status, "stopped", "the idle task still waits for the removed gateway");
+    ctx.finish().await;
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -73,6 +73,10 @@ async fn name_routes_follow_every_lifecycle_step_and_need_no_pool_port() {
         "{tls}"
     );
     assert!(tls["ssh_config"].as_str().unwrap().starts_with("Host *.ssh.x-gpu.com\n"), "{tls}");
+    // The access endpoint tells the same, name-only services included.
+    let (s, a) = ctx.get(&format!("/api/v1/environments/{id}/access"), &alice).await;
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(a["data"]["access_info"], *info, "the access endpoint and the environment agree");
 
     // The table routes each name to the container's published address of that service.
     let inspect = ctx.inspect(&ctx.containers()[0]);
@@ -90,8 +94,9 @@ async fn name_routes_follow_every_lifecycle_step_and_need_no_pool_port() {
     let (s, v) = ctx.post(&format!("/api/v1/environments/{id}/sessions/close"), &alice, json!({})).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"]["applied"], true, "{v}");
-    let names: Vec<&str> = v["data"]["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
-    assert_eq!(names, vec!["ssh", "jupyter", "code"], "{v}");
+    let mut names: Vec<&str> = v["data"]["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, vec!["code", "jupyter", "ssh"], "every name route of the environment: {v}");
     assert!(ctx.table().revoke_epoch(slot) > epoch);
 
     // Stop: gone from the table, rows kept inactive; start: back with a new generation.
@@ -206,5 +211,46 @@ async fn more_web_only_workspaces_run_than_the_jupyter_pool_has_ports() {
         .post("/api/v1/environments", &alice, json!({"name": "p", "image": ISO_IMAGE, "services": ["jupyter"], "access": {"jupyter": "ports"}}))
         .await;
     assert_eq!(s, 201, "{v}");
+    ctx.finish().await;
+}
+
+/// The idle task counts sessions of services reached by name only (they hold no pool port).
+/// The session is opened in the table's counters as an nginx worker opens one (the real
+/// module through TLS: tests/tests/names.rs); the in-process publisher reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_by_name_only_keeps_its_workspace_from_the_idle_stop() {
+    common::ensure_iso_image();
+    let mut ctx = Ctx::new("names_idle").await;
+    ctx.cfg.names.tls_port = Some(TLS_PORT);
+    ctx.cfg.idle.check_interval_s = 1;
+    let alice = ctx.token("alice", false).await;
+    ctx.start().await;
+    let (s, v) = ctx
+        .post("/api/v1/environments", &alice, json!({"name": "lab", "image": ISO_IMAGE, "services": ["jupyter"], "idle_stop_after_s": 2}))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    assert_eq!(v["data"]["access"], json!({"jupyter": "hostname"}), "{v}");
+
+    let table = ctx.table();
+    let (lookup, owner, slot) = table.lookup_host(key(&id, Service::Jupyter), gpugate_routes::now_ms());
+    assert!(matches!(lookup, Lookup::Live(_)), "{lookup:?}");
+    let slot = slot.expect("a slot");
+    // A worker's writable view of the counters (the test runs as the table's owner).
+    let counters = gpugate_routes::CounterFile::open(&gpugate_routes::counters_path(&ctx.table), true).expect("the counters file");
+    let row = counters.claim_worker().expect("a worker row");
+    counters.session_open(Some(row), slot, owner, gpugate_routes::now_ms());
+
+    // Three times the limit with the session open: still running, and the API sees it.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let (_, v) = ctx.get(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!(v["data"]["status"], "running", "an open session by name is not idle: {v}");
+    assert_eq!(v["data"]["activity"]["jupyter"]["connections_active"], 1, "{v}");
+
+    // The session ends: the idle stop follows.
+    counters.session_close(Some(row), slot, owner, gpugate_routes::Outcome::Proxied, 0, 0, gpugate_routes::now_ms());
+    let status = ctx.status_within_10s(&alice, &id, "stopped").await;
+    assert_eq!(status, "stopped", "idle once the session ended");
+    counters.release_worker(row);
     ctx.finish().await;
 }

@@ -22,8 +22,8 @@ use crate::ctx_index;
 use crate::ffi::{cycle_log, monotonic_ms, pool_alloc, preread_bytes, preread_room, set_session_ctx, tls_server_name, TlsName};
 use crate::live;
 use crate::route_source::{Notice, RouteStatus};
-use crate::session::{session_ctx, upstream_name, SessionCtx};
-use crate::sni::{self, Hello};
+use crate::session::{hello_scan, session_ctx, upstream_name, SessionCtx};
+use crate::sni::Hello;
 
 /// The variables, in the order of `VAR_*` indices passed as the handler's `data`.
 const VARIABLES: [&str; 4] =
@@ -79,7 +79,7 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 
 /// Logs changes of the table's state on the cycle's log (each cause once, by construction
 /// of [`Notice`]).
-fn log_notices(notices: Vec<Notice>) {
+pub(crate) fn log_notices(notices: Vec<Notice>) {
     for notice in notices {
         match notice {
             Notice::Opened { path, replaced } => {
@@ -100,6 +100,15 @@ fn log_notices(notices: Vec<Notice>) {
             }
             Notice::Unusable(e) => {
                 ngx_log_error!(NGX_LOG_ERR, cycle_log(), "gpugate: {e}; refusing connections");
+            }
+            Notice::NoRow { path } => {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    cycle_log(),
+                    "gpugate: counters file \"{}\": every worker row is held; this worker's open \
+                     sessions are not in connections_active until one frees",
+                    path.display()
+                );
             }
             Notice::CountersUnusable(e) => {
                 ngx_log_error!(NGX_LOG_WARN, cycle_log(), "gpugate: {e}; connections are routed but not counted");
@@ -137,7 +146,11 @@ unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
     } else {
         // SAFETY: a live connection; its preread buffer (if any) holds what the client sent.
         let Some(sent) = (unsafe { preread_bytes(c) }) else { return NGX_AGAIN as ngx_int_t };
-        match sni::client_hello_server_name(sent) {
+        // SAFETY: a live session without a decided context (checked above).
+        let Some(scan) = (unsafe { hello_scan(s) }) else { return NGX_ERROR as ngx_int_t };
+        // Resumes where the last wake-up stopped: a hello dribbled byte by byte is not
+        // parsed again at every byte.
+        match scan.feed(sent) {
             // Read on while the buffer has room (`preread_buffer_size`); nginx's
             // `preread_timeout` ends a client that stops sending.
             // SAFETY: a live connection with a preread buffer.

@@ -7,7 +7,10 @@
 //! nginx's symbols — it is tested through a real nginx in `tests/`.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+mod hello_scan;
+mod names;
 pub mod route_source;
+mod sink;
 pub mod sni;
 
 /// Index of this module's slot in the stream contexts (fixed once modules are loaded).

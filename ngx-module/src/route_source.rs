@@ -13,12 +13,13 @@
 //! a counters mapping is kept until the last session that counts into it has ended.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use gpugate_routes::{
-    counters_path, CounterFile, EnvId, Error, HostKey, Lookup, NameRefusal, Outcome, Route,
-    Service, SlotKey, Table, WorkerRow,
-};
+use gpugate_routes::{counters_path, CounterFile, Error, HostKey, Lookup, NameRefusal, Outcome, Route, SlotKey, Table, WorkerRow};
+
+pub use crate::names::{check_domain, parse_name};
+pub use crate::sink::CounterSink;
 
 /// How often (monotonic ms) a process without a valid table tries to open it again.
 pub const RETRY_MS: u64 = 100;
@@ -81,91 +82,6 @@ impl RouteStatus {
     }
 }
 
-/// Checks a `gpugate_name_domain` value: a DNS name of at least two labels of lowercase
-/// letters, digits and inner hyphens (as the control plane's domain), returned lowercased.
-pub fn check_domain(raw: &[u8]) -> Result<String, &'static str> {
-    let text = std::str::from_utf8(raw).map_err(|_| "is not a DNS name")?.to_ascii_lowercase();
-    let text = text.strip_suffix('.').unwrap_or(&text).to_owned();
-    let labels: Vec<&str> = text.split('.').collect();
-    if text.len() > 200 || labels.len() < 2 {
-        return Err("is not a DNS name of at least two labels (e.g. gpu.example.com)");
-    }
-    let ok = labels.iter().all(|l| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    });
-    if ok { Ok(text) } else { Err("is not a DNS name: labels of a-z, 0-9 and inner '-' only") }
-}
-
-/// Reads a TLS server name as `<env-id>.<service>.<domain>` (case-insensitive, one trailing
-/// dot allowed); `domain` as [`check_domain`] returns it.
-pub fn parse_name(name: &[u8], domain: &str) -> Result<HostKey, NameRefusal> {
-    if name.is_empty() {
-        return Err(NameRefusal::NoName);
-    }
-    let mut buf = [0u8; 256];
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    let lower = buf.get_mut(..name.len()).ok_or(NameRefusal::BadName)?;
-    lower.copy_from_slice(name);
-    lower.make_ascii_lowercase();
-    let d = domain.as_bytes();
-    let head = match lower.strip_suffix(d) {
-        Some(h) if h.last() == Some(&b'.') => &h[..h.len() - 1],
-        _ => return Err(NameRefusal::OtherDomain),
-    };
-    let mut labels = head.split(|&b| b == b'.');
-    let (Some(id), Some(service), None) = (labels.next(), labels.next(), labels.next()) else {
-        return Err(NameRefusal::BadName);
-    };
-    let service = match service {
-        b"ssh" => Service::Ssh,
-        b"jupyter" => Service::Jupyter,
-        b"code" => Service::Code,
-        b"rdp" => Service::Rdp,
-        _ => return Err(NameRefusal::UnknownService),
-    };
-    let id = std::str::from_utf8(id).ok().filter(|s| !s.is_empty()).ok_or(NameRefusal::BadName)?;
-    let env_id: EnvId = id.parse().map_err(|_| NameRefusal::BadName)?;
-    Ok(HostKey::new(env_id, service))
-}
-
-/// A mapped counters file and this process's row in it.
-pub struct CounterSink {
-    file: CounterFile,
-    /// `None` until the first session (or worker start) claims a row; `Some(None)` when no
-    /// row could be had (read-only file, every row taken).
-    row: Cell<Option<Option<WorkerRow>>>,
-    /// Sessions that will count their close here.
-    sessions: Cell<usize>,
-}
-
-impl CounterSink {
-    /// Gives this process's row back (clearing it), if it claimed one and the file is still
-    /// safe to touch (not shrunk); the sink claims no row afterwards.
-    fn release(&self) {
-        if let Some(Some(row)) = self.row.get() {
-            if !self.file.poisoned() && self.file.check().is_ok() {
-                self.file.release_worker(row);
-            }
-        }
-        self.row.set(Some(None));
-    }
-
-    fn row(&self) -> Option<WorkerRow> {
-        match self.row.get() {
-            Some(r) => r,
-            None => {
-                let r = self.file.claim_worker();
-                self.row.set(Some(r));
-                r
-            }
-        }
-    }
-}
-
 /// The decision for one connection, kept in the session for every later use.
 #[derive(Clone, Copy, Debug)]
 pub struct Decision {
@@ -177,8 +93,10 @@ pub struct Decision {
     pub route: Option<Route>,
     /// The route's owner stamp, which tags this session's counters.
     pub owner: u64,
-    /// Where this session's close is counted (null: not counted).
+    /// Where this session's close is counted (null: not counted), and the worker row its
+    /// open was counted in (`None`: not in the gauge).
     pub sink: *const CounterSink,
+    pub row: Option<WorkerRow>,
     /// The port's revoke epoch when the session opened, and which mapping of the table it
     /// was read from (epochs of another file mean nothing).
     pub epoch: u64,
@@ -186,6 +104,11 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// What a session holds before its lookup (a ClientHello still arriving): nothing.
+    pub fn pending() -> Decision {
+        Decision::refused(RouteStatus::Busy)
+    }
+
     /// A refusal that counts nowhere per slot.
     fn refused(status: RouteStatus) -> Decision {
         Decision {
@@ -194,6 +117,7 @@ impl Decision {
             route: None,
             owner: 0,
             sink: std::ptr::null(),
+            row: None,
             epoch: 0,
             table_serial: 0,
         }
@@ -218,6 +142,9 @@ pub enum Notice {
     Unusable(Error),
     /// The counters file cannot be used (routing goes on, uncounted); once per cause.
     CountersUnusable(Error),
+    /// Every worker row of the counters file is held: this process's open sessions are not
+    /// in the gauge until it gets one (it tries again every second); once per file.
+    NoRow { path: PathBuf },
 }
 
 /// One process's handle on the configured table files.
@@ -239,6 +166,12 @@ pub struct RouteSource {
     logged_counters_cause: Cell<Option<&'static str>>,
     /// Whether the last failure was "missing" (NoTable) rather than unusable (BadTable).
     missing: Cell<bool>,
+    /// Sessions open now per slot (routed ones), so that a re-map can rebase them.
+    open: RefCell<HashMap<SlotKey, u32>>,
+    /// For sessions opened under an earlier mapping: each open slot's revoke epoch in the
+    /// current mapping when it was mapped. Such a session is revoked once its slot's epoch
+    /// moves on from this.
+    rebased: RefCell<HashMap<SlotKey, u64>>,
 }
 
 fn same_file(path: &Path, id: (u64, u64)) -> bool {
@@ -261,6 +194,8 @@ impl RouteSource {
             logged_cause: Cell::new(None),
             logged_counters_cause: Cell::new(None),
             missing: Cell::new(true),
+            open: RefCell::new(HashMap::new()),
+            rebased: RefCell::new(HashMap::new()),
         }
     }
 
@@ -302,6 +237,10 @@ impl RouteSource {
         }
         match Table::open_routes(&self.path) {
             Ok(t) => {
+                // Sessions of earlier mappings stay revocable: from now on they answer to
+                // this table's epochs, as they stand at the re-map.
+                let rebased = self.open.borrow().keys().map(|&k| (k, t.revoke_epoch(k))).collect();
+                *self.rebased.borrow_mut() = rebased;
                 *slot = Some(t);
                 self.logged_cause.set(None);
                 let serial = self.serial.get();
@@ -346,7 +285,7 @@ impl RouteSource {
         match opened {
             Ok(file) => {
                 let writable = file.writable();
-                let sink = Box::new(CounterSink { file, row: Cell::new(None), sessions: Cell::new(0) });
+                let sink = Box::new(CounterSink::new(file));
                 self.counters.set(&*sink as *const CounterSink);
                 self.sinks.borrow_mut().push(sink);
                 self.logged_counters_cause.set(None);
@@ -388,7 +327,7 @@ impl RouteSource {
     pub fn worker_start(&self, mono_ms: u64) -> Vec<Notice> {
         let notices = self.refresh(mono_ms);
         if let Some(s) = self.sink() {
-            let _ = s.row();
+            let _ = s.row(mono_ms);
         }
         notices
     }
@@ -427,6 +366,12 @@ impl RouteSource {
         (Decision::refused(RouteStatus::Name(why)), notices)
     }
 
+    /// On a session's timer: the re-checks a decision would make (so that an idle worker
+    /// notices a replaced table too); returns what to log.
+    pub fn tick(&self, mono_ms: u64) -> Vec<Notice> {
+        self.maybe_refresh(mono_ms)
+    }
+
     fn maybe_refresh(&self, mono_ms: u64) -> Vec<Notice> {
         let poisoned = self.routes.borrow().as_ref().is_some_and(|t| t.poisoned())
             || self.sink().is_some_and(|s| s.file.poisoned());
@@ -438,22 +383,22 @@ impl RouteSource {
     }
 
     fn decide_for(&self, target: Target, mono_ms: u64, wall_ms: u64) -> (Decision, Vec<Notice>) {
-        let notices = self.maybe_refresh(mono_ms);
+        let mut notices = self.maybe_refresh(mono_ms);
         let routes = self.routes.borrow();
         let Some(table) = routes.as_ref() else {
             let status = if self.missing.get() { RouteStatus::NoTable } else { RouteStatus::BadTable };
             return (Decision::refused(status), notices);
         };
-        let (lookup, owner, key) = match target {
+        // The epoch first, then the route, read after it (Acquire): the writer removes a
+        // route before it bumps the epoch, so a session that gets a route removed for good
+        // always holds an epoch from before the bump (see `Writer::remove_and_revoke`).
+        let (lookup, owner, key, epoch) = match target {
             Target::Port(port) => {
-                let (lookup, owner) = table.lookup_owned(port, wall_ms);
-                (lookup, owner, Some(SlotKey::port(port)))
+                let (lookup, owner, epoch) = table.lookup_for_session(port, wall_ms);
+                (lookup, owner, Some(SlotKey::port(port)), epoch)
             }
-            Target::Name(k) => table.lookup_host(k, wall_ms),
+            Target::Name(k) => table.lookup_host_for_session(k, wall_ms),
         };
-        // Read after the route: a revoke that lands in between is one this session need not
-        // obey (it opened as good as after it).
-        let epoch = key.map_or(0, |k| table.revoke_epoch(k));
         let (status, route) = match lookup {
             Lookup::Live(r) => (RouteStatus::Ok, Some(r)),
             Lookup::Absent => (RouteStatus::NoRoute, None),
@@ -461,10 +406,18 @@ impl RouteSource {
             Lookup::Busy => (RouteStatus::Busy, None),
         };
         let mut sink = std::ptr::null();
+        let mut row = None;
+        if let (RouteStatus::Ok, Some(k)) = (status, key) {
+            *self.open.borrow_mut().entry(k).or_insert(0) += 1;
+        }
         if let Some(s) = self.sink() {
             match (status, key) {
                 (RouteStatus::Ok, Some(k)) => {
-                    s.file.session_open(s.row(), k, owner, wall_ms);
+                    row = s.row(mono_ms);
+                    if row.is_none() && s.file.writable() && !s.said_no_row.replace(true) {
+                        notices.push(Notice::NoRow { path: self.counters_path.clone() });
+                    }
+                    s.file.session_open(row, k, owner, wall_ms);
                     s.sessions.set(s.sessions.get() + 1);
                     sink = s as *const CounterSink;
                 }
@@ -474,19 +427,20 @@ impl RouteSource {
             }
         }
         let key = key.unwrap_or_default();
-        (Decision { status, key, route, owner, sink, epoch, table_serial: self.serial.get() }, notices)
+        (Decision { status, key, route, owner, sink, row, epoch, table_serial: self.serial.get() }, notices)
     }
 
-    /// Whether the session given `d` was revoked since it opened: the table it was routed by
-    /// is still the mapped one and its slot's revoke epoch moved on.
+    /// Whether the session given `d` was revoked since it opened: its slot's revoke epoch
+    /// moved on, in the mapping it opened under, or (opened under an earlier mapping of the
+    /// table) since the current mapping was made. Unknown while no table is mapped: false.
     pub fn revoked(&self, d: &Decision) -> bool {
         let routes = self.routes.borrow();
-        match routes.as_ref() {
-            Some(t) if self.serial.get() == d.table_serial && !t.poisoned() => {
-                t.revoke_epoch(d.key) != d.epoch
-            }
-            _ => false,
+        let Some(t) = routes.as_ref().filter(|t| !t.poisoned()) else { return false };
+        let now = t.revoke_epoch(d.key);
+        if self.serial.get() == d.table_serial {
+            return now != d.epoch;
         }
+        self.rebased.borrow().get(&d.key).is_some_and(|&at_remap| now != at_remap)
     }
 
     /// Adds the bytes an open session moved since its last flush (deltas) to its counters.
@@ -503,6 +457,16 @@ impl RouteSource {
 
     /// Counts the end of a session that [`RouteSource::decide`] gave `d`.
     pub fn close(&self, d: &Decision, outcome: Outcome, bytes_in: u64, bytes_out: u64, wall_ms: u64) {
+        if d.status == RouteStatus::Ok {
+            let mut open = self.open.borrow_mut();
+            if let Some(n) = open.get_mut(&d.key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.remove(&d.key);
+                    self.rebased.borrow_mut().remove(&d.key);
+                }
+            }
+        }
         if d.sink.is_null() {
             return;
         }
@@ -511,7 +475,7 @@ impl RouteSource {
         let s = unsafe { &*d.sink };
         // A file that shrank is not touched; its sessions are simply not counted.
         if !s.file.poisoned() {
-            s.file.session_close(s.row.get().flatten(), d.key, d.owner, outcome, bytes_in, bytes_out, wall_ms);
+            s.file.session_close(d.row, d.key, d.owner, outcome, bytes_in, bytes_out, wall_ms);
         }
         s.sessions.set(s.sessions.get().saturating_sub(1));
         if s.sessions.get() == 0 && !std::ptr::eq(d.sink, self.counters.get()) {
@@ -527,5 +491,13 @@ impl RouteSource {
 }
 
 #[cfg(test)]
+#[path = "test_support.rs"]
+mod test_support;
+
+#[cfg(test)]
 #[path = "route_source_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "restart_tests.rs"]
+mod restart_tests;

@@ -1,22 +1,11 @@
 //! Unit tests of the per-connection decision and the table's life cycle in one process.
 
+use super::test_support::{route, table_path};
 use super::*;
-use gpugate_routes::{LockMode, Writer};
-use std::os::unix::fs::PermissionsExt;
+use gpugate_routes::{LockMode, Service, Writer};
 
 fn tmp() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "gpugate-src-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir.join("routes")
-}
-
-fn route(up: &str) -> Route {
-    Route::to(up.parse().unwrap())
+    table_path("src")
 }
 
 fn unusable(notices: &[Notice]) -> Option<String> {
@@ -144,7 +133,7 @@ fn replaced_counters_are_kept_until_their_last_session_ends() {
     let dir = path.parent().unwrap();
     std::fs::remove_file(&path).unwrap();
     std::fs::remove_file(dir.join("routes.counters")).unwrap();
-    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    let mut w = Writer::open(&path, LockMode::Wait).unwrap();
     w.set(20000, &route("127.0.0.1:2000")).unwrap();
     let (d, _) = src.decide(20000, 2_500, 20);
     assert_eq!(d.route.unwrap().upstream.port(), 2000);

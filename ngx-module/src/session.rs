@@ -6,11 +6,12 @@ use std::cell::Cell;
 use std::io::Write;
 use std::net::SocketAddr;
 
-use gpugate_routes::{EnvId, Service, SlotKey};
+use gpugate_routes::{EnvId, Service, SlotKey, WorkerRow};
 use ngx::ffi::{ngx_event_t, ngx_stream_session_t, ngx_str_t, socklen_t};
 
 use crate::ctx_index;
-use crate::ffi::{pool_str, session_entry, RawSockaddr, SessionArray};
+use crate::ffi::{pool_alloc, pool_str, session_entry, set_session_ctx, RawSockaddr, SessionArray};
+use crate::hello_scan::HelloScan;
 use crate::route_source::{Decision, RouteStatus};
 
 /// What a session keeps of its lookup: a valid Rust value moved into the connection's pool
@@ -24,6 +25,8 @@ pub struct SessionCtx {
     /// The route's owner stamp (tags the counters) and where the close is counted.
     pub owner: u64,
     pub sink: *const crate::route_source::CounterSink,
+    /// The worker row its open was counted in.
+    pub row: Option<WorkerRow>,
     /// The upstream, for `$gpugate_upstream` and the balancer's peer name.
     pub upstream: Option<SocketAddr>,
     /// The upstream as a socket address, for the balancer.
@@ -34,6 +37,10 @@ pub struct SessionCtx {
     pub table_serial: u32,
     /// The live-session timer's state.
     pub live: Live,
+    /// Non-null only in a context that stands in while a passthrough ClientHello is still
+    /// arriving: where its reading stands (in the session's pool). Such a context holds no
+    /// decision and [`session_ctx`] does not return it.
+    pub hello: *mut HelloScan,
 }
 
 /// The connection pool's blocks are 256 bytes, of which 176 serve small allocations; the
@@ -54,13 +61,20 @@ impl SessionCtx {
             env_id: d.route.map_or(EnvId::default(), |r| r.env_id),
             owner: d.owner,
             sink: d.sink,
+            row: d.row,
             upstream: d.route.filter(|_| d.status == RouteStatus::Ok).map(|r| r.upstream),
             sockaddr,
             socklen,
             epoch: d.epoch,
             table_serial: d.table_serial,
             live: Live::new(),
+            hello: std::ptr::null_mut(),
         }
+    }
+
+    /// The stand-in context of a session whose ClientHello is still arriving.
+    pub fn pending(hello: *mut HelloScan) -> SessionCtx {
+        SessionCtx { hello, ..SessionCtx::new(&Decision::pending()) }
     }
 
     /// Whether the lookup found a route (live or expired): env id and service are known.
@@ -76,20 +90,49 @@ impl SessionCtx {
             route: None,
             owner: self.owner,
             sink: self.sink,
+            row: self.row,
             epoch: self.epoch,
             table_serial: self.table_serial,
         }
     }
 }
 
-/// The session's route context, if the preread handler set one.
+/// The session's route context, if the preread handler decided one.
 ///
 /// # Safety
 /// `s` must be a live session of a configuration this module is part of.
 pub unsafe fn session_ctx<'a>(s: *mut ngx_stream_session_t) -> Option<&'a SessionCtx> {
     // SAFETY: our entry of the session's ctx array is null or a SessionCtx moved into the
     // session's pool by the preread handler.
-    unsafe { (session_entry(s, SessionArray::Ctx, ctx_index()) as *const SessionCtx).as_ref() }
+    let ctx = unsafe { (session_entry(s, SessionArray::Ctx, ctx_index()) as *const SessionCtx).as_ref() };
+    ctx.filter(|c| c.hello.is_null())
+}
+
+/// Where the reading of the session's ClientHello stands, allocated (with a stand-in
+/// context) at the first call; `None` when the pool is out of memory.
+///
+/// # Safety
+/// `s` must be a live session of a configuration this module is part of, with no decided
+/// context.
+pub unsafe fn hello_scan<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut HelloScan> {
+    // SAFETY: as in `session_ctx`.
+    let ctx = unsafe { session_entry(s, SessionArray::Ctx, ctx_index()) } as *mut SessionCtx;
+    // SAFETY: a non-null entry is a context in the session's pool; a pending one's `hello`
+    // points at a HelloScan in the same pool, used by this session only.
+    if let Some(ctx) = unsafe { ctx.as_mut() } {
+        // SAFETY: as above.
+        return unsafe { ctx.hello.as_mut() };
+    }
+    // SAFETY: a live session's connection pool; neither type needs Drop.
+    let pool = unsafe { (*(*s).connection).pool };
+    // SAFETY: as above.
+    let scan = unsafe { pool_alloc(pool, HelloScan::default()) }?;
+    // SAFETY: as above.
+    let ctx = unsafe { pool_alloc(pool, SessionCtx::pending(scan)) }?;
+    // SAFETY: `ctx` lives in this session's pool.
+    unsafe { set_session_ctx(s, ctx_index(), ctx as *mut std::ffi::c_void) };
+    // SAFETY: `scan` was just allocated in the pool and nothing else refers to it yet.
+    unsafe { scan.as_mut() }
 }
 
 /// What a session keeps for its timer.

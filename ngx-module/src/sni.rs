@@ -28,14 +28,14 @@
 use std::fmt;
 
 /// Record content type of a handshake record.
-const HANDSHAKE: u8 = 22;
+pub(crate) const HANDSHAKE: u8 = 22;
 /// Handshake message type of a ClientHello.
-const CLIENT_HELLO: u8 = 1;
+pub(crate) const CLIENT_HELLO: u8 = 1;
 /// Largest record payload accepted: 2^14 plus the 2048 bytes RFC 8446 allows for expansion.
-const MAX_RECORD: usize = 16384 + 2048;
+pub(crate) const MAX_RECORD: usize = 16384 + 2048;
 /// Largest ClientHello message body accepted (real ones, post-quantum key shares included, are
 /// a few KiB).
-const MAX_HELLO: usize = 16384;
+pub(crate) const MAX_HELLO: usize = 16384;
 /// Extension type of server_name (RFC 6066).
 const SERVER_NAME: usize = 0;
 /// name_type of a DNS host name in the server_name list.

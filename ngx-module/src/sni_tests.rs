@@ -289,3 +289,63 @@ fn random_mutations_never_panic() {
     // The mutations reach every outcome, so the loop exercises more than the first check.
     assert!(answers.iter().all(|&n| n > 0), "{answers:?}");
 }
+
+/// Feeds `bytes` to a fresh scan as they would arrive, `step` bytes per wake-up; returns the
+/// answer of each wake-up and the scan.
+fn dribble(bytes: &[u8], step: usize) -> (Vec<Hello>, crate::hello_scan::HelloScan) {
+    let mut scan = crate::hello_scan::HelloScan::default();
+    let mut answers = Vec::new();
+    let mut len = 0;
+    while len < bytes.len() {
+        len = (len + step).min(bytes.len());
+        answers.push(scan.feed(&bytes[..len]));
+    }
+    (answers, scan)
+}
+
+#[test]
+fn a_dribbled_hello_is_read_once_not_once_per_byte() {
+    for (capture, want) in captures() {
+        let msg = message(&capture);
+        let one_byte_records = records(msg, &(1..msg.len()).collect::<Vec<_>>());
+        for bytes in [capture.clone(), one_byte_records] {
+            let (answers, scan) = dribble(&bytes, 1);
+            let (last, waits) = answers.split_last().unwrap();
+            assert_eq!(*last, want, "the whole hello gives the stateless answer");
+            assert!(waits.iter().all(|a| *a == Hello::Incomplete), "every prefix waits");
+            // Parsed a handful of times (doubling, then once whole), not once per byte.
+            let bound = (bytes.len() as f64).log2() as u32 + 2;
+            assert!(scan.parses() <= bound, "{} full parses for {} wake-ups", scan.parses(), bytes.len());
+        }
+    }
+}
+
+#[test]
+fn a_scan_refuses_plain_text_at_once_and_agrees_with_the_stateless_reader() {
+    for text in [&b"GET / HTTP/1.1\r\n"[..], b"SSH-2.0-OpenSSH_9.2\r\n", b"\x16\x02", b"\x17\x03\x03\x00\x05"] {
+        assert_eq!(dribble(text, 1).0.last(), Some(&Hello::NotTls), "{}", text.escape_ascii());
+        assert_eq!(crate::hello_scan::HelloScan::default().feed(&text[..1]) == Hello::NotTls, text[0] != HANDSHAKE);
+    }
+    // Mutated hellos, fed in pieces: the scan says what the stateless reader says on the same
+    // bytes, or waits for more where a defect lies inside a hello that has not come whole.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let bases: Vec<Vec<u8>> = captures().into_iter().map(|(c, _)| c).collect();
+    for round in 0..3_000 {
+        let mut buf = bases[round % bases.len()].clone();
+        let at = next() as usize % buf.len();
+        buf[at] = next() as u8;
+        let (answers, _) = dribble(&buf, 1 + next() as usize % 64);
+        let stateless = client_hello_server_name(&buf);
+        let last = answers.last().unwrap();
+        assert!(
+            *last == stateless || (*last == Hello::Incomplete && stateless == Hello::NotTls),
+            "round {round}: scan {last:?}, stateless {stateless:?}"
+        );
+    }
+}

@@ -1,41 +1,45 @@
-//! The counters file: per-port totals tagged with the route's owner, and open-session cells
-//! kept per worker process so that a dead worker's sessions can be taken out of the gauge.
+//! The counters file: per-key totals tagged with the route's owner, and open-session cells
+//! kept per worker process so that a dead worker's sessions can be taken out of the gauge
+//! (the rows and their liveness locks: [`crate::rows`]).
 //!
-//! Tagging: each route carries an owner stamp that the writer changes whenever the port
+//! Tagging: each route carries an owner stamp that the writer changes whenever the slot
 //! changes hands (see [`crate::layout::RouteWords::owner`]). A session remembers the stamp of
 //! the route it was given. Every tagged counter word holds `tag << 48 | value`, where the tag
 //! is the stamp's low 16 bits; a worker adds with a compare-exchange that succeeds only while
-//! the tag is its session's. The writer resets a port's words to the new owner's tag *before*
+//! the tag is its session's. The writer resets a slot's words to the new owner's tag *before*
 //! it writes the new route, so:
 //! - a session of the old owner that ends afterwards finds another tag and adds nothing: its
 //!   bytes are dropped, never charged to the new tenant;
 //! - a session of the new owner can only start after the route write, when the words already
 //!   carry its tag.
 //!
-//! Sixteen bits are enough: two stamps of one port collide only after 65,536 owner changes
-//! of that port within the life of one session.
+//! Stamps are a sequence *per slot* ([`CounterFile::next_owner`]: one more than the highest
+//! stamp that slot's route or counters ever carried), so two stamps of one slot share a tag
+//! only after 65,536 owner changes of that very slot within the life of one session; owner
+//! changes elsewhere in the table never bring a tag back.
+//!
+//! A file that may not be written (a worker whose user lacks write access) is still mapped,
+//! read-only: every method that would store is then a no-op, by construction (stores go
+//! through [`Mapping::rw`], which a read-only mapping does not give). Sessions are routed and
+//! simply not counted.
 //!
 //! The open-session gauge cannot be a shared counter: a worker killed with open sessions (or
 //! nginx stopped) never subtracts them, and the file outlives nginx. Instead each worker claims
-//! a row of cells (one per port) keyed by its pid and start time; only it writes that row,
-//! with plain loads and stores. A cell is `tag << 48 | open sessions of that owner`. A row
-//! whose process is gone is cleared by the next worker that starts in the same pid namespace
-//! (the master respawns a killed worker at once; a restarted nginx starts new ones) and by the
-//! writer when it shares that namespace. Readers add the cells whose tag is the route's.
+//! a row of cells (one per key); only it writes that row, with plain loads and stores. A cell
+//! is `tag << 48 | open sessions of that owner`. Readers add the cells whose tag is the
+//! route's.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
-use crate::files::{pid_namespace, process_start};
-use crate::layout::{CounterSlot, NameRefusal, SlotKey, MAX_WORKERS, PORT_SLOTS};
+use crate::layout::{CounterSlot, NameRefusal, SlotKey, MAX_WORKERS};
 use crate::mapping::{Kind, Mapping};
+use crate::rows::{self, Liveness, SWEEPING};
+pub use crate::rows::WorkerRow;
 
 const VALUE_BITS: u32 = 48;
 const VALUE_MASK: u64 = (1 << VALUE_BITS) - 1;
-/// Bit 63 of a worker row's owner: the row of a dead process is being cleared.
-const SWEEPING: u64 = 1 << 63;
-const START_MASK: u64 = 0x7fff_ffff;
 
 /// The 16-bit tag of an owner stamp.
 pub const fn tag(owner: u64) -> u64 {
@@ -100,20 +104,31 @@ pub enum Outcome {
     UpstreamFailed,
 }
 
-/// The row of session cells a worker process claimed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WorkerRow(usize);
+/// The worker rows counting sessions at one moment ([`CounterFile::counting_rows`]): one bit
+/// per row, so listing them allocates nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CountingRows(u128);
 
-impl WorkerRow {
-    /// The row's index (0..MAX_WORKERS).
-    pub fn index(self) -> usize {
-        self.0
+impl CountingRows {
+    fn iter(self) -> impl Iterator<Item = usize> {
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let i = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                i
+            })
+        })
     }
 }
+
+const _: () = assert!(MAX_WORKERS <= 128, "CountingRows holds one bit per worker row");
 
 /// The counters file of a table, mapped.
 pub struct CounterFile {
     map: Mapping,
+    /// This process's liveness locks on the file's worker rows.
+    live: Liveness,
 }
 
 /// The counters file that belongs to the routes file at `routes`: `<routes>.counters`.
@@ -121,24 +136,6 @@ pub fn counters_path(routes: &Path) -> PathBuf {
     let mut p = routes.as_os_str().to_owned();
     p.push(".counters");
     PathBuf::from(p)
-}
-
-/// This process's identity word for a worker row.
-fn identity() -> Option<u64> {
-    let pid = std::process::id();
-    let start = process_start(pid)?;
-    Some(u64::from(pid) | ((start & START_MASK) << 32))
-}
-
-/// Whether the process a row's owner word names still runs (judged in our pid namespace).
-fn owner_alive(word: u64) -> bool {
-    let pid = (word & 0xffff_ffff) as u32;
-    let start = (word >> 32) & START_MASK;
-    match process_start(pid) {
-        Some(s) => s & START_MASK == start,
-        // Unreadable but present (hidepid): assume alive; gone: dead.
-        None => Path::new(&format!("/proc/{pid}")).exists(),
-    }
 }
 
 impl CounterFile {
@@ -151,7 +148,7 @@ impl CounterFile {
 
     pub(crate) fn from_mapping(map: Mapping) -> Result<CounterFile> {
         map.validate()?;
-        Ok(CounterFile { map })
+        Ok(CounterFile { map, live: Liveness::default() })
     }
 
     pub(crate) fn mapping(&self) -> &Mapping {
@@ -184,6 +181,7 @@ impl CounterFile {
         self.map.poisoned()
     }
 
+    /// `key`'s counters, for loads only (stores go through [`Mapping::rw`]).
     fn slot(&self, key: SlotKey) -> &CounterSlot {
         self.map.counter_slot(key)
     }
@@ -195,8 +193,9 @@ impl CounterFile {
 
     /// Counts a connection that name routing refused, by reason.
     pub fn count_name_refused(&self, why: NameRefusal) {
+        let Some(rw) = self.map.rw() else { return };
         // Relaxed: a statistic.
-        self.map.counters_header().name_refused[why as usize].fetch_add(1, Ordering::Relaxed);
+        rw.counters_header().name_refused[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections refused by name routing so far, per reason.
@@ -206,94 +205,38 @@ impl CounterFile {
     }
 
     /// Claims a row of session cells for this process (re-using one it holds), after clearing
-    /// the rows of dead processes of this pid namespace. `None` if the file is read-only, every
-    /// row is taken, or this process cannot name itself.
+    /// the rows of dead processes, in any pid namespace. `None` if the file is read-only,
+    /// every row is held, or this process cannot name itself: try again later.
     pub fn claim_worker(&self) -> Option<WorkerRow> {
-        if !self.writable() {
-            return None;
-        }
-        let me = identity()?;
-        self.sweep_dead();
-        let ns = pid_namespace();
-        for i in 0..MAX_WORKERS {
-            if self.map.worker_slot(i).owner.load(Ordering::Acquire) == me {
-                return Some(WorkerRow(i));
-            }
-        }
-        for i in 0..MAX_WORKERS {
-            let w = self.map.worker_slot(i);
-            // AcqRel: the Acquire half sees the zeroed cells of the row's last clearing.
-            if w.owner.compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                w.pid_ns.store(ns, Ordering::Relaxed);
-                w.claimed_ms.store(crate::reader::now_ms(), Ordering::Relaxed);
-                return Some(WorkerRow(i));
-            }
-        }
-        None
+        rows::claim(&self.map, &self.live)
     }
 
     /// Clears and frees a row this process claimed (at worker exit: sessions still open in a
     /// process that is going away are not open any more).
     pub fn release_worker(&self, row: WorkerRow) {
-        let Some(me) = identity() else { return };
-        let w = self.map.worker_slot(row.0);
-        if w.owner.load(Ordering::Relaxed) == me {
-            self.clear_row(row.0);
-            w.owner.store(0, Ordering::Release);
-        }
+        rows::release(&self.map, &self.live, row)
     }
 
-    fn clear_row(&self, i: usize) {
-        for k in 0..self.map.keys() {
-            let c = self.map.cell(i, key_at(k));
-            // Relaxed: the row is owned by the clearing process; the Release store of the
-            // row's owner that follows publishes these stores.
-            if c.load(Ordering::Relaxed) != 0 {
-                c.store(0, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Clears the rows of processes of this pid namespace that are gone; returns how many.
+    /// Clears the rows of processes that are gone, whatever pid namespace they lived in;
+    /// returns how many.
     pub fn sweep_dead(&self) -> usize {
-        if !self.writable() {
-            return 0;
-        }
-        let (Some(me), ns) = (identity(), pid_namespace()) else { return 0 };
-        let mut cleared = 0;
-        for i in 0..MAX_WORKERS {
-            let w = self.map.worker_slot(i);
-            let owner = w.owner.load(Ordering::Acquire);
-            if owner == 0 || w.pid_ns.load(Ordering::Relaxed) != ns || owner_alive(owner) {
-                continue;
-            }
-            // One sweeper per row: the one whose exchange succeeds. Its own identity with the
-            // sweeping bit lets another process finish the job should it die meanwhile.
-            if w.owner
-                .compare_exchange(owner, me | SWEEPING, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-            {
-                continue;
-            }
-            self.clear_row(i);
-            w.owner.store(0, Ordering::Release);
-            cleared += 1;
-        }
-        cleared
+        rows::sweep(&self.map, &self.live)
     }
 
     /// Counts a connection refused on `key` (no live route).
     pub fn count_refused(&self, key: impl Into<SlotKey>) {
+        let Some(rw) = self.map.rw() else { return };
         // Relaxed: a statistic.
-        self.slot(key.into()).refused_total.fetch_add(1, Ordering::Relaxed);
+        rw.counter_slot(key.into()).refused_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a session of the route owned by `owner` that opened on `key`.
     pub fn session_open(&self, row: Option<WorkerRow>, key: impl Into<SlotKey>, owner: u64, now_ms: u64) {
+        let Some(rw) = self.map.rw() else { return };
         let key = key.into();
         let t = tag(owner);
-        if let Some(WorkerRow(i)) = row {
-            let c = self.map.cell(i, key);
+        if let Some(row) = row {
+            let c = rw.cell(row.index(), key);
             // Relaxed load and store: only this process writes its row.
             let v = c.load(Ordering::Relaxed);
             let next = match value_for(v, t) {
@@ -303,7 +246,7 @@ impl CounterFile {
             };
             c.store(next, Ordering::Relaxed);
         }
-        tagged_max(&self.slot(key).last_activity_ms, t, now_ms);
+        tagged_max(&rw.counter_slot(key).last_activity_ms, t, now_ms);
     }
 
     /// Counts the end of a session that [`CounterFile::session_open`] counted.
@@ -318,16 +261,17 @@ impl CounterFile {
         bytes_out: u64,
         now_ms: u64,
     ) {
+        let Some(rw) = self.map.rw() else { return };
         let key = key.into();
         let t = tag(owner);
-        if let Some(WorkerRow(i)) = row {
-            let c = self.map.cell(i, key);
+        if let Some(row) = row {
+            let c = rw.cell(row.index(), key);
             let v = c.load(Ordering::Relaxed);
             if let Some(n) = value_for(v, t) {
                 c.store(pack(t, n.saturating_sub(1)), Ordering::Relaxed);
             }
         }
-        let s = self.slot(key);
+        let s = rw.counter_slot(key);
         match outcome {
             Outcome::Proxied => tagged_add(&s.connections_total, t, 1),
             Outcome::Revoked => {
@@ -344,10 +288,11 @@ impl CounterFile {
     /// Adds the bytes a still-open session moved since its last flush (`bytes_in`,
     /// `bytes_out` are deltas); a flush that saw bytes move is activity at `now_ms`.
     pub fn session_flush(&self, key: impl Into<SlotKey>, owner: u64, bytes_in: u64, bytes_out: u64, now_ms: u64) {
+        let Some(rw) = self.map.rw() else { return };
         if bytes_in == 0 && bytes_out == 0 {
             return;
         }
-        let s = self.slot(key.into());
+        let s = rw.counter_slot(key.into());
         let t = tag(owner);
         tagged_add(&s.bytes_in, t, bytes_in);
         tagged_add(&s.bytes_out, t, bytes_out);
@@ -356,7 +301,8 @@ impl CounterFile {
 
     /// Starts `key`'s counters over for a new owner (the writer, before it writes the route).
     pub(crate) fn reset(&self, key: SlotKey, owner: u64) {
-        let s = self.slot(key);
+        let Some(rw) = self.map.rw() else { return };
+        let s = rw.counter_slot(key);
         let t = tag(owner);
         // Relaxed stores, then a Release fence: the route write that follows (its W1 is a
         // Release store) is ordered after them, so a worker that sees the new route also sees
@@ -376,30 +322,53 @@ impl CounterFile {
         std::sync::atomic::fence(Ordering::Release);
     }
 
-    /// A new owner stamp (the writer only).
-    pub(crate) fn next_owner(&self) -> u64 {
-        // Relaxed: only the writer, holding the lock, changes it.
-        self.map.counters_header().owners.fetch_add(1, Ordering::Relaxed) + 1
+    /// The owner stamp `key`'s counters were last reset for.
+    pub(crate) fn owner_of(&self, key: SlotKey) -> u64 {
+        // Relaxed: written by the writer only, which is the caller.
+        self.slot(key).owner.load(Ordering::Relaxed)
+    }
+
+    /// A new owner stamp for `key`, whose route carries `route_owner` now (the writer only):
+    /// one more than any stamp the slot's route or counters carried, so a slot's stamps
+    /// never repeat while both files live, and only that slot's changes move its tag.
+    pub(crate) fn next_owner(&self, key: SlotKey, route_owner: u64) -> u64 {
+        let next = self.owner_of(key).max(route_owner).saturating_add(1);
+        if let Some(rw) = self.map.rw() {
+            // Relaxed: informational (the highest stamp handed out so far).
+            rw.counters_header().owners.fetch_max(next, Ordering::Relaxed);
+        }
+        next
     }
 
     /// The counters of `key` for the route owned by `owner` (or, with `None`, for whoever
     /// they were last reset for).
     pub fn snapshot(&self, key: impl Into<SlotKey>, owner: Option<u64>) -> Counters {
-        let key = key.into();
+        self.snapshot_in(key.into(), owner, self.counting_rows())
+    }
+
+    /// The worker rows that count sessions now, listed once for a pass over many keys
+    /// ([`CounterFile::snapshot_in`]).
+    pub fn counting_rows(&self) -> CountingRows {
+        // Relaxed: readers may map this file read-only; a row being claimed or cleared
+        // reads as a transient under- or over-count, never as a lasting one.
+        let mut bits = 0u128;
+        for i in 0..MAX_WORKERS {
+            let o = self.map.worker_slot(i).owner.load(Ordering::Relaxed);
+            if o != 0 && o & SWEEPING == 0 {
+                bits |= 1 << i;
+            }
+        }
+        CountingRows(bits)
+    }
+
+    /// [`CounterFile::snapshot`] with the counting rows already listed: a pass over every
+    /// route reads the row owners once, not once per route.
+    pub fn snapshot_in(&self, key: SlotKey, owner: Option<u64>, rows: CountingRows) -> Counters {
         let s = self.slot(key);
         let owner = owner.unwrap_or_else(|| s.owner.load(Ordering::Relaxed));
         let t = tag(owner);
         let get = |w: &AtomicU64| value_for(w.load(Ordering::Relaxed), t).unwrap_or(0);
-        let mut active = 0u64;
-        for i in 0..MAX_WORKERS {
-            // Relaxed: readers may map this file read-only; a row being claimed or cleared
-            // reads as a transient under- or over-count, never as a lasting one.
-            let o = self.map.worker_slot(i).owner.load(Ordering::Relaxed);
-            if o == 0 || o & SWEEPING != 0 {
-                continue;
-            }
-            active += value_for(self.map.cell(i, key).load(Ordering::Relaxed), t).unwrap_or(0);
-        }
+        let active = rows.iter().map(|i| value_for(self.map.cell(i, key).load(Ordering::Relaxed), t).unwrap_or(0)).sum();
         Counters {
             connections_total: get(&s.connections_total),
             connections_active: active,
@@ -414,21 +383,9 @@ impl CounterFile {
 
     /// How many worker rows are claimed now (for tools).
     pub fn workers(&self) -> usize {
-        (0..MAX_WORKERS)
-            .filter(|&i| self.map.worker_slot(i).owner.load(Ordering::Relaxed) != 0)
-            .count()
+        rows::held(&self.map)
     }
 }
-
-/// The key with counter index `k` (< keys).
-fn key_at(k: usize) -> SlotKey {
-    match u16::try_from(k) {
-        Ok(port) => SlotKey::port(port),
-        Err(_) => SlotKey::host((k - PORT_SLOTS) as u32),
-    }
-}
-
-const _: () = assert!(PORT_SLOTS == u16::MAX as usize + 1);
 
 #[cfg(test)]
 mod tests {
@@ -454,3 +411,7 @@ mod tests {
         assert_eq!(counters_path(Path::new("/x/routes")), PathBuf::from("/x/routes.counters"));
     }
 }
+
+#[cfg(test)]
+#[path = "counters_tests.rs"]
+mod restart_tests;

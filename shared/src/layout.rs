@@ -49,12 +49,14 @@
 //!  40  workers_offset  u64 counters_offset + keys * 64
 //!  48  cells_offset    u64 workers_offset + MAX_WORKERS * 64
 //!  56  file_size       u64
-//!  64  owners          u64  last owner stamp handed out by the writer
+//!  64  owners          u64  highest owner stamp handed out (stamps are per slot)
 //!  72  name_refused    [u64; 8]  connections refused by name routing, per [`NameRefusal`]
 //! counters_offset  CounterSlot[keys]            per-key totals, tagged with the route owner:
 //!                  0 connections_total, 8 refused_total, 16 upstream_failed_total,
 //!                  24 bytes_in, 32 bytes_out, 40 last_activity_ms, 48 owner, 56 revoked_total
-//! workers_offset   WorkerSlot[MAX_WORKERS]      which process owns each row of cells
+//! workers_offset   WorkerSlot[MAX_WORKERS]      which process owns each row of cells:
+//!                  0 owner, 8 pid_ns, 16 claimed_ms, 24 liveness (1: the owner holds an
+//!                  exclusive OFD lock on the row's first byte), 32.. reserved
 //! cells_offset     [u64; keys][MAX_WORKERS]     open sessions per worker and key
 //! ```
 //!
@@ -280,9 +282,9 @@ pub struct RouteWords {
     pub generation: AtomicU64,
     /// Expiry, unix milliseconds; 0 = never.
     pub expires_ms: AtomicU64,
-    /// Owner stamp chosen by the writer: a new value whenever the port changes hands (another
-    /// environment or generation). Counters are tagged with it, so a session of an earlier
-    /// owner can never be charged to the next one.
+    /// Owner stamp chosen by the writer: a new value whenever the slot changes hands (another
+    /// environment or generation), one more than any the slot carried. Counters are tagged
+    /// with it, so a session of an earlier owner can never be charged to the next one.
     pub owner: AtomicU64,
 }
 
@@ -314,8 +316,8 @@ pub struct CountersHeader {
     pub workers_offset: AtomicU64,
     pub cells_offset: AtomicU64,
     pub file_size: AtomicU64,
-    /// The last owner stamp the writer handed out (see [`RouteWords::owner`]). Kept here, not
-    /// in the routes file, so stamps never repeat while these counters exist.
+    /// The highest owner stamp the writer handed out (see [`RouteWords::owner`]); for tools
+    /// only: stamps are a sequence per slot, kept in each [`CounterSlot::owner`].
     pub owners: AtomicU64,
     /// Connections refused by name routing, per [`NameRefusal`] code (plain counts).
     pub name_refused: [AtomicU64; 8],
@@ -356,7 +358,11 @@ pub struct WorkerSlot {
     pub pid_ns: AtomicU64,
     /// When the row was claimed, unix milliseconds.
     pub claimed_ms: AtomicU64,
-    pub reserved: [AtomicU64; 5],
+    /// 1 when the owner holds the row's liveness lock (an exclusive OFD lock on the byte at
+    /// this row's offset in the counters file, see [`crate::counters`]): whether it lives is
+    /// then told by that lock, in any pid namespace. 0: judged by `pid_ns` and the pid.
+    pub liveness: AtomicU64,
+    pub reserved: [AtomicU64; 4],
 }
 
 const _: () = {

@@ -19,6 +19,7 @@
 //! [`install_sigbus_guard`] instead of killing the process that maps it.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+mod clock;
 pub mod counters;
 pub mod error;
 mod files;
@@ -26,17 +27,20 @@ mod guard;
 pub mod hosts;
 pub mod layout;
 mod mapping;
+mod port_set;
 pub mod reader;
 pub mod route;
+mod rows;
 pub mod seqlock;
 pub mod writer;
 
-pub use counters::{counters_path, CounterFile, Counters, Outcome, WorkerRow};
+pub use clock::now_ms;
+pub use counters::{counters_path, CounterFile, Counters, CountingRows, Outcome, WorkerRow};
 pub use error::{Error, Result};
 pub use guard::install_sigbus_guard;
 pub use hosts::HostKey;
 pub use layout::{NameRefusal, SlotKey, DEFAULT_HOST_SLOTS};
-pub use reader::{now_ms, HeaderInfo, Lookup, Table};
+pub use reader::{HeaderInfo, Lookup, Table};
 pub use route::{parse_upstream, EnvId, Route, Service};
 pub use writer::{HostWrite, LockMode, OpenReport, SyncReport, Writer};
 

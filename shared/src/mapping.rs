@@ -235,6 +235,57 @@ impl Mapping {
         unsafe { self.at(self.counters.cells_offset + i * self.counters.cells_per_worker + k * 8) }
     }
 
+    /// The write view of a counters mapping: `None` unless it was mapped writable. Every
+    /// store and read-modify-write on counters goes through it, so a read-only mapping (a
+    /// worker that may not write the file) can only be loaded from: an atomic RMW on a
+    /// `PROT_READ` page is a SIGSEGV.
+    pub fn rw(&self) -> Option<Rw<'_>> {
+        self.writable.then_some(Rw(self))
+    }
+
+    /// The parts of `off..off + len` (clipped to the mapping) that hold data, as (offset,
+    /// length) pairs: holes of a sparse file are left out, so a scan over them reads no page
+    /// (on tmpfs a read fault on a shared mapping allocates the page). Where the file system
+    /// cannot say, the whole range.
+    pub fn data_extents(&self, off: usize, len: usize) -> Vec<(usize, usize)> {
+        use std::os::fd::AsRawFd;
+        let end = off.saturating_add(len).min(self.len);
+        let mut out = Vec::new();
+        let mut at = off;
+        let fd = self.file.as_raw_fd();
+        while at < end {
+            // SAFETY: lseek on a descriptor this mapping owns; it only moves the file offset,
+            // which nothing of ours uses (reads are positional).
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    out.push((at, end - at));
+                }
+                break;
+            }
+            let data = (data as usize).max(at);
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { (hole as usize).min(end) };
+            out.push((data, hole - data));
+            at = hole;
+        }
+        out
+    }
+
+    /// Where worker row `i`'s cells lie in the file: (offset, length).
+    pub fn row_cells(&self, i: usize) -> (usize, usize) {
+        (self.counters.cells_offset + i.min(MAX_WORKERS - 1) * self.counters.cells_per_worker, self.keys() * 8)
+    }
+
+    /// Offset of worker slot `i` in the file (its first byte carries the row's liveness lock).
+    pub fn worker_slot_offset(&self, i: usize) -> usize {
+        self.counters.workers_offset + i.min(MAX_WORKERS - 1) * WORKER_SLOT_SIZE
+    }
+
     /// Checks the header against the layout this build knows. Cheap: a few atomic loads.
     pub fn validate(&self) -> Result<()> {
         // The magic first, then an Acquire fence, then the rest: the writer stores the magic
@@ -343,5 +394,33 @@ impl Drop for Mapping {
         if let Some(slot) = self.guard {
             guard::unregister(slot);
         }
+    }
+}
+
+/// Proof that a counters mapping may be written (only [`Mapping::rw`] makes one): the
+/// accessors for counters that are stored to or changed by read-modify-writes.
+#[derive(Clone, Copy)]
+pub(crate) struct Rw<'a>(&'a Mapping);
+
+impl<'a> Rw<'a> {
+    pub fn counters_header(self) -> &'a CountersHeader {
+        self.0.counters_header()
+    }
+
+    pub fn counter_slot(self, key: SlotKey) -> &'a CounterSlot {
+        self.0.counter_slot(key)
+    }
+
+    pub fn worker_slot(self, i: usize) -> &'a WorkerSlot {
+        self.0.worker_slot(i)
+    }
+
+    pub fn cell(self, i: usize, key: SlotKey) -> &'a std::sync::atomic::AtomicU64 {
+        self.0.cell(i, key)
+    }
+
+    /// The mapping, for loads.
+    pub fn map(self) -> &'a Mapping {
+        self.0
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use crate::counters::{counters_path, CounterFile, Counters};
 use crate::error::{Error, Result};
 use crate::hosts::{self, HostKey, SlotState};
-use crate::layout::SlotKey;
+use crate::layout::{SlotKey, HOSTS_OFFSET, SLOT_SIZE};
 use crate::mapping::{Kind, Mapping};
 use crate::route::{RawRoute, Route};
 use crate::seqlock;
@@ -218,12 +218,93 @@ impl Table {
         }
     }
 
-    /// Every hostname route (live or expired), in slot order. Reads the whole region.
+    /// Every hostname route (live or expired), in slot order. Reads only the parts of the
+    /// region that exist in the file (never-written slots of a sparse file are holes, and
+    /// reading them would allocate their pages).
     pub fn host_routes(&self) -> impl Iterator<Item = (SlotKey, Route)> + '_ {
-        (0..self.map.host_slots()).filter_map(move |i| {
-            let at = SlotKey::host(i);
-            seqlock::read(self.map.slot(at)).and_then(|raw| raw.decode()).map(|r| (at, r))
+        self.host_slot_words().filter_map(|(at, raw)| raw.and_then(|raw| raw.decode()).map(|r| (at, r)))
+    }
+
+    /// The hostname slots in the file's data extents with their words (`None`: the slot
+    /// stayed busy throughout the read).
+    fn host_slot_words(&self) -> impl Iterator<Item = (SlotKey, Option<RawRoute>)> + '_ {
+        let slots = self.map.host_slots() as usize;
+        let extents = self.map.data_extents(HOSTS_OFFSET, slots * SLOT_SIZE);
+        extents
+            .into_iter()
+            .flat_map(move |(off, len)| {
+                let first = (off - HOSTS_OFFSET) / SLOT_SIZE;
+                let last = (off + len - HOSTS_OFFSET).div_ceil(SLOT_SIZE).min(slots);
+                first..last
+            })
+            .map(move |i| {
+                let at = SlotKey::host(i as u32);
+                (at, seqlock::read(self.map.slot(at)))
+            })
+    }
+
+    /// Every route with its counters, port slots first, then hostname slots: each slot is
+    /// read once and the counting worker rows are listed once for the whole pass (what an
+    /// activity report reads each interval; [`Table::counters`] per key reads its slot again
+    /// and every row). Counters are zero without a counters file.
+    pub fn counted_routes(&self) -> impl Iterator<Item = (SlotKey, Route, Counters)> + '_ {
+        self.counted_routes_of(1..=u16::MAX)
+    }
+
+    /// [`Table::counted_routes`] over the port slots of `ports` (and every hostname slot).
+    pub(crate) fn counted_routes_of<'a>(
+        &'a self,
+        ports: impl Iterator<Item = u16> + 'a,
+    ) -> impl Iterator<Item = (SlotKey, Route, Counters)> + 'a {
+        let rows = self.counters.as_ref().map(CounterFile::counting_rows).unwrap_or_default();
+        let ports = ports.map(|port| (SlotKey::port(port), seqlock::read(self.map.port_slot(port))));
+        let hosts = self.host_slot_words();
+        ports.chain(hosts).filter_map(move |(key, raw)| {
+            let raw = raw?;
+            let route = raw.decode()?;
+            let counters = self.counters.as_ref().map_or_else(Counters::default, |c| c.snapshot_in(key, Some(raw.owner), rows));
+            Some((key, route, counters))
         })
+    }
+
+    /// The revoke epoch of `key`, loaded so that every read after it is ordered after it.
+    fn epoch_before(&self, key: SlotKey) -> u64 {
+        // Relaxed + fence(Acquire) (read-only mapping): pairs with the writer's Release bump
+        // after a removal, so the route read that follows sees the removal if this load saw
+        // the bump (see [`crate::Writer::remove_and_revoke`]).
+        let epoch = self.map.slot(key).revoke_epoch.load(Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
+        epoch
+    }
+
+    /// What a new session of `port` needs, in the order that leaves no revoke window: the
+    /// port's revoke epoch first, then the route read after it (as [`Table::lookup_owned`]).
+    /// Returns (lookup, owner stamp, epoch).
+    pub fn lookup_for_session(&self, port: u16, now_ms: u64) -> (Lookup, u64, u64) {
+        let epoch = self.epoch_before(SlotKey::port(port));
+        let (lookup, owner) = self.lookup_owned(port, now_ms);
+        (lookup, owner, epoch)
+    }
+
+    /// [`Table::lookup_for_session`] for a hostname route: the slot is found first, then its
+    /// epoch is loaded and the slot read again after it; the second read decides (a route
+    /// removed meanwhile is absent). Returns (lookup, owner stamp, slot, epoch).
+    pub fn lookup_host_for_session(&self, key: HostKey, now_ms: u64) -> (Lookup, u64, Option<SlotKey>, u64) {
+        let at = match self.find_host(key) {
+            Err(()) => return (Lookup::Busy, 0, None, 0),
+            Ok(None) => return (Lookup::Absent, 0, None, 0),
+            Ok(Some((at, _))) => at,
+        };
+        let epoch = self.epoch_before(at);
+        let Some(raw) = seqlock::read(self.map.slot(at)) else { return (Lookup::Busy, 0, None, 0) };
+        if hosts::state(&raw) != SlotState::Keyed(key) {
+            return (Lookup::Absent, 0, None, 0);
+        }
+        match raw.decode() {
+            None => (Lookup::Absent, 0, None, 0),
+            Some(r) if r.expired_at(now_ms) => (Lookup::Expired(r), raw.owner, Some(at), epoch),
+            Some(r) => (Lookup::Live(r), raw.owner, Some(at), epoch),
+        }
     }
 
     /// A snapshot of the counters of `key` (a port or a hostname slot) for its current route
@@ -236,12 +317,4 @@ impl Table {
             .map(|raw| raw.owner);
         c.snapshot(key, owner)
     }
-}
-
-/// Unix time in milliseconds from the system clock.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -12,19 +12,20 @@
 //! the table, and whoever takes the lock next creates a fresh one. One directory holds one
 //! table.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use crate::counters::{counters_path, CounterFile};
+use crate::clock::now_ms;
+use crate::counters::{counters_path, CounterFile, Counters};
 use crate::error::{Error, Result};
 use crate::files;
 use crate::hosts::{self, HostKey, SlotState};
-use crate::layout::{check_host_slots, SlotKey, DEFAULT_HOST_SLOTS, MAGIC, PORT_SLOTS};
+use crate::layout::{check_host_slots, SlotKey, DEFAULT_HOST_SLOTS, HOSTS_OFFSET, MAGIC, PORT_SLOTS, SLOT_SIZE};
 use crate::mapping::{Kind, Mapping};
-use crate::reader::{now_ms, Table};
+use crate::port_set::PortSet;
+use crate::reader::Table;
 use crate::route::{RawRoute, Route};
 use crate::seqlock;
 
@@ -73,6 +74,8 @@ pub struct Writer {
     path: PathBuf,
     counters_path: PathBuf,
     report: OpenReport,
+    /// The ports whose slots hold a route (kept with every write; the writer is the only one).
+    routed: PortSet,
     /// Whether dropping marks the table clean (false only in tests that play a crash).
     clean_on_drop: bool,
     // Holds the flock for as long as the writer lives (closing it releases the lock).
@@ -161,14 +164,15 @@ impl Writer {
                 let dup = f.try_clone().map_err(|e| Error::io(&cpath, "dup", e))?;
                 let cmap = Mapping::new_sized(dup, &cpath, Kind::Counters, true, host_slots)?;
                 cmap.init_counters_header();
-                // Routes kept from an earlier counters file carry its owner stamps: hand out
-                // new ones above them, so a stamp never names two owners of one slot.
-                let highest = all_keys(host_slots)
-                    .filter_map(|key| seqlock::read(map.slot(key)))
-                    .map(|raw| raw.owner)
-                    .max()
-                    .unwrap_or(0);
-                cmap.counters_header().owners.store(highest, Ordering::Relaxed);
+                // Routes kept from an earlier counters file: tag their words with the owner
+                // stamps they carry, so their sessions count again at once (a fresh file's
+                // words carry tag 0, which no route has).
+                let fresh = CounterFile::from_mapping(cmap)?;
+                for key in stored_keys(&map) {
+                    if let Some(raw) = seqlock::read(map.slot(key)).filter(|raw| raw.decode().is_some()) {
+                        fresh.reset(key, raw.owner);
+                    }
+                }
                 Ok(())
             })?,
         };
@@ -187,7 +191,7 @@ impl Writer {
         // Relaxed: `clean` is only read and written by writers, which the lock serialises.
         if h.clean.load(Ordering::Relaxed) != 1 {
             report.settled = true;
-            for key in all_keys(host_slots) {
+            for key in stored_keys(table.mapping()) {
                 if seqlock::settle(table.mapping().slot(key)) {
                     report.repaired += 1;
                 }
@@ -195,8 +199,19 @@ impl Writer {
         }
         h.clean.store(0, Ordering::Relaxed);
         h.writer_pid.store(pid, Ordering::Relaxed);
-        let writer =
-            Writer { table, path: path.to_owned(), counters_path: cpath, report, clean_on_drop: true, _dir: dir };
+        let mut routed = PortSet::new();
+        for (port, _) in table.routes() {
+            routed.insert(port);
+        }
+        let writer = Writer {
+            table,
+            path: path.to_owned(),
+            counters_path: cpath,
+            report,
+            routed,
+            clean_on_drop: true,
+            _dir: dir,
+        };
         writer.counters().sweep_dead();
         writer.heartbeat()?;
         Ok(writer)
@@ -269,6 +284,11 @@ impl Writer {
         let encode = |owner| if keyed { hosts::keyed(route, owner) } else { RawRoute::encode(route, owner) };
         let raw = match same_owner {
             Some(owner) => {
+                // Counters reset for another stamp (a writer that died between the reset and
+                // the route write) would drop this route's counts for good: tag them again.
+                if self.counters().owner_of(key) != owner {
+                    self.counters().reset(key, owner);
+                }
                 let raw = encode(owner);
                 if current == Some(raw) {
                     return false;
@@ -276,13 +296,16 @@ impl Writer {
                 raw
             }
             None => {
-                let owner = self.counters().next_owner();
+                let owner = self.counters().next_owner(key, current.map_or(0, |c| c.owner));
                 // Before the route write, so the new owner's sessions find their tag.
                 self.counters().reset(key, owner);
                 encode(owner)
             }
         };
         seqlock::write(slot, &raw);
+        if let Some(port) = key.as_port() {
+            self.routed.insert(port);
+        }
         self.bump_generation();
         true
     }
@@ -403,6 +426,7 @@ impl Writer {
             return Ok(false);
         }
         seqlock::write(slot, &RawRoute::EMPTY);
+        self.routed.remove(port);
         self.bump_generation();
         Ok(true)
     }
@@ -410,12 +434,40 @@ impl Writer {
     /// Revokes every session open on `port` now: bumps the port's revoke epoch, and nginx
     /// closes each session opened before it within one flush interval (`gpugate_flush_interval`).
     /// The route itself is unchanged: new connections still go where it points. Returns the
-    /// new epoch.
+    /// new epoch. To end a route's sessions as it goes, remove it *first*:
+    /// [`Writer::remove_and_revoke`].
     pub fn revoke(&mut self, port: u16) -> Result<u64> {
         if port == 0 {
             return Err(Error::InvalidRoute("port 0 cannot be routed".into()));
         }
         Ok(self.bump_epoch(SlotKey::port(port)))
+    }
+
+    /// Removes the route of `port`, then revokes the sessions still open on it (none is
+    /// revoked when the port had no route); returns whether it had one.
+    ///
+    /// The order leaves no window: a reader loads the epoch (Acquire) *before* it reads the
+    /// route, and the bump here is a Release store made after the removal. A connection that
+    /// sees the new epoch therefore sees the removal and is refused; one that still sees the
+    /// old epoch may get the old route, but its session holds the old epoch, which this bump
+    /// revokes. (Bumping first would let a connection between the two steps take the route
+    /// with the new epoch: a session that no later revoke reaches.)
+    pub fn remove_and_revoke(&mut self, port: u16) -> Result<bool> {
+        if !self.remove(port)? {
+            return Ok(false);
+        }
+        self.revoke(port)?;
+        Ok(true)
+    }
+
+    /// [`Writer::remove_and_revoke`] for a hostname route: removed (a tombstone), then its
+    /// sessions revoked; returns whether it had a route.
+    pub fn remove_and_revoke_host(&mut self, key: HostKey) -> Result<bool> {
+        if !self.remove_host(key)? {
+            return Ok(false);
+        }
+        self.revoke_host(key)?;
+        Ok(true)
     }
 
     /// Raises `port`'s revoke epoch to `at_least` if it is lower (closing the sessions opened
@@ -429,64 +481,11 @@ impl Writer {
         Ok(self.raise_epoch(SlotKey::port(port), at_least))
     }
 
-    /// Makes the table hold exactly `routes`: writes the ones that differ and clears every
-    /// other slot, revoking the sessions still open there (a route nobody wants any more must
-    /// not keep carrying traffic). The whole-table re-sync of the publisher.
-    pub fn sync(&mut self, routes: &BTreeMap<u16, Route>) -> Result<SyncReport> {
-        self.sync_all(routes, &BTreeMap::new())
-    }
-
-    /// [`Writer::sync`] for port routes and hostname routes together: the table holds exactly
-    /// `routes` by port and `names` by (environment id, service) afterwards. A name route
-    /// whose key differs from its route's env id and service is refused.
-    pub fn sync_all(&mut self, routes: &BTreeMap<u16, Route>, names: &BTreeMap<HostKey, Route>) -> Result<SyncReport> {
-        self.verify()?;
-        let mut report = SyncReport::default();
-        for (&port, route) in routes {
-            if self.set(port, route)? {
-                report.written += 1;
-            }
-        }
-        let stale: Vec<u16> = self
-            .table
-            .routes()
-            .map(|(port, _)| port)
-            .filter(|port| !routes.contains_key(port))
-            .collect();
-        for port in stale {
-            self.revoke(port)?;
-            if self.remove(port)? {
-                report.removed += 1;
-            }
-        }
-        for (key, route) in names {
-            if HostKey::of(route) != *key {
-                return Err(Error::InvalidRoute(format!(
-                    "hostname route for {}.{} carries {}.{}",
-                    key.env_id, key.service, route.env_id, route.service
-                )));
-            }
-            if self.set_host(route)?.changed {
-                report.written += 1;
-            }
-        }
-        if self.mapping().host_slots() > 0 {
-            let stale: Vec<HostKey> = self
-                .table
-                .host_routes()
-                .map(|(_, r)| HostKey::of(&r))
-                .filter(|k| !names.contains_key(k))
-                .collect();
-            for key in stale {
-                self.revoke_host(key)?;
-                if self.remove_host(key)? {
-                    report.removed += 1;
-                }
-            }
-        }
-        self.counters().sweep_dead();
-        self.heartbeat()?;
-        Ok(report)
+    /// [`Table::counted_routes`] over the ports this writer has routed rather than every
+    /// port slot: a pass at 10,000 routes reads 10,000 port slots, not 65,535 (the pass an
+    /// activity report makes each interval).
+    pub fn counted_routes(&self) -> impl Iterator<Item = (SlotKey, Route, Counters)> + '_ {
+        self.table.counted_routes_of(self.routed.iter())
     }
 
     /// Flushes the mappings to their files (meaningful when the table is on disk, not tmpfs).
@@ -519,12 +518,24 @@ fn holder_pid(path: &Path) -> Option<u32> {
     (magic == MAGIC && pid != 0).then_some(pid)
 }
 
-/// Every slot key of a table with `host_slots` hostname slots.
-fn all_keys(host_slots: u32) -> impl Iterator<Item = SlotKey> {
-    (0..=u16::MAX).map(SlotKey::port).chain((0..host_slots).map(SlotKey::host))
+/// Every port slot key, and every hostname slot key whose bytes exist in the file: a sparse
+/// hostname region's holes hold nothing (never written), and reading them would allocate
+/// their pages (tmpfs allocates on a read fault of a shared mapping).
+fn stored_keys(map: &Mapping) -> Vec<SlotKey> {
+    let mut keys: Vec<SlotKey> = (0..=u16::MAX).map(SlotKey::port).collect();
+    let slots = map.host_slots() as usize;
+    for (off, len) in map.data_extents(HOSTS_OFFSET, slots * SLOT_SIZE) {
+        let first = (off - HOSTS_OFFSET) / SLOT_SIZE;
+        let last = (off + len - HOSTS_OFFSET).div_ceil(SLOT_SIZE).min(slots);
+        keys.extend((first..last).map(|i| SlotKey::host(i as u32)));
+    }
+    keys
 }
 
 const _: () = assert!(PORT_SLOTS == u16::MAX as usize + 1);
+
+#[path = "writer_sync.rs"]
+mod sync;
 
 #[cfg(test)]
 #[path = "writer_tests.rs"]

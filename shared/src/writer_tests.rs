@@ -1,4 +1,8 @@
 //! Unit tests of the writer: what it refuses, what it repairs, what it resets.
+//!
+//! A table opened again after its writer was dropped is opened with `LockMode::Wait`: a test
+//! that spawns a process (here and in the counters' tests) leaves a copy of every open
+//! directory lock in its child from fork to exec, so `NoWait` could fail for a moment.
 
 use super::*;
 use crate::counters::Outcome;
@@ -27,6 +31,7 @@ fn route(env: &str, port: u16, generation: u64) -> Route {
         expires_ms: None,
     }
 }
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 fn mode(path: &Path) -> u32 {
@@ -45,7 +50,7 @@ fn creates_files_only_the_writer_can_route_with() {
     // A routes file made group-writable by hand is put back.
     drop(w);
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let _w = Writer::open(&path, LockMode::NoWait).unwrap();
+    let _w = Writer::open(&path, LockMode::Wait).unwrap();
     assert_eq!(mode(&path), 0o644);
 }
 
@@ -131,7 +136,7 @@ fn a_deleted_table_never_makes_two_writers() {
     assert!(matches!(w1.heartbeat().err().unwrap(), Error::Replaced { .. }), "the holder notices");
     assert!(matches!(w1.sync(&BTreeMap::new()).err().unwrap(), Error::Replaced { .. }));
     drop(w1);
-    let w2 = Writer::open(&path, LockMode::NoWait).unwrap();
+    let w2 = Writer::open(&path, LockMode::Wait).unwrap();
     assert!(w2.open_report().created, "the next writer makes a fresh table");
     assert_eq!(w2.table().lookup(20000, 0), crate::Lookup::Absent);
 }
@@ -143,8 +148,8 @@ fn clean_close_skips_settling_and_a_crash_does_not() {
     let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
     w.set(20000, &route("a", 22, 1)).unwrap();
     drop(w);
-    assert!(!Writer::open(&path, LockMode::NoWait).unwrap().table().header_info().clean, "an open writer is inside");
-    let w = Writer::open(&path, LockMode::NoWait).unwrap();
+    assert!(!Writer::open(&path, LockMode::Wait).unwrap().table().header_info().clean, "an open writer is inside");
+    let w = Writer::open(&path, LockMode::Wait).unwrap();
     assert!(!w.open_report().settled, "a cleanly closed table is not walked");
     // Play a writer killed inside the second copy of a write: the copy readers do not use
     // is half rewritten, and the writer never marks the table clean.
@@ -153,7 +158,7 @@ fn clean_close_skips_settling_and_a_crash_does_not() {
     let slot = w.mapping().port_slot(20000);
     slot.copies[1].upstream_port.store(9999, Ordering::Relaxed);
     drop(w);
-    let w = Writer::open(&path, LockMode::NoWait).unwrap();
+    let w = Writer::open(&path, LockMode::Wait).unwrap();
     assert!(w.open_report().settled);
     assert_eq!(w.open_report().repaired, 1, "exactly the torn slot");
     let slot = w.mapping().port_slot(20000);
@@ -247,12 +252,13 @@ fn a_new_counters_file_never_reuses_the_owner_stamps_of_kept_routes() {
     for port in 20000..20010 {
         w.set(port, &route("a", 22, 1)).unwrap();
     }
-    let highest = w.table().lookup_owned(20009, 0).1;
+    let kept = w.table().lookup_owned(20000, 0).1;
     drop(w);
     std::fs::remove_file(counters_path(&path)).unwrap();
-    let mut w = Writer::open(&path, LockMode::NoWait).unwrap();
+    let mut w = Writer::open(&path, LockMode::Wait).unwrap();
     w.set(20000, &route("b", 22, 2)).unwrap();
-    assert!(w.table().lookup_owned(20000, 0).1 > highest, "stamps continue above the kept ones");
+    // Stamps are per slot: the slot's next owner is stamped above the kept route's.
+    assert!(w.table().lookup_owned(20000, 0).1 > kept, "stamps continue above the kept one");
 }
 
 #[test]
@@ -383,12 +389,14 @@ fn sync_makes_the_name_routes_exactly_the_wanted_ones_and_revokes_the_rest() {
     assert!(w.table().revoke_epoch(old_key) > epoch, "sessions of a dropped name route are revoked");
     assert_eq!(w.table().host_routes().map(|(_, r)| r).collect::<Vec<_>>(), vec![keep]);
     assert_eq!(w.sync_all(&BTreeMap::new(), &names).unwrap(), SyncReport::default(), "idempotent");
-    // A name route filed under another key is refused, not stored under the wrong name.
+    // A name route filed under another key is refused, not stored under the wrong name; the
+    // rest of that sync still applies ("keep" is not in that set: removed, then revoked).
     let wrong = BTreeMap::from([(hk("other", Service::Code), keep)]);
     assert!(w.sync_all(&BTreeMap::new(), &wrong).unwrap_err().to_string().contains("carries keep.code"));
+    assert_eq!(w.table().host_routes().count(), 0, "nothing stored under the wrong name");
     // Revoke by key, and raise once.
-    assert_eq!(w.revoke_host(hk("keep", Service::Code)).unwrap(), Some(1));
-    assert!(!w.raise_host_revoke_epoch(hk("keep", Service::Code), 1).unwrap());
+    assert_eq!(w.revoke_host(hk("keep", Service::Code)).unwrap(), Some(2));
+    assert!(!w.raise_host_revoke_epoch(hk("keep", Service::Code), 2).unwrap());
     assert!(w.raise_host_revoke_epoch(hk("keep", Service::Code), 5).unwrap());
     assert_eq!(w.revoke_host(hk("nobody", Service::Code)).unwrap(), None);
 }
@@ -403,10 +411,10 @@ fn a_table_without_name_slots_or_with_another_count_is_refused_clearly() {
     assert!(err.contains("has no hostname slots"), "{err}");
     assert!(w.set_host(&Route { env_id: crate::route::EnvId::default(), ..name_route("a", Service::Jupyter, 8888, 1) }).is_err());
     drop(w);
-    let err = Writer::open_with(&path, LockMode::NoWait, 2048).err().unwrap().to_string();
+    let err = Writer::open_with(&path, LockMode::Wait, 2048).err().unwrap().to_string();
     assert!(err.contains("has 0 hostname slots, but 2048 are configured"), "{err}");
     // Without a wish (the CLI), an existing table is opened with the count it has.
-    assert_eq!(Writer::open(&path, LockMode::NoWait).unwrap().table().host_slots(), 0);
+    assert_eq!(Writer::open(&path, LockMode::Wait).unwrap().table().host_slots(), 0);
     // Readers of a table with name slots see the region's size.
     let p2 = d.join("t2").join("routes");
     drop(Writer::open_with(&p2, LockMode::NoWait, 4096).unwrap());
@@ -425,4 +433,37 @@ fn a_full_name_region_refuses_the_next_route_and_keeps_the_others() {
     assert!(err.contains("all 1024 hostname slots are in use"), "{err}");
     assert!(matches!(w.table().lookup_host(hk("e7", Service::Ssh), 0).0, Lookup::Live(_)));
     assert_eq!(w.table().lookup_host(hk("one-more", Service::Ssh), 0).0, Lookup::Absent);
+}
+
+#[test]
+fn the_writers_pass_finds_what_a_walk_of_every_slot_finds() {
+    let d = tmp_dir("counted");
+    let path = d.join("routes");
+    let walk = |w: &Writer| w.table().counted_routes().collect::<Vec<_>>();
+    let pass = |w: &Writer| w.counted_routes().collect::<Vec<_>>();
+    let mut w = Writer::open_with(&path, LockMode::NoWait, 1024).unwrap();
+    for port in [1, 63, 64, 20_000, 20_001, 65_535] {
+        w.set(port, &route("a", port, 1)).unwrap();
+    }
+    w.set_host(&name_route("b", Service::Jupyter, 8888, 1)).unwrap();
+    w.remove(20_001).unwrap();
+    w.remove_and_revoke(63).unwrap();
+    w.set(64, &route("c", 64, 2)).unwrap();
+    // A session moves bytes on one route: the pass reads its counters.
+    let worker = CounterFile::open(&counters_path(&path), true).unwrap();
+    let row = worker.claim_worker().unwrap();
+    let owner = w.table().lookup_owned(20_000, 0).1;
+    worker.session_open(Some(row), 20_000u16, owner, 1);
+    worker.session_flush(20_000, owner, 7, 9, 2);
+    let found = pass(&w);
+    assert_eq!(found, walk(&w));
+    let ports: Vec<Option<u16>> = found.iter().map(|(k, _, _)| k.as_port()).collect();
+    assert_eq!(ports, vec![Some(1), Some(64), Some(20_000), Some(65_535), None]);
+    let (_, _, c) = found.iter().find(|(k, _, _)| k.as_port() == Some(20_000)).unwrap();
+    assert_eq!((c.connections_active, c.bytes_in, c.bytes_out), (1, 7, 9));
+    // A writer that opens the table again knows its routes from the slots.
+    drop(w);
+    let w = Writer::open(&path, LockMode::Wait).unwrap();
+    assert_eq!(pass(&w), found);
+    worker.release_worker(row);
 }

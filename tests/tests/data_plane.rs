@@ -119,6 +119,8 @@ fn missing_table_at_start_is_picked_up_without_reload() {
         wait_until(Duration::from_secs(2), || w.table().counters(21400).connections_total >= 1),
         "workers count on a table they opened"
     );
+    // The opposite case (a directory without the workers' group: read-only counters, routing
+    // goes on) is tests/counters_restart.rs.
     assert!(!ng.error_log().contains("read-only"), "{}", ng.error_log());
     assert_eq!(ng.pids(), pids, "without a reload");
     ng.assert_no_crash();
@@ -224,7 +226,7 @@ fn shipped_nginx_conf_passes_nginx_t() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nginx-conf/nginx.conf"),
     )
     .unwrap();
-    for needle in ["proxy_timeout          24h;", "proxy_socket_keepalive on;", "gpugate_route on;", "gpugate_flush_interval 1s;"] {
+    for needle in ["proxy_timeout          24h;", "proxy_socket_keepalive on;", "gpugate_route on;", "gpugate_flush_interval 1s;", "preread_timeout 5s;"] {
         assert!(shipped.contains(needle), "nginx.conf lost {needle:?}");
     }
     // The pools as shipped bind every address; test the same file on loopback test ports.

@@ -6,8 +6,10 @@
 //! runs on one machine do not collide. One test, in phases that build on each other (a stack
 //! takes seconds to start); each phase prints its timing.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use gpugate_tests::ssh::{self, Agent, Forwards, Via};
 use gpugate_tests::stack::{
     docker, port_refuses, repo_root, report, run, run_ok, ssh_command, ssh_run, ssh_run_retry, Login, Session, Stack,
     Value, WebSocket, DOMAIN,
@@ -84,6 +86,19 @@ fn activity(stack: &Stack, id: &str, service: &str, field: &str) -> u64 {
     v["activity"][service][field].as_u64().unwrap_or_else(|| panic!("no activity.{service}.{field}: {v}"))
 }
 
+/// The counter once it reaches `at_least`, or its value after five seconds: the API sums what
+/// every gateway reports once a second, so a change shows up a report or two after it happened.
+fn activity_reaching(stack: &Stack, id: &str, service: &str, field: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = activity(stack, id, service, field);
+        if value >= at_least || Instant::now() >= deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Access-log lines of the gateway for sessions on `port` that it closed because their route
 /// was revoked.
 fn revoked_in_log(stack: &Stack, port: u16) -> usize {
@@ -108,6 +123,19 @@ fn closed_by_the_gateway(stack: &Stack, open: &mut Session, port: u16, end: impl
         revoked_in_log(stack, port) > before
     });
     assert!(seen, "no revoked session on port {port} in the gateway's access log: the container closed it");
+}
+
+/// The workspace by name over TLS, through the `~/.ssh/config` block the API prints
+/// (`access_info.ssh.tls.ssh_config`), written into `dir` as a user would; the test resolves
+/// the name to 127.0.0.1 and trusts the stack's development CA.
+fn by_name(stack: &Stack, env: &Value, dir: &Path) -> Via {
+    let block = text(env, "/access_info/ssh/tls/ssh_config")
+        .replace("-connect %h:", "-connect 127.0.0.1:")
+        .replace("-verify_return_error", &format!("-verify_return_error -CAfile {}", stack.ca().display()));
+    assert!(block.contains(&format!("Host *.ssh.{DOMAIN}")) && block.contains("ProxyCommand openssl s_client"), "{block}");
+    let config = dir.join("ssh_config");
+    std::fs::write(&config, block).expect("write ssh config");
+    Via::Name { config, host: format!("{}.ssh.{DOMAIN}", text(env, "/id")) }
 }
 
 fn allocated(stack: &Stack, service: &str) -> f64 {
@@ -199,6 +227,66 @@ fn stack_end_to_end() {
     let ssh_port = port(&env, "ssh");
     let key_login = Login::Key(key.clone());
 
+    phase("full SSH on a pool port and by name over TLS: scp, sftp, rsync, -L, -R, -D, agent; a forward from A cannot reach B", || {
+        let token = text(&env, "/access_info/jupyter/token");
+        let agent_key = keys.join("agent_ed25519");
+        run_ok(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&agent_key));
+        let agent = Agent::start(&keys, &agent_key);
+        for (via, remote_port) in [(Via::Port(ssh_port), 17001), (by_name(&stack, &env, &keys), 17002)] {
+            let t = Instant::now();
+            ssh::copies(&via, &key, &keys);
+            ssh::forwards(&via, &key_login, token, remote_port);
+            ssh::agent_forwarding(&via, &key_login, &agent, &keys.join("agent_ed25519.pub"));
+            report(&format!("  via {}: copies, forwards and agent in {:.1} s", via.label(), t.elapsed().as_secs_f64()));
+        }
+
+        // Isolation: B's SSH server listens on B's address on the workspace network (B itself
+        // sees its banner there), yet a -L through A to that address gets nothing, nor to B's
+        // published port on the host's side of the network; through A, A's own address answers.
+        let t = Instant::now();
+        let b = stack.create(
+            &json!({"name": "e2e-other", "gpus": 0, "services": ["ssh"], "ssh_public_keys": [pubkey.trim()], "wait": "ready"}),
+        );
+        let bid = text(&b, "/id").to_string();
+        let inspect = |id: &str, format: &str| {
+            let cid = stack.containers(Some(id)).pop().unwrap_or_else(|| panic!("no container for {id}"));
+            run_ok(std::process::Command::new("docker").args(["inspect", "-f", format, &cid]))
+        };
+        let a_ip = inspect(&id, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}");
+        let b_ip = inspect(&bid, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}");
+        let bridge = inspect(&bid, "{{range .NetworkSettings.Networks}}{{.Gateway}}{{end}}");
+        let b_published = inspect(&bid, "{{(index (index .NetworkSettings.Ports \"22/tcp\") 0).HostPort}}");
+        assert!(!a_ip.is_empty() && !b_ip.is_empty() && a_ip != b_ip, "addresses: A {a_ip:?}, B {b_ip:?}");
+        let [own, to_b, to_b_host, b_self] = [0; 4].map(|_| ssh::free_port());
+        let specs = |pairs: &[(u16, &str)]| -> Vec<String> {
+            pairs.iter().flat_map(|(l, to)| ["-L".to_string(), format!("127.0.0.1:{l}:{to}")]).collect()
+        };
+        let b_forward = specs(&[(b_self, &format!("{b_ip}:22"))]);
+        let mut through_b = Forwards::open(&Via::Port(port(&b, "ssh")), &key_login, &b_forward, &[b_self], Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let seen = ssh::first_bytes(b_self, Duration::from_secs(3));
+        assert!(seen.starts_with("SSH-2.0-"), "B's sshd does not answer at {b_ip}:22 from B itself: {seen:?}");
+        assert!(through_b.alive());
+        let a_forwards = specs(&[
+            (own, &format!("{a_ip}:22")),
+            (to_b, &format!("{b_ip}:22")),
+            (to_b_host, &format!("{bridge}:{b_published}")),
+        ]);
+        let locals = [own, to_b, to_b_host];
+        let mut through_a = Forwards::open(&Via::Port(ssh_port), &key_login, &a_forwards, &locals, Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let seen = ssh::first_bytes(own, Duration::from_secs(3));
+        assert!(seen.starts_with("SSH-2.0-"), "A's -L to its own address {a_ip}:22: {seen:?}");
+        let seen = ssh::first_bytes(to_b, Duration::from_secs(2));
+        assert!(!seen.starts_with("SSH-"), "a -L through A reached B's sshd at {b_ip}:22: {seen:?}");
+        let seen = ssh::first_bytes(to_b_host, Duration::from_secs(2));
+        assert!(!seen.starts_with("SSH-"), "a -L through A reached B's published port {bridge}:{b_published}: {seen:?}");
+        assert!(through_a.alive(), "the forwarding ssh through A exited");
+        drop((through_a, through_b, agent));
+        stack.delete(&bid);
+        report(&format!("  isolation checks in {:.1} s", t.elapsed().as_secs_f64()));
+    });
+
     phase("JupyterLab and the code port through the gateway", || {
         let jport = port(&env, "jupyter");
         let token = text(&env, "/access_info/jupyter/token");
@@ -242,15 +330,8 @@ fn stack_end_to_end() {
             "kernel over wss by name: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // OpenSSH by name inside TLS, with the printed ~/.ssh/config block (the test resolves
-        // the name to 127.0.0.1 and trusts the stack's development CA).
-        let block = text(&env, "/access_info/ssh/tls/ssh_config")
-            .replace("-connect %h:", "-connect 127.0.0.1:")
-            .replace("-verify_return_error", &format!("-verify_return_error -CAfile {}", stack.ca().display()));
-        assert!(block.contains(&format!("Host *.ssh.{DOMAIN}")) && block.contains("ProxyCommand openssl s_client"), "{block}");
-        let cfg = keys.join("ssh_config");
-        std::fs::write(&cfg, block).expect("write ssh config");
-        let out = run(ssh_command("ssh", &key_login).arg("-F").arg(&cfg).arg(format!("{id}.ssh.{DOMAIN}")).arg("hostname"));
+        // OpenSSH by name inside TLS, with the printed ~/.ssh/config block.
+        let out = run(&mut by_name(&stack, &env, &keys).ssh(&key_login, &[], Some("hostname")));
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             id,
@@ -260,7 +341,7 @@ fn stack_end_to_end() {
         // Names the gateway does not route are refused (no HTTP answer at all).
         assert_eq!(stack.https("nobody0000000000", "jupyter", "/").0, 0, "an unknown id by name");
         assert_eq!(stack.https(&id, "rdp", "/").0, 0, "a service without a name route");
-        assert!(activity(&stack, &id, "jupyter", "connections_total") >= 3, "sessions by name are counted");
+        assert!(activity_reaching(&stack, &id, "jupyter", "connections_total", 3) >= 3, "sessions by name are counted");
 
         // A real browser: headless Chromium resolves the name to 127.0.0.1 (as DNS would),
         // trusts the stack's development CA (an NSS database of its own, as a user who
@@ -286,6 +367,9 @@ fn stack_end_to_end() {
             dom.len(),
             String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.contains("dbus")).take(5).collect::<Vec<_>>().join("\n")
         );
+        // No first-run question about Jupyter news: the image turns the announcements off
+        // (with them on, the rendered page carries "...notified about official Jupyter news?").
+        assert!(!dom.contains("Jupyter news"), "JupyterLab asks every user about Jupyter news at {url}");
         report(&format!("  Chromium rendered the launcher by name in {:.1} s", t.elapsed().as_secs_f64()));
     });
 
@@ -443,8 +527,7 @@ fn stack_end_to_end() {
             std::thread::sleep(Duration::from_millis(400));
         }
         assert!(scp.wait().expect("scp").success(), "slow scp failed");
-        let after = activity(&stack, &id, "ssh", "bytes_in");
-        let moved = after - before;
+        let moved = activity_reaching(&stack, &id, "ssh", "bytes_in", before + size as u64) - before;
         let growing: Vec<u64> = seen.iter().map(|b| b - before).filter(|d| *d > 0 && *d < size as u64).collect();
         report(&format!("  while open: {growing:?}; at the end {moved} bytes for a {size}-byte file"));
         // Counted while the session was open (not only at its end), and growing.
@@ -472,7 +555,7 @@ fn stack_end_to_end() {
         assert_eq!(ssh_run(ssh_port, &key_login, "hostname").as_deref(), Ok(id.as_str()), "new login after the close");
         let (status, _) = curl_until(&format!("http://127.0.0.1:{jport}/api/status?token={token}"), 200, Duration::from_secs(5));
         assert_eq!(status, 200, "JupyterLab after the close");
-        assert!(activity(&stack, &id, "ssh", "connections_revoked") >= 2, "revoked sessions not counted: {}", show(&stack, &id));
+        assert!(activity_reaching(&stack, &id, "ssh", "connections_revoked", 2) >= 2, "revoked sessions not counted: {}", show(&stack, &id));
     });
 
     phase("idle: an open session keeps a workspace; once it ends, the workspace stops by itself", || {

@@ -56,6 +56,7 @@ impl Config {
             self.gateway_name = name.to_string();
         }
         parse_env(env, "GPUGATE_GATEWAY_HEARTBEAT_MS", &mut self.gateway_heartbeat_ms)?;
+        parse_env(env, "GPUGATE_GATEWAY_ACTIVITY_REPORT_MS", &mut self.gateway_activity_report_ms)?;
         parse_env(env, "GPUGATE_UPSTREAM_HOST", &mut self.upstream_host)?;
         parse_env(env, "GPUGATE_ROUTE_TABLE", &mut self.route_table)?;
         if let Some(v) = env_var(env, "GPUGATE_TLS_PORT") {
@@ -93,10 +94,15 @@ impl Config {
         }
         parse_env(env, "GPUGATE_RATE_LIMIT_PER_S", &mut self.rate_limit.per_second)?;
         parse_env(env, "GPUGATE_RATE_LIMIT_BURST", &mut self.rate_limit.burst)?;
+        parse_env(env, "GPUGATE_RATE_LIMIT_FAILED_AUTH_PER_MIN", &mut self.rate_limit.failed_auth_per_minute)?;
+        parse_env(env, "GPUGATE_RATE_LIMIT_FAILED_AUTH_BURST", &mut self.rate_limit.failed_auth_burst)?;
         parse_env(env, "GPUGATE_IDLE_STOP_AFTER_S", &mut self.idle.default_stop_after_s)?;
         parse_env(env, "GPUGATE_IDLE_MAX_STOP_AFTER_S", &mut self.idle.max_stop_after_s)?;
         parse_env(env, "GPUGATE_IDLE_POLICY", &mut self.idle.policy)?;
         parse_env(env, "GPUGATE_IDLE_CHECK_INTERVAL_S", &mut self.idle.check_interval_s)?;
+        parse_env(env, "GPUGATE_IDLE_GPU_BUSY_PERCENT", &mut self.idle.gpu_busy_percent)?;
+        parse_env(env, "GPUGATE_IDLE_WARNING_BEFORE_S", &mut self.idle.warning_before_s)?;
+        parse_env(env, "GPUGATE_IDLE_MAX_HOLD_S", &mut self.idle.max_hold_s)?;
         parse_env(env, "GPUGATE_READINESS_SSH_DEADLINE_S", &mut self.readiness.ssh_deadline_s)?;
         parse_env(env, "GPUGATE_READINESS_JUPYTER_DEADLINE_S", &mut self.readiness.jupyter_deadline_s)?;
         parse_env(env, "GPUGATE_READINESS_CODE_DEADLINE_S", &mut self.readiness.code_deadline_s)?;
@@ -108,6 +114,7 @@ impl Config {
         parse_env(env, "GPUGATE_HOST_PROBE_INTERVAL_S", &mut self.fleet.probe_interval_s)?;
         parse_env(env, "GPUGATE_HOST_FAIL_AFTER_S", &mut self.fleet.fail_after_s)?;
         parse_env(env, "GPUGATE_IDEMPOTENCY_RETENTION_S", &mut self.idempotency_retention_s)?;
+        parse_env(env, "GPUGATE_RETENTION_DAYS", &mut self.retention_days)?;
         parse_env(env, "GPUGATE_SHUTDOWN_GRACE_S", &mut self.shutdown_grace_s)?;
         self.metrics.apply_env(env)?;
         if let Some(v) = env_var(env, "GPUGATE_DEFAULT_SERVICES") {

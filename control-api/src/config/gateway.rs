@@ -8,6 +8,13 @@ const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 /// The default heartbeat interval of the gateway registry (ms).
 pub const DEFAULT_HEARTBEAT_MS: u64 = 2000;
 
+/// The default interval of the publisher's activity reports (ms).
+pub const DEFAULT_ACTIVITY_REPORT_MS: u64 = 1000;
+
+/// The allowed activity report intervals (ms; 0 turns reporting off): activity must reach
+/// the API within seconds, and each report is one small transaction.
+pub const ACTIVITY_REPORT_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=60_000;
+
 /// The allowed heartbeat intervals (ms): often enough to notice a dead gateway within
 /// seconds, not so often that a fleet of them loads the database.
 pub const HEARTBEAT_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=300_000;

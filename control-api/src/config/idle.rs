@@ -1,7 +1,8 @@
 //! Idle auto-stop: when a running workspace counts as idle, and how long it may stay so.
 //!
-//! The signal comes from the gateway: every byte of every session passes through nginx, which
-//! keeps each route's open sessions and the time of its last byte in the table's counters.
+//! The signals: the gateways (every byte of every session passes through nginx, which keeps
+//! each route's open sessions and the time of its last byte in the table's counters), the
+//! utilisation of the workspace's GPUs, and a hold its owner asked for.
 
 use serde::Deserialize;
 
@@ -51,13 +52,30 @@ pub struct IdleConfig {
     /// What counts as activity.
     pub policy: IdlePolicy,
     /// Seconds between two looks at the counters; an idle workspace stops at most this long
-    /// after its limit.
+    /// after its limit. Each look first samples this host's GPUs.
     pub check_interval_s: u64,
+    /// A GPU whose utilisation is at or above this percentage is busy, and a workspace with a
+    /// busy GPU is not idle (1-100; 0: GPU utilisation never counts).
+    pub gpu_busy_percent: u8,
+    /// Seconds before an idle stop that the `idle_warning` event comes (0: with the stop). A
+    /// workspace whose limit is shorter is warned as soon as it is idle; the stop never comes
+    /// sooner than this lead (or the limit, if shorter) after its warning.
+    pub warning_before_s: u64,
+    /// The longest hold a user may ask for (`POST .../hold`), in seconds (1 to 30 days).
+    pub max_hold_s: u64,
 }
 
 impl Default for IdleConfig {
     fn default() -> Self {
-        IdleConfig { default_stop_after_s: 0, max_stop_after_s: 0, policy: IdlePolicy::NoConnections, check_interval_s: 30 }
+        IdleConfig {
+            default_stop_after_s: 0,
+            max_stop_after_s: 0,
+            policy: IdlePolicy::NoConnections,
+            check_interval_s: 30,
+            gpu_busy_percent: 10,
+            warning_before_s: 300,
+            max_hold_s: 86_400,
+        }
     }
 }
 
@@ -69,6 +87,15 @@ impl IdleConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.check_interval_s == 0 || self.check_interval_s > 3600 {
             return Err(format!("idle.check_interval_s {} must be 1 to 3600", self.check_interval_s));
+        }
+        if self.gpu_busy_percent > 100 {
+            return Err(format!("idle.gpu_busy_percent {} must be 0 (off) to 100", self.gpu_busy_percent));
+        }
+        if self.warning_before_s > MAX_IDLE_STOP_AFTER_S {
+            return Err(format!("idle.warning_before_s {} is over 30 days ({MAX_IDLE_STOP_AFTER_S})", self.warning_before_s));
+        }
+        if self.max_hold_s == 0 || self.max_hold_s > MAX_IDLE_STOP_AFTER_S {
+            return Err(format!("idle.max_hold_s {} must be 1 to 30 days ({MAX_IDLE_STOP_AFTER_S})", self.max_hold_s));
         }
         if self.max_stop_after_s > MAX_IDLE_STOP_AFTER_S {
             return Err(format!("idle.max_stop_after_s {} is over 30 days ({MAX_IDLE_STOP_AFTER_S})", self.max_stop_after_s));
@@ -93,6 +120,19 @@ impl IdleConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether a hold of `secs` may be asked for (0: release); the error is worded for the user.
+    pub fn check_hold(&self, secs: u64) -> Result<(), String> {
+        if secs > self.max_hold_s {
+            return Err(format!("{secs} s is over this deployment's longest hold of {} s", self.max_hold_s));
+        }
+        Ok(())
+    }
+
+    /// Whether a GPU at `percent` is busy.
+    pub fn gpu_busy(&self, percent: u8) -> bool {
+        self.gpu_busy_percent > 0 && percent >= self.gpu_busy_percent
     }
 }
 
@@ -120,13 +160,36 @@ mod tests {
     }
 
     #[test]
+    fn work_aware_settings_are_checked() {
+        let d = IdleConfig::default();
+        assert_eq!((d.gpu_busy_percent, d.warning_before_s, d.max_hold_s), (10, 300, 86_400));
+        for (bad, why) in [
+            (IdleConfig { gpu_busy_percent: 101, ..d.clone() }, "idle.gpu_busy_percent 101"),
+            (IdleConfig { warning_before_s: MAX_IDLE_STOP_AFTER_S + 1, ..d.clone() }, "idle.warning_before_s"),
+            (IdleConfig { max_hold_s: 0, ..d.clone() }, "idle.max_hold_s 0"),
+            (IdleConfig { max_hold_s: MAX_IDLE_STOP_AFTER_S + 1, ..d.clone() }, "idle.max_hold_s"),
+        ] {
+            let e = bad.validate().expect_err(why);
+            assert!(e.contains(why), "{e}");
+        }
+        assert!(d.check_hold(0).is_ok() && d.check_hold(86_400).is_ok());
+        assert!(d.check_hold(86_401).expect_err("over the longest").contains("longest hold of 86400 s"));
+        assert!(d.gpu_busy(10) && d.gpu_busy(90) && !d.gpu_busy(9));
+        let off = IdleConfig { gpu_busy_percent: 0, ..d };
+        assert!(!off.gpu_busy(100), "0 turns GPU activity off");
+    }
+
+    #[test]
     fn policy_names() {
         for p in [IdlePolicy::NoConnections, IdlePolicy::NoTraffic] {
             assert_eq!(p.as_str().parse::<IdlePolicy>(), Ok(p));
         }
         assert!("connections".parse::<IdlePolicy>().is_err());
-        let cfg: IdleConfig = toml::from_str("policy = \"no_traffic\"\ndefault_stop_after_s = 600").expect("toml");
+        let cfg: IdleConfig = toml::from_str("policy = \"no_traffic\"\ndefault_stop_after_s = 600\ngpu_busy_percent = 50")
+            .expect("toml");
         assert_eq!(cfg.policy, IdlePolicy::NoTraffic);
+        assert_eq!(cfg.gpu_busy_percent, 50);
+        assert!(toml::from_str::<IdleConfig>("gpu_busy_percent = 300").is_err(), "not a percentage");
         assert_eq!(cfg.default_stop_after_s, 600);
     }
 }

@@ -167,6 +167,11 @@ pub struct Config {
     /// How often the publisher renews its row in the gateway registry (ms); a row not renewed
     /// for three intervals shows as stale (`GPUGATE_GATEWAY_HEARTBEAT_MS`, 100-300000).
     pub gateway_heartbeat_ms: u64,
+    /// How often the publisher reports its table's counters for fleet-wide activity (ms;
+    /// `GPUGATE_GATEWAY_ACTIVITY_REPORT_MS`, 100-60000; 0: off). A gateway whose report is
+    /// older than three intervals makes the idle task wait: with 0, this gateway's sessions
+    /// are unknown, and no workspace is idle-stopped while it is registered.
+    pub gateway_activity_report_ms: u64,
     /// Address container ports are published on; routes point there.
     pub upstream_host: IpAddr,
     /// The route-table file shared with nginx.
@@ -202,6 +207,9 @@ pub struct Config {
     pub fleet: FleetConfig,
     /// Seconds an `Idempotency-Key` keeps answering with the environment it created.
     pub idempotency_retention_s: u64,
+    /// Days events and deleted environments' rows are kept (the reconciler removes older
+    /// ones); 0 keeps them forever.
+    pub retention_days: u32,
     /// Seconds a graceful shutdown (SIGTERM) waits for operations in flight before it stops
     /// the publisher and releases the liveness lock anyway.
     pub shutdown_grace_s: u64,
@@ -233,6 +241,7 @@ impl Default for Config {
             gateway_address: None,
             gateway_name: gateway::default_name(),
             gateway_heartbeat_ms: gateway::DEFAULT_HEARTBEAT_MS,
+            gateway_activity_report_ms: gateway::DEFAULT_ACTIVITY_REPORT_MS,
             upstream_host: IpAddr::from([127, 0, 0, 1]),
             route_table: PathBuf::from(gpugate_routes::DEFAULT_TABLE_PATH),
             quarantine_s: 300,
@@ -250,6 +259,7 @@ impl Default for Config {
             names: NamesConfig::default(),
             fleet: FleetConfig::default(),
             idempotency_retention_s: 24 * 3600,
+            retention_days: 30,
             shutdown_grace_s: 60,
             metrics: MetricsConfig::default(),
             fault: None,
@@ -326,6 +336,14 @@ impl Config {
                 self.gateway_heartbeat_ms,
                 gateway::HEARTBEAT_MS_RANGE.start(),
                 gateway::HEARTBEAT_MS_RANGE.end()
+            ));
+        }
+        let report = self.gateway_activity_report_ms;
+        if report != 0 && !gateway::ACTIVITY_REPORT_MS_RANGE.contains(&report) {
+            return bad(format!(
+                "gateway_activity_report_ms {report} is outside {}-{} (0: off)",
+                gateway::ACTIVITY_REPORT_MS_RANGE.start(),
+                gateway::ACTIVITY_REPORT_MS_RANGE.end()
             ));
         }
         if self.reconcile_interval_s == 0 {

@@ -22,7 +22,8 @@ impl Default for QuotaConfig {
     }
 }
 
-/// The per-token request rate limit on `/api/v1/*` (a token bucket per bearer token).
+/// The request limits on `/api/v1/*`: a token bucket per authenticated user, and one per
+/// client address for failed authentications.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
@@ -30,11 +31,17 @@ pub struct RateLimitConfig {
     pub per_second: f64,
     /// Requests a token may send at once above the sustained rate.
     pub burst: u32,
+    /// Failed authentications (no token, or an unknown, revoked or expired one) one client
+    /// address (an IPv6 /64) may sustain per minute before it is answered 429; 0 turns this
+    /// limit off. Valid tokens from the same address are never limited by it.
+    pub failed_auth_per_minute: u32,
+    /// Failed authentications an address may send at once above that rate.
+    pub failed_auth_burst: u32,
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        RateLimitConfig { per_second: 50.0, burst: 100 }
+        RateLimitConfig { per_second: 50.0, burst: 100, failed_auth_per_minute: 60, failed_auth_burst: 30 }
     }
 }
 
@@ -46,6 +53,9 @@ impl RateLimitConfig {
         }
         if self.per_second > 0.0 && self.burst == 0 {
             return Err("rate_limit.burst must be at least 1".into());
+        }
+        if self.failed_auth_per_minute > 0 && self.failed_auth_burst == 0 {
+            return Err("rate_limit.failed_auth_burst must be at least 1".into());
         }
         Ok(())
     }

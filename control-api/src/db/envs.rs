@@ -11,16 +11,25 @@ pub mod status {
     pub const CREATING: &str = "creating";
     /// Container running, routes live.
     pub const RUNNING: &str = "running";
+    /// Routes being drained, container being stopped; still holds its GPUs (quotas count it
+    /// as running).
+    pub const STOPPING: &str = "stopping";
     /// Container stopped, routes disabled, ports and home volume kept, GPUs given back.
     pub const STOPPED: &str = "stopped";
+    /// A new container being made over the same home (from `stopped` or `failed`).
+    pub const STARTING: &str = "starting";
     /// Routes and container being removed.
     pub const DELETING: &str = "deleting";
-    /// The container vanished or a step failed; routes removed, ports kept until deleted.
+    /// The container vanished or its host was lost; routes removed, ports and home volume kept
+    /// until deleted. A start recovers it (a new container over the same home).
     pub const FAILED: &str = "failed";
     /// Gone; ports released.
     pub const DELETED: &str = "deleted";
     /// Its host stopped answering: routes kept for `fleet.fail_after_s`, then `failed`.
     pub const UNREACHABLE: &str = "unreachable";
+    /// The statuses whose container runs or may run, as an SQL list: they count as running
+    /// for quotas and occupy a place under a host's `max_environments`.
+    pub const OCCUPYING_SQL: &str = "('creating', 'starting', 'running', 'stopping', 'unreachable')";
 }
 
 /// One environment row.
@@ -56,10 +65,16 @@ pub struct EnvRow {
     pub jupyter_token: String,
     pub ssh_public_keys: Vec<String>,
     pub op_instance: Option<i64>,
+    /// The epoch of the claim the operation holds (see [`Claim`]); `None` when none.
+    pub op_epoch: Option<i64>,
     /// Seconds of inactivity after which the workspace is stopped (0: never).
     pub idle_stop_after_s: i64,
     /// When it last became running (the idle clock's floor).
     pub running_since: Option<DateTime<Utc>>,
+    /// Until when its owner holds it awake (past or `None`: no hold).
+    pub hold_until: Option<DateTime<Utc>>,
+    /// When its last `idle_warning` went out.
+    pub idle_warned_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub deleted_at: Option<DateTime<Utc>>,
@@ -81,9 +96,10 @@ impl std::fmt::Debug for EnvRow {
     }
 }
 
-const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, host, services, \
+pub(super) const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, host, services, \
     name_services, gpus, gpu_count, gpu_model, memory_mb, cpus, pids, route_generation, username, password, jupyter_token, \
-    ssh_public_keys, op_instance, idle_stop_after_s, running_since, created_at, updated_at, deleted_at";
+    ssh_public_keys, op_instance, op_epoch, idle_stop_after_s, running_since, hold_until, idle_warned_at, created_at, \
+    updated_at, deleted_at";
 
 /// What a create inserts.
 pub struct NewEnv<'a> {
@@ -112,13 +128,16 @@ pub struct NewEnv<'a> {
     pub host: &'a str,
 }
 
-/// Inserts a new environment in state `creating`, owned by `instance` until it settles.
-pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
-    sqlx::query(
+/// Inserts a new environment in state `creating`, claimed by `instance` until it settles;
+/// returns the claim's epoch.
+pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<i64> {
+    sqlx::query_scalar(
         "INSERT INTO environments (id, owner_id, name, image, status, services, username, \
              password, jupyter_token, ssh_public_keys, op_instance, gpu_count, memory_mb, cpus, pids, \
-             idle_stop_after_s, gpu_model, name_services, host) \
-         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+             idle_stop_after_s, gpu_model, name_services, host, op_epoch) \
+         VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+             nextval('claim_epoch_seq')) \
+         RETURNING op_epoch",
     )
     .bind(e.id)
     .bind(e.owner_id)
@@ -138,9 +157,8 @@ pub async fn insert_creating(tx: &mut Tx<'_>, e: &NewEnv<'_>) -> DbResult<()> {
     .bind(e.gpu_model)
     .bind(e.name_services)
     .bind(e.host)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await
-    .map(|_| ())
 }
 
 /// Records the GPUs an environment holds now (empty when a stop gave them back).
@@ -187,7 +205,8 @@ pub async fn list_live(db: &Db) -> DbResult<Vec<EnvRow>> {
 }
 
 /// Claims the environment for an operation by `instance`: succeeds only if the owner matches,
-/// its status is one of `from`, and no other live operation holds it. Sets `status` to `to`.
+/// its status is one of `from`, and no other live operation holds it. Sets `status` to `to`
+/// and draws the claim's epoch (`op_epoch` of the row returned).
 pub async fn claim(
     db: &Db,
     id: &str,
@@ -198,7 +217,8 @@ pub async fn claim(
 ) -> DbResult<Option<EnvRow>> {
     let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
     sqlx::query_as(&format!(
-        "UPDATE environments SET status = $4, op_instance = $5, updated_at = now() \
+        "UPDATE environments SET status = $4, op_instance = $5, op_epoch = nextval('claim_epoch_seq'), \
+             updated_at = now() \
          WHERE id = $1 AND ($2::bigint IS NULL OR owner_id = $2) AND status = ANY($3) \
              AND op_instance IS NULL \
          RETURNING {COLUMNS}"
@@ -212,49 +232,73 @@ pub async fn claim(
     .await
 }
 
-/// Takes over an environment whose operating instance died (reconciler).
-pub async fn take_over(db: &Db, id: &str, dead: i64, instance: i64) -> DbResult<bool> {
-    Ok(sqlx::query("UPDATE environments SET op_instance = $3 WHERE id = $1 AND op_instance = $2")
-        .bind(id)
-        .bind(dead)
-        .bind(instance)
-        .execute(db.pool())
-        .await?
-        .rows_affected()
-        == 1)
+/// Takes over an environment whose operating instance died (reconciler): a new claim, whose
+/// epoch is returned; the old operation's later writes find it and change nothing.
+pub async fn take_over(db: &Db, id: &str, dead: i64, instance: i64) -> DbResult<Option<i64>> {
+    sqlx::query_scalar(
+        "UPDATE environments SET op_instance = $3, op_epoch = nextval('claim_epoch_seq') \
+         WHERE id = $1 AND op_instance = $2 RETURNING op_epoch",
+    )
+    .bind(id)
+    .bind(dead)
+    .bind(instance)
+    .fetch_optional(db.pool())
+    .await
+    .map(Option::flatten)
 }
 
-/// Sets the status (and reason), records the container id if given, and ends the operation.
+/// Locks the row for the rest of `tx` if the claim of epoch `epoch` still holds it; false
+/// when another process took it over (the operation must then change nothing more). Every
+/// write transaction of an operation after its claim starts here: a take-over waits for the
+/// lock, so the claim cannot change while the transaction runs.
+pub async fn hold(tx: &mut Tx<'_>, id: &str, epoch: i64) -> DbResult<bool> {
+    Ok(sqlx::query_scalar::<_, i32>("SELECT 1 FROM environments WHERE id = $1 AND op_epoch = $2 FOR UPDATE")
+        .bind(id)
+        .bind(epoch)
+        .fetch_optional(&mut **tx)
+        .await?
+        .is_some())
+}
+
+/// Sets the status (and reason), records the container id if given, and ends the operation
+/// whose claim has epoch `epoch`; false (nothing changed) if that claim no longer holds the row.
 pub async fn settle<'e, E: PgExecutor<'e>>(
     exec: E,
     id: &str,
+    epoch: i64,
     status: &str,
     reason: Option<&str>,
     container_id: Option<&str>,
-) -> DbResult<()> {
-    sqlx::query(
+) -> DbResult<bool> {
+    Ok(sqlx::query(
         "UPDATE environments SET status = $2, status_reason = $3, \
-             container_id = COALESCE($4, container_id), op_instance = NULL, updated_at = now(), \
+             container_id = COALESCE($4, container_id), op_instance = NULL, op_epoch = NULL, \
+             updated_at = now(), \
              deleted_at = CASE WHEN $2 = 'deleted' THEN now() END \
-         WHERE id = $1",
+         WHERE id = $1 AND op_epoch = $5",
     )
     .bind(id)
     .bind(status)
     .bind(reason)
     .bind(container_id)
+    .bind(epoch)
     .execute(exec)
-    .await
-    .map(|_| ())
+    .await?
+    .rows_affected()
+        == 1)
 }
 
-/// Records the container id while an operation is still running (crash recovery finds it).
-pub async fn set_container<'e, E: PgExecutor<'e>>(exec: E, id: &str, container_id: &str) -> DbResult<()> {
-    sqlx::query("UPDATE environments SET container_id = $2, updated_at = now() WHERE id = $1")
+/// Records the container id while the claim of epoch `epoch` still holds the row (crash
+/// recovery finds it); false if it does not.
+pub async fn set_container<'e, E: PgExecutor<'e>>(exec: E, id: &str, epoch: i64, container_id: &str) -> DbResult<bool> {
+    Ok(sqlx::query("UPDATE environments SET container_id = $2, updated_at = now() WHERE id = $1 AND op_epoch = $3")
         .bind(id)
         .bind(container_id)
+        .bind(epoch)
         .execute(exec)
-        .await
-        .map(|_| ())
+        .await?
+        .rows_affected()
+        == 1)
 }
 
 /// Bumps and returns the environment's route generation (a deployment-wide sequence value).
@@ -285,21 +329,24 @@ pub async fn count_by_status(db: &Db) -> DbResult<Vec<(String, i64)>> {
         .await
 }
 
-/// Takes an environment that no operation holds (an undo or delete that gave up earlier).
-pub async fn take_over_unowned(db: &Db, id: &str, instance: i64) -> DbResult<bool> {
-    Ok(sqlx::query("UPDATE environments SET op_instance = $2 WHERE id = $1 AND op_instance IS NULL")
-        .bind(id)
-        .bind(instance)
-        .execute(db.pool())
-        .await?
-        .rows_affected()
-        == 1)
+/// Takes an environment that no operation holds (an undo or delete that gave up earlier);
+/// returns the new claim's epoch.
+pub async fn take_over_unowned(db: &Db, id: &str, instance: i64) -> DbResult<Option<i64>> {
+    sqlx::query_scalar(
+        "UPDATE environments SET op_instance = $2, op_epoch = nextval('claim_epoch_seq') \
+         WHERE id = $1 AND op_instance IS NULL RETURNING op_epoch",
+    )
+    .bind(id)
+    .bind(instance)
+    .fetch_optional(db.pool())
+    .await
+    .map(Option::flatten)
 }
 
 /// Ends `instance`'s claim on the environment, if it still holds one (an operation that
 /// ended early, or a repair that gave up); returns whether a claim was released.
 pub async fn release_claim(db: &Db, id: &str, instance: i64) -> DbResult<bool> {
-    Ok(sqlx::query("UPDATE environments SET op_instance = NULL WHERE id = $1 AND op_instance = $2")
+    Ok(sqlx::query("UPDATE environments SET op_instance = NULL, op_epoch = NULL WHERE id = $1 AND op_instance = $2")
         .bind(id)
         .bind(instance)
         .execute(db.pool())
@@ -308,15 +355,18 @@ pub async fn release_claim(db: &Db, id: &str, instance: i64) -> DbResult<bool> {
         == 1)
 }
 
-/// Marks a running or stopped environment that no operation holds as failed with `reason`;
-/// returns whether it did.
-pub async fn mark_failed(tx: &mut Tx<'_>, id: &str, reason: &str) -> DbResult<bool> {
+/// Marks a running or stopped environment that no operation holds, and whose recorded
+/// container is still `container` (none: still none), as failed with `reason`; returns whether
+/// it did. A start or create that recorded a new container meanwhile keeps its environment.
+pub async fn mark_failed(tx: &mut Tx<'_>, id: &str, container: Option<&str>, reason: &str) -> DbResult<bool> {
     Ok(sqlx::query(
         "UPDATE environments SET status = 'failed', status_reason = $2, updated_at = now() \
-         WHERE id = $1 AND status IN ('running', 'stopped') AND op_instance IS NULL",
+         WHERE id = $1 AND status IN ('running', 'stopped') AND op_instance IS NULL \
+             AND container_id IS NOT DISTINCT FROM $3",
     )
     .bind(id)
     .bind(reason)
+    .bind(container)
     .execute(&mut **tx)
     .await?
     .rows_affected()
@@ -408,12 +458,13 @@ pub async fn host_back(db: &Db, host: &str) -> DbResult<Vec<String>> {
 }
 
 /// A host stayed unreachable too long: its `unreachable` environments become `failed` with
-/// `reason`, forget their container (the reconciler removes it if the host comes back, before
-/// the host takes placements again) and release their GPUs. The caller deletes their routes in
-/// the same transaction. Returns their ids.
+/// `reason` and forget their container (the reconciler removes it if the host comes back,
+/// before the host takes placements again); they keep their GPUs and home volume (a start
+/// recovers them once the host is back). The caller deletes their routes in the same
+/// transaction. Returns their ids.
 pub async fn host_lost(tx: &mut Tx<'_>, host: &str, reason: &str) -> DbResult<Vec<String>> {
     let ids: Vec<String> = sqlx::query_scalar(
-        "UPDATE environments SET status = 'failed', status_reason = $2, container_id = NULL, gpus = '{}', \
+        "UPDATE environments SET status = 'failed', status_reason = $2, container_id = NULL, \
              updated_at = now() \
          WHERE host = $1 AND status = 'unreachable' AND op_instance IS NULL RETURNING id",
     )

@@ -188,6 +188,40 @@ pub async fn count_fresh(db: &Db) -> DbResult<i64> {
         .await
 }
 
+/// What [`remove`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Removal {
+    Done,
+    NotFound,
+    /// The gateway beat this many seconds ago, within its stale bound: its publisher lives.
+    Fresh(f64),
+}
+
+/// Removes gateway `name` from the registry with its activity reports, unless it is fresh (a
+/// live publisher would write its row again at the next beat). For a gateway gone for good:
+/// while its stale row stays, the idle task waits for it. Its close-request cursor stays, so
+/// a gateway that comes back under the name still applies every close it missed.
+pub async fn remove(db: &Db, name: &str) -> DbResult<Removal> {
+    let mut tx = db.begin().await?;
+    let row: Option<(bool, f64)> = sqlx::query_as(&format!(
+        "SELECT {fresh}, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 FROM gateways WHERE name = $1 FOR UPDATE",
+        fresh = fresh()
+    ))
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match row {
+        None => return Ok(Removal::NotFound),
+        Some((true, age)) => return Ok(Removal::Fresh(age)),
+        Some((false, _)) => {}
+    }
+    sqlx::query("DELETE FROM gateway_activity WHERE gateway = $1").bind(name).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM gateways WHERE name = $1").bind(name).execute(&mut *tx).await?;
+    super::event(&mut *tx, None, "gateway_removed", serde_json::json!({ "gateway": name })).await?;
+    tx.commit().await?;
+    Ok(Removal::Done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,11 @@
 //! The `gpu_devices` table: the host's inventory (discovered by UUID, or indexes from
-//! configuration) and per-environment allocation.
+//! configuration), per-environment allocation, and each GPU's last utilisation sample.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgExecutor;
 
-use super::{Db, DbResult, Tx};
+use super::{hosts, Db, DbResult, Tx};
 use crate::gpu::{Device, GpuRef};
 
 /// One inventory row, as an admin sees it.
@@ -135,11 +136,15 @@ pub async fn of_env<'e, E: PgExecutor<'e>>(exec: E, env_id: &str) -> DbResult<Ve
         .await
 }
 
-/// Free GPUs per model name, by name.
+/// Free GPUs per model name, by name, on hosts that take placements (active and not down).
 pub async fn free_by_model<'e, E: PgExecutor<'e>>(exec: E) -> DbResult<Vec<(String, i64)>> {
-    sqlx::query_as("SELECT name, count(*) FROM gpu_devices WHERE status = 'available' GROUP BY name ORDER BY name")
-        .fetch_all(exec)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT g.name, count(*) FROM gpu_devices g JOIN hosts h ON h.name = g.host \
+         WHERE g.status = 'available' AND {} GROUP BY g.name ORDER BY g.name",
+        hosts::placeable_sql()
+    ))
+    .fetch_all(exec)
+    .await
 }
 
 /// Allocates `count` free GPUs of `host` to `env_id` in `tx` (same `SKIP LOCKED` pattern as
@@ -173,12 +178,13 @@ pub async fn allocate(tx: &mut Tx<'_>, host: &str, env_id: &str, count: u32, mod
 
 /// The most free GPUs (of `model`, when given) on any one host that takes placements.
 pub async fn most_free_on_a_host(db: &Db, model: Option<&str>) -> DbResult<i64> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(&format!(
         "SELECT COALESCE(max(n), 0)::bigint FROM (SELECT count(*) AS n FROM gpu_devices g \
              JOIN hosts h ON h.name = g.host \
-             WHERE g.status = 'available' AND h.state = 'active' AND h.health <> 'down' \
+             WHERE g.status = 'available' AND {} \
                AND ($1::text IS NULL OR strpos(lower(g.name), lower($1)) > 0) GROUP BY g.host) c",
-    )
+        hosts::placeable_sql()
+    ))
     .bind(model)
     .fetch_one(db.pool())
     .await
@@ -196,15 +202,69 @@ pub async fn release_env<'e, E: PgExecutor<'e>>(exec: E, env_id: &str) -> DbResu
         .rows_affected())
 }
 
-/// Releases GPUs held by deleted or missing environments; returns how many.
+/// Releases GPUs held by deleted or missing environments, except on a host that is down (the
+/// container that had them may still run there); returns how many.
 pub async fn release_orphans(db: &Db) -> DbResult<u64> {
     Ok(sqlx::query(
         "UPDATE gpu_devices g SET env_id = NULL, \
              status = CASE WHEN g.in_inventory THEN 'available' ELSE 'retired' END \
          WHERE g.status = 'allocated' AND NOT EXISTS (SELECT 1 FROM environments e \
-             WHERE e.id = g.env_id AND e.status <> 'deleted')",
+             WHERE e.id = g.env_id AND e.status <> 'deleted') \
+             AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.name = g.host AND h.health = 'down')",
     )
     .execute(db.pool())
     .await?
     .rows_affected())
+}
+
+/// Records this host's utilisation samples (`samples`: UUID, percent, whether busy by the
+/// sampler's threshold) at the database's time: each GPU of `host` with that UUID gets its
+/// sample, and a busy one its `busy_at`. GPUs not in the inventory (yet) are skipped.
+/// Returns how many rows took a sample.
+pub async fn record_utilization(db: &Db, host: &str, samples: &[(String, Option<u8>, bool)]) -> DbResult<u64> {
+    let uuids: Vec<&str> = samples.iter().map(|(u, _, _)| u.as_str()).collect();
+    let pct: Vec<Option<i16>> = samples.iter().map(|(_, p, _)| p.map(i16::from)).collect();
+    let busy: Vec<bool> = samples.iter().map(|(_, _, b)| *b).collect();
+    Ok(sqlx::query(
+        "UPDATE gpu_devices g SET utilization_pct = s.pct, utilization_at = now(), \
+             busy_at = CASE WHEN s.busy THEN now() ELSE g.busy_at END \
+         FROM unnest($2::text[], $3::smallint[], $4::bool[]) AS s(uuid, pct, busy) \
+         WHERE g.host = $1 AND g.uuid = s.uuid",
+    )
+    .bind(host)
+    .bind(&uuids)
+    .bind(&pct)
+    .bind(&busy)
+    .execute(db.pool())
+    .await?
+    .rows_affected())
+}
+
+/// The last utilisation sample of a GPU an environment holds.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UtilizationRow {
+    /// The GPU's key.
+    pub id: String,
+    /// Percent at the last sample (`None`: not reported, or never sampled).
+    pub utilization_pct: Option<i16>,
+    /// When the last sample was taken.
+    pub utilization_at: Option<DateTime<Utc>>,
+    /// When it was last sampled busy.
+    pub busy_at: Option<DateTime<Utc>>,
+    /// Whether the last sample is younger than the freshness window (by the database's clock).
+    pub fresh: bool,
+}
+
+/// The last samples of `env_id`'s GPUs, by index; `fresh_s`: how old a sample may be and
+/// still count.
+pub async fn utilization_of_env(db: &Db, env_id: &str, fresh_s: u64) -> DbResult<Vec<UtilizationRow>> {
+    sqlx::query_as(
+        "SELECT id, utilization_pct, utilization_at, busy_at, \
+             COALESCE(utilization_at > now() - make_interval(secs => $2), false) AS fresh \
+         FROM gpu_devices WHERE env_id = $1 ORDER BY idx, id",
+    )
+    .bind(env_id)
+    .bind(fresh_s as f64)
+    .fetch_all(db.pool())
+    .await
 }

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgExecutor;
 
+use super::envs::status::OCCUPYING_SQL;
 use super::{Db, DbResult, Tx};
 use crate::config::Placement;
 
@@ -131,9 +132,23 @@ pub async fn add(db: &Db, h: &NewHost) -> DbResult<Option<HostRow>> {
 /// state, health and GPUs are kept (GPUs come from discovery or `[gpu]`). When `name` is not
 /// a host yet but the row the upgrade made (`local`, same endpoint) is, that row is renamed,
 /// with its GPUs and environments: one engine never appears under two names.
-pub async fn adopt_local(db: &Db, name: &str, endpoint: &str, upstream: IpAddr) -> DbResult<()> {
+///
+/// The row records `engine` (this process's engine ID) the first time; a row that records
+/// another engine is left as it is and that engine's ID is returned (`Some`): two engines
+/// under one name would fail each other's workspaces, so the caller refuses to act for it.
+pub async fn adopt_local(db: &Db, name: &str, endpoint: &str, upstream: IpAddr, engine: Option<&str>) -> DbResult<Option<String>> {
     let mut tx = db.begin().await?;
     sqlx::query("LOCK TABLE hosts IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+    let recorded: Option<String> = sqlx::query_scalar("SELECT engine_id FROM hosts WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+    if let (Some(had), Some(now)) = (&recorded, engine) {
+        if had != now {
+            return Ok(Some(had.clone()));
+        }
+    }
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM hosts WHERE name = $1)")
         .bind(name)
         .fetch_one(&mut *tx)
@@ -156,16 +171,41 @@ pub async fn adopt_local(db: &Db, name: &str, endpoint: &str, upstream: IpAddr) 
         }
     }
     sqlx::query(
-        "INSERT INTO hosts (name, docker_endpoint, upstream_address) VALUES ($1, $2, $3::inet) \
+        "INSERT INTO hosts (name, docker_endpoint, upstream_address, engine_id) VALUES ($1, $2, $3::inet, $4) \
          ON CONFLICT (name) DO UPDATE SET docker_endpoint = EXCLUDED.docker_endpoint, \
-             upstream_address = EXCLUDED.upstream_address, tls_dir = NULL",
+             upstream_address = EXCLUDED.upstream_address, tls_dir = NULL, \
+             engine_id = COALESCE(hosts.engine_id, EXCLUDED.engine_id)",
     )
     .bind(name)
     .bind(endpoint)
     .bind(upstream.to_string())
+    .bind(engine)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await
+    tx.commit().await?;
+    Ok(None)
+}
+
+/// Records `engine` as the engine `name` stands for if none is recorded yet; returns the one
+/// recorded before (`None`: none was, or the host is unknown).
+pub async fn record_engine(db: &Db, name: &str, engine: &str) -> DbResult<Option<String>> {
+    let mut tx = db.begin().await?;
+    let had: Option<String> = sqlx::query_scalar("SELECT engine_id FROM hosts WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+    if had.is_none() {
+        sqlx::query("UPDATE hosts SET engine_id = $2 WHERE name = $1").bind(name).bind(engine).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(had)
+}
+
+/// Forgets the engine recorded for `name` (a host rebuilt with a new engine: the next process
+/// to reach it records the new one); false when there is no such host.
+pub async fn forget_engine(db: &Db, name: &str) -> DbResult<bool> {
+    Ok(sqlx::query("UPDATE hosts SET engine_id = NULL WHERE name = $1").bind(name).execute(db.pool()).await?.rows_affected() == 1)
 }
 
 /// The host name the upgrade to fleets gave the single host of before.
@@ -230,15 +270,24 @@ pub struct Candidate {
     pub name: String,
     /// Free GPUs of the asked model.
     pub free: i64,
-    /// Environments there now (creating, running or unreachable).
+    /// Environments there now (those in a status of `OCCUPYING_SQL`).
     pub environments: i64,
     pub max_environments: Option<i32>,
 }
 
+/// SQL condition on host row `h`: a create may be placed there now (active, not down, below
+/// its environment limit). The 1008 answer counts the GPUs of these hosts only.
+pub fn placeable_sql() -> String {
+    format!(
+        "h.state = 'active' AND h.health <> 'down' AND (h.max_environments IS NULL OR \
+         (SELECT count(*) FROM environments e WHERE e.host = h.name AND e.status IN {OCCUPYING_SQL}) < h.max_environments)"
+    )
+}
+
 /// The hosts that can take the environment `env_id` (being created in `tx`, not counted) with
-/// `gpus` GPUs (of `model`, when given), best
-/// first by `policy`: active, not down, enough free GPUs, under their environment limit.
-/// Counts are read without locks; the GPU rows taken next are what makes a placement safe.
+/// `gpus` GPUs (of `model`, when given), best first by `policy`: active, not down, enough
+/// free GPUs, under their environment limit. Counts are read without locks; the GPU rows
+/// taken next are what makes a placement safe.
 pub async fn candidates(
     tx: &mut Tx<'_>,
     env_id: &str,
@@ -255,7 +304,7 @@ pub async fn candidates(
              (SELECT count(*) FROM gpu_devices g WHERE g.host = h.name AND g.status = 'available' \
                  AND ($2::text IS NULL OR strpos(lower(g.name), lower($2)) > 0)) AS free, \
              (SELECT count(*) FROM environments e WHERE e.host = h.name AND e.id <> $3 \
-                 AND e.status IN ('creating', 'running', 'unreachable')) AS environments \
+                 AND e.status IN {OCCUPYING_SQL}) AS environments \
            FROM hosts h WHERE h.state = 'active' AND h.health <> 'down') c \
          WHERE free >= $1 AND (max_environments IS NULL OR environments < max_environments) \
          ORDER BY {order}"
@@ -267,31 +316,36 @@ pub async fn candidates(
     .await
 }
 
-/// Holds `name`'s row against removal and state changes until the create commits (a key-share
-/// lock: creates do not block each other) and tells whether it still takes placements.
-pub async fn hold_for_placement(tx: &mut Tx<'_>, name: &str) -> DbResult<bool> {
-    let state: Option<String> = sqlx::query_scalar("SELECT state FROM hosts WHERE name = $1 FOR KEY SHARE")
-        .bind(name)
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(state.as_deref() == Some(state::ACTIVE))
+/// Holds the candidate's row against removal and state changes until the create commits and
+/// tells whether it still takes placements. A host without an environment limit gets a
+/// key-share lock (creates do not block each other); one with a limit is locked for update
+/// at once (creates placing there queue here, and [`has_room`] counts under that lock). The
+/// lock is taken once, in its final strength: upgrading a key-share lock that another create
+/// also holds is a deadlock.
+pub async fn hold_for_placement(tx: &mut Tx<'_>, c: &Candidate) -> DbResult<bool> {
+    let sql = if c.max_environments.is_some() {
+        "SELECT state, max_environments FROM hosts WHERE name = $1 FOR UPDATE"
+    } else {
+        "SELECT state, max_environments FROM hosts WHERE name = $1 FOR KEY SHARE"
+    };
+    let row: Option<(String, Option<i32>)> = sqlx::query_as(sql).bind(&c.name).fetch_optional(&mut **tx).await?;
+    // A limit set since the candidates were read is honoured at the next create.
+    Ok(row.is_some_and(|(state, _)| state == state::ACTIVE))
 }
 
-/// For a host with an environment limit: locks its row (creates placing there queue here) and
-/// tells whether it still has room, counting committed environments. Always true without a
-/// limit (no lock is taken, so such hosts never serialise creates).
+/// For a host with an environment limit (locked by [`hold_for_placement`]): tells whether it
+/// still has room, counting committed environments. Always true without a limit.
 pub async fn has_room(tx: &mut Tx<'_>, env_id: &str, c: &Candidate) -> DbResult<bool> {
     let Some(_) = c.max_environments else { return Ok(true) };
-    let max: Option<i32> = sqlx::query_scalar("SELECT max_environments FROM hosts WHERE name = $1 FOR UPDATE")
+    let max: Option<i32> = sqlx::query_scalar("SELECT max_environments FROM hosts WHERE name = $1")
         .bind(&c.name)
         .fetch_optional(&mut **tx)
         .await?
         .flatten();
     let Some(max) = max else { return Ok(true) };
-    let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM environments WHERE host = $1 AND id <> $2 \
-             AND status IN ('creating', 'running', 'unreachable')",
-    )
+    let n: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM environments WHERE host = $1 AND id <> $2 AND status IN {OCCUPYING_SQL}"
+    ))
     .bind(&c.name)
     .bind(env_id)
     .fetch_one(&mut **tx)

@@ -2,14 +2,18 @@
 //!
 //! Only this module runs SQL. Its submodules own one table family each.
 
+pub mod activity;
+pub mod close_requests;
 pub mod envs;
 pub mod gateways;
 pub mod gpus;
 pub mod hosts;
+pub mod idle;
 pub mod idempotency;
 pub mod ports;
 pub mod quotas;
 pub mod readiness;
+pub mod retention;
 pub mod routes;
 pub mod users;
 
@@ -55,9 +59,48 @@ impl Db {
     }
 
     /// Applies the embedded migrations (idempotent; several instances may race safely, sqlx
-    /// takes an advisory lock).
+    /// takes an advisory lock). Migrations applied by a newer binary are left alone (every
+    /// migration is additive, so this binary's statements still work): a rolling upgrade
+    /// does not stop the processes not yet upgraded. Their versions are logged.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        sqlx::migrate!("./migrations").run(&self.pool).await
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.pool).await?;
+        self.log_newer_schema().await;
+        Ok(())
+    }
+
+    /// Checks, without changing anything, that the schema has every migration this binary
+    /// knows (for a process that must not migrate: a gateway's publisher, whose role may not
+    /// own the schema); newer ones are logged and tolerated.
+    pub async fn check_schema(&self) -> Result<(), String> {
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| format!("reading the schema version: {e}"))?;
+        let missing: Vec<i64> =
+            sqlx::migrate!("./migrations").iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "the database lacks migrations {missing:?} this binary needs: run `gpugate-api migrate` (or start an API) with the schema owner's role first"
+            ));
+        }
+        self.log_newer_schema().await;
+        Ok(())
+    }
+
+    async fn log_newer_schema(&self) {
+        let known: Vec<i64> = sqlx::migrate!("./migrations").iter().map(|m| m.version).collect();
+        let newer: Vec<i64> = match sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(v) => v.into_iter().filter(|v| !known.contains(v)).collect(),
+            Err(_) => return,
+        };
+        if !newer.is_empty() {
+            tracing::warn!(?newer, "the database has migrations newer than this binary (a rolling upgrade?); working with the schema as it is");
+        }
     }
 
     /// The pool, for the listener and for submodules.

@@ -1,5 +1,6 @@
 //! The `user_quotas` table and what a user holds against it.
 
+use super::envs::status::OCCUPYING_SQL;
 use super::{Db, DbResult, Tx};
 
 /// A user's overrides; `None` means the deployment's default.
@@ -45,11 +46,10 @@ pub async fn overrides(tx: &mut Tx<'_>, user_id: i64) -> DbResult<Overrides> {
 /// and takes its share) and returns what the user holds.
 pub async fn lock_usage(tx: &mut Tx<'_>, user_id: i64) -> DbResult<Usage> {
     sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user_id).execute(&mut **tx).await?;
-    let (environments, gpus, running): (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), COALESCE(sum(gpu_count), 0)::bigint, \
-             count(*) FILTER (WHERE status IN ('creating', 'running', 'unreachable')) \
-         FROM environments WHERE owner_id = $1 AND status <> 'deleted'",
-    )
+    let (environments, gpus, running): (i64, i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*), COALESCE(sum(gpu_count), 0)::bigint, count(*) FILTER (WHERE status IN {OCCUPYING_SQL}) \
+         FROM environments WHERE owner_id = $1 AND status <> 'deleted'"
+    ))
     .bind(user_id)
     .fetch_one(&mut **tx)
     .await?;

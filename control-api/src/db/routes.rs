@@ -91,14 +91,15 @@ pub fn parse_notice(payload: &str) -> Option<Result<u16, HostKey>> {
 
 /// Inserts or replaces the routes of one environment, all active, with `generation`: a port
 /// route for each service that holds a pool port (port 0: none), a name route for each of
-/// `names`.
+/// `names`. A port routed to another environment is never taken over: the first such port is
+/// returned (`Some`), and the caller must roll the transaction back.
 pub async fn put(
     tx: &mut Tx<'_>,
     env_id: &str,
     generation: i64,
     routes: &[(u16, Service, SocketAddr)],
     names: &[Service],
-) -> DbResult<()> {
+) -> DbResult<Option<u16>> {
     for (_, service, upstream) in routes.iter().filter(|(_, s, _)| names.contains(s)) {
         sqlx::query(
             "INSERT INTO name_routes (env_id, service, upstream, generation, active) \
@@ -114,7 +115,7 @@ pub async fn put(
         .await?;
     }
     for (port, service, upstream) in routes.iter().filter(|(p, _, _)| *p != 0) {
-        sqlx::query(
+        let written = sqlx::query(
             "INSERT INTO routes (port, env_id, service, upstream, generation, active) \
              VALUES ($1, $2, $3, $4, $5, true) \
              ON CONFLICT (port) DO UPDATE SET env_id = EXCLUDED.env_id, \
@@ -129,8 +130,11 @@ pub async fn put(
         .bind(generation)
         .execute(&mut **tx)
         .await?;
+        if written.rows_affected() == 0 {
+            return Ok(Some(*port));
+        }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Disables (keeps) an environment's routes, by port and by name: connections are refused,

@@ -36,7 +36,7 @@ pub const LABEL_ENV: &str = "gpugate.env_id";
 pub const LABEL_HOST: &str = "gpugate.host";
 
 /// A Docker failure, one variant per operation.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DockerError {
     /// The engine could not be reached or configured.
     #[error("cannot connect to Docker: {0}")]
@@ -77,6 +77,10 @@ pub enum DockerError {
     /// A call took longer than the configured limit.
     #[error("Docker call {0} timed out")]
     Timeout(&'static str),
+    /// The engine answering for a host is not the one recorded for it (the message names
+    /// both): this process refuses to act for that host.
+    #[error("{0}")]
+    WrongEngine(String),
 }
 
 /// A managed container as listed by label.
@@ -126,6 +130,8 @@ pub struct DockerClient {
     /// The engine's CPU count: Docker refuses a CPU limit above it, so larger limits are
     /// clamped to it (a workspace can use the whole host's CPUs, but no more).
     host_cpus: Option<f64>,
+    /// The engine's own ID (`docker info`), when it answered.
+    engine_id: Option<String>,
     /// This engine's GPUs: how they are passed (also in `plan`) and where the inventory
     /// comes from.
     gpu: GpuBackend,
@@ -195,11 +201,11 @@ impl DockerClient {
             .await
             .map_err(|_| DockerError::Timeout("version"))?
             .map_err(|e| DockerError::Connect(e.to_string()))?;
-        let host_cpus = match tokio::time::timeout(Duration::from_secs(timeout), docker.info()).await {
-            Ok(Ok(info)) => info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
+        let (host_cpus, engine_id) = match tokio::time::timeout(Duration::from_secs(timeout), docker.info()).await {
+            Ok(Ok(info)) => (info.ncpu.filter(|n| *n > 0).map(|n| n as f64), info.id.filter(|id| !id.is_empty())),
             _ => {
                 tracing::warn!(endpoint = %ep, "docker info failed; CPU limits are passed unclamped");
-                None
+                (None, None)
             }
         };
         let mut plan = Plan::from_config(cfg);
@@ -212,8 +218,15 @@ impl DockerClient {
             stop_timeout_s: cfg.docker.stop_timeout_s,
             call_timeout: Duration::from_secs(timeout),
             host_cpus,
+            engine_id,
             gpu,
         })
+    }
+
+    /// The engine's own ID (`docker info`), if it told: what a host row records to know which
+    /// engine its name stands for.
+    pub fn engine_id(&self) -> Option<&str> {
+        self.engine_id.as_deref()
     }
 
     /// This engine's GPU backend.
@@ -300,7 +313,19 @@ impl DockerClient {
         op: &'static str,
         fut: impl std::future::Future<Output = Result<T, BollardError>>,
     ) -> Result<Result<T, BollardError>, DockerError> {
-        tokio::time::timeout(self.call_timeout, fut).await.map_err(|_| DockerError::Timeout(op))
+        // What says the engine did not answer (bollard's own time-out, a broken connection)
+        // is the engine being unavailable, never the operation's own failure: callers see
+        // Timeout or Connect (a 503 and a retry), and only the engine's answers as theirs.
+        match tokio::time::timeout(self.call_timeout, fut).await {
+            Err(_) | Ok(Err(BollardError::RequestTimeoutError)) => Err(DockerError::Timeout(op)),
+            Ok(Err(
+                e @ (BollardError::IOError { .. }
+                | BollardError::HyperResponseError { .. }
+                | BollardError::HyperLegacyError { .. }
+                | BollardError::SocketNotFoundError(_)),
+            )) => Err(DockerError::Connect(format!("{op}: {e}"))),
+            Ok(r) => Ok(r),
+        }
     }
 
     /// Makes sure the workspace network exists as a bridge with inter-container traffic
@@ -428,6 +453,7 @@ impl DockerClient {
         .map_err(|_| DockerError::Timeout("stop"))?;
         match call {
             Ok(()) => Ok(()),
+            Err(BollardError::RequestTimeoutError) => Err(DockerError::Timeout("stop")),
             Err(e) if matches!(server_status(&e), Some(304) | Some(404)) => Ok(()),
             Err(e) => Err(DockerError::Stop(id.into(), server_message(&e))),
         }

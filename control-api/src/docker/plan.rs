@@ -176,7 +176,13 @@ impl Plan {
             }]),
             ..Default::default()
         };
-        if !spec.gpus.is_empty() {
+        if spec.gpus.is_empty() {
+            // No GPU: none visible either. On a host whose default runtime is nvidia, an
+            // image's own `ENV NVIDIA_VISIBLE_DEVICES=all` (CUDA base images set it) would
+            // otherwise expose every GPU of the host, other tenants' included; `void` tells
+            // the toolkit to pass none (no device request, no device node either).
+            env.push("NVIDIA_VISIBLE_DEVICES=void".to_string());
+        } else {
             match &self.gpu {
                 DevicePassing::Nvidia { capabilities } => {
                     // What `docker run --gpus device=...` sends. Docker sets
@@ -316,6 +322,23 @@ mod tests {
         let (_, c) = plan.container(&spec(&[], &[]));
         let host = c.host_config.expect("host config");
         assert!(host.devices.is_none() && host.device_requests.is_none());
+    }
+
+    #[test]
+    fn a_workspace_without_gpus_sees_none_in_every_mode() {
+        for mode in [crate::config::GpuMode::Nvidia, crate::config::GpuMode::Cdi, crate::config::GpuMode::Nodes] {
+            let mut cfg = Config::default();
+            cfg.gpu.mode = mode;
+            let (_, c) = Plan::from_config(&cfg).container(&spec(&[], &[(20001, Service::Ssh)]));
+            let env = c.env.expect("env");
+            // Set by the container config, it overrides an image's ENV NVIDIA_VISIBLE_DEVICES=all.
+            assert!(env.contains(&"NVIDIA_VISIBLE_DEVICES=void".to_string()), "{mode:?}: {env:?}");
+            let host = c.host_config.expect("host config");
+            assert!(host.devices.is_none() && host.device_requests.is_none(), "{mode:?}");
+        }
+        // With GPUs, the nvidia mode leaves the variable to Docker (set from the request).
+        let (_, c) = Plan::from_config(&Config::default()).container(&spec(&refs(&[0]), &[]));
+        assert!(!c.env.expect("env").iter().any(|e| e == "NVIDIA_VISIBLE_DEVICES=void"));
     }
 
     #[test]

@@ -1,8 +1,7 @@
-//! The fleet: one Docker client per GPU host, made on first use from the host's row, and the
-//! host health loop ([`health`]). Every lifecycle step reaches an environment's container
-//! through the client of the environment's host.
-
-pub mod health;
+//! The fleet: one Docker client per GPU host, made on first use from the host's row (the host
+//! health loop that pings them is [`crate::host_health`], above the state this is part of).
+//! Every lifecycle step reaches an environment's container through the client of the
+//! environment's host.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -25,8 +24,23 @@ pub struct Fleet {
     /// Clients of the other hosts, with the endpoint each was made for (a changed row makes
     /// a new client).
     others: Arc<RwLock<HashMap<String, (Endpoint, DockerClient)>>>,
-    /// Held while a client is made, so a burst of creates connects to a host once.
-    connecting: Arc<tokio::sync::Mutex<()>>,
+    /// One lock per host, held while its client is made, so a burst of creates connects to a
+    /// host once; per host, so a host whose engine hangs delays no other host's. It guards the
+    /// host's last failed connect: the callers that queued behind a connect that failed fail
+    /// at once with its error, so a burst costs one time-out, not one per caller.
+    connecting: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Failed>>>>>>,
+}
+
+/// A connect to a host's engine that failed: for which endpoint, when, and why.
+struct Failed {
+    endpoint: Endpoint,
+    at: std::time::Instant,
+    error: DockerError,
+}
+
+/// How long a failed connect answers for the host before the next one is tried.
+fn failure_memory(cfg: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(cfg.docker.call_timeout_s.clamp(1, 10))
 }
 
 impl Fleet {
@@ -77,16 +91,51 @@ impl Fleet {
                 return Ok(client.clone());
             }
         }
-        let _one = self.connecting.lock().await;
+        let lock = {
+            let mut all = self.connecting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            all.entry(host.to_string()).or_default().clone()
+        };
+        let mut last = lock.lock().await;
         if let Some((had, client)) = self.others.read().await.get(host) {
             if *had == want {
                 return Ok(client.clone());
             }
         }
-        let mut client = DockerClient::connect_to(&self.cfg, &want, self.local.gpu().clone()).await?;
+        if let Some(f) = last.as_ref().filter(|f| f.endpoint == want && f.at.elapsed() < failure_memory(&self.cfg)) {
+            return Err(f.error.clone());
+        }
+        match self.connect(host, &want).await {
+            Ok(client) => {
+                *last = None;
+                Ok(client)
+            }
+            Err(error) => {
+                *last = Some(Failed { endpoint: want, at: std::time::Instant::now(), error: error.clone() });
+                Err(error)
+            }
+        }
+    }
+
+    /// Makes the client of `host` at `want` (its engine recorded, its workspace network
+    /// checked) and keeps it for the next callers.
+    async fn connect(&self, host: &str, want: &Endpoint) -> Result<DockerClient, DockerError> {
+        let upstream = want.upstream;
+        let mut client = DockerClient::connect_to(&self.cfg, want, self.local.gpu().clone()).await?;
+        if let Some(now) = client.engine_id() {
+            let had = hosts::record_engine(&self.db, host, now)
+                .await
+                .map_err(|e| DockerError::Connect(format!("recording host {host}'s engine: {e}")))?;
+            if let Some(had) = had.filter(|h| h != now) {
+                return Err(DockerError::WrongEngine(format!(
+                    "host {host} is Docker engine {had} in the database, but {} answers as engine {now}; refusing to act for it \
+                     (if the host was rebuilt, run `gpugate-api host forget-engine {host}`)",
+                    want.endpoint
+                )));
+            }
+        }
         client.ensure_network().await?;
         tracing::info!(host, endpoint = %want.endpoint, upstream = %upstream, "connected to the host's Docker engine");
-        self.others.write().await.insert(host.to_string(), (want, client.clone()));
+        self.others.write().await.insert(host.to_string(), (want.clone(), client.clone()));
         Ok(client)
     }
 }
@@ -96,6 +145,10 @@ impl Fleet {
 /// removal and re-checked (still active, under its environment limit), the first whose GPUs
 /// could all be taken (`FOR UPDATE SKIP LOCKED`: rows another create holds are skipped, so the
 /// next host is tried rather than waited for). `None`: no host can take it now.
+///
+/// Each candidate is tried under a savepoint: a host that cannot take it is rolled back to
+/// it, which also releases that host's row lock at once, so a create holds the lock of the
+/// one host it placed on only, and two creates cannot wait for each other's hosts.
 pub async fn place(
     tx: &mut Tx<'_>,
     id: &str,
@@ -104,15 +157,18 @@ pub async fn place(
     policy: Placement,
 ) -> DbResult<Option<(String, Vec<GpuRef>)>> {
     for c in hosts::candidates(tx, id, count, model, policy).await? {
-        if !hosts::hold_for_placement(tx, &c.name).await? || !hosts::has_room(tx, id, &c).await? {
+        let mut sp = sqlx::Acquire::begin(&mut **tx).await?;
+        if !hosts::hold_for_placement(&mut sp, &c).await? || !hosts::has_room(&mut sp, id, &c).await? {
+            sp.rollback().await?;
             continue;
         }
-        let got = gpus::allocate(tx, &c.name, id, count, model).await?;
+        let got = gpus::allocate(&mut sp, &c.name, id, count, model).await?;
         if got.len() == count as usize {
+            sp.commit().await?;
             return Ok(Some((c.name, got)));
         }
         // Another create took some meanwhile: give these back and try the next host.
-        gpus::release_env(&mut **tx, id).await?;
+        sp.rollback().await?;
     }
     Ok(None)
 }

@@ -98,13 +98,23 @@ fn command_exists(program: &str) -> bool {
 
 /// Runs the discovery command and parses what it prints.
 async fn run(cmd: &[String]) -> Result<Vec<Device>, String> {
-    let Some((program, args)) = cmd.split_first() else {
+    let Some(text) = query(cmd, &QUERY_ARGS).await? else {
         return Ok(vec![]);
     };
-    let shown = format!("{} {}", cmd.join(" "), QUERY_ARGS.join(" "));
+    parse(&text).map_err(|e| format!("`{} {}` printed {e}", cmd.join(" "), QUERY_ARGS.join(" ")))
+}
+
+/// Runs `cmd` (`nvidia-smi` or a command printing its CSV) with `query` appended, within the
+/// time limit; returns what it printed (`None` for an empty command), or why it failed, naming
+/// the command and its first complaint.
+pub(super) async fn query(cmd: &[String], query: &[&str]) -> Result<Option<String>, String> {
+    let Some((program, args)) = cmd.split_first() else {
+        return Ok(None);
+    };
+    let shown = format!("{} {}", cmd.join(" "), query.join(" "));
     let child = tokio::process::Command::new(program)
         .args(args)
-        .args(QUERY_ARGS)
+        .args(query)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -119,7 +129,13 @@ async fn run(cmd: &[String]) -> Result<Vec<Device>, String> {
         let first = err.lines().chain(text.lines()).map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
         return Err(format!("`{shown}` failed ({}): {first}", out.status));
     }
-    parse(&String::from_utf8_lossy(&out.stdout)).map_err(|e| format!("`{shown}` printed {e}"))
+    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// Whether `uuid` can be a GPU (or MIG device) UUID as `nvidia-smi` prints it: 1 to 128 ASCII
+/// letters, digits and dashes. Every parser of `nvidia-smi` output checks its UUIDs with it.
+pub(super) fn is_gpu_uuid(uuid: &str) -> bool {
+    !uuid.is_empty() && uuid.len() <= 128 && uuid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// Parses `nvidia-smi --query-gpu=index,uuid,name,memory.total --format=csv,noheader`
@@ -144,7 +160,7 @@ pub fn parse(text: &str) -> Result<Vec<Device>, String> {
         };
         let index: u32 = index.trim().parse().map_err(|_| bad("the index is not a number"))?;
         let uuid = uuid.trim();
-        if uuid.is_empty() || uuid.len() > 128 || !uuid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if !is_gpu_uuid(uuid) {
             return Err(bad("the UUID is not a GPU UUID"));
         }
         let memory = memory.trim();

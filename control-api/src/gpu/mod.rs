@@ -2,15 +2,18 @@
 //! resolved and checked against the engine at start) and where its inventory comes from.
 //!
 //! Everything here is a value of one engine, [`GpuBackend`], held by that engine's
-//! [`DockerClient`]; nothing is global, so several hosts can each carry their own. The
-//! decisions ([`resolve`], [`discover::parse`]) are pure and unit-tested.
+//! [`DockerClient`](crate::docker::DockerClient), which imports this module (never the other
+//! way); nothing is global, so several hosts can each carry their own. The
+//! decisions ([`resolve`], [`discover::parse`], [`utilization::parse`]) are pure and unit-tested.
 
 pub mod discover;
+pub mod utilization;
 
 pub use discover::{Device, InventorySource};
 
+use std::future::Future;
+
 use crate::config::{Config, GpuConfig, GpuMode};
-use crate::docker::DockerClient;
 
 /// A GPU allocated to a workspace, as its container is made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,9 +178,13 @@ impl GpuBackend {
 }
 
 /// At start: reads the inventory and, when the host has GPUs (or a discovery command), checks
-/// the configured mode against `docker`'s engine. Returns the backend and the GPUs found, or
-/// the refusal to start naming the fix.
-pub async fn prepare(cfg: &Config, docker: &DockerClient) -> Result<(GpuBackend, Vec<Device>), String> {
+/// the configured mode against the engine's facts, which `engine_facts` asks for (with the
+/// driver probe or without: `DockerClient::gpu_facts`). Returns the backend and the GPUs
+/// found, or the refusal to start naming the fix.
+pub async fn prepare<F>(cfg: &Config, engine_facts: impl FnOnce(bool) -> F) -> Result<(GpuBackend, Vec<Device>), String>
+where
+    F: Future<Output = EngineGpuFacts>,
+{
     let g = &cfg.gpu;
     let mut backend = GpuBackend::configured(g);
     let devices = backend.source.read().await.map_err(|e| {
@@ -190,7 +197,7 @@ pub async fn prepare(cfg: &Config, docker: &DockerClient) -> Result<(GpuBackend,
         // No GPUs: nothing is ever passed, so the engine need not support any mode.
         return Ok((backend, devices));
     }
-    let facts = docker.gpu_facts(&cfg.docker.default_image, needs_driver_probe(g.mode)).await;
+    let facts = engine_facts(needs_driver_probe(g.mode)).await;
     let (passing, warnings) = resolve(g, &facts)?;
     for w in warnings {
         tracing::warn!("{w}");

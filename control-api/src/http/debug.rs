@@ -223,6 +223,11 @@ async fn reload_pools(State(st): State<AppState>, _admin: Admin) -> ApiResult<Po
 )]
 /// `POST /api/v1/admin/reconcile` (admin): one reconcile pass now.
 async fn run_reconcile(State(st): State<AppState>, _admin: Admin) -> ApiResult<Repairs> {
+    if !st.liveness.holding() {
+        return Err(ApiError::Unavailable(
+            "this instance does not hold its database liveness lock right now; try again shortly or ask another instance".into(),
+        ));
+    }
     let r = reconcile::pass(&st).await.map_err(|e| ApiError::internal("reconcile", format!("{e:#}")))?;
     Ok(ok(r))
 }

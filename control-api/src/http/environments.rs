@@ -17,6 +17,7 @@ use crate::config::AccessMode;
 use crate::db::envs::{self, EnvRow};
 use crate::db::{gateways as gateway_rows, gpus, ports, readiness};
 use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope, Success};
+use crate::idle_clock::{self, IdleView};
 use crate::readiness::ServiceReadiness;
 use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
 use sha2::{Digest, Sha256};
@@ -184,11 +185,18 @@ pub enum EnvironmentStatus {
     Creating,
     /// Container running, routes live.
     Running,
+    /// Being stopped: routes disabled, sessions being closed, container stopping; still holds
+    /// its GPUs and counts as running for quotas.
+    Stopping,
     /// Container stopped, routes disabled; ports and home volume kept, GPUs given back.
     Stopped,
+    /// Being started (from `stopped` or `failed`): a new container over the same home; counts
+    /// as running for quotas.
+    Starting,
     /// Routes and container being removed.
     Deleting,
-    /// The container vanished or a step failed; routes removed, ports kept until deleted.
+    /// The container vanished or its host was lost; routes removed, ports and home volume
+    /// kept. A start recovers it (a new container over the same home).
     Failed,
     /// Gone; ports released.
     Deleted,
@@ -318,7 +326,14 @@ pub struct GpuDeviceView {
         "ssh": {"port": 24000, "connections_active": 0, "connections_total": 0, "connections_revoked": 0, "bytes_in": 0, "bytes_out": 0}
     },
     "idle_seconds": 0,
-    "idle_stop_after_s": 0,
+    "idle_stop_after_s": 3600,
+    "idle": {
+        "stop_at": null,
+        "waiting_because": "gpu_busy",
+        "held_until": null,
+        "warned_at": null,
+        "gpu_utilization": [{"gpu": "GPU-6f2b9a41-0c1d-4e2f-9a3b-5c6d7e8f9012", "percent": 87, "sampled_at": "2026-11-29T18:00:15.210334Z", "fresh": true, "busy": true}]
+    },
     "routes_live": true,
     "ready": true,
     "readiness": {
@@ -367,9 +382,9 @@ pub struct EnvironmentView {
     pub gpu_model: Option<String>,
     /// The GPUs held now: index, UUID (when discovered), model name and memory.
     pub gpu_devices: Vec<GpuDeviceView>,
-    /// Per service: sessions and bytes through the gateway since the last start (live: open
-    /// sessions are flushed every `gpugate_flush_interval`). Absent when the route table
-    /// cannot be read.
+    /// Per service: sessions and bytes through the gateways since the last start, summed over
+    /// every fresh gateway (live: nginx flushes open sessions every `gpugate_flush_interval`,
+    /// and each gateway reports every `gateway_activity_report_ms`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activity: Option<BTreeMap<String, ServiceActivity>>,
     /// Seconds the environment has been idle by the deployment's idle policy (running only).
@@ -377,6 +392,10 @@ pub struct EnvironmentView {
     pub idle_seconds: Option<u64>,
     /// Seconds of idleness after which it is stopped (0: never).
     pub idle_stop_after_s: i64,
+    /// Running only: when the idle stop comes and why not yet (open sessions, busy GPUs, a
+    /// hold), with its GPUs' last utilisation samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleView>,
     /// Whether the routes were seen live in the route table (create/start responses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routes_live: Option<bool>,
@@ -480,8 +499,36 @@ async fn gateways_applied(st: &AppInner, generation: i64) -> Result<GatewaysAppl
     }
 }
 
-async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<EnvironmentView, ApiError> {
-    let held = ports::env_endpoints(st.db.pool(), &env.id, &env.services).await?;
+/// The idle clock of a running environment: its idle seconds (0 while something keeps it
+/// awake) and its `idle` object. `unknown`: some gateway's activity is unknown.
+async fn idle_view(st: &AppInner, env: &EnvRow, seen: &Activity, unknown: bool) -> Result<(u64, IdleView), ApiError> {
+    let (clock, gpu_utilization) = crate::idle::clock_of(st, env, seen, unknown).await?;
+    // Without a limit nothing stops it, and nothing needs to keep it awake.
+    let limited = env.idle_stop_after_s > 0;
+    let view = IdleView {
+        stop_at: clock.stop_at_ms.filter(|_| limited).and_then(idle_clock::at),
+        waiting_because: clock.waiting.filter(|_| limited),
+        held_until: env.hold_until.filter(|t| *t > Utc::now()),
+        warned_at: clock.warned_ms.filter(|_| limited).and_then(idle_clock::at),
+        gpu_utilization,
+    };
+    Ok((clock.idle_ms / 1000, view))
+}
+
+pub(super) async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<EnvironmentView, ApiError> {
+    let unknown = env.status == envs::status::RUNNING && crate::idle::activity_unknown(st).await?;
+    view_knowing(st, env, routes_live, unknown).await
+}
+
+/// [`view`] with whether some gateway's activity is unknown already read (a fleet-wide fact:
+/// a list reads it once for all its environments).
+async fn view_knowing(
+    st: &AppInner,
+    env: EnvRow,
+    routes_live: Option<bool>,
+    activity_unknown: bool,
+) -> Result<EnvironmentView, ApiError> {
+    let (held, activity) = Activity::of_env(&st.db, &env).await?;
     let access_info = access_info(st, &env, &held);
     let rows = if env.status == envs::status::RUNNING { readiness::of_env(st.db.pool(), &env.id).await? } else { vec![] };
     let (ready, readiness) = crate::readiness::view(&env.status, &env.services, &rows);
@@ -494,14 +541,16 @@ async fn view(st: &AppInner, env: EnvRow, routes_live: Option<bool>) -> Result<E
         Some(true) if env.status == envs::status::RUNNING => Some(gateways_applied(st, env.route_generation).await?),
         _ => None,
     };
-    let activity = st.table.get().ok().map(|t| Activity::read(&t, &env.id, &held));
-    let idle_seconds = match (&activity, env.status == envs::status::RUNNING) {
-        (Some(a), true) => Some(a.idle_ms(st.cfg.idle.policy, env.running_since, gpugate_routes::now_ms()) / 1000),
-        _ => None,
+    let (idle_seconds, idle) = if env.status == envs::status::RUNNING {
+        let (secs, idle) = idle_view(st, &env, &activity, activity_unknown).await?;
+        (Some(secs), Some(idle))
+    } else {
+        (None, None)
     };
     Ok(EnvironmentView {
-        activity: activity.map(|a| a.services),
+        activity: Some(activity.services),
         idle_seconds,
+        idle,
         idle_stop_after_s: env.idle_stop_after_s,
         ports: held.iter().filter(|(p, _)| *p != 0).map(|(p, s)| (s.as_str().to_string(), *p)).collect(),
         access: held
@@ -607,7 +656,7 @@ async fn create_environment(
         access: req.access,
     };
     let (st2, user, id) = (st.clone(), caller.0.clone(), spec.id.clone());
-    let out = st.ops.run(&st, &id, async move { lifecycle::create(&st2, &user, spec).await }).await?;
+    let out = st.ops.run(&id, async move { lifecycle::create(&st2, &user, spec).await }).await?;
     let replayed = out.replayed;
     let env = settle_wait(&st, out.env, wait).await?;
     let body = Success(StatusCode::CREATED, view(&st, env, Some(out.routes_live)).await?);
@@ -626,9 +675,12 @@ async fn create_environment(
 )]
 /// `GET /api/v1/environments` → the caller's environments.
 async fn list_environments(State(st): State<AppState>, caller: Caller) -> ApiResult<Vec<EnvironmentView>> {
+    let listed = envs::list(&st.db, caller.0.id).await?;
+    let running = listed.iter().any(|e| e.status == envs::status::RUNNING);
+    let unknown = running && crate::idle::activity_unknown(&st).await?;
     let mut out = vec![];
-    for env in envs::list(&st.db, caller.0.id).await? {
-        out.push(view(&st, env, None).await?);
+    for env in listed {
+        out.push(view_knowing(&st, env, None, unknown).await?);
     }
     Ok(ok(out))
 }
@@ -662,7 +714,8 @@ async fn get_environment(State(st): State<AppState>, caller: Caller, IdPath(id):
 /// `GET /api/v1/environments/{id}/access` → the seed's access shape.
 async fn get_access(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<Access> {
     let env = find(&st, &caller, &id).await?;
-    let held = ports::env_ports(st.db.pool(), &env.id).await?;
+    // Every endpoint, name-only services too (as the environment's own view reads them).
+    let held = ports::env_endpoints(st.db.pool(), &env.id, &env.services).await?;
     Ok(ok(Access { access_info: access_info(&st, &env, &held), environment_id: env.id }))
 }
 
@@ -679,8 +732,11 @@ async fn get_access(State(st): State<AppState>, caller: Caller, IdPath(id): IdPa
 )]
 /// `POST /api/v1/environments/{id}/stop`.
 async fn stop_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<EnvironmentView> {
+    // Ownership first: another user's id is a 404, never a "busy" that tells it exists (or
+    // that blocks its owner's own operation while the refusal runs).
+    find(&st, &caller, &id).await?;
     let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
-    let out = st.ops.run(&st, &id, async move { lifecycle::stop(&st2, &user, &id2).await }).await?;
+    let out = st.ops.run(&id, async move { lifecycle::stop(&st2, &user, &id2).await }).await?;
     Ok(ok(view(&st, out.env, None).await?))
 }
 
@@ -712,8 +768,11 @@ async fn start_environment(
     OptionalBody(body): OptionalBody<StartEnvironment>,
 ) -> ApiResult<EnvironmentView> {
     let wait = wait_of(query.wait, body.and_then(|b| b.wait))?;
+    // Ownership first: another user's id is a 404, never a "busy" that tells it exists (or
+    // that blocks its owner's own operation while the refusal runs).
+    find(&st, &caller, &id).await?;
     let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
-    let out = st.ops.run(&st, &id, async move { lifecycle::start(&st2, &user, &id2).await }).await?;
+    let out = st.ops.run(&id, async move { lifecycle::start(&st2, &user, &id2).await }).await?;
     let env = settle_wait(&st, out.env, wait).await?;
     Ok(ok(view(&st, env, Some(out.routes_live)).await?))
 }
@@ -752,8 +811,11 @@ pub struct Deleted {
 )]
 /// `DELETE /api/v1/environments/{id}` → the environment, status `deleted`.
 async fn delete_environment(State(st): State<AppState>, caller: Caller, IdPath(id): IdPath) -> ApiResult<Deleted> {
+    // Ownership first: another user's id is a 404, never a "busy" that tells it exists (or
+    // that blocks its owner's own operation while the refusal runs).
+    find(&st, &caller, &id).await?;
     let (st2, user, id2) = (st.clone(), caller.0.clone(), id.clone());
-    let env = st.ops.run(&st, &id, async move { lifecycle::delete(&st2, &user, &id2).await }).await?;
+    let env = st.ops.run(&id, async move { lifecycle::delete(&st2, &user, &id2).await }).await?;
     Ok(ok(Deleted { id: env.id, status: env.status }))
 }
 
@@ -788,7 +850,7 @@ async fn patch_environment(
     tag = "environments",
     params(("id" = String, Path, description = "The environment's id (another user's is unknown: 404).")),
     responses(
-        (status = 200, description = "The revoke is recorded; `applied` says whether the gateway's table has it yet.", body = Envelope<lifecycle::sessions::SessionsClosed>),
+        (status = 200, description = "The close is recorded once for the fleet; `gateways` says how many fresh gateways applied it to their table, `applied` whether all did.", body = Envelope<lifecycle::sessions::SessionsClosed>),
         (status = 404, description = "Unknown environment (code 1005).", body = ErrorEnvelope),
         (status = 409, description = "Not running (code 1006).", body = ErrorEnvelope),
     ),

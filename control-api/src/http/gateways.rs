@@ -1,19 +1,21 @@
 //! `/api/v1/admin/gateways` (admin): the gateway registry, each gateway's applied route
 //! generation beside the newest one, how far it lags and whether it still beats.
 
-use axum::extract::State;
-use axum::routing::get;
+use axum::extract::{Path, State};
+use axum::routing::{delete, get};
 use axum::Router;
 use serde::Serialize;
 
 use super::Admin;
-use crate::db::gateways::{self, GatewayRow};
-use crate::error::{ok, ApiResult, Envelope, ErrorEnvelope};
+use crate::db::gateways::{self, GatewayRow, Removal};
+use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope};
 use crate::state::AppState;
 
 /// The routes of this resource.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/admin/gateways", get(list_gateways))
+    Router::new()
+        .route("/api/v1/admin/gateways", get(list_gateways))
+        .route("/api/v1/admin/gateways/{name}", delete(remove_gateway))
 }
 
 /// `data` of `GET /api/v1/admin/gateways`.
@@ -46,4 +48,38 @@ pub(super) async fn list_gateways(State(st): State<AppState>, _admin: Admin) -> 
         None => gateways::current_generation(&st.db).await?,
     };
     Ok(ok(GatewayList { current_generation, stale_after_heartbeats: gateways::STALE_AFTER_BEATS, gateways }))
+}
+
+/// `data` of `DELETE /api/v1/admin/gateways/{name}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GatewayRemoved {
+    /// The gateway removed from the registry, with its activity reports.
+    pub name: String,
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/v1/admin/gateways/{name}",
+    tag = "admin",
+    params(("name" = String, Path, description = "The gateway's name (`gateway_name`).")),
+    responses(
+        (status = 200, description = "Removed from the registry with its activity reports: the idle task no longer waits for it.", body = Envelope<GatewayRemoved>),
+        (status = 403, description = "Needs an admin token (code 1004).", body = ErrorEnvelope),
+        (status = 404, description = "No such gateway (code 1005).", body = ErrorEnvelope),
+        (status = 409, description = "The gateway is not stale: its publisher still beats (code 1006).", body = ErrorEnvelope),
+    ),
+)]
+/// `DELETE /api/v1/admin/gateways/{name}` (admin): for a gateway gone for good, whose stale
+/// row would keep the idle task waiting.
+pub(super) async fn remove_gateway(State(st): State<AppState>, _admin: Admin, Path(name): Path<String>) -> ApiResult<GatewayRemoved> {
+    match gateways::remove(&st.db, &name).await? {
+        Removal::Done => {
+            tracing::info!(gateway = %name, "gateway removed from the registry");
+            Ok(ok(GatewayRemoved { name }))
+        }
+        Removal::NotFound => Err(ApiError::NotFound(format!("gateway {name} not found"))),
+        Removal::Fresh(age) => Err(ApiError::Conflict(format!(
+            "gateway {name} is alive (heartbeat {age:.1} s ago): stop its publisher and remove it once it is stale"
+        ))),
+    }
 }

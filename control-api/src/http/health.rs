@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -70,32 +69,6 @@ pub struct Readiness {
     /// For each dependency that is down, why, as a fixed short reason (see the README).
     #[schema(value_type = BTreeMap<String, String>)]
     pub reasons: BTreeMap<&'static str, &'static str>,
-}
-
-/// The last raw error logged per dependency, so `/readyz` logs each failure once per change
-/// instead of once per probe.
-#[derive(Default)]
-pub struct ReadyLog(Mutex<BTreeMap<&'static str, String>>);
-
-impl ReadyLog {
-    /// Records the state of `dependency`: logs a new or changed error at warn, a recovery at
-    /// info, and nothing while it stays the same.
-    pub(super) fn note(&self, dependency: &'static str, error: Option<String>) {
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match error {
-            Some(e) => {
-                if last.get(dependency) != Some(&e) {
-                    tracing::warn!(dependency, error = %e, "not ready");
-                    last.insert(dependency, e);
-                }
-            }
-            None => {
-                if last.remove(dependency).is_some() {
-                    tracing::info!(dependency, "ready again");
-                }
-            }
-        }
-    }
 }
 
 /// The fixed reason for a database error (never its text).

@@ -16,7 +16,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{debug, environments, gateways, gpus, health, hosts, ports};
+use super::{debug, environments, gateways, gpus, health, hold, hosts, ports};
 use crate::error::ErrorEnvelope;
 
 /// Where the document is served.
@@ -70,6 +70,7 @@ A user sees and touches only their own environments: another user's id is a 404.
         environments::stop_environment,
         environments::start_environment,
         environments::close_sessions,
+        hold::hold_environment,
         ports::get_port_stats,
         gpus::list_gpus,
         hosts::list_hosts,
@@ -78,6 +79,7 @@ A user sees and touches only their own environments: another user's id is a 404.
         hosts::undrain_host,
         hosts::remove_host,
         gateways::list_gateways,
+        gateways::remove_gateway,
         debug::get_debug_routes,
         debug::reload_pools,
         debug::run_reconcile,
@@ -159,6 +161,7 @@ const ENV_OPERATIONS: &[(&str, &str)] = &[
     ("StopEnvironment", "stop_environment"),
     ("StartEnvironment", "start_environment"),
     ("CloseSessions", "close_sessions"),
+    ("HoldEnvironment", "hold_environment"),
     ("DeleteEnvironment", "delete_environment"),
 ];
 
@@ -169,6 +172,7 @@ const ANSWER_ENV: &[(&str, &str)] = &[
     ("patch_environment", "200"),
     ("stop_environment", "200"),
     ("start_environment", "200"),
+    ("hold_environment", "200"),
 ];
 
 /// What the derive cannot say per handler: the security schemes, the errors every
@@ -308,7 +312,10 @@ mod tests {
         let pairs = [
             (S::Creating, status::CREATING),
             (S::Running, status::RUNNING),
+            (S::Stopping, status::STOPPING),
             (S::Stopped, status::STOPPED),
+            (S::Starting, status::STARTING),
+            (S::Unreachable, status::UNREACHABLE),
             (S::Deleting, status::DELETING),
             (S::Failed, status::FAILED),
             (S::Deleted, status::DELETED),
@@ -324,6 +331,8 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(json()).expect("the document is JSON");
         let create = &doc["components"]["schemas"]["CreateEnvironment"]["properties"];
         let patch = &doc["components"]["schemas"]["PatchEnvironment"]["properties"];
+        let hold = &doc["components"]["schemas"]["HoldEnvironment"]["properties"];
+        assert_eq!(hold["seconds"]["maximum"].as_u64(), Some(MAX_IDLE_STOP_AFTER_S));
         assert_eq!(create["idle_stop_after_s"]["maximum"].as_u64(), Some(MAX_IDLE_STOP_AFTER_S));
         assert_eq!(patch["idle_stop_after_s"]["maximum"].as_u64(), Some(MAX_IDLE_STOP_AFTER_S));
         assert_eq!(create["memory_mb"]["minimum"].as_u64(), Some(MIN_MEMORY_MB));

@@ -14,11 +14,12 @@ use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
 
-use super::health::{get_healthz, ReadyLog};
+use super::health::get_healthz;
 use crate::config::Config;
 use crate::error::{ok, ApiError, Envelope};
 use crate::metrics::Metrics;
-use crate::routes::PublisherStatus;
+use crate::publisher_status::PublisherStatus;
+use crate::ready_log::ReadyLog;
 
 /// How old the table's heartbeat may be: the writer renews it every second, so three missed
 /// beats mean it is not writing (the API's `/readyz` uses the same bound).

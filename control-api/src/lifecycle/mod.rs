@@ -8,18 +8,73 @@ use std::time::{Duration, Instant};
 
 use gpugate_routes::{EnvId, Route, Service};
 
+pub mod hold;
 mod quota;
 pub mod sessions;
 mod stop_start;
 mod validate;
 
-pub use stop_start::{start, stop, stop_env};
+pub use stop_start::{start, stop, stop_env, undo_start};
 
 use crate::db::envs::{self, status, EnvRow, NewEnv};
-use crate::db::{self, gpus, hosts, idempotency, ports, quotas, readiness, routes, users::User};
+use crate::db::{self, gpus, hosts, idempotency, ports, quotas, readiness, routes, users::User, Tx};
 use crate::docker::{DockerClient, DockerError, WorkspaceSpec};
 use crate::error::ApiError;
 use crate::state::State;
+
+/// An operation's claim on its environment row was taken over by another process (its
+/// liveness lock was lost meanwhile): the operation changes nothing more.
+#[derive(Debug, thiserror::Error)]
+#[error("environment {0} was taken over by another process while this operation ran; this operation changed nothing more")]
+pub struct ClaimLost(pub String);
+
+impl From<ClaimLost> for ApiError {
+    fn from(e: ClaimLost) -> Self {
+        tracing::warn!(error = %e, "operation fenced off");
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+/// Why a fenced transaction could not begin: the claim is gone, or the database did not
+/// answer. Kept apart so that an operation can tell a take-over from an outage.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FenceError {
+    #[error(transparent)]
+    Lost(#[from] ClaimLost),
+    #[error("the database is unavailable: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<FenceError> for ApiError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::Lost(lost) => lost.into(),
+            FenceError::Db(db) => db.into(),
+        }
+    }
+}
+
+/// Whether `e` (from an operation's steps) says its claim was taken over.
+pub(crate) fn claim_lost(e: &anyhow::Error) -> bool {
+    e.is::<ClaimLost>() || matches!(e.downcast_ref::<FenceError>(), Some(FenceError::Lost(_)))
+}
+
+/// Starts a transaction that holds the row of environment `id` while the claim of epoch
+/// `epoch` is still its claim (see `envs::hold`); every write an operation makes after its
+/// claim goes through one.
+pub(crate) async fn begin_fenced(st: &State, id: &str, epoch: i64) -> Result<Tx<'static>, FenceError> {
+    let mut tx = st.db.begin().await?;
+    if !envs::hold(&mut tx, id, epoch).await? {
+        return Err(ClaimLost(id.to_string()).into());
+    }
+    Ok(tx)
+}
+
+/// Whether the claim of epoch `epoch` still holds environment `id` (read once; for deciding
+/// whether a failed operation may undo its steps).
+async fn still_held(st: &State, id: &str, epoch: i64) -> bool {
+    matches!(envs::get(st.db.pool(), id, None).await, Ok(Some(e)) if e.op_epoch == Some(epoch))
+}
 
 /// A create request (validated by [`create`]).
 #[derive(Debug, Clone)]
@@ -99,11 +154,43 @@ async fn gpus_unavailable(st: &State, what: String, free: usize, needed: u32, mo
 fn docker_error(e: DockerError) -> ApiError {
     match e {
         DockerError::ImageMissing(image) => ApiError::ImageNotFound(image),
-        DockerError::Connect(_) | DockerError::Timeout(_) => {
+        DockerError::Connect(_) | DockerError::Timeout(_) | DockerError::WrongEngine(_) => {
             tracing::error!(error = %e, "Docker unavailable");
             ApiError::Unavailable("Docker is unavailable".into())
         }
         other => ApiError::internal("Docker error", other),
+    }
+}
+
+/// What a stop or delete that failed after its claim answers (`what`: the operation): the
+/// claim taken over, the database or the host's engine not answering, is a 503 (the
+/// reconciler finishes the operation); anything else a 500.
+fn step_error(what: &str, e: anyhow::Error) -> ApiError {
+    let e = match e.downcast::<ClaimLost>() {
+        Ok(lost) => return lost.into(),
+        Err(e) => e,
+    };
+    let e = match e.downcast::<FenceError>() {
+        Ok(fence) => return fence.into(),
+        Err(e) => e,
+    };
+    // Already an answer (a fenced transaction that found its claim gone, or the database
+    // unavailable when it began).
+    let e = match e.downcast::<ApiError>() {
+        Ok(answer) => return answer,
+        Err(e) => e,
+    };
+    let e = match e.downcast::<sqlx::Error>() {
+        Ok(db) => return ApiError::from(db),
+        Err(e) => e,
+    };
+    match e.downcast::<DockerError>() {
+        Ok(d @ (DockerError::Connect(_) | DockerError::Timeout(_) | DockerError::WrongEngine(_))) => {
+            tracing::error!(error = %d, "{what}: the host's engine is unavailable; the reconciler finishes it");
+            ApiError::Unavailable(format!("the host's Docker engine is unavailable; the {what} finishes once it answers"))
+        }
+        Ok(d) => ApiError::internal(what, d),
+        Err(e) => ApiError::internal(what, format!("{e:#}")),
     }
 }
 
@@ -144,8 +231,10 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         services.iter().zip(&access).filter(|(_, a)| a.by_name()).map(|(s, _)| *s).collect();
     let name_service_names: Vec<String> = name_services.iter().map(|s| s.as_str().to_string()).collect();
 
-    // Step 1: one transaction allocates everything, or nothing.
+    // Step 1: one transaction allocates everything, or nothing (one of this user's at a time
+    // in this process: see `Operations::user_turn`).
     let t = Instant::now();
+    let turn = st.ops.user_turn(user.id).await;
     let mut tx = st.db.begin().await?;
     // The user's row stays locked to the commit: their creates check and take quota one at a time.
     let usage = quotas::lock_usage(&mut tx, user.id).await?;
@@ -155,7 +244,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         st.metrics.creates.with_label_values(&["quota"]).inc();
         return Err(e);
     }
-    envs::insert_creating(
+    let epoch = envs::insert_creating(
         &mut tx,
         &NewEnv {
             id: &id,
@@ -226,9 +315,6 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     };
     envs::set_host(&mut tx, &id, &host).await?;
     envs::set_gpus(&mut tx, &id, &gpu_list).await?;
-    // Before anything is committed: an image that is not on that host is a 422 naming it.
-    let dk = st.fleet.client_in(&mut tx, &host).await.map_err(|e| host_error(&host, e))?;
-    dk.image_exists(&image).await.map_err(|e| host_error(&host, e))?;
     let detail = serde_json::json!({
         "ports": allocated.iter().filter(|(p, _)| *p != 0).map(|(p, s)| serde_json::json!({"port": p, "service": s.as_str()})).collect::<Vec<_>>(),
         "names": name_service_names,
@@ -239,10 +325,27 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
     });
     db::event(&mut *tx, Some(&id), "created", detail).await?;
     tx.commit().await?;
+    drop(turn);
     step("database", t);
     st.metrics.placements.with_label_values(&[&host]).inc();
     tracing::info!(env_id = %id, host = %host, ports = ?allocated, gpus = ?gpu_list, "environment allocated");
     st.crash_point("after_allocate");
+
+    // The host's engine and the image there, checked outside any transaction (a host that
+    // hangs holds no database connection and no lock): an image that is not on that host is
+    // a 422 naming it, and the allocation is given back.
+    let dk = match host_with_image(st, &host, &image).await {
+        Ok(dk) => dk,
+        Err(e) => {
+            st.metrics.creates.with_label_values(&["failed"]).inc();
+            let reason = format!("create refused: {e}");
+            if let Err(u) = forget_create(st, &id, epoch, false, &reason).await {
+                tracing::error!(env_id = %id, error = %format!("{u:#}"), "giving back a refused create failed; the reconciler will");
+                let _ = envs::release_claim(&st.db, &id, st.instance).await;
+            }
+            return Err(e);
+        }
+    };
 
     // From here on every failure, including an early `?`, undoes the steps before it.
     let mut container: Option<String> = None;
@@ -269,7 +372,9 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         };
         let c = created.map_err(docker_error)?;
         container = Some(c.clone());
-        envs::set_container(st.db.pool(), &id, &c).await?;
+        if !envs::set_container(st.db.pool(), &id, epoch, &c).await? {
+            return Err(ClaimLost(id.clone()).into());
+        }
         step("docker_create", t);
         st.crash_point("after_docker_create");
 
@@ -281,12 +386,12 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
 
         // Step 4: commit the routes and the running state; the publisher writes the slots.
         routed = true;
-        commit_routes(st, &id, &c, &upstreams, &name_services).await
+        commit_routes(st, &id, epoch, &c, &upstreams, &name_services).await
     }
     .await;
     let wanted = match rest {
         Ok(w) => w,
-        Err(e) => return Err(fail_create(st, &dk, &id, container.as_deref(), routed, e).await),
+        Err(e) => return Err(fail_create(st, &dk, &id, epoch, container.as_deref(), routed, e).await),
     };
     let container = container.unwrap_or_default();
     let t = Instant::now();
@@ -339,6 +444,13 @@ async fn start_and_read(
     dk.upstreams(container, allocated).await.map_err(docker_error)
 }
 
+/// The client of `host`'s engine, if `image` is there.
+async fn host_with_image(st: &State, host: &str, image: &str) -> Result<DockerClient, ApiError> {
+    let dk = st.fleet.client(host).await.map_err(|e| host_error(host, e))?;
+    dk.image_exists(image).await.map_err(|e| host_error(host, e))?;
+    Ok(dk)
+}
+
 /// A host that cannot be reached or lacks the image, as the client sees it.
 fn host_error(host: &str, e: DockerError) -> ApiError {
     match e {
@@ -346,6 +458,10 @@ fn host_error(host: &str, e: DockerError) -> ApiError {
         DockerError::Connect(_) | DockerError::Timeout(_) => {
             tracing::error!(host, error = %e, "host's Docker engine unavailable");
             ApiError::Unavailable(format!("host {host} is unavailable; try again"))
+        }
+        DockerError::WrongEngine(_) => {
+            tracing::error!(host, error = %e, "refusing to act for a host whose engine is another");
+            ApiError::Unavailable(format!("host {host} is unavailable from this API instance; try again"))
         }
         other => ApiError::internal("Docker error", other),
     }
@@ -368,6 +484,7 @@ pub(crate) fn name_services(env: &crate::db::envs::EnvRow) -> Vec<Service> {
 async fn commit_routes(
     st: &State,
     id: &str,
+    epoch: i64,
     container: &str,
     upstreams: &[(u16, Service, SocketAddr)],
     names: &[Service],
@@ -375,14 +492,22 @@ async fn commit_routes(
     if st.fail_point("route_write") {
         return Err(ApiError::internal("route write", "fault injection: route_write"));
     }
+    st.pause_point("before_routes_commit").await;
     let env_id: EnvId = id.parse().map_err(|e| ApiError::internal("environment id", e))?;
-    let mut tx = st.db.begin().await?;
+    let mut tx = begin_fenced(st, id, epoch).await?;
     let generation = envs::next_generation(&mut tx, id).await?;
-    routes::put(&mut tx, id, generation, upstreams, names).await?;
+    if let Some(port) = routes::put(&mut tx, id, generation, upstreams, names).await? {
+        // The port is another environment's: never a silent skip (that other tenant would
+        // keep a route this operation believes is its own). The operation is undone.
+        return Err(ApiError::internal(
+            "route write",
+            format!("port {port} is routed to another environment; environment {id} cannot take it"),
+        ));
+    }
     let deadlines: Vec<(&str, u64)> =
         upstreams.iter().map(|(_, s, _)| (s.as_str(), st.cfg.readiness.deadline_s(*s))).collect();
     readiness::reset(&mut tx, id, generation, &deadlines, st.instance).await?;
-    envs::settle(&mut *tx, id, status::RUNNING, None, Some(container)).await?;
+    envs::settle(&mut *tx, id, epoch, status::RUNNING, None, Some(container)).await?;
     let detail = serde_json::json!({
         "container": container,
         "generation": generation,
@@ -405,12 +530,31 @@ async fn commit_routes(
 /// Undoes a failed create in reverse and returns the error to report. If the undo itself
 /// fails, the environment is left in `creating` without an operating instance, and the
 /// reconciler finishes the undo.
-async fn fail_create(st: &State, dk: &DockerClient, id: &str, container: Option<&str>, routed: bool, err: ApiError) -> ApiError {
+async fn fail_create(
+    st: &State,
+    dk: &DockerClient,
+    id: &str,
+    epoch: i64,
+    container: Option<&str>,
+    routed: bool,
+    err: ApiError,
+) -> ApiError {
     st.metrics.creates.with_label_values(&["failed"]).inc();
+    if !still_held(st, id, epoch).await {
+        // Another process took the row over and undoes the create itself; what this one
+        // made that nobody recorded is its own to remove (the container it created).
+        tracing::warn!(env_id = %id, error = %err, "create failed after its claim was taken over; leaving the undo to the new owner");
+        if let Some(c) = container {
+            if let Err(e) = dk.remove(c).await {
+                tracing::warn!(env_id = %id, container = %c, error = %e, "removing the fenced-off create's container failed; the reconciler will");
+            }
+        }
+        return err;
+    }
     tracing::warn!(env_id = %id, error = %err, "create failed; undoing");
     let reason = format!("create failed: {err}");
-    if let Err(e) = undo_create(st, dk, id, container, routed, &reason).await {
-        tracing::error!(env_id = %id, error = %e, "undo of a failed create failed; the reconciler will finish it");
+    if let Err(e) = undo_create(st, dk, id, epoch, container, routed, &reason).await {
+        tracing::error!(env_id = %id, error = %format!("{e:#}"), "undo of a failed create failed; the reconciler will finish it");
         let _ = envs::release_claim(&st.db, id, st.instance).await;
     }
     err
@@ -418,28 +562,40 @@ async fn fail_create(st: &State, dk: &DockerClient, id: &str, container: Option<
 
 /// Removes routes, then the container and the home volume, then releases ports (into
 /// quarantine if routes were ever committed) and GPUs, and marks the environment deleted with
-/// `reason`.
+/// `reason`; every database step only while the claim of epoch `epoch` holds the row.
 pub async fn undo_create(
     st: &State,
     dk: &DockerClient,
     id: &str,
+    epoch: i64,
     container: Option<&str>,
     routed: bool,
     reason: &str,
 ) -> anyhow::Result<()> {
     let held = ports::env_ports(st.db.pool(), id).await?;
-    if routes::delete_env(st.db.pool(), id).await? > 0 || routed {
+    let mut tx = begin_fenced(st, id, epoch).await?;
+    let deleted = routes::delete_env(&mut *tx, id).await?;
+    tx.commit().await?;
+    let routed = routed || deleted > 0;
+    if routed {
         let ports: Vec<u16> = held.iter().map(|(p, _)| *p).collect();
         st.table.wait_gone(&ports, id, Duration::from_millis(st.cfg.route_wait_ms)).await;
     }
     remove_containers(dk, id, container).await?;
     dk.remove_volume(id).await?;
-    let mut tx = st.db.begin().await?;
+    forget_create(st, id, epoch, routed, reason).await
+}
+
+/// The database half of undoing a create (nothing of it exists in Docker any more): releases
+/// its ports (into quarantine if it was ever routed) and GPUs, forgets its idempotency key and
+/// marks it deleted with `reason`, while the claim of epoch `epoch` holds the row.
+async fn forget_create(st: &State, id: &str, epoch: i64, routed: bool, reason: &str) -> anyhow::Result<()> {
+    let mut tx = begin_fenced(st, id, epoch).await?;
     let q = if routed { st.cfg.quarantine_s } else { 0 };
     let released = ports::release_env(&mut *tx, id, q).await?;
     gpus::release_env(&mut *tx, id).await?;
     idempotency::forget_env(&mut *tx, id).await?;
-    envs::settle(&mut *tx, id, status::DELETED, Some(reason), None).await?;
+    envs::settle(&mut *tx, id, epoch, status::DELETED, Some(reason), None).await?;
     db::event(&mut *tx, Some(id), "create_undone", serde_json::json!({"ports_released": released, "reason": reason})).await?;
     tx.commit().await?;
     Ok(())
@@ -479,7 +635,7 @@ async fn claim(st: &State, user: &User, id: &str, from: &[&str], to: &str, verb:
 /// ports into quarantine.
 pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiError> {
     let started = Instant::now();
-    let from = [status::RUNNING, status::STOPPED, status::FAILED, status::CREATING, status::UNREACHABLE];
+    let from = [status::RUNNING, status::STOPPED, status::FAILED, status::CREATING, status::UNREACHABLE, status::STOPPING];
     let env = match claim(st, user, id, &from, status::DELETING, "delete").await {
         Ok(env) => env,
         Err(e) => {
@@ -499,7 +655,7 @@ pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiErro
             st.metrics.deletes.with_label_values(&["failed"]).inc();
             // Leave it in `deleting` without an operator: the reconciler finishes it.
             let _ = envs::release_claim(&st.db, id, st.instance).await;
-            Err(ApiError::internal("delete", format!("{e:#}")))
+            Err(step_error("delete", e))
         }
     }
 }
@@ -522,26 +678,34 @@ async fn wait_cut_off(st: &State, env_id: &str, held: &[u16], names: &[Service],
     tracing::warn!(env_id = %env_id, "{late} after {} ms; {doing} the container anyway", st.cfg.route_wait_ms);
 }
 
-/// The delete steps after the claim (also used by the reconciler).
+/// The delete steps after the claim (`env` as claimed, its `op_epoch` the claim's; also used
+/// by the reconciler).
 pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
+    let epoch = env.op_epoch.unwrap_or_default();
     let held: Vec<u16> = ports::env_ports(st.db.pool(), &env.id).await?.into_iter().map(|(p, _)| p).collect();
-    routes::delete_env(st.db.pool(), &env.id).await?;
+    let mut tx = begin_fenced(st, &env.id, epoch).await?;
+    routes::delete_env(&mut *tx, &env.id).await?;
+    tx.commit().await?;
     wait_cut_off(st, &env.id, &held, &name_services(env), "removing").await;
     // A host that is down keeps what it had: the reconciler removes the container and the
-    // home volume (no environment owns them any more) when the host is back.
-    if hosts::get(st.db.pool(), &env.host).await?.is_some_and(|h| h.health == hosts::health::DOWN) {
-        tracing::warn!(env_id = %env.id, host = %env.host, "host is down; its container and home volume go when it is back");
+    // home volume (no environment owns them any more) when the host is back, and only then
+    // are its GPUs given back (its container may still be running with them).
+    let host_down = hosts::get(st.db.pool(), &env.host).await?.is_some_and(|h| h.health == hosts::health::DOWN);
+    if host_down {
+        tracing::warn!(env_id = %env.id, host = %env.host, "host is down; its container, home volume and GPUs are freed when it is back");
     } else {
         let dk = st.fleet.client(&env.host).await?;
         remove_containers(&dk, &env.id, env.container_id.as_deref()).await?;
         st.crash_point("after_container_removed");
         dk.remove_volume(&env.id).await?;
     }
-    let mut tx = st.db.begin().await?;
+    let mut tx = begin_fenced(st, &env.id, epoch).await?;
     let released = ports::release_env(&mut *tx, &env.id, st.cfg.quarantine_s).await?;
-    gpus::release_env(&mut *tx, &env.id).await?;
+    if !host_down {
+        gpus::release_env(&mut *tx, &env.id).await?;
+    }
     readiness::clear(&mut *tx, &env.id).await?;
-    envs::settle(&mut *tx, &env.id, status::DELETED, None, None).await?;
+    envs::settle(&mut *tx, &env.id, epoch, status::DELETED, None, None).await?;
     db::event(&mut *tx, Some(&env.id), "deleted", serde_json::json!({"ports_quarantined": released, "container": env.container_id})).await?;
     tx.commit().await?;
     tracing::info!(env_id = %env.id, ports = ?released, "environment deleted");

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use gpugate_routes::{EnvId, HostKey, Service};
+use gpugate_routes::EnvId;
 use serde::Serialize;
 
 use crate::db::envs::{self, status, EnvRow};
-use crate::db::{routes, users::User};
+use crate::db::{close_requests, routes, users::User};
 use crate::error::ApiError;
 use crate::state::State;
 
@@ -19,10 +19,22 @@ pub struct SessionsClosed {
     pub ports: Vec<u16>,
     /// The services whose sessions by name are being closed.
     pub names: Vec<String>,
-    /// The gateway's table has the revoke: nginx closes every session that was open at the
-    /// request within its flush interval (`gpugate_flush_interval`, 1 s by default). False
-    /// if the publisher did not apply it within the route wait; it still will when it runs.
+    /// Every fresh gateway applied the request within the route wait: nginx closes every
+    /// session that was open at the request within its flush interval
+    /// (`gpugate_flush_interval`, 1 s by default). False if some had not; each still will
+    /// when its publisher runs (a gateway that was down applies what it missed when back).
     pub applied: bool,
+    /// How many of the registered, fresh gateways applied it.
+    pub gateways: CloseProgress,
+}
+
+/// How far a close request got across the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CloseProgress {
+    /// Fresh gateways that applied the request to their table.
+    pub applied: i64,
+    /// Fresh gateways registered (a stale one applies it when it comes back).
+    pub registered: i64,
 }
 
 /// The environment `id` as `user` may act on it: their own, or any for an admin.
@@ -34,9 +46,10 @@ async fn find(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiError> {
     envs::get(st.db.pool(), id, owner).await?.ok_or_else(|| ApiError::env_not_found(id))
 }
 
-/// Closes every session open now on a running environment's ports, without stopping it:
-/// new connections still work. The request is recorded in the database (the publisher may
-/// be another process) as "this port's revoke epoch must reach the one seen now plus one".
+/// Closes every session open now on a running environment's ports and names, on every
+/// gateway, without stopping it: new connections still work. The request is recorded once
+/// in the database; each gateway's publisher applies it to its own table exactly once,
+/// relative to that table's own revoke epochs ([`crate::revokes`]).
 pub async fn close(st: &State, user: &User, id: &str) -> Result<SessionsClosed, ApiError> {
     let env = find(st, user, id).await?;
     if env.status != status::RUNNING {
@@ -45,46 +58,44 @@ pub async fn close(st: &State, user: &User, id: &str) -> Result<SessionsClosed, 
             env.status
         )));
     }
-    let table = st.table.get().map_err(|e| {
-        tracing::warn!(error = %e, "sessions/close: route table unavailable");
-        ApiError::Unavailable("the route table is unavailable".into())
-    })?;
-    let ports: Vec<u16> = routes::of_env(st.db.pool(), &env.id)
+    let ports: Vec<(u16, i64)> = routes::of_env(st.db.pool(), &env.id)
         .await?
         .iter()
         .filter(|r| r.active)
-        .filter_map(|r| u16::try_from(r.port).ok())
+        .filter_map(|r| Some((u16::try_from(r.port).ok().filter(|p| *p != 0)?, r.generation)))
         .collect();
-    let targets: Vec<(u16, u64)> = ports.iter().map(|&p| (p, table.revoke_epoch(p).saturating_add(1))).collect();
-    let asked = routes::request_revoke(&st.db, &env.id, &targets).await?;
-    let targets: Vec<(u16, u64)> = targets.into_iter().filter(|(p, _)| asked.contains(p)).collect();
-    // Sessions that came in by name: the same request on each name route's slot.
-    let env_key: EnvId = env.id.parse().map_err(|e| ApiError::internal("environment id", e))?;
-    let name_targets: Vec<(Service, u64)> = super::name_services(&env)
+    let names: Vec<(String, i64)> = routes::names_of_env(st.db.pool(), &env.id)
+        .await?
         .into_iter()
-        .filter_map(|svc| {
-            let slot = table.host_slot(HostKey::new(env_key, svc))?;
-            Some((svc, table.revoke_epoch(slot).saturating_add(1)))
-        })
+        .filter(|r| r.active)
+        .map(|r| (r.service, r.generation))
         .collect();
-    let asked_names = routes::request_name_revoke(&st.db, &env.id, &name_targets).await?;
-    let name_targets: Vec<(Service, u64)> =
-        name_targets.into_iter().filter(|(s, _)| asked_names.iter().any(|a| a == s.as_str())).collect();
-    let wait = Duration::from_millis(st.cfg.route_wait_ms);
-    let applied = st.table.wait_revoked(&targets, wait).await
-        && st.table.wait_names_revoked(env_key, &name_targets, wait).await;
-    let ports: Vec<u16> = targets.iter().map(|(p, _)| *p).collect();
-    let names: Vec<String> = name_targets.iter().map(|(s, _)| s.as_str().to_string()).collect();
+    let request = close_requests::record(&st.db, &env.id, &ports, &names).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(st.cfg.route_wait_ms);
+    let progress = loop {
+        let (registered, applied) = close_requests::progress(&st.db, request).await?;
+        let p = CloseProgress { applied, registered };
+        if applied >= registered || tokio::time::Instant::now() >= deadline {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let applied = progress.registered > 0 && progress.applied >= progress.registered;
+    let ports: Vec<u16> = ports.iter().map(|(p, _)| *p).collect();
+    let names: Vec<String> = names.into_iter().map(|(s, _)| s).collect();
     st.metrics.sessions_closed.with_label_values(&[if applied { "applied" } else { "pending" }]).inc();
     st.db
         .event(
             Some(&env.id),
             "sessions_closed",
-            serde_json::json!({ "ports": ports, "names": names, "applied": applied, "by": user.name }),
+            serde_json::json!({
+                "ports": ports, "names": names, "applied": applied, "request": request,
+                "gateways": { "applied": progress.applied, "registered": progress.registered }, "by": user.name,
+            }),
         )
         .await?;
-    tracing::info!(env_id = %env.id, ?ports, ?names, applied, "sessions closed on request");
-    Ok(SessionsClosed { environment_id: env.id, ports, names, applied })
+    tracing::info!(env_id = %env.id, ?ports, ?names, applied, request, "sessions closed on request");
+    Ok(SessionsClosed { environment_id: env.id, ports, names, applied, gateways: progress })
 }
 
 /// Sets an environment's idle limit (validated against the deployment's maximum).
@@ -97,10 +108,11 @@ pub async fn set_idle_limit(st: &State, user: &User, id: &str, secs: u64) -> Res
     envs::get(st.db.pool(), id, Some(user.id)).await?.ok_or_else(|| ApiError::env_not_found(id))
 }
 
-/// Stops an environment found idle for `idle_s` seconds; false if it was no longer running
-/// or another operation held it (nothing to do then).
+/// Stops an environment found idle for `idle_s` seconds (and warned); false if it was no
+/// longer running, another operation held it, or its owner put a hold on it since the check
+/// (nothing to do then).
 pub async fn stop_idle(st: &State, id: &str, idle_s: u64) -> Result<bool, ApiError> {
-    let Some(env) = envs::claim(&st.db, id, None, &[status::RUNNING], status::STOPPED, st.instance).await? else {
+    let Some(env) = crate::db::idle::claim_stop(&st.db, id, st.instance).await? else {
         return Ok(false);
     };
     let policy = st.cfg.idle.policy.as_str();

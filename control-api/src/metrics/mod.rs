@@ -63,12 +63,27 @@ pub struct Metrics {
     pub route_writes: IntCounterVec,
     /// Reconcile repairs by kind.
     pub repairs: IntCounterVec,
+    /// Environments whose reconcile repair failed (the pass went on without them).
+    pub reconcile_errors: IntCounter,
     /// 1 while this process holds the table's writer lock.
     pub publisher_active: IntGauge,
     /// sessions/close requests by whether the table had the revoke within the wait.
     pub sessions_closed: IntCounterVec,
     /// Environments stopped by the idle task.
     pub idle_stops: IntCounter,
+    /// `idle_warning` events sent before idle stops.
+    pub idle_warnings: IntCounter,
+    /// Idle checks of a workspace that kept it running because one of its GPUs was busy.
+    pub idle_gpu_busy_keeps: IntCounter,
+    /// This host's GPU utilisation samples by result (`ok`, `failed`).
+    pub gpu_samples: IntCounterVec,
+    /// Requests answered 429 because their address failed to authenticate too often.
+    pub auth_failures_limited: IntCounter,
+    /// Idle checks that stopped nothing because the fleet's activity was not all known, by
+    /// reason (`gateway_stale`, `no_gateway`).
+    pub idle_waits: IntCounterVec,
+    /// This gateway's activity reports by result (`ok`, `failed`).
+    pub activity_reports: IntCounterVec,
     /// Readiness probes by service and result.
     pub readiness_probes: IntCounterVec,
     /// From a start to each service's first answer.
@@ -127,6 +142,26 @@ impl Metrics {
         let idle_stops =
             must(IntCounter::new("gpugate_idle_stops_total", "Environments stopped because they were idle"));
         must(registry.register(Box::new(idle_stops.clone())));
+        let idle_warnings = must(IntCounter::new(
+            "gpugate_idle_warnings_total",
+            "idle_warning events sent, each a while before an idle stop",
+        ));
+        must(registry.register(Box::new(idle_warnings.clone())));
+        let idle_gpu_busy_keeps = must(IntCounter::new(
+            "gpugate_idle_gpu_busy_keeps_total",
+            "Idle checks of a workspace that kept it running because one of its GPUs was busy",
+        ));
+        must(registry.register(Box::new(idle_gpu_busy_keeps.clone())));
+        let auth_failures_limited = must(IntCounter::new(
+            "gpugate_auth_failures_limited_total",
+            "Requests refused (429) because their client address failed to authenticate too often",
+        ));
+        must(registry.register(Box::new(auth_failures_limited.clone())));
+        let reconcile_errors = must(IntCounter::new(
+            "gpugate_reconcile_errors_total",
+            "Environments whose reconcile repair failed; logged, and tried again at the next pass",
+        ));
+        must(registry.register(Box::new(reconcile_errors.clone())));
         Metrics {
             refreshed: Arc::default(),
             refreshed_at: gauge(
@@ -164,6 +199,25 @@ impl Metrics {
                 &["result"],
             ),
             idle_stops,
+            idle_warnings,
+            idle_gpu_busy_keeps,
+            gpu_samples: counter(
+                "gpugate_gpu_utilization_samples_total",
+                "Utilisation samples of this host's GPUs (nvidia-smi) by result (ok, failed)",
+                &["result"],
+            ),
+            auth_failures_limited,
+            reconcile_errors,
+            idle_waits: counter(
+                "gpugate_idle_check_waits_total",
+                "Idle checks that stopped nothing because some gateway's activity was unknown, by reason",
+                &["reason"],
+            ),
+            activity_reports: counter(
+                "gpugate_gateway_activity_reports_total",
+                "Activity reports of this gateway's publisher, by result (ok, failed)",
+                &["result"],
+            ),
             readiness_probes: counter(
                 "gpugate_readiness_probes_total",
                 "Readiness probes at published addresses by service and result (ready, not_ready)",

@@ -1,8 +1,10 @@
 //! A second Docker engine started by a test beside the machine's own: its own socket, data
 //! root, exec root, pidfile, bridge and containerd namespaces. With a stand-in
 //! `nvidia-container-runtime-hook` on its `PATH` it registers Docker's `nvidia` device driver,
-//! so GPU device requests take the production path without a GPU. Dropping it stops the
-//! daemon and removes its bridge and directories, also when the test failed.
+//! so GPU device requests take the production path without a GPU. Started with
+//! [`Engine::start_tls`] it also listens on 127.0.0.1 over TCP with mutual TLS (certificates
+//! made with `openssl` for the test), the way a remote GPU host's engine is reached. Dropping
+//! it stops the daemon and removes its bridge and directories, also when the test failed.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -65,12 +67,26 @@ pub struct Engine {
     hook: bool,
     frozen: bool,
     child: Option<Child>,
+    /// The TCP port of its mutual-TLS listener (on 127.0.0.1), when it has one.
+    pub tls_port: Option<u16>,
 }
 
 impl Engine {
     /// Starts a daemon; with `hook`, the stand-in `nvidia-container-runtime-hook` is on its
     /// `PATH`. Also writes the stand-in `nvidia-smi` (see [`Engine::nvidia_smi`]).
     pub fn start(hook: bool) -> Engine {
+        Engine::start_with(hook, false)
+    }
+
+    /// [`Engine::start`], also listening on `tcp://127.0.0.1:<port>` with mutual TLS: a CA,
+    /// a server certificate for 127.0.0.1 and a client certificate, all made here; the
+    /// client's files (`ca.pem`, `cert.pem`, `key.pem`) are in [`Engine::tls_dir`], the form a
+    /// host's `tls_dir` takes.
+    pub fn start_tls(hook: bool) -> Engine {
+        Engine::start_with(hook, true)
+    }
+
+    fn start_with(hook: bool, tls: bool) -> Engine {
         let id = rand_hex(4);
         let dir = PathBuf::from(format!("/tmp/gg-eng-{id}"));
         std::fs::create_dir_all(dir.join("bin")).expect("engine dir");
@@ -79,7 +95,7 @@ impl Engine {
         let octet = 100 + (u32::from_str_radix(&id[..2], 16).expect("hex") % 100);
         let third = u32::from_str_radix(&id[2..4], 16).expect("hex");
         let mut engine =
-            Engine { sock: dir.join("d.sock"), dir, bridge, namespace, pool: (octet, third), hook, frozen: false, child: None };
+            Engine { sock: dir.join("d.sock"), dir, bridge, namespace, pool: (octet, third), hook, frozen: false, child: None, tls_port: None };
         let write = |name: &str, text: &str| {
             let path = engine.dir.join("bin").join(name);
             std::fs::write(&path, text.replace("__DIR__", &engine.dir.display().to_string())).expect("write script");
@@ -94,8 +110,55 @@ impl Engine {
         run(Command::new("ip").args(["link", "add", &engine.bridge, "type", "bridge"]));
         run(Command::new("ip").args(["addr", "add", &format!("10.{octet}.{third}.1/24"), "dev", &engine.bridge]));
         run(Command::new("ip").args(["link", "set", &engine.bridge, "up"]));
+        if tls {
+            engine.make_certificates();
+            engine.tls_port = Some(super::free_port());
+        }
         engine.spawn_daemon();
         engine
+    }
+
+    /// The directory of the client's TLS files (`ca.pem`, `cert.pem`, `key.pem`).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls-client")
+    }
+
+    /// `tcp://127.0.0.1:<port>` of the mutual-TLS listener.
+    pub fn tls_endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.tls_port.expect("started with start_tls"))
+    }
+
+    /// A CA, the daemon's certificate (for IP 127.0.0.1, server use) and a client certificate
+    /// (client use), each signed by the CA, with EC P-256 keys.
+    fn make_certificates(&self) {
+        let server = self.dir.join("tls-server");
+        let client = self.tls_dir();
+        std::fs::create_dir_all(&server).expect("tls dir");
+        std::fs::create_dir_all(&client).expect("tls dir");
+        let ssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(&self.dir).output().expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=gpugate test CA", "-keyout", "ca-key.pem", "-out", "tls-server/ca.pem"];
+        ca.extend_from_slice(&ec);
+        ssl(&ca);
+        std::fs::copy(server.join("ca.pem"), client.join("ca.pem")).expect("copy ca");
+        std::fs::write(self.dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").expect("ext");
+        std::fs::write(self.dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+        for (who, key, cert, subj, ext) in [
+            ("server", "tls-server/key.pem", "tls-server/cert.pem", "/CN=127.0.0.1", "server.ext"),
+            ("client", "tls-client/key.pem", "tls-client/cert.pem", "/CN=gpugate-api", "client.ext"),
+        ] {
+            let csr = format!("{who}.csr");
+            let mut req = vec!["req", "-new", "-subj", subj, "-keyout", key, "-out", &csr];
+            req.extend_from_slice(&ec);
+            ssl(&req);
+            ssl(&[
+                "x509", "-req", "-in", &csr, "-CA", "tls-server/ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "2",
+                "-extfile", ext, "-out", cert,
+            ]);
+        }
     }
 
     fn spawn_daemon(&mut self) {
@@ -124,6 +187,7 @@ impl Engine {
             .args(["--default-address-pool", &format!("base=10.{octet}.{}.0/24,size=28", (third + 128) % 256)])
             .args(["--containerd-namespace", &self.namespace])
             .args(["--containerd-plugins-namespace", &format!("{}-plugins", self.namespace)])
+            .args(self.tls_args())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -139,6 +203,43 @@ impl Engine {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// The daemon's arguments for its mutual-TLS listener (none without one).
+    fn tls_args(&self) -> Vec<String> {
+        let Some(port) = self.tls_port else { return vec![] };
+        let server = self.dir.join("tls-server");
+        let f = |n: &str| server.join(n).display().to_string();
+        vec![
+            "--tlsverify".into(),
+            "--tlscacert".into(),
+            f("ca.pem"),
+            "--tlscert".into(),
+            f("cert.pem"),
+            "--tlskey".into(),
+            f("key.pem"),
+            "-H".into(),
+            format!("tcp://127.0.0.1:{port}"),
+        ]
+    }
+
+    /// Runs the docker CLI against this engine's mutual-TLS listener with the client's
+    /// certificates.
+    pub fn docker_tls(&self, args: &[&str]) -> std::process::Output {
+        let c = self.tls_dir();
+        Command::new("docker")
+            .arg("--tlsverify")
+            .arg("--tlscacert")
+            .arg(c.join("ca.pem"))
+            .arg("--tlscert")
+            .arg(c.join("cert.pem"))
+            .arg("--tlskey")
+            .arg(c.join("key.pem"))
+            .arg("-H")
+            .arg(self.tls_endpoint())
+            .args(args)
+            .output()
+            .expect("docker CLI")
     }
 
     /// Freezes the daemon (SIGSTOP): its API stops answering while its containers keep

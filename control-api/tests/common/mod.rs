@@ -3,7 +3,9 @@
 //! image, the API started in-process or as separate processes, and clean-up.
 #![allow(dead_code)]
 
+pub mod checker;
 pub mod engine;
+pub mod pg;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,6 +71,8 @@ fn rand_suffix() -> String {
 /// One test's world.
 pub struct Ctx {
     pub name: String,
+    /// The superuser URL of the cluster holding this test's database.
+    pub admin: String,
     pub db_name: String,
     pub db_url: String,
     pub dir: PathBuf,
@@ -86,6 +90,12 @@ pub struct Ctx {
 impl Ctx {
     /// A fresh database, table path, deployment label and stand-in GPU nodes (indexes 0, 1).
     pub async fn new(name: &str) -> Ctx {
+        Ctx::new_on(name, &admin_url()).await
+    }
+
+    /// [`Ctx::new`] with the database on the cluster whose superuser URL is `admin` (a test's
+    /// own cluster, see [`pg::Cluster`]).
+    pub async fn new_on(name: &str, admin: &str) -> Ctx {
         // GPUGATE_LOG=warn (or debug) shows the in-process API's logs with the test's output.
         let filter = tracing_subscriber::EnvFilter::try_from_env("GPUGATE_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
@@ -93,8 +103,8 @@ impl Ctx {
         ensure_image();
         let suffix = rand_suffix();
         let db_name = format!("gg_{name}_{suffix}");
-        let mut admin = sqlx::PgConnection::connect(&admin_url()).await.expect("connect to DATABASE_URL");
-        sqlx::query(&format!("CREATE DATABASE \"{db_name}\"")).execute(&mut admin).await.expect("create database");
+        let mut conn = sqlx::PgConnection::connect(admin).await.expect("connect to the test cluster");
+        sqlx::query(&format!("CREATE DATABASE \"{db_name}\"")).execute(&mut conn).await.expect("create database");
         let dir = std::env::temp_dir().join(format!("gpugate-test-{name}-{suffix}"));
         std::fs::create_dir_all(&dir).expect("temp dir");
         for i in 0..2 {
@@ -103,7 +113,7 @@ impl Ctx {
             let ok = Command::new("mknod").arg(&node).args(["c", "1", "3"]).status().expect("mknod").success();
             assert!(ok, "mknod {}", node.display());
         }
-        let db_url = with_db(&admin_url(), &db_name);
+        let db_url = with_db(admin, &db_name);
         // The writer makes the table's directory itself (0755, whatever the run's umask).
         let table = dir.join("table").join("routes");
         let deployment = format!("t{suffix}");
@@ -136,6 +146,7 @@ impl Ctx {
         }
         Ctx {
             name: name.into(),
+            admin: admin.to_string(),
             db_name,
             db_url,
             dir,
@@ -210,7 +221,8 @@ impl Ctx {
             ("GPUGATE_GPU_MODE".into(), "nodes".into()),
             ("GPUGATE_GPU_NODE_PATH".into(), c.gpu.node_path.clone()),
             ("GPUGATE_DATABASE_MAX_CONNECTIONS".into(), c.database_max_connections.to_string()),
-            ("GPUGATE_LOG".into(), "warn".into()),
+            // GPUGATE_CHILD_LOG (say `info`) shows more of the child processes' logs.
+            ("GPUGATE_LOG".into(), std::env::var("GPUGATE_CHILD_LOG").unwrap_or_else(|_| "warn".into())),
             ("GPUGATE_METRICS_REFRESH_MS".into(), c.metrics.refresh_ms.to_string()),
         ];
         for svc in ["ssh", "jupyter", "code", "rdp"] {
@@ -271,16 +283,27 @@ impl Ctx {
         self.children[i].id()
     }
 
-    /// Waits until `base`/healthz answers.
+    /// Waits until `base`/healthz answers. A child process serving `base` that exited first
+    /// (a refused start: a port taken, a bad setting) fails at once, saying so, rather than
+    /// after the whole wait; a time-out says how long the process has been running.
     pub async fn wait_healthy(&self, base: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(60);
+        let pid = self.bases.iter().rposition(|b| b == base).map(|i| self.children[i].id());
         loop {
-            if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await {
+            if let Ok(r) = self.http.get(format!("{base}/healthz")).timeout(Duration::from_secs(5)).send().await {
                 if r.status().is_success() {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "{base} did not become healthy");
+            if let Some(pid) = pid {
+                assert!(!exited(pid), "the process serving {base} (pid {pid}) exited before answering /healthz; its log is above");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{base} did not become healthy within {:?} (pid {pid:?}; the start-up steps it logged at info are above with GPUGATE_CHILD_LOG=info)",
+                started.elapsed()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -306,6 +329,20 @@ impl Ctx {
     }
     pub async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
         self.call(&self.base, reqwest::Method::DELETE, path, token, None).await
+    }
+
+    /// The status of environment `id` once it is `want`, or the last one seen after 10 s.
+    pub async fn status_within_10s(&self, token: &str, id: &str, want: &str) -> Value {
+        let mut status = Value::Null;
+        for _ in 0..100 {
+            let (_, v) = self.get(&format!("/api/v1/environments/{id}"), token).await;
+            status = v["data"]["status"].clone();
+            if status == want {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        status
     }
 
     /// `/metrics` of `base` once it holds every line of `want` (the gauges refresh in the
@@ -382,7 +419,7 @@ impl Ctx {
         if let Some(db) = self.db.take() {
             db.pool().close().await;
         }
-        if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+        if let Ok(mut admin) = sqlx::PgConnection::connect(&self.admin).await {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name))
                 .execute(&mut admin)
                 .await;
@@ -422,6 +459,15 @@ impl Drop for Ctx {
     // database of a failed test stays for inspection and goes with the throw-away cluster.
     fn drop(&mut self) {
         self.cleanup_sync();
+    }
+}
+
+/// Whether process `pid` (a child not yet reaped) has exited: gone, or a zombie.
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
     }
 }
 
@@ -507,4 +553,23 @@ pub fn nvidia_indexes(listing: &str) -> Vec<u32> {
     let mut out: Vec<u32> = listing.split_whitespace().filter_map(|n| n.strip_prefix("nvidia")?.parse().ok()).collect();
     out.sort_unstable();
     out
+}
+
+/// A gateway: our nginx binding the SSH pool `lo`-`hi` on `addr`, reading `table` (the fleet
+/// tests run two, on 127.0.0.2 and 127.0.0.3).
+pub fn gateway(root: &Path, addr: &str, table: &Path, lo: u16, hi: u16) -> gpugate_tests::Nginx {
+    let body = format!(
+        r#"
+    gpugate_route_table {table};
+    upstream gpugate {{ gpugate_balancer; }}
+    server {{
+        listen {addr}:{lo}-{hi};
+        gpugate_route on;
+        proxy_connect_timeout 2s;
+        proxy_pass gpugate;
+    }}
+"#,
+        table = table.display()
+    );
+    gpugate_tests::Nginx::start(root, &gpugate_tests::nginx_conf(&body))
 }

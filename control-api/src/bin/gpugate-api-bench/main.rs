@@ -12,11 +12,16 @@
 //! 4. Route live on all gateways ([`fleet`]): two `gpugate-api publish` processes with a table
 //!    each; commit until the slot is live in both, beside the first table alone (same samples).
 //! 5. Create latency by step, with a small local image.
+//! 6. Activity reports ([`activity`]): what the publishers' reports cost at 10,000 routes
+//!    with 1,000 open sessions (CPU beside reporting off), and bytes moved until the API's
+//!    fleet-wide sum shows them, on either of two gateways (`gpugate-api-bench activity`
+//!    runs this row alone).
 //!
 //! Needs `DATABASE_URL` (a superuser URL; two scratch databases are created and dropped), a
 //! local Docker with the image given by `--image`, and `gpugate-api` built next to this binary.
 #![forbid(unsafe_code)]
 
+mod activity;
 mod fleet;
 
 use std::collections::HashSet;
@@ -53,6 +58,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Only row 6 (activity reports) on a scratch database.
+    Activity {
+        /// Seconds per phase (off, on, on with latency samples).
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// One allocation worker process (started by the benchmark itself).
     #[command(hide = true)]
     AllocWorker {
@@ -116,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::PlaceWorker { url, policy, global_lock, clients, per_client, owner }) => {
             return fleet::place_worker(&url, policy, global_lock, clients, per_client, owner).await;
         }
+        Some(Cmd::Activity { seconds }) => return activity_only(seconds).await,
         None => {}
     }
     let admin = std::env::var("DATABASE_URL").context("DATABASE_URL (a superuser URL) is required")?;
@@ -141,6 +153,23 @@ async fn main() -> anyhow::Result<()> {
     for n in &names {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")).execute(&mut conn).await;
     }
+    result
+}
+
+/// Row 6 alone, on a scratch database and directory.
+async fn activity_only(seconds: u64) -> anyhow::Result<()> {
+    let admin = std::env::var("DATABASE_URL").context("DATABASE_URL (a superuser URL) is required")?;
+    let name = format!("gg_bench_{}", rand_suffix());
+    let mut conn = sqlx::PgConnection::connect(&admin).await?;
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await?;
+    let dir = std::env::temp_dir().join(format!("gpugate-bench-{}", rand_suffix()));
+    let result = async {
+        let db = fleet::open(&config(&with_db(&admin, &name), &dir, "unused")).await?;
+        activity::reports(&db, &dir, seconds).await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut conn).await;
     result
 }
 
@@ -250,6 +279,9 @@ async fn run(cli: &Cli, url: &str, fleet_url: &str, dir: &std::path::Path) -> an
     // 4. Commit -> live on every gateway: two publisher processes on the fleet database.
     let gateway_env = bench_env(&fleet_db, placer.id, &cfg.fleet.host_name).await?;
     fleet::gateways(&fleet_db, fleet_url, dir, &gateway_env, cli.activations).await?;
+
+    // 6. Activity reports: their cost to a gateway, and bytes -> the API's fleet-wide sum.
+    activity::reports(&fleet_db, dir, 10).await?;
     fleet_db.pool().close().await;
 
     // 5. Create latency by step, small image, sequential creates.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::db::{self, envs, gpus, hosts, readiness, routes, Db};
+use crate::db::{self, envs, hosts, readiness, routes, Db};
 use crate::state::State;
 
 /// Runs the probe loop until `shutdown`.
@@ -117,7 +117,9 @@ async fn down(st: &State, host: &str, reason: &str) -> anyhow::Result<()> {
     let lost = envs::host_lost(&mut tx, host, &why).await?;
     for id in &lost {
         routes::delete_env(&mut *tx, id).await?;
-        gpus::release_env(&mut *tx, id).await?;
+        // Its GPUs stay held: the container may still run there (a host cut off from this
+        // prober only). They go back once the host answers again and none of the
+        // environment's containers runs (the reconciler), and a start recovers it then.
         readiness::clear(&mut *tx, id).await?;
         db::event(&mut *tx, Some(id), "host_lost", serde_json::json!({ "host": host, "reason": why })).await?;
     }
