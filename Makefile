@@ -29,9 +29,11 @@ test: deps build
 fuzz: deps build
 	scripts/fuzz.sh
 
-# Data plane vs the reload approach (ratios side by side); report also in .bench/.
+# Data plane vs the reload approach (ratios side by side; report also in .bench/), then what
+# the gateways' activity reports cost them (reporting off vs on, same run).
 bench: build
 	scripts/bench.sh
+	scripts/bench-api.sh activity --seconds 15
 
 # Control plane: port allocation vs the seed's method, route activation, create latency.
 bench-api:

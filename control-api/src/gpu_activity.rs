@@ -2,14 +2,33 @@
 //! its own host (by UUID, with the discovery command `gpu.nvidia_smi`) and records the samples
 //! in the inventory, where the idle rule of any process reads them ([`crate::idle`]).
 //!
+//! GPUs no API process samples that way (on a host without an API process of its own, or
+//! listed by index, with no UUID to match) are sampled by the host prober
+//! ([`crate::host_health`]) from inside each GPU workspace whose samples are older than one
+//! and a half idle checks: `gpu.workspace_nvidia_smi` run there sees exactly that workspace's GPUs. What
+//! it prints is the workspace user's to forge, so it can only ever speak for that workspace's
+//! own GPUs: by UUID where the inventory knows them (any other UUID refuses the sample), by
+//! position otherwise, and only when it lists as many GPUs as the workspace holds.
+//!
 //! Sampling is never fatal: a command that fails (missing, timing out, printing something
 //! unexpected) is logged once per change of its complaint and counted in
 //! `gpugate_gpu_utilization_samples_total{result="failed"}`; the samples it did not renew go
 //! stale, and a stale sample is unknown, never busy.
 
-use crate::db::gpus;
-use crate::gpu::utilization;
+use std::collections::HashMap;
+
+use futures_util::StreamExt;
+
+use crate::db::gpus::{self, Unsampled};
+use crate::docker::DockerClient;
+use crate::gpu::utilization::{self, Sample, QUERY_ARGS};
 use crate::state::State;
+
+/// How much of the workspace command's output is read (a GPU's line is under 100 bytes).
+const WORKSPACE_OUTPUT_LIMIT: usize = 16 * 1024;
+
+/// How many workspaces of one host are sampled at a time.
+const WORKSPACE_CONCURRENCY: usize = 8;
 
 /// Samples this host's GPUs, remembering the last complaint so each is logged once.
 #[derive(Debug, Default)]
@@ -40,14 +59,14 @@ impl Sampler {
         };
         match recorded {
             Ok(n) => {
-                st.metrics.gpu_samples.with_label_values(&["ok"]).inc();
+                st.metrics.gpu_samples.with_label_values(&["host", "ok"]).inc();
                 if self.complaint.take().is_some() {
                     tracing::info!(gpus = n, "GPU utilisation is sampled again");
                 }
                 n
             }
             Err(e) => {
-                st.metrics.gpu_samples.with_label_values(&["failed"]).inc();
+                st.metrics.gpu_samples.with_label_values(&["host", "failed"]).inc();
                 if self.complaint.as_deref() != Some(e.as_str()) {
                     tracing::warn!(
                         error = %e,
@@ -58,5 +77,140 @@ impl Sampler {
                 0
             }
         }
+    }
+}
+
+/// Samples GPU workspaces from inside, for the host prober; remembers each workspace's last
+/// complaint so that a broken (or forged) output is logged once per change, not every pass.
+#[derive(Debug, Default)]
+pub struct WorkspaceSampler {
+    complaints: HashMap<String, String>,
+}
+
+impl WorkspaceSampler {
+    /// Samples the GPU workspaces of `host` (reached through `client`) whose GPUs no sample
+    /// younger than one and a half idle checks covers (a host's own sampler renews its GPUs
+    /// every check, so they are left to it); returns how many GPUs took a sample.
+    pub async fn sample_host(&mut self, st: &State, host: &str, client: &DockerClient) -> anyhow::Result<u64> {
+        if st.cfg.gpu.workspace_nvidia_smi.is_empty() {
+            return Ok(0);
+        }
+        let due = gpus::unsampled_on_host(&st.db, host, st.cfg.idle.check_interval_s as f64 * 1.5).await?;
+        let cmd: Vec<String> =
+            st.cfg.gpu.workspace_nvidia_smi.iter().cloned().chain(QUERY_ARGS.iter().map(|a| a.to_string())).collect();
+        let results: Vec<(String, Result<u64, String>)> = futures_util::stream::iter(due)
+            .map(|w| {
+                let cmd = &cmd;
+                async move {
+                    let got = sample_workspace(st, host, client, cmd, &w).await;
+                    (w.env_id, got)
+                }
+            })
+            .buffer_unordered(WORKSPACE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut sampled = 0;
+        for (env_id, got) in results {
+            match got {
+                Ok(n) => {
+                    st.metrics.gpu_samples.with_label_values(&["workspace", "ok"]).inc();
+                    sampled += n;
+                    if self.complaints.remove(&env_id).is_some() {
+                        tracing::info!(env_id, host, "GPU utilisation of the workspace is sampled again");
+                    }
+                }
+                Err(e) => {
+                    st.metrics.gpu_samples.with_label_values(&["workspace", "failed"]).inc();
+                    if self.complaints.get(&env_id) != Some(&e) {
+                        tracing::warn!(
+                            env_id, host, error = %e,
+                            "GPU utilisation of the workspace unknown: its GPUs do not count as busy until sampling works again"
+                        );
+                        self.complaints.insert(env_id, e);
+                    }
+                }
+            }
+        }
+        Ok(sampled)
+    }
+}
+
+/// Runs the utilisation command in `w`'s container and records what it says of `w`'s GPUs.
+async fn sample_workspace(st: &State, host: &str, client: &DockerClient, cmd: &[String], w: &Unsampled) -> Result<u64, String> {
+    let out = client.exec_output(&w.container_id, cmd, WORKSPACE_OUTPUT_LIMIT).await.map_err(|e| e.to_string())?;
+    if out.truncated {
+        return Err(format!("`{}` printed more than {WORKSPACE_OUTPUT_LIMIT} bytes", cmd.join(" ")));
+    }
+    if out.exit_code != Some(0) {
+        let code = out.exit_code.map_or("no exit code".to_string(), |c| format!("exit code {c}"));
+        return Err(format!("`{}` failed in the workspace ({code})", cmd.join(" ")));
+    }
+    let samples = utilization::parse(&out.stdout).map_err(|e| format!("`{}` printed {e}", cmd.join(" ")))?;
+    let matched = match_samples(&w.gpus, samples)?;
+    let rows: Vec<(String, Option<u8>, bool)> = matched
+        .into_iter()
+        .map(|(id, percent)| {
+            let busy = percent.is_some_and(|p| st.cfg.idle.gpu_busy(p));
+            (id, percent, busy)
+        })
+        .collect();
+    gpus::record_env_utilization(&st.db, host, &w.env_id, &rows).await.map_err(|e| format!("recording the samples failed: {e}"))
+}
+
+/// Pairs what a workspace reported with the GPUs it holds (`held`: inventory keys by index):
+/// by UUID when every key is one, else by position; anything that does not fit exactly is
+/// refused, never guessed (a forged line must not speak for a GPU the workspace lacks).
+fn match_samples(held: &[String], samples: Vec<Sample>) -> Result<Vec<(String, Option<u8>)>, String> {
+    if samples.len() != held.len() {
+        return Err(format!("the workspace reported {} GPUs; it holds {}", samples.len(), held.len()));
+    }
+    let by_uuid = held.iter().all(|k| k.starts_with("GPU-"));
+    if !by_uuid {
+        return Ok(held.iter().cloned().zip(samples.into_iter().map(|s| s.percent)).collect());
+    }
+    let mut out = Vec::with_capacity(held.len());
+    for s in samples {
+        if !held.contains(&s.uuid) {
+            return Err(format!("the workspace reported GPU {}, which it does not hold", s.uuid));
+        }
+        if out.iter().any(|(k, _): &(String, Option<u8>)| *k == s.uuid) {
+            return Err(format!("the workspace reported GPU {} twice", s.uuid));
+        }
+        out.push((s.uuid, s.percent));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(uuid: &str, percent: Option<u8>) -> Sample {
+        Sample { uuid: uuid.into(), percent }
+    }
+
+    const A: &str = "GPU-aaaaaaaa-0000-4000-8000-000000000000";
+    const B: &str = "GPU-bbbbbbbb-1111-4111-8111-111111111111";
+    const C: &str = "GPU-cccccccc-2222-4222-8222-222222222222";
+
+    #[test]
+    fn samples_speak_only_for_the_workspaces_own_gpus() {
+        let held = vec![A.to_string(), B.to_string()];
+        let got = match_samples(&held, vec![sample(B, Some(90)), sample(A, None)]).expect("matched by UUID");
+        assert_eq!(got, vec![(B.to_string(), Some(90)), (A.to_string(), None)]);
+        let forged = match_samples(&held, vec![sample(A, Some(0)), sample(C, Some(0))]).expect_err("another's GPU");
+        assert!(forged.contains(C), "{forged}");
+        let twice = match_samples(&held, vec![sample(A, Some(0)), sample(A, Some(99))]).expect_err("twice");
+        assert!(twice.contains("twice"), "{twice}");
+        let short = match_samples(&held, vec![sample(A, Some(0))]).expect_err("one of two");
+        assert!(short.contains("reported 1 GPUs; it holds 2"), "{short}");
+    }
+
+    #[test]
+    fn gpus_listed_by_index_are_matched_by_position() {
+        let held = vec!["index:3".to_string(), "index:5".to_string()];
+        let got = match_samples(&held, vec![sample(C, Some(7)), sample(A, Some(95))]).expect("by position");
+        assert_eq!(got, vec![("index:3".to_string(), Some(7)), ("index:5".to_string(), Some(95))]);
+        assert!(match_samples(&held, vec![]).is_err(), "nothing reported is no sample");
     }
 }

@@ -6,7 +6,9 @@
 //! for `fleet.fail_after_s`, they become `failed`: routes removed, GPUs released, container
 //! forgotten. A host that answers again is reconciled before it is marked `up` (and so before
 //! placement uses its GPUs again): containers of environments that are not its own, or that no
-//! longer own them, are removed; its `unreachable` environments are `running` again.
+//! longer own them, are removed; its `unreachable` environments are `running` again. A host
+//! that answers has the GPUs that no API process samples sampled from inside their workspaces
+//! ([`crate::gpu_activity::WorkspaceSampler`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +16,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::db::{self, envs, hosts, readiness, routes, Db};
+use crate::gpu_activity::WorkspaceSampler;
 use crate::state::State;
 
 /// Runs the probe loop until `shutdown`.
 pub async fn run(st: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     let interval = Duration::from_secs(st.cfg.fleet.probe_interval_s);
     let mut lock: Option<sqlx::PgConnection> = None;
+    let mut sampler = WorkspaceSampler::default();
     loop {
         if lock.is_none() {
             lock = take_lock(&st.db).await;
@@ -30,7 +34,7 @@ pub async fn run(st: Arc<State>, mut shutdown: watch::Receiver<bool>) {
             }
         }
         if lock.is_some() {
-            if let Err(e) = pass(&st).await {
+            if let Err(e) = pass(&st, &mut sampler).await {
                 tracing::error!(error = %format!("{e:#}"), "host probe pass failed");
             }
         }
@@ -53,8 +57,8 @@ async fn take_lock(db: &Db) -> Option<sqlx::PgConnection> {
     }
 }
 
-/// Probes every host once and applies what it saw.
-pub async fn pass(st: &State) -> anyhow::Result<()> {
+/// Probes every host once and applies what it saw; samples the GPUs of those that answer.
+pub async fn pass(st: &State, sampler: &mut WorkspaceSampler) -> anyhow::Result<()> {
     for host in hosts::probed(&st.db).await? {
         let timeout = Duration::from_secs(st.cfg.docker.call_timeout_s.max(1));
         let reached = tokio::time::timeout(timeout, async {
@@ -95,6 +99,9 @@ pub async fn pass(st: &State) -> anyhow::Result<()> {
             hosts::mark_up(&st.db, &host.name).await?;
         } else {
             hosts::mark_up(&st.db, &host.name).await?;
+        }
+        if let Err(e) = sampler.sample_host(st, &host.name, &client).await {
+            tracing::warn!(host = %host.name, error = %format!("{e:#}"), "sampling the GPUs of the host's workspaces failed");
         }
     }
     Ok(())

@@ -24,7 +24,8 @@ use crate::idle_clock::{self, Clock, GpuUtilization, WaitingBecause};
 use crate::lifecycle::sessions;
 use crate::state::State;
 
-/// A GPU sample older than this many idle check intervals is unknown (never busy).
+/// A GPU sample older than this many idle check intervals (or host probe intervals, when
+/// those are longer) is unknown (never busy).
 pub const SAMPLE_FRESH_CHECKS: u64 = 3;
 
 /// What one check did.
@@ -144,7 +145,8 @@ pub async fn clock_of(
     activity_unknown: bool,
 ) -> Result<(Clock, Vec<GpuUtilization>), sqlx::Error> {
     let cfg = &st.cfg.idle;
-    let fresh_s = cfg.check_interval_s.saturating_mul(SAMPLE_FRESH_CHECKS);
+    // Samples from inside workspaces come at the prober's pace, which may be the slower one.
+    let fresh_s = cfg.check_interval_s.max(st.cfg.fleet.probe_interval_s).saturating_mul(SAMPLE_FRESH_CHECKS);
     let rows = gpus::utilization_of_env(&st.db, &env.id, fresh_s).await?;
     let gpu_utilization: Vec<GpuUtilization> = rows
         .iter()

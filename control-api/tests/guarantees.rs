@@ -4,7 +4,8 @@
 //! operation runs; failed authentications are limited per address while a valid token from
 //! that address is not; a process whose engine is not the one its host name records refuses
 //! to start; old events are purged; a host whose engine hangs costs one time-out, not the API;
-//! a reconcile pass re-checks a container by id and goes on past one workspace's error.
+//! a reconcile pass re-checks a container by id and goes on past one workspace's error; a
+//! delete whose home volume is still held answers 503 and is finished by the reconciler.
 
 mod common;
 
@@ -544,5 +545,50 @@ async fn a_reconcile_error_on_one_workspace_does_not_stop_the_pass() {
     assert_eq!(status_of(&ctx, &ids[0]).await, "running", "the environment whose repair failed is left for the next pass");
     assert_eq!(status_of(&ctx, &ids[1]).await, "failed");
     ctx.metrics_with(&ctx.base, &["gpugate_reconcile_errors_total 1"]).await;
+    ctx.finish().await;
+}
+
+/// Found by the fault test (seed 936751541): a delete answered 500 when its home volume was
+/// still held by a container the engine had not finished with (one whose removal it carried
+/// on after a timed-out call, or one a queued create made after the listing). Here a container
+/// outside the deployment's listing holds the home volume: the delete answers 503 naming the
+/// volume, the workspace stays `deleting` with no route, and once the volume is free the
+/// reconciler finishes the delete and the volume is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_whose_home_is_still_held_answers_503_and_finishes_later() {
+    let mut ctx = Ctx::new("delete_volume_busy").await;
+    ctx.cfg.default_services = vec!["ssh".into()];
+    ctx.cfg.reconcile_interval_s = 3600;
+    ctx.start().await;
+    let alice = ctx.token("alice", false).await;
+    let admin = ctx.token("root", true).await;
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "held"})).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["data"]["id"].as_str().expect("id").to_string();
+    let volume = format!("gpugate-{}-{id}-home", ctx.deployment);
+    // Labelled with the deployment (so the test's clean-up removes it) but not as managed:
+    // the API's listing does not see it.
+    let holder = format!("{}-holder", ctx.deployment);
+    let label = format!("gpugate.deployment={}", ctx.deployment);
+    let out = std::process::Command::new("docker")
+        .args(["run", "-d", "--name", &holder, "--label", &label, "-v", &format!("{volume}:/held"), common::IMAGE])
+        .output()
+        .expect("docker run");
+    assert!(out.status.success(), "docker run: {}", String::from_utf8_lossy(&out.stderr));
+
+    let (s, v) = ctx.delete(&format!("/api/v1/environments/{id}"), &alice).await;
+    assert_eq!(s, 503, "a volume still in use is the engine being busy, not a bug: {v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("still in use"), "{v}");
+    assert_eq!(status_of(&ctx, &id).await, "deleting");
+    let routed = scalar(&ctx, &format!("SELECT count(*) FROM routes WHERE env_id = '{id}'")).await;
+    assert_eq!(routed, 0, "the routes left before the container");
+
+    let gone = std::process::Command::new("docker").args(["rm", "-f", &holder]).output().expect("docker rm");
+    assert!(gone.status.success());
+    let (s, v) = ctx.post("/api/v1/admin/reconcile", &admin, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(status_of(&ctx, &id).await, "deleted");
+    let left = std::process::Command::new("docker").args(["volume", "inspect", &volume]).output().expect("docker volume");
+    assert!(!left.status.success(), "the home volume is removed once free");
     ctx.finish().await;
 }

@@ -1,7 +1,8 @@
 //! Work-aware idle over real PostgreSQL and Docker: a workspace whose GPU is busy (a stand-in
 //! `nvidia-smi` reporting its utilisation by UUID) is not idle with no connection at all; at
 //! 0% it stops; an unknown (stale) sample is never busy; its owner's hold keeps it until the
-//! hold ends; and an `idle_warning` event always precedes the idle stop.
+//! hold ends; an `idle_warning` event always precedes the idle stop; and on a GPU host with no
+//! API process of its own, the host prober samples the GPUs from inside the workspace.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::engine::Engine;
 use common::Ctx;
 use gpugate_api::config::GpuMode;
 use serde_json::{json, Value};
@@ -65,6 +67,8 @@ async fn gpu_ctx(name: &str) -> (Ctx, PathBuf) {
     ctx.cfg.gpu.nvidia_smi = vec![smi.display().to_string()];
     ctx.cfg.default_services = vec!["ssh".into()];
     ctx.cfg.idle.check_interval_s = 1;
+    // Samples count for three probe intervals too (those taken inside workspaces).
+    ctx.cfg.fleet.probe_interval_s = 1;
     ctx.cfg.idle.warning_before_s = 2;
     ctx.cfg.idle.gpu_busy_percent = 10;
     (ctx, smi)
@@ -167,7 +171,7 @@ async fn a_busy_gpu_keeps_its_workspace_running_and_an_idle_one_stops_after_a_wa
         .and_then(|n| n.trim().parse::<u64>().ok())
         .expect("the keeps counter");
     assert!(keeps >= 3, "one keep per check while A was busy: {keeps}");
-    assert!(metrics.contains("gpugate_gpu_utilization_samples_total{result=\"ok\"}"), "{metrics}");
+    assert!(metrics.contains("gpugate_gpu_utilization_samples_total{result=\"ok\",source=\"host\"}"), "{metrics}");
     ctx.finish().await;
 }
 
@@ -186,7 +190,7 @@ async fn an_unknown_utilisation_is_never_busy() {
     assert_eq!((v["idle"]["gpu_utilization"][0]["percent"].as_u64(), v["idle"]["gpu_utilization"][0]["busy"].as_bool()), (Some(100), Some(false)), "{v}");
     let v = wait_view(&ctx, &alice, &a, 20, "A stopped with its utilisation unknown", idle_stopped).await;
     assert_eq!(idle_events(&ctx, &a).await, vec!["idle_warning", "idle_stopped"], "{v}");
-    ctx.metrics_with(&ctx.base, &["gpugate_gpu_utilization_samples_total{result=\"failed\"}"]).await;
+    ctx.metrics_with(&ctx.base, &["gpugate_gpu_utilization_samples_total{result=\"failed\",source=\"host\"}"]).await;
     ctx.finish().await;
 }
 
@@ -266,5 +270,71 @@ async fn a_hold_keeps_a_workspace_until_it_ends_and_is_validated() {
         .await
         .expect("events");
     assert_eq!(holds, 4, "each accepted hold is in the audit trail, nothing else");
+    ctx.finish().await;
+}
+
+/// The stand-in `nvidia-smi` inside a workspace (the tiny image has `sh` and `cat`): the
+/// utilisation query prints `/tmp/util.csv`, anything else is refused.
+const WORKSPACE_SMI: &str = r#"case "$1" in
+  --query-gpu=uuid,utilization.gpu) exec cat /tmp/util.csv ;;
+  *) echo "stand-in nvidia-smi: unexpected arguments: $*" >&2; exit 2 ;;
+esac
+"#;
+
+/// A GPU host with no API process of its own (a second engine, GPUs listed by index): its
+/// GPUs are sampled from inside the workspace by the host prober. A training run at 90% keeps
+/// the workspace running with no connection; a sample that speaks for more GPUs than the
+/// workspace holds is refused, the last one goes stale, and the workspace is warned and
+/// stopped. Before the prober sampled workspaces, such a host's GPUs were never sampled and
+/// the training workspace was stopped as idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_run_on_a_host_without_an_api_process_is_not_idle() {
+    let (mut ctx, _smi) = gpu_ctx("idleremote").await;
+    ctx.cfg.gpu.workspace_nvidia_smi = vec!["sh".into(), "/tmp/nvidia-smi".into()];
+    let engine = Engine::start(false);
+    engine.load_image(common::IMAGE);
+    let alice = ctx.token("alice", false).await;
+    let admin = ctx.token("root", true).await;
+    ctx.start().await;
+    let (s, v) = ctx.post("/api/v1/admin/hosts/local/drain", &admin, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let body = json!({"name": "h2", "docker_endpoint": engine.endpoint(), "upstream_address": "127.0.0.4", "gpus": [0, 1]});
+    let (s, v) = ctx.post("/api/v1/admin/hosts", &admin, body).await;
+    assert_eq!(s, 201, "{v}");
+
+    let (id, v) = create(&ctx, &alice, "train", 1, 3).await;
+    assert_eq!(v["host"], "h2", "{v}");
+    let container: String = sqlx::query_scalar("SELECT container_id FROM environments WHERE id = $1")
+        .bind(&id)
+        .fetch_one(ctx.db().pool())
+        .await
+        .expect("container");
+    let set = |text: &str| engine.exec(&container, &["sh", "-c", &format!("printf '%s' '{text}' > /tmp/util.csv")]);
+    set(&format!("{GPU_A}, 90\n"));
+    engine.exec(&container, &["sh", "-c", &format!("cat > /tmp/nvidia-smi <<'EOF'\n{WORKSPACE_SMI}EOF\n")]);
+    let started = Instant::now();
+    let v = wait_view(&ctx, &alice, &id, 10, "the workspace's GPU sampled busy", |v| v["idle"]["waiting_because"] == "gpu_busy").await;
+    let g = &v["idle"]["gpu_utilization"][0];
+    assert_eq!((g["percent"].as_u64(), g["busy"].as_bool()), (Some(90), Some(true)), "{v}");
+    while started.elapsed() < Duration::from_secs(3 + 3 * 2 + 1) {
+        let v = env_view(&ctx, &alice, &id).await;
+        assert_eq!(v["status"], "running", "a training run on a host without an API process was stopped: {v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(idle_events(&ctx, &id).await.is_empty(), "a busy workspace is not even warned");
+
+    // The workspace now claims two busy GPUs while it holds one: refused, never guessed. Its
+    // last sample goes stale (unknown, never busy), and it is warned and stopped.
+    set(&format!("{GPU_A}, 90\n{GPU_B}, 90\n"));
+    let v = wait_view(&ctx, &alice, &id, 20, "stopped once its samples are refused", idle_stopped).await;
+    assert_eq!(idle_events(&ctx, &id).await, vec!["idle_warning", "idle_stopped"], "{v}");
+    ctx.metrics_with(
+        &ctx.base,
+        &[
+            "gpugate_gpu_utilization_samples_total{result=\"ok\",source=\"workspace\"}",
+            "gpugate_gpu_utilization_samples_total{result=\"failed\",source=\"workspace\"}",
+        ],
+    )
+    .await;
     ctx.finish().await;
 }

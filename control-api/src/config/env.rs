@@ -163,6 +163,12 @@ impl Config {
                 line => line.split_whitespace().map(str::to_string).collect(),
             };
         }
+        if let Some(v) = env_var(env, "GPUGATE_WORKSPACE_NVIDIA_SMI") {
+            self.gpu.workspace_nvidia_smi = match v.trim() {
+                "none" => vec![],
+                line => line.split_whitespace().map(str::to_string).collect(),
+            };
+        }
         parse_env(env, "GPUGATE_GPU_KIND", &mut self.gpu.kind)?;
         parse_env(env, "GPUGATE_GPU_NODE_PATH", &mut self.gpu.node_path)?;
         parse_env(env, "GPUGATE_DOCKER_ENDPOINT", &mut self.docker.endpoint)?;

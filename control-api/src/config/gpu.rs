@@ -75,6 +75,11 @@ pub struct GpuConfig {
     /// `--query-gpu=index,uuid,name,memory.total --format=csv,noheader`. Run at start and on
     /// every reconcile pass when `devices` is empty. Empty: no discovery.
     pub nvidia_smi: Vec<String>,
+    /// The utilisation command run inside a GPU workspace (gpugate appends
+    /// `--query-gpu=uuid,utilization.gpu --format=csv,noheader,nounits`) for GPUs no API
+    /// process samples on their own host: hosts without one, and hosts whose GPUs are listed
+    /// by index. The host prober runs it. Empty: such GPUs are never sampled (never busy).
+    pub workspace_nvidia_smi: Vec<String>,
 }
 
 impl Default for GpuConfig {
@@ -86,6 +91,7 @@ impl Default for GpuConfig {
             node_path: "/dev/nvidia{index}".into(),
             capabilities: vec!["compute".into(), "utility".into()],
             nvidia_smi: vec!["nvidia-smi".into()],
+            workspace_nvidia_smi: vec!["nvidia-smi".into()],
         }
     }
 }
@@ -111,6 +117,9 @@ impl GpuConfig {
         }
         if self.nvidia_smi.first().is_some_and(|c| c.trim().is_empty()) {
             return Err("gpu.nvidia_smi: the command is empty (use [] to turn discovery off)".into());
+        }
+        if self.workspace_nvidia_smi.first().is_some_and(|c| c.trim().is_empty()) {
+            return Err("gpu.workspace_nvidia_smi: the command is empty (use [] to turn sampling in workspaces off)".into());
         }
         Ok(())
     }

@@ -240,6 +240,58 @@ pub async fn record_utilization(db: &Db, host: &str, samples: &[(String, Option<
     .rows_affected())
 }
 
+/// A running GPU workspace of a host whose GPUs no sample younger than the caller's bound
+/// covers: the GPUs its host's own API process does not sample (see `crate::gpu_activity`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Unsampled {
+    /// The environment.
+    pub env_id: String,
+    /// Its container.
+    pub container_id: String,
+    /// Keys of its GPUs, by index on the host (the order `nvidia-smi` inside the container
+    /// lists them in).
+    pub gpus: Vec<String>,
+}
+
+/// Running, settled workspaces of `host` holding GPUs none of which was sampled in the last
+/// `older_than_s` seconds.
+pub async fn unsampled_on_host(db: &Db, host: &str, older_than_s: f64) -> DbResult<Vec<Unsampled>> {
+    sqlx::query_as(
+        "SELECT e.id AS env_id, e.container_id, array_agg(g.id ORDER BY g.idx, g.id) AS gpus \
+         FROM environments e JOIN gpu_devices g ON g.env_id = e.id AND g.host = e.host \
+         WHERE e.host = $1 AND e.status = 'running' AND e.op_instance IS NULL AND e.container_id IS NOT NULL \
+         GROUP BY e.id, e.container_id \
+         HAVING COALESCE(max(g.utilization_at) < now() - make_interval(secs => $2), true) \
+         ORDER BY e.id",
+    )
+    .bind(host)
+    .bind(older_than_s)
+    .fetch_all(db.pool())
+    .await
+}
+
+/// Records samples of `env_id`'s GPUs by key (host, key, percent, busy); a GPU that left the
+/// environment meanwhile is not written. Returns how many rows took a sample.
+pub async fn record_env_utilization(db: &Db, host: &str, env_id: &str, samples: &[(String, Option<u8>, bool)]) -> DbResult<u64> {
+    let ids: Vec<&str> = samples.iter().map(|(id, _, _)| id.as_str()).collect();
+    let pct: Vec<Option<i16>> = samples.iter().map(|(_, p, _)| p.map(i16::from)).collect();
+    let busy: Vec<bool> = samples.iter().map(|(_, _, b)| *b).collect();
+    Ok(sqlx::query(
+        "UPDATE gpu_devices g SET utilization_pct = s.pct, utilization_at = now(), \
+             busy_at = CASE WHEN s.busy THEN now() ELSE g.busy_at END \
+         FROM unnest($3::text[], $4::smallint[], $5::bool[]) AS s(id, pct, busy) \
+         WHERE g.host = $1 AND g.env_id = $2 AND g.id = s.id",
+    )
+    .bind(host)
+    .bind(env_id)
+    .bind(&ids)
+    .bind(&pct)
+    .bind(&busy)
+    .execute(db.pool())
+    .await?
+    .rows_affected())
+}
+
 /// The last utilisation sample of a GPU an environment holds.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UtilizationRow {

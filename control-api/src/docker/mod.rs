@@ -16,9 +16,11 @@ use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::Docker;
 use gpugate_routes::Service;
 
+mod exec;
 mod plan;
 mod volume;
 
+pub use exec::ExecOutput;
 pub use plan::{container_port, Limits, Plan, WorkspaceSpec, WORKSPACE_CAPABILITIES};
 pub use volume::ManagedVolume;
 
@@ -71,12 +73,20 @@ pub enum DockerError {
     /// The container lacks a published port for a service.
     #[error("container {0} publishes no host port for {1}")]
     NoPublishedPort(String, Service),
+    /// Running a command inside a container failed (the engine's answer).
+    #[error("exec in container {0}: {1}")]
+    Exec(String, String),
     /// The workspace network is missing and cannot be made, or is not isolating.
     #[error("network {0}: {1}")]
     Network(String, String),
     /// A call took longer than the configured limit.
     #[error("Docker call {0} timed out")]
     Timeout(&'static str),
+    /// The engine is still busy with an earlier request on the same object (a removal it
+    /// carries on after its caller gave up, a volume its container still holds): nothing is
+    /// wrong, the same call passes once that work is done.
+    #[error("{0}")]
+    Busy(String),
     /// The engine answering for a host is not the one recorded for it (the message names
     /// both): this process refuses to act for that host.
     #[error("{0}")]
@@ -465,9 +475,27 @@ impl DockerClient {
         match self.timed("remove", self.docker.remove_container(id, Some(opts))).await? {
             Ok(()) => Ok(()),
             Err(e) if server_status(&e) == Some(404) => Ok(()),
-            // 409: removal already in progress (another instance or the reconciler).
-            Err(e) if server_status(&e) == Some(409) && server_message(&e).contains("in progress") => Ok(()),
+            // 409: a removal already in progress (another instance, the reconciler, or an
+            // earlier call of ours that timed out while the engine carried on): done only once
+            // the container is gone, since its home volume cannot go before it.
+            Err(e) if server_status(&e) == Some(409) && server_message(&e).contains("in progress") => {
+                self.wait_gone(id).await
+            }
             Err(e) => Err(DockerError::Remove(id.into(), server_message(&e))),
+        }
+    }
+
+    /// Waits up to the call time-out for a container being removed to be gone.
+    async fn wait_gone(&self, id: &str) -> Result<(), DockerError> {
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        loop {
+            if self.inspect(id).await?.is_none() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DockerError::Busy(format!("container {id} is still being removed")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

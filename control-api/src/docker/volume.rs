@@ -54,6 +54,10 @@ impl DockerClient {
         match self.timed("remove volume", self.docker.remove_volume(name, Some(opts))).await? {
             Ok(()) => Ok(()),
             Err(e) if server_status(&e) == Some(404) => Ok(()),
+            // 409: a container still holds it (one whose removal the engine has not finished).
+            Err(e) if server_status(&e) == Some(409) => {
+                Err(DockerError::Busy(format!("volume {name} is still in use: {}", server_message(&e))))
+            }
             Err(e) => Err(DockerError::Volume(name.into(), server_message(&e))),
         }
     }

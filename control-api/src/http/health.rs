@@ -94,6 +94,7 @@ pub fn docker_reason(e: &DockerError) -> &'static str {
     match e {
         DockerError::Timeout(_) => "timeout",
         DockerError::Connect(_) => "unreachable",
+        DockerError::Busy(_) => "busy",
         _ => "error",
     }
 }

@@ -158,6 +158,10 @@ fn docker_error(e: DockerError) -> ApiError {
             tracing::error!(error = %e, "Docker unavailable");
             ApiError::Unavailable("Docker is unavailable".into())
         }
+        DockerError::Busy(_) => {
+            tracing::warn!(error = %e, "Docker busy");
+            ApiError::Unavailable(format!("{e}; try again"))
+        }
         other => ApiError::internal("Docker error", other),
     }
 }
@@ -188,6 +192,10 @@ fn step_error(what: &str, e: anyhow::Error) -> ApiError {
         Ok(d @ (DockerError::Connect(_) | DockerError::Timeout(_) | DockerError::WrongEngine(_))) => {
             tracing::error!(error = %d, "{what}: the host's engine is unavailable; the reconciler finishes it");
             ApiError::Unavailable(format!("the host's Docker engine is unavailable; the {what} finishes once it answers"))
+        }
+        Ok(d @ DockerError::Busy(_)) => {
+            tracing::warn!(error = %d, "{what}: the host's engine is still busy; the reconciler finishes it");
+            ApiError::Unavailable(format!("{d}; the {what} finishes once the engine is done with it"))
         }
         Ok(d) => ApiError::internal(what, d),
         Err(e) => ApiError::internal(what, format!("{e:#}")),
@@ -455,7 +463,7 @@ async fn host_with_image(st: &State, host: &str, image: &str) -> Result<DockerCl
 fn host_error(host: &str, e: DockerError) -> ApiError {
     match e {
         DockerError::ImageMissing(image) => ApiError::ImageNotFound(image),
-        DockerError::Connect(_) | DockerError::Timeout(_) => {
+        DockerError::Connect(_) | DockerError::Timeout(_) | DockerError::Busy(_) => {
             tracing::error!(host, error = %e, "host's Docker engine unavailable");
             ApiError::Unavailable(format!("host {host} is unavailable; try again"))
         }

@@ -203,8 +203,8 @@ impl Metrics {
             idle_gpu_busy_keeps,
             gpu_samples: counter(
                 "gpugate_gpu_utilization_samples_total",
-                "Utilisation samples of this host's GPUs (nvidia-smi) by result (ok, failed)",
-                &["result"],
+                "GPU utilisation samples by source (host: this host's nvidia-smi; workspace: inside a GPU workspace, by the host prober) and result (ok, failed)",
+                &["source", "result"],
             ),
             auth_failures_limited,
             reconcile_errors,
