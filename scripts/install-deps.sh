@@ -4,7 +4,7 @@ set -euo pipefail
 pkgs=(
   libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config make   # nginx + bindgen
   postgresql                                                         # tests start their own cluster
-  openssh-client sshpass curl openssl rsync                          # real clients in end-to-end tests
+  openssh-client sshpass curl openssl rsync netcat-openbsd           # real clients in end-to-end tests
   docker-compose                                                     # the stack (docker/compose.yaml)
   mmdebstrap                                                         # offline base image for docker/
   python3-pip                                                        # docker/workspace/fetch-wheels.sh (pip download)

@@ -335,6 +335,8 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
     ));
     let fleet = crate::fleet::Fleet::new(cfg.clone(), db.clone(), docker);
     let ops = Operations::new(db.clone(), i64::from(instance), liveness.clone());
+    let host_ca = crate::ssh_identity::HostCa::load(&db).await.context("reading the deployment's SSH host CA")?;
+    step("SSH host CA read");
     let state: AppState = Arc::new(State {
         cfg: cfg.clone(),
         db,
@@ -348,6 +350,7 @@ pub async fn start(cfg: Config, mode: Mode) -> anyhow::Result<Running> {
         liveness,
         ops,
         ready_log: Default::default(),
+        host_ca,
     });
     // Gauges from the database and the table: filled once before the first scrape can come,
     // then refreshed in the background (a scrape never queries).

@@ -46,4 +46,5 @@ pub mod reconcile;
 pub mod registry;
 pub mod revokes;
 pub mod routes;
+pub mod ssh_identity;
 pub mod state;

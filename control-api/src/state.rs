@@ -38,6 +38,8 @@ pub struct State {
     pub ops: Operations,
     /// What `/readyz` last logged per dependency (each failure is logged once per change).
     pub ready_log: crate::ready_log::ReadyLog,
+    /// The deployment's SSH host CA (certifies every workspace's host key).
+    pub host_ca: crate::ssh_identity::HostCa,
 }
 
 impl State {

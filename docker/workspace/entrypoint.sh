@@ -6,6 +6,9 @@
 #   GPUGATE_USERNAME         login user (default remotegpu; GPUGATE_USER is accepted too)
 #   GPUGATE_PASSWORD         its password (SSH password login); unset: key login only
 #   GPUGATE_SSH_PUBLIC_KEYS  authorized keys, one per line
+#   GPUGATE_SSH_HOST_KEY     the workspace's SSH host key (OpenSSH Ed25519 private key), the same
+#                            for its whole life; unset: keys made for this container
+#   GPUGATE_SSH_HOST_CERT    its certificate from the deployment's SSH host CA (optional)
 #   GPUGATE_JUPYTER_TOKEN    JupyterLab's token (JUPYTER_TOKEN is accepted too); unset: a random
 #                            one nobody is told
 #   GPUGATE_CODE_PASSWORD    marimo's login password on the code port; default GPUGATE_PASSWORD
@@ -26,13 +29,15 @@ password=${GPUGATE_PASSWORD:-}
 keys=${GPUGATE_SSH_PUBLIC_KEYS:-}
 token=${GPUGATE_JUPYTER_TOKEN:-${JUPYTER_TOKEN:-}}
 code_password=${GPUGATE_CODE_PASSWORD:-$password}
+host_key=${GPUGATE_SSH_HOST_KEY:-}
+host_cert=${GPUGATE_SSH_HOST_CERT:-}
 env_id=${GPUGATE_ENV_ID:-$(hostname)}
 # Default services: those the API gave a public port (a workspace created with only "ssh" runs
 # only sshd), or all three when no port is given (a plain `docker run`).
 ported="${GPUGATE_SSH_PORT:+ssh }${GPUGATE_JUPYTER_PORT:+jupyter }${GPUGATE_CODE_PORT:+code}"
 services=" ${GPUGATE_SERVICES:-${ported:-ssh jupyter code}} "
 # Secrets stay out of every child's environment (sessions, kernels, terminals).
-unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN JUPYTER_TOKEN GPUGATE_CODE_PASSWORD
+unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN JUPYTER_TOKEN GPUGATE_CODE_PASSWORD GPUGATE_SSH_HOST_KEY GPUGATE_SSH_HOST_CERT
 
 [[ $user =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] || die "GPUGATE_USERNAME '$user' is not a valid user name ([a-z_][a-z0-9_-]{0,31})"
 [[ $password != *$'\n'* ]] || die "GPUGATE_PASSWORD must not contain a newline"
@@ -102,10 +107,27 @@ fi
 
 pids=()
 if [[ $services == *" ssh "* ]]; then
-  # Per-container host keys: a key baked into the image would be shared by every workspace.
-  for t in ed25519 ecdsa; do
-    [[ -f /etc/ssh/ssh_host_${t}_key ]] || ssh-keygen -q -t "$t" -N '' -f "/etc/ssh/ssh_host_${t}_key"
-  done
+  hostkey_file=/etc/ssh/ssh_host_ed25519_key
+  if [[ -n $host_key ]]; then
+    # The workspace's own host key (the same after every start, on any host): clients that
+    # trust the deployment's host CA, or saw this key once, never get a warning.
+    install -m 0600 /dev/null "$hostkey_file"
+    printf '%s\n' "$host_key" >"$hostkey_file"
+    ssh-keygen -y -f "$hostkey_file" >"$hostkey_file.pub" || die "GPUGATE_SSH_HOST_KEY is not an OpenSSH private key"
+    keyconf="HostKey $hostkey_file"
+    if [[ -n $host_cert ]]; then
+      printf '%s\n' "$host_cert" >"$hostkey_file-cert.pub"
+      keyconf+=$'\n'"HostCertificate $hostkey_file-cert.pub"
+    fi
+  else
+    # Per-container host keys: a key baked into the image would be shared by every workspace.
+    keyconf=""
+    for t in ed25519 ecdsa; do
+      [[ -f /etc/ssh/ssh_host_${t}_key ]] || ssh-keygen -q -t "$t" -N '' -f "/etc/ssh/ssh_host_${t}_key"
+      keyconf+="HostKey /etc/ssh/ssh_host_${t}_key"$'\n'
+    done
+  fi
+  printf '%s\n' "$keyconf" >/etc/ssh/sshd_config.d/15-gpugate-hostkeys.conf
   mkdir -p /run/sshd
   /usr/sbin/sshd -D -e &
   pids+=($!)

@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use gpugate_tests::host_identity;
 use gpugate_tests::ssh::{self, Agent, Forwards, Via};
 use gpugate_tests::stack::{
     docker, port_refuses, repo_root, report, run, run_ok, ssh_command, ssh_run, ssh_run_retry, Login, Session, Stack,
@@ -558,10 +559,37 @@ fn stack_end_to_end() {
         assert!(activity_reaching(&stack, &id, "ssh", "connections_revoked", 2) >= 2, "revoked sessions not counted: {}", show(&stack, &id));
     });
 
-    phase("idle: an open session keeps a workspace; once it ends, the workspace stops by itself", || {
-        let nap = stack.create(&json!({"name": "nap", "gpus": 0, "services": ["ssh"], "ssh_public_keys": [pubkey.trim()]}));
+    phase("idle: an open session keeps a workspace; once it ends, the workspace stops by itself; its host identity holds", || {
+        let nap = stack.create(&json!({"name": "nap", "gpus": 0, "services": ["ssh"], "ssh_public_keys": [pubkey.trim()], "wait": "ready"}));
         let nid = text(&nap, "/id").to_string();
         let nport = port(&nap, "ssh");
+        // A strict client (StrictHostKeyChecking=yes, no prompt) whose known_hosts holds only
+        // the deployment's CA line logs in by pool port under the workspace's real name and by
+        // name over TLS, from the first login; the key it meets is the one the API shows.
+        let ca_only = keys.join("known_hosts_ca");
+        std::fs::write(&ca_only, format!("{}\n", text(&nap, "/access_info/ssh/cert_authority"))).expect("known_hosts");
+        let user_at = format!("remotegpu@{nid}.ssh.{DOMAIN}");
+        let Via::Name { config, host } = by_name(&stack, &nap, &keys) else { unreachable!("by_name gives a name") };
+        let strict_logins = |when: &str| {
+            let h = host_identity::by_port(nport, &user_at, &key, &ca_only, "hostname")
+                .unwrap_or_else(|e| panic!("strict login by pool port {when}: {e}"));
+            assert_eq!(h, nid, "{when}");
+            let h = host_identity::by_name(&config, &host, &key, &ca_only, "hostname")
+                .unwrap_or_else(|e| panic!("strict login by name {when}: {e}"));
+            assert_eq!(h, nid, "{when}");
+        };
+        strict_logins("after the create");
+        let key_at_create = host_identity::scanned_key(nport);
+        assert_eq!(key_at_create, text(&nap, "/access_info/ssh/host_key"), "the key served is not the one the API shows");
+        // The workspace's own known_hosts lines serve clients without certificate support.
+        let own = keys.join("known_hosts_own");
+        std::fs::write(&own, text(&nap, "/access_info/ssh/known_hosts")).expect("known_hosts");
+        host_identity::by_port(nport, &user_at, &key, &own, "true").unwrap_or_else(|e| panic!("its own known_hosts lines: {e}"));
+        // A client trusting another CA only is refused: the CA line is what vouches.
+        let foreign = keys.join("known_hosts_foreign");
+        std::fs::write(&foreign, format!("{}\n", host_identity::foreign_ca_line(&keys, DOMAIN))).expect("known_hosts");
+        let refused = host_identity::by_port(nport, &user_at, &key, &foreign, "true").expect_err("a foreign CA vouched for the workspace");
+        assert!(refused.contains("Host key verification failed"), "{refused}");
         let mut held = Session::open(nport, &key_login, Duration::from_secs(20)).expect("session on the idle workspace");
         let (status, v) =
             stack.call("PATCH", &format!("/api/v1/environments/{nid}"), Some(r#"{"idle_stop_after_s": 2}"#));
@@ -593,6 +621,9 @@ fn stack_end_to_end() {
         assert_eq!(v["data"]["readiness"]["ssh"]["ready"], true, "{v}");
         let h = ssh_run(nport, &key_login, "hostname").expect("the first ssh after start?wait=ready");
         assert_eq!(h, nid);
+        // A new container, the same identity: no warning for the strict client.
+        strict_logins("after an idle stop and a start");
+        assert_eq!(host_identity::scanned_key(nport), key_at_create, "the host key changed across a stop and start");
 
         // A stop cuts open sessions from the gateway before the container stops.
         let mut open = Session::open(nport, &key_login, Duration::from_secs(10)).expect("session before the stop");

@@ -64,6 +64,8 @@ pub struct EnvRow {
     pub password: String,
     pub jupyter_token: String,
     pub ssh_public_keys: Vec<String>,
+    /// Its SSH host key (OpenSSH private key), made at its first container and kept for life.
+    pub ssh_host_key: Option<String>,
     pub op_instance: Option<i64>,
     /// The epoch of the claim the operation holds (see [`Claim`]); `None` when none.
     pub op_epoch: Option<i64>,
@@ -98,8 +100,8 @@ impl std::fmt::Debug for EnvRow {
 
 pub(super) const COLUMNS: &str = "id, owner_id, name, image, status, status_reason, container_id, host, services, \
     name_services, gpus, gpu_count, gpu_model, memory_mb, cpus, pids, route_generation, username, password, jupyter_token, \
-    ssh_public_keys, op_instance, op_epoch, idle_stop_after_s, running_since, hold_until, idle_warned_at, created_at, \
-    updated_at, deleted_at";
+    ssh_public_keys, ssh_host_key, op_instance, op_epoch, idle_stop_after_s, running_since, hold_until, idle_warned_at, \
+    created_at, updated_at, deleted_at";
 
 /// What a create inserts.
 pub struct NewEnv<'a> {

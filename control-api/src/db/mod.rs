@@ -15,6 +15,7 @@ pub mod quotas;
 pub mod readiness;
 pub mod retention;
 pub mod routes;
+pub mod ssh_identity;
 pub mod users;
 
 use std::time::Duration;

@@ -75,6 +75,10 @@ pub struct WorkspaceSpec<'a> {
     pub password: &'a str,
     pub jupyter_token: &'a str,
     pub ssh_public_keys: &'a [String],
+    /// The workspace's SSH host key (OpenSSH private key) and its certificate; empty: the
+    /// image makes keys of its own.
+    pub ssh_host_key: &'a str,
+    pub ssh_host_cert: &'a str,
     pub limits: Limits,
 }
 
@@ -125,6 +129,10 @@ impl Plan {
             format!("GPUGATE_GPUS={gpu_list}"),
             format!("GPUGATE_SSH_PUBLIC_KEYS={}", spec.ssh_public_keys.join("\n")),
         ];
+        if !spec.ssh_host_key.is_empty() {
+            env.push(format!("GPUGATE_SSH_HOST_KEY={}", spec.ssh_host_key));
+            env.push(format!("GPUGATE_SSH_HOST_CERT={}", spec.ssh_host_cert));
+        }
         // The public pool port of each service that has one (a service reached by name only
         // has none), and which services to run: all of them, by port or by name (the image
         // would otherwise run only those with a port).
@@ -251,6 +259,8 @@ mod tests {
             password: "p",
             jupyter_token: "t",
             ssh_public_keys: &[],
+            ssh_host_key: "",
+            ssh_host_cert: "",
             limits: Limits { memory_mb: 512, cpus: 1.5, pids: 100 },
         }
     }

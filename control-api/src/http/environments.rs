@@ -19,6 +19,7 @@ use crate::db::{gateways as gateway_rows, gpus, ports, readiness};
 use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope, Success};
 use crate::idle_clock::{self, IdleView};
 use crate::readiness::ServiceReadiness;
+use crate::ssh_identity;
 use crate::lifecycle::{self, CreateSpec, IdempotencyKey};
 use sha2::{Digest, Sha256};
 use crate::state::{AppState, State as AppInner};
@@ -220,6 +221,19 @@ pub struct SshAccess {
     /// SSH by name, inside TLS to the gateway's TLS port (when reached by name).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<SshOverTls>,
+    /// One known_hosts line that trusts every workspace of this deployment: its SSH host CA,
+    /// which certifies each workspace's host key for its SSH host name. With it in
+    /// known_hosts, `StrictHostKeyChecking=yes` logs in without a prompt from the first time,
+    /// after every start, and whichever workspace a pool port belongs to.
+    pub cert_authority: String,
+    /// The workspace's own host key (`ssh-ed25519 AAAA...`), the same for its whole life;
+    /// absent until its first container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+    /// known_hosts lines for this workspace alone, for clients without certificate support:
+    /// its host name, and `[host]:port` with a pool port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<String>,
 }
 
 /// SSH inside TLS: the gateway routes by the TLS server name, OpenSSL's `s_client` (stock on
@@ -286,7 +300,10 @@ pub struct AccessInfo {
             "port": 24000,
             "username": "remotegpu",
             "password": "FnGdnrCFdr7H0qXEhSTeMQ2S",
-            "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com"
+            "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com",
+            "cert_authority": "@cert-authority *.ssh.x-gpu.com,[*.ssh.x-gpu.com]:* ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMBaWaU+MyOwM2QD4ez8j8mzqDT0emTzgXF3jVW21gcL",
+            "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJmxbxLo6KKlKNhRAjAH00KLDtrKI95Ip9Tps0H8gcg2",
+            "known_hosts": "l05fh80rhpiwa1uf.ssh.x-gpu.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJmxbxLo6KKlKNhRAjAH00KLDtrKI95Ip9Tps0H8gcg2\n[l05fh80rhpiwa1uf.ssh.x-gpu.com]:24000 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJmxbxLo6KKlKNhRAjAH00KLDtrKI95Ip9Tps0H8gcg2\n"
         },
         "jupyter": {"url": "http://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200/", "token": "h1z5NDL0LT5NymVnSD1q05it"},
         "code_server": {"url": "http://l05fh80rhpiwa1uf.code.x-gpu.com:24400/", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
@@ -349,7 +366,10 @@ pub struct GpuDeviceView {
             "port": 24000,
             "username": "remotegpu",
             "password": "FnGdnrCFdr7H0qXEhSTeMQ2S",
-            "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com"
+            "command": "ssh -p 24000 remotegpu@l05fh80rhpiwa1uf.ssh.x-gpu.com",
+            "cert_authority": "@cert-authority *.ssh.x-gpu.com,[*.ssh.x-gpu.com]:* ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMBaWaU+MyOwM2QD4ez8j8mzqDT0emTzgXF3jVW21gcL",
+            "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJmxbxLo6KKlKNhRAjAH00KLDtrKI95Ip9Tps0H8gcg2",
+            "known_hosts": "l05fh80rhpiwa1uf.ssh.x-gpu.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJmxbxLo6KKlKNhRAjAH00KLDtrKI95Ip9Tps0H8gcg2\n[l05fh80rhpiwa1uf.ssh.x-gpu.com]:24000 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJmxbxLo6KKlKNhRAjAH00KLDtrKI95Ip9Tps0H8gcg2\n"
         },
         "jupyter": {"url": "http://l05fh80rhpiwa1uf.jupyter.x-gpu.com:24200/", "token": "h1z5NDL0LT5NymVnSD1q05it"},
         "code_server": {"url": "http://l05fh80rhpiwa1uf.code.x-gpu.com:24400/", "password": "FnGdnrCFdr7H0qXEhSTeMQ2S"}
@@ -449,6 +469,14 @@ fn access_info(st: &AppInner, env: &EnvRow, held: &[(u16, Service)]) -> AccessIn
                         ),
                     }
                 });
+                let host_key = env.ssh_host_key.as_deref().and_then(ssh_identity::public_of);
+                let known_hosts = host_key.as_ref().map(|key| {
+                    let mut lines = format!("{h} {key}\n");
+                    if port != 0 {
+                        lines.push_str(&format!("[{h}]:{port} {key}\n"));
+                    }
+                    lines
+                });
                 info.ssh = Some(SshAccess {
                     command: (port != 0).then(|| format!("ssh -p {port} {}@{h}", env.username)),
                     port: (port != 0).then_some(port),
@@ -456,6 +484,9 @@ fn access_info(st: &AppInner, env: &EnvRow, held: &[(u16, Service)]) -> AccessIn
                     username: env.username.clone(),
                     password: env.password.clone(),
                     tls,
+                    cert_authority: st.host_ca.known_hosts_line(&st.cfg.domain),
+                    host_key,
+                    known_hosts,
                 })
             }
             Service::Jupyter => {

@@ -20,6 +20,7 @@ use crate::db::envs::{self, status, EnvRow, NewEnv};
 use crate::db::{self, gpus, hosts, idempotency, ports, quotas, readiness, routes, users::User, Tx};
 use crate::docker::{DockerClient, DockerError, WorkspaceSpec};
 use crate::error::ApiError;
+use crate::ssh_identity;
 use crate::state::State;
 
 /// An operation's claim on its environment row was taken over by another process (its
@@ -362,6 +363,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         // Step 2: the home volume, then Docker create.
         let t = Instant::now();
         dk.ensure_volume(&id).await.map_err(docker_error)?;
+        let identity = host_identity(st, &id).await?;
         let ws = WorkspaceSpec {
             env_id: &id,
             image: &image,
@@ -371,6 +373,8 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             password: &password,
             jupyter_token: &token,
             ssh_public_keys: &spec.ssh_public_keys,
+            ssh_host_key: &identity.private_key,
+            ssh_host_cert: &identity.certificate,
             limits,
         };
         let created = if st.fail_point("docker_create") {
@@ -619,6 +623,18 @@ async fn remove_containers(dk: &DockerClient, id: &str, known: Option<&str>) -> 
         dk.remove(&c.id).await?;
     }
     Ok(())
+}
+
+/// The SSH host key a new container of environment `id` gets (the same for its whole life),
+/// with a fresh certificate from the deployment's CA naming its SSH host name.
+pub(crate) async fn host_identity(st: &State, id: &str) -> Result<ssh_identity::HostIdentity, ApiError> {
+    let principal = format!("{id}.ssh.{}", st.cfg.domain);
+    match ssh_identity::for_container(&st.db, &st.host_ca, id, &principal).await {
+        Ok(Some(identity)) => Ok(identity),
+        Ok(None) => Err(ApiError::env_not_found(id)),
+        Err(ssh_identity::IdentityError::Db(e)) => Err(e.into()),
+        Err(e) => Err(ApiError::internal("SSH host identity", e)),
+    }
 }
 
 /// Claims an environment for an operation, or explains why not (404 / 409).
