@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use futures_util::StreamExt;
 
 use crate::db::gpus::{self, Unsampled};
-use crate::docker::DockerClient;
+use crate::docker::{DockerClient, DockerError};
 use crate::gpu::utilization::{self, Sample, QUERY_ARGS};
 use crate::state::State;
 
@@ -29,6 +29,10 @@ const WORKSPACE_OUTPUT_LIMIT: usize = 16 * 1024;
 
 /// How many workspaces of one host are sampled at a time.
 const WORKSPACE_CONCURRENCY: usize = 8;
+
+/// How many Docker call time-outs one host's sampling may take in a probe pass: the prober's
+/// other hosts wait meanwhile. Workspaces left out are sampled first at the next pass.
+const HOST_BUDGET_CALLS: u32 = 2;
 
 /// Samples this host's GPUs, remembering the last complaint so each is logged once.
 #[derive(Debug, Default)]
@@ -98,7 +102,12 @@ impl WorkspaceSampler {
         let due = gpus::unsampled_on_host(&st.db, host, st.cfg.idle.check_interval_s as f64 * 1.5).await?;
         let cmd: Vec<String> =
             st.cfg.gpu.workspace_nvidia_smi.iter().cloned().chain(QUERY_ARGS.iter().map(|a| a.to_string())).collect();
-        let results: Vec<(String, Result<u64, String>)> = futures_util::stream::iter(due)
+        // An engine that stops answering ends the host's sampling at once (the probe finds it
+        // down next time), and the whole of it is bounded, so one slow host cannot hold up the
+        // probes of the others.
+        let budget = std::time::Duration::from_secs(st.cfg.docker.call_timeout_s.max(1)) * HOST_BUDGET_CALLS;
+        let mut results: Vec<(String, Result<u64, Failure>)> = vec![];
+        let mut stream = futures_util::stream::iter(due)
             .map(|w| {
                 let cmd = &cmd;
                 async move {
@@ -106,9 +115,19 @@ impl WorkspaceSampler {
                     (w.env_id, got)
                 }
             })
-            .buffer_unordered(WORKSPACE_CONCURRENCY)
-            .collect()
-            .await;
+            .buffer_unordered(WORKSPACE_CONCURRENCY);
+        let collect = async {
+            while let Some((env_id, got)) = stream.next().await {
+                let unavailable = matches!(got, Err(Failure::EngineUnavailable(_)));
+                results.push((env_id, got));
+                if unavailable {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(budget, collect).await.is_err() {
+            tracing::warn!(host, budget_s = budget.as_secs(), "sampling the host's GPU workspaces took its whole budget; the rest come first at the next probe");
+        }
         let mut sampled = 0;
         for (env_id, got) in results {
             match got {
@@ -119,7 +138,10 @@ impl WorkspaceSampler {
                         tracing::info!(env_id, host, "GPU utilisation of the workspace is sampled again");
                     }
                 }
-                Err(e) => {
+                Err(Failure::EngineUnavailable(e)) => {
+                    tracing::warn!(host, error = %e, "the host's engine stopped answering while its GPU workspaces were sampled");
+                }
+                Err(Failure::Workspace(e)) => {
                     st.metrics.gpu_samples.with_label_values(&["workspace", "failed"]).inc();
                     if self.complaints.get(&env_id) != Some(&e) {
                         tracing::warn!(
@@ -135,15 +157,32 @@ impl WorkspaceSampler {
     }
 }
 
+/// Why a workspace took no sample.
+enum Failure {
+    /// The host's engine did not answer: the host's sampling stops for this pass.
+    EngineUnavailable(String),
+    /// This workspace's command or output (logged once per change).
+    Workspace(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::Workspace(e)
+    }
+}
+
 /// Runs the utilisation command in `w`'s container and records what it says of `w`'s GPUs.
-async fn sample_workspace(st: &State, host: &str, client: &DockerClient, cmd: &[String], w: &Unsampled) -> Result<u64, String> {
-    let out = client.exec_output(&w.container_id, cmd, WORKSPACE_OUTPUT_LIMIT).await.map_err(|e| e.to_string())?;
+async fn sample_workspace(st: &State, host: &str, client: &DockerClient, cmd: &[String], w: &Unsampled) -> Result<u64, Failure> {
+    let out = client.exec_output(&w.container_id, cmd, WORKSPACE_OUTPUT_LIMIT).await.map_err(|e| match e {
+        DockerError::Timeout(_) | DockerError::Connect(_) => Failure::EngineUnavailable(e.to_string()),
+        other => Failure::Workspace(other.to_string()),
+    })?;
     if out.truncated {
-        return Err(format!("`{}` printed more than {WORKSPACE_OUTPUT_LIMIT} bytes", cmd.join(" ")));
+        return Err(format!("`{}` printed more than {WORKSPACE_OUTPUT_LIMIT} bytes", cmd.join(" ")).into());
     }
     if out.exit_code != Some(0) {
         let code = out.exit_code.map_or("no exit code".to_string(), |c| format!("exit code {c}"));
-        return Err(format!("`{}` failed in the workspace ({code})", cmd.join(" ")));
+        return Err(format!("`{}` failed in the workspace ({code})", cmd.join(" ")).into());
     }
     let samples = utilization::parse(&out.stdout).map_err(|e| format!("`{}` printed {e}", cmd.join(" ")))?;
     let matched = match_samples(&w.gpus, samples)?;
@@ -154,7 +193,9 @@ async fn sample_workspace(st: &State, host: &str, client: &DockerClient, cmd: &[
             (id, percent, busy)
         })
         .collect();
-    gpus::record_env_utilization(&st.db, host, &w.env_id, &rows).await.map_err(|e| format!("recording the samples failed: {e}"))
+    Ok(gpus::record_env_utilization(&st.db, host, &w.env_id, &rows)
+        .await
+        .map_err(|e| format!("recording the samples failed: {e}"))?)
 }
 
 /// Pairs what a workspace reported with the GPUs it holds (`held`: inventory keys by index):

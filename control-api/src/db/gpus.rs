@@ -254,7 +254,7 @@ pub struct Unsampled {
 }
 
 /// Running, settled workspaces of `host` holding GPUs none of which was sampled in the last
-/// `older_than_s` seconds.
+/// `older_than_s` seconds, the longest unsampled first.
 pub async fn unsampled_on_host(db: &Db, host: &str, older_than_s: f64) -> DbResult<Vec<Unsampled>> {
     sqlx::query_as(
         "SELECT e.id AS env_id, e.container_id, array_agg(g.id ORDER BY g.idx, g.id) AS gpus \
@@ -262,7 +262,7 @@ pub async fn unsampled_on_host(db: &Db, host: &str, older_than_s: f64) -> DbResu
          WHERE e.host = $1 AND e.status = 'running' AND e.op_instance IS NULL AND e.container_id IS NOT NULL \
          GROUP BY e.id, e.container_id \
          HAVING COALESCE(max(g.utilization_at) < now() - make_interval(secs => $2), true) \
-         ORDER BY e.id",
+         ORDER BY max(g.utilization_at) NULLS FIRST, e.id",
     )
     .bind(host)
     .bind(older_than_s)
