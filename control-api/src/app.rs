@@ -15,7 +15,8 @@ use crate::docker::DockerClient;
 use crate::metrics::Metrics;
 use crate::ops::{Liveness, Operations};
 use crate::publisher_status::PublisherStatus;
-use crate::routes::{Publisher, Resync, TableView};
+use crate::publisher::{Publisher, Resync};
+use crate::table_view::TableView;
 use crate::state::{AppState, State};
 
 /// What to run in this process.

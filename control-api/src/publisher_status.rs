@@ -1,5 +1,5 @@
 //! What the publisher is doing, as the publisher, the gateway registry, the probes and the
-//! debug view read it: a value below both [`crate::routes`] and [`crate::registry`], so the
+//! debug view read it: a value below both [`crate::publisher`] and [`crate::registry`], so the
 //! publisher imports the registry and nothing imports back.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};

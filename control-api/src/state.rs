@@ -7,7 +7,8 @@ use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::ops::{Liveness, Operations};
 use crate::publisher_status::PublisherStatus;
-use crate::routes::{Resync, TableView};
+use crate::publisher::Resync;
+use crate::table_view::TableView;
 
 /// Everything a request needs; cheap to clone.
 pub type AppState = Arc<State>;

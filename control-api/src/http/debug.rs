@@ -129,7 +129,7 @@ async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResul
         }
         Err(e) => (None, Some(e.to_string()), vec![], BTreeMap::new()),
     };
-    let mismatches = crate::routes::mismatches(&wanted, &have)
+    let mismatches = mismatches(&wanted, &have)
         .into_iter()
         .map(|(port, kind)| Mismatch { port, kind })
         .collect();
@@ -165,7 +165,7 @@ fn name_view(st: &AppState, rows: Vec<NameRouteRow>) -> NameRoutes {
             });
         }
     }
-    let mismatches = crate::routes::mismatches(&wanted, &have)
+    let mismatches = mismatches(&wanted, &have)
         .into_iter()
         .map(|(k, kind)| NameMismatch { name: format!("{}.{}", k.env_id, k.service), kind })
         .collect();
@@ -230,4 +230,26 @@ async fn run_reconcile(State(st): State<AppState>, _admin: Admin) -> ApiResult<R
     }
     let r = reconcile::pass(&st).await.map_err(|e| ApiError::internal("reconcile", format!("{e:#}")))?;
     Ok(ok(r))
+}
+
+/// Route maps (by port or by name) compared: `desired` minus what the table holds, and the reverse.
+fn mismatches<K: Ord + Copy>(
+    wanted: &BTreeMap<K, Route>,
+    table: &BTreeMap<K, Route>,
+) -> Vec<(K, &'static str)> {
+    let mut out = vec![];
+    for (key, want) in wanted {
+        match table.get(key) {
+            None => out.push((*key, "missing_in_table")),
+            Some(have) if have != want => out.push((*key, "differs")),
+            Some(_) => {}
+        }
+    }
+    for key in table.keys() {
+        if !wanted.contains_key(key) {
+            out.push((*key, "not_in_database"));
+        }
+    }
+    out.sort_unstable();
+    out
 }

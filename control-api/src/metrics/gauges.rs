@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::db::ports::PoolStats;
 use crate::db::gateways::{self, GatewayRow};
 use crate::db::{envs, ports, Db};
-use crate::routes::TableView;
+use crate::table_view::TableView;
 
 /// The longest one database refresh may take before it counts as failed.
 const DB_REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
