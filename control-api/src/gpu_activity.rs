@@ -5,15 +5,16 @@
 //! GPUs no API process samples that way (on a host without an API process of its own, or
 //! listed by index, with no UUID to match) are sampled by the host prober
 //! ([`crate::host_health`]) from inside each GPU workspace whose samples are older than one
-//! and a half idle checks: `gpu.workspace_nvidia_smi` run there sees exactly that workspace's GPUs. What
-//! it prints is the workspace user's to forge, so it can only ever speak for that workspace's
-//! own GPUs: by UUID where the inventory knows them (any other UUID refuses the sample), by
-//! position otherwise, and only when it lists as many GPUs as the workspace holds.
+//! and a half idle checks: `gpu.workspace_nvidia_smi` run there sees exactly that
+//! workspace's GPUs. What it prints is the workspace user's to forge, so it can only ever
+//! speak for that workspace's own GPUs: by UUID where the inventory knows them (any other UUID
+//! refuses the sample), by position otherwise, and only when it lists as many GPUs as the
+//! workspace holds.
 //!
 //! Sampling is never fatal: a command that fails (missing, timing out, printing something
 //! unexpected) is logged once per change of its complaint and counted in
-//! `gpugate_gpu_utilization_samples_total{result="failed"}`; the samples it did not renew go
-//! stale, and a stale sample is unknown, never busy.
+//! `gpugate_gpu_utilization_samples_total{result="failed"}` (`source` `host` or `workspace`);
+//! the samples it did not renew go stale, and a stale sample is unknown, never busy.
 
 use std::collections::HashMap;
 
@@ -88,7 +89,8 @@ impl Sampler {
 /// complaint so that a broken (or forged) output is logged once per change, not every pass.
 #[derive(Debug, Default)]
 pub struct WorkspaceSampler {
-    complaints: HashMap<String, String>,
+    /// Last complaint per workspace, with its host.
+    complaints: HashMap<String, (String, String)>,
 }
 
 impl WorkspaceSampler {
@@ -100,6 +102,10 @@ impl WorkspaceSampler {
             return Ok(0);
         }
         let due = gpus::unsampled_on_host(&st.db, host, st.cfg.idle.check_interval_s as f64 * 1.5).await?;
+        // A complaint about a workspace that is no longer due (sampled, stopped, deleted) is
+        // forgotten; one of another host is not this pass's to judge.
+        let hosts_workspaces: std::collections::HashSet<&str> = due.iter().map(|w| w.env_id.as_str()).collect();
+        self.complaints.retain(|env_id, (of_host, _)| of_host != host || hosts_workspaces.contains(env_id.as_str()));
         let cmd: Vec<String> =
             st.cfg.gpu.workspace_nvidia_smi.iter().cloned().chain(QUERY_ARGS.iter().map(|a| a.to_string())).collect();
         // An engine that stops answering ends the host's sampling at once (the probe finds it
@@ -143,12 +149,12 @@ impl WorkspaceSampler {
                 }
                 Err(Failure::Workspace(e)) => {
                     st.metrics.gpu_samples.with_label_values(&["workspace", "failed"]).inc();
-                    if self.complaints.get(&env_id) != Some(&e) {
+                    if self.complaints.get(&env_id).map(|(_, said)| said) != Some(&e) {
                         tracing::warn!(
                             env_id, host, error = %e,
                             "GPU utilisation of the workspace unknown: its GPUs do not count as busy until sampling works again"
                         );
-                        self.complaints.insert(env_id, e);
+                        self.complaints.insert(env_id, (host.to_string(), e));
                     }
                 }
             }

@@ -41,20 +41,28 @@ async fn create_runs_the_workspace_and_delete_leaves_nothing() {
     let (ssh, jupyter, code) = (port("ssh"), port("jupyter"), port("code"));
     assert!((20000..=20009).contains(&ssh) && (21000..=21009).contains(&jupyter) && (22000..=22009).contains(&code));
 
-    // The access document has exactly the seed's shape.
+    // The access document has the seed's shape, plus the workspace's SSH host identity.
     let (s, a) = ctx.get(&format!("/api/v1/environments/{id}/access"), &alice).await;
     assert_eq!(s, 200, "{a}");
     assert_eq!(keys(&a), set(&["code", "message", "data"]));
     assert_eq!(keys(&a["data"]), set(&["environment_id", "access_info"]));
     let info = &a["data"]["access_info"];
     assert_eq!(keys(info), set(&["ssh", "jupyter", "code_server"]));
-    assert_eq!(keys(&info["ssh"]), set(&["host", "port", "username", "password", "command"]));
+    assert_eq!(
+        keys(&info["ssh"]),
+        set(&["host", "port", "username", "password", "command", "cert_authority", "host_key", "known_hosts"])
+    );
     assert_eq!(keys(&info["jupyter"]), set(&["url", "token"]));
     assert_eq!(keys(&info["code_server"]), set(&["url", "password"]));
     let host = format!("{id}.ssh.x-gpu.com");
     assert_eq!(info["ssh"]["host"], host.as_str());
     assert_eq!(info["ssh"]["port"], ssh);
     assert_eq!(info["ssh"]["command"], format!("ssh -p {ssh} remotegpu@{host}").as_str());
+    let ca = info["ssh"]["cert_authority"].as_str().expect("the CA line");
+    assert!(ca.starts_with("@cert-authority *.ssh.x-gpu.com,[*.ssh.x-gpu.com]:* ssh-ed25519 "), "{ca}");
+    let host_key = info["ssh"]["host_key"].as_str().expect("the host key");
+    assert!(host_key.starts_with("ssh-ed25519 "), "{host_key}");
+    assert_eq!(info["ssh"]["known_hosts"], format!("{host} {host_key}\n[{host}]:{ssh} {host_key}\n").as_str());
     // Pool ports are plain TCP through the gateway: the URL says http, never https.
     assert_eq!(info["jupyter"]["url"], format!("http://{id}.jupyter.x-gpu.com:{jupyter}/").as_str());
     assert_eq!(info["code_server"]["url"], format!("http://{id}.code.x-gpu.com:{code}/").as_str());
@@ -220,6 +228,11 @@ async fn stop_start_keeps_ports_and_other_users_get_404() {
     let cs = ctx.containers();
     assert_eq!(cs.len(), 1);
     assert_eq!(ctx.inspect(&cs[0])["State"]["Running"], false);
+    let env_of = |c: &serde_json::Value, name: &str| -> String {
+        let prefix = format!("{name}=");
+        c["Config"]["Env"].as_array().expect("env").iter().filter_map(|e| e.as_str()?.strip_prefix(&prefix)).collect()
+    };
+    let key_before = env_of(&ctx.inspect(&cs[0]), "GPUGATE_SSH_HOST_KEY");
     let (s, v) = ctx.post(&format!("/api/v1/environments/{id}/stop"), &alice, json!({})).await;
     assert_eq!((s, v["code"].as_u64()), (409, Some(1006)), "{v}");
 
@@ -242,6 +255,10 @@ async fn stop_start_keeps_ports_and_other_users_get_404() {
     }
     let (_, a) = ctx.get(&format!("/api/v1/environments/{id}/access"), &alice).await;
     assert_eq!(a["data"]["access_info"]["ssh"]["port"], ssh);
+    // The new container has the workspace's host key of before, with a certificate.
+    assert_eq!(env_of(&c, "GPUGATE_SSH_HOST_KEY"), key_before, "a start changed the host key");
+    assert!(key_before.contains("BEGIN OPENSSH PRIVATE KEY"), "{key_before}");
+    assert!(env_of(&c, "GPUGATE_SSH_HOST_CERT").starts_with("ssh-ed25519-cert-v01@openssh.com "));
     ctx.finish().await;
 }
 
