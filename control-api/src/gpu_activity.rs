@@ -18,22 +18,14 @@
 
 use std::collections::HashMap;
 
-use futures_util::StreamExt;
-
 use crate::db::gpus::{self, Unsampled};
-use crate::docker::{DockerClient, DockerError};
+use crate::docker::DockerClient;
+use crate::host_exec::{self, Failure};
 use crate::gpu::utilization::{self, Sample, QUERY_ARGS};
 use crate::state::State;
 
 /// How much of the workspace command's output is read (a GPU's line is under 100 bytes).
 const WORKSPACE_OUTPUT_LIMIT: usize = 16 * 1024;
-
-/// How many workspaces of one host are sampled at a time.
-const WORKSPACE_CONCURRENCY: usize = 8;
-
-/// How many Docker call time-outs one host's sampling may take in a probe pass: the prober's
-/// other hosts wait meanwhile. Workspaces left out are sampled first at the next pass.
-const HOST_BUDGET_CALLS: u32 = 2;
 
 /// Samples this host's GPUs, remembering the last complaint so each is logged once.
 #[derive(Debug, Default)]
@@ -108,34 +100,19 @@ impl WorkspaceSampler {
         self.complaints.retain(|env_id, (of_host, _)| of_host != host || hosts_workspaces.contains(env_id.as_str()));
         let cmd: Vec<String> =
             st.cfg.gpu.workspace_nvidia_smi.iter().cloned().chain(QUERY_ARGS.iter().map(|a| a.to_string())).collect();
-        // An engine that stops answering ends the host's sampling at once (the probe finds it
-        // down next time), and the whole of it is bounded, so one slow host cannot hold up the
-        // probes of the others.
-        let budget = std::time::Duration::from_secs(st.cfg.docker.call_timeout_s.max(1)) * HOST_BUDGET_CALLS;
-        let mut results: Vec<(String, Result<u64, Failure>)> = vec![];
-        let mut stream = futures_util::stream::iter(due)
-            .map(|w| {
-                let cmd = &cmd;
-                async move {
-                    let got = sample_workspace(st, host, client, cmd, &w).await;
-                    (w.env_id, got)
-                }
-            })
-            .buffer_unordered(WORKSPACE_CONCURRENCY);
-        let collect = async {
-            while let Some((env_id, got)) = stream.next().await {
-                let unavailable = matches!(got, Err(Failure::EngineUnavailable(_)));
-                results.push((env_id, got));
-                if unavailable {
-                    break;
-                }
+        let pass = host_exec::bounded(due, host_exec::budget(st.cfg.docker.call_timeout_s), |w| {
+            let cmd = &cmd;
+            async move {
+                let got = sample_workspace(st, host, client, cmd, &w).await;
+                (w.env_id, got)
             }
-        };
-        if tokio::time::timeout(budget, collect).await.is_err() {
-            tracing::warn!(host, budget_s = budget.as_secs(), "sampling the host's GPU workspaces took its whole budget; the rest come first at the next probe");
+        })
+        .await;
+        if pass.out_of_budget {
+            tracing::warn!(host, "sampling the host's GPU workspaces took its whole budget; the rest come first at the next probe");
         }
         let mut sampled = 0;
-        for (env_id, got) in results {
+        for (env_id, got) in pass.results {
             match got {
                 Ok(n) => {
                     st.metrics.gpu_samples.with_label_values(&["workspace", "ok"]).inc();
@@ -163,26 +140,9 @@ impl WorkspaceSampler {
     }
 }
 
-/// Why a workspace took no sample.
-enum Failure {
-    /// The host's engine did not answer: the host's sampling stops for this pass.
-    EngineUnavailable(String),
-    /// This workspace's command or output (logged once per change).
-    Workspace(String),
-}
-
-impl From<String> for Failure {
-    fn from(e: String) -> Self {
-        Failure::Workspace(e)
-    }
-}
-
 /// Runs the utilisation command in `w`'s container and records what it says of `w`'s GPUs.
 async fn sample_workspace(st: &State, host: &str, client: &DockerClient, cmd: &[String], w: &Unsampled) -> Result<u64, Failure> {
-    let out = client.exec_output(&w.container_id, cmd, WORKSPACE_OUTPUT_LIMIT).await.map_err(|e| match e {
-        DockerError::Timeout(_) | DockerError::Connect(_) => Failure::EngineUnavailable(e.to_string()),
-        other => Failure::Workspace(other.to_string()),
-    })?;
+    let out = client.exec_output(&w.container_id, None, cmd, WORKSPACE_OUTPUT_LIMIT).await?;
     if out.truncated {
         return Err(format!("`{}` printed more than {WORKSPACE_OUTPUT_LIMIT} bytes", cmd.join(" ")).into());
     }

@@ -8,7 +8,8 @@
 //! placement uses its GPUs again): containers of environments that are not its own, or that no
 //! longer own them, are removed; its `unreachable` environments are `running` again. A host
 //! that answers has the GPUs that no API process samples sampled from inside their workspaces
-//! ([`crate::gpu_activity::WorkspaceSampler`]).
+//! ([`crate::gpu_activity::WorkspaceSampler`]), and its workspaces that lack their owner's
+//! current account keys brought up to date ([`crate::key_sync`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::db::{self, envs, hosts, readiness, routes, Db};
 use crate::gpu_activity::WorkspaceSampler;
+use crate::key_sync;
 use crate::state::State;
 
 /// Runs the probe loop until `shutdown`.
@@ -102,6 +104,9 @@ pub async fn pass(st: &State, sampler: &mut WorkspaceSampler) -> anyhow::Result<
         }
         if let Err(e) = sampler.sample_host(st, &host.name, &client).await {
             tracing::warn!(host = %host.name, error = %format!("{e:#}"), "sampling the GPUs of the host's workspaces failed");
+        }
+        if let Err(e) = key_sync::sync_host(st, &host.name, &client).await {
+            tracing::warn!(host = %host.name, error = %format!("{e:#}"), "bringing the host's workspaces to their account keys failed");
         }
     }
     Ok(())

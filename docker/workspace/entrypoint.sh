@@ -5,7 +5,10 @@
 #
 #   GPUGATE_USERNAME         login user (default remotegpu; GPUGATE_USER is accepted too)
 #   GPUGATE_PASSWORD         its password (SSH password login); unset: key login only
-#   GPUGATE_SSH_PUBLIC_KEYS  authorized keys, one per line
+#   GPUGATE_SSH_PUBLIC_KEYS  authorized keys, one per line (the user's ~/.ssh/authorized_keys)
+#   GPUGATE_ACCOUNT_KEYS     the owner's account keys, one per line, and
+#   GPUGATE_ACCOUNT_KEYS_GENERATION  their generation: kept current by gpugate-account-keys
+#   GPUGATE_PASSWORD_LOGIN   yes (default) or no: whether sshd takes the password
 #   GPUGATE_SSH_HOST_KEY     the workspace's SSH host key (OpenSSH Ed25519 private key), the same
 #                            for its whole life; unset: keys made for this container
 #   GPUGATE_SSH_HOST_CERT    its certificate from the deployment's SSH host CA (optional)
@@ -27,6 +30,9 @@ die() { log "$*"; exit 64; }
 user=${GPUGATE_USERNAME:-${GPUGATE_USER:-remotegpu}}
 password=${GPUGATE_PASSWORD:-}
 keys=${GPUGATE_SSH_PUBLIC_KEYS:-}
+account_keys=${GPUGATE_ACCOUNT_KEYS:-}
+account_generation=${GPUGATE_ACCOUNT_KEYS_GENERATION:-0}
+password_login=${GPUGATE_PASSWORD_LOGIN:-yes}
 token=${GPUGATE_JUPYTER_TOKEN:-${JUPYTER_TOKEN:-}}
 code_password=${GPUGATE_CODE_PASSWORD:-$password}
 host_key=${GPUGATE_SSH_HOST_KEY:-}
@@ -38,6 +44,7 @@ ported="${GPUGATE_SSH_PORT:+ssh }${GPUGATE_JUPYTER_PORT:+jupyter }${GPUGATE_CODE
 services=" ${GPUGATE_SERVICES:-${ported:-ssh jupyter code}} "
 # Secrets stay out of every child's environment (sessions, kernels, terminals).
 unset GPUGATE_PASSWORD GPUGATE_JUPYTER_TOKEN JUPYTER_TOKEN GPUGATE_CODE_PASSWORD GPUGATE_SSH_HOST_KEY GPUGATE_SSH_HOST_CERT
+unset GPUGATE_ACCOUNT_KEYS GPUGATE_ACCOUNT_KEYS_GENERATION GPUGATE_PASSWORD_LOGIN
 
 [[ $user =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] || die "GPUGATE_USERNAME '$user' is not a valid user name ([a-z_][a-z0-9_-]{0,31})"
 [[ $password != *$'\n'* ]] || die "GPUGATE_PASSWORD must not contain a newline"
@@ -72,8 +79,12 @@ install -d -m 0700 -o "$user" -g "$user" "$home/.ssh"
 printf '%s\n' "$keys" | sed '/^[[:space:]]*$/d' >"$home/.ssh/authorized_keys"
 chown "$user:" "$home/.ssh/authorized_keys"
 chmod 0600 "$home/.ssh/authorized_keys"
-[[ -n $password || -s $home/.ssh/authorized_keys ]] ||
-  log "warning: neither GPUGATE_PASSWORD nor GPUGATE_SSH_PUBLIC_KEYS is set; nobody can log in over SSH"
+# The owner's account keys (later changes come by `docker exec ... gpugate-account-keys`).
+mapfile -t account < <(printf '%s\n' "$account_keys" | sed '/^[[:space:]]*$/d')
+gpugate-account-keys "$account_generation" "$password_login" "${account[@]}" >/dev/null ||
+  die "GPUGATE_ACCOUNT_KEYS_GENERATION or GPUGATE_PASSWORD_LOGIN is invalid (see above)"
+[[ ( -n $password && $password_login == yes ) || -s $home/.ssh/authorized_keys || ${#account[@]} -gt 0 ]] ||
+  log "warning: no SSH key is set and password login is off or without a password; nobody can log in over SSH"
 echo "AllowUsers $user" >/etc/ssh/sshd_config.d/20-gpugate-user.conf
 
 # Login sessions do not inherit the container's environment; pass on what a GPU user needs

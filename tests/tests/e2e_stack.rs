@@ -288,6 +288,36 @@ fn stack_end_to_end() {
         report(&format!("  isolation checks in {:.1} s", t.elapsed().as_secs_f64()));
     });
 
+    phase("account keys: an added key logs in through the gateway within 5 s, the password stops; removed, refused", || {
+        let account = keys.join("account_ed25519");
+        run_ok(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&account));
+        let public = std::fs::read_to_string(keys.join("account_ed25519.pub")).expect("public key");
+        let password = Login::Password(text(&env, "/access_info/ssh/password").to_string());
+        let by_account = Login::Key(account.clone());
+        assert!(ssh_run(ssh_port, &by_account, "true").is_err(), "a key nobody added logged in");
+        let (status, v) = stack.call("POST", "/api/v1/users/me/ssh-keys", Some(&json!({"public_key": public.trim()}).to_string()));
+        assert_eq!(status, 201, "{v}");
+        let key_id = v["data"]["id"].as_i64().expect("key id");
+        let t = Instant::now();
+        ssh_run_retry(ssh_port, &by_account, "true", Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("the account key did not log in within 5 s: {e}\n{}", stack.api_logs()));
+        report(&format!("  added → first login through the gateway in {} ms", t.elapsed().as_millis()));
+        let off = Instant::now() + Duration::from_secs(5);
+        while ssh_run(ssh_port, &password, "true").is_ok() {
+            assert!(Instant::now() < off, "password login still works 5 s after the first account key (password_login auto)");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (status, v) = stack.call("DELETE", &format!("/api/v1/users/me/ssh-keys/{key_id}"), None);
+        assert_eq!(status, 200, "{v}");
+        let gone = Instant::now() + Duration::from_secs(5);
+        while ssh_run(ssh_port, &by_account, "true").is_ok() {
+            assert!(Instant::now() < gone, "a removed account key still logs in after 5 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ssh_run_retry(ssh_port, &password, "true", Duration::from_secs(5)).expect("password login back once the last account key went");
+        ssh_run(ssh_port, &key_login, "true").expect("the key named at create stopped working");
+    });
+
     phase("JupyterLab and the code port through the gateway", || {
         let jport = port(&env, "jupyter");
         let token = text(&env, "/access_info/jupyter/token");

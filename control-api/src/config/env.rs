@@ -174,6 +174,7 @@ impl Config {
         parse_env(env, "GPUGATE_DOCKER_ENDPOINT", &mut self.docker.endpoint)?;
         parse_env(env, "GPUGATE_DEFAULT_IMAGE", &mut self.docker.default_image)?;
         parse_env(env, "GPUGATE_USERNAME", &mut self.docker.username)?;
+        parse_env(env, "GPUGATE_PASSWORD_LOGIN", &mut self.docker.password_login)?;
         parse_env(env, "GPUGATE_DOCKER_STOP_TIMEOUT_S", &mut self.docker.stop_timeout_s)?;
         if let Some(v) = env_var(env, "GPUGATE_ALLOWED_IMAGES") {
             self.docker.allowed_images = split_list(&v);

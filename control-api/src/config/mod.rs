@@ -29,7 +29,7 @@ pub use metrics::MetricsConfig;
 pub use names::{AccessMode, NamesConfig};
 pub use range::PortRange;
 pub use tenant::{QuotaConfig, RateLimitConfig};
-pub use workspace::{image_allowed, LimitsConfig, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
+pub use workspace::{image_allowed, LimitsConfig, PasswordLogin, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
 
 use gpugate_routes::Service;
 use serde::Deserialize;
@@ -114,6 +114,9 @@ pub struct DockerConfig {
     pub default_image: String,
     /// Login name inside workspaces (`GPUGATE_USER`).
     pub username: String,
+    /// Whether workspaces take their password over SSH (`auto`: until the owner has an
+    /// account key).
+    pub password_login: PasswordLogin,
     /// Seconds Docker waits for a workspace to stop before killing it.
     pub stop_timeout_s: u32,
     /// Seconds any one Docker call may take.
@@ -134,6 +137,7 @@ impl Default for DockerConfig {
             endpoint: String::new(),
             default_image: "gpugate/workspace:latest".into(),
             username: "remotegpu".into(),
+            password_login: PasswordLogin::default(),
             stop_timeout_s: 10,
             call_timeout_s: 60,
             allowed_images: vec![],

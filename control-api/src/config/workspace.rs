@@ -1,7 +1,53 @@
 //! What a workspace may use: resource limits (a deployment default and a maximum a create may
-//! ask for) and the images it may run.
+//! ask for), the images it may run, and how its users log in over SSH.
 
 use serde::Deserialize;
+
+/// Whether a workspace's SSH server takes its password (`docker.password_login`,
+/// `GPUGATE_PASSWORD_LOGIN`). Keys always work; the password stays the editor's login either way.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PasswordLogin {
+    /// Password login until the owner has an account key, then keys only.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never: keys only.
+    Off,
+}
+
+impl PasswordLogin {
+    /// The name used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PasswordLogin::Auto => "auto",
+            PasswordLogin::On => "on",
+            PasswordLogin::Off => "off",
+        }
+    }
+
+    /// Whether an owner with `account_keys` account keys logs in with the password.
+    pub fn allows(self, account_keys: usize) -> bool {
+        match self {
+            PasswordLogin::Auto => account_keys == 0,
+            PasswordLogin::On => true,
+            PasswordLogin::Off => false,
+        }
+    }
+}
+
+impl std::str::FromStr for PasswordLogin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "auto" => Ok(PasswordLogin::Auto),
+            "on" => Ok(PasswordLogin::On),
+            "off" => Ok(PasswordLogin::Off),
+            _ => Err("expected auto, on or off".into()),
+        }
+    }
+}
 
 /// Memory, CPU and process limits of every workspace container. A create may ask for any
 /// value from the floor up to the maximum; without one it gets the default.
@@ -86,6 +132,16 @@ pub fn image_allowed(rules: &[String], default_image: &str, image: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn password_login_auto_turns_off_with_the_first_account_key() {
+        assert!(PasswordLogin::Auto.allows(0));
+        assert!(!PasswordLogin::Auto.allows(1));
+        assert!(PasswordLogin::On.allows(3));
+        assert!(!PasswordLogin::Off.allows(0));
+        assert_eq!("off".parse::<PasswordLogin>(), Ok(PasswordLogin::Off));
+        assert!("yes".parse::<PasswordLogin>().unwrap_err().contains("auto, on or off"));
+    }
 
     #[test]
     fn allow_list_matches_exact_names_and_prefixes() {

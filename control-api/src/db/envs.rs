@@ -291,9 +291,13 @@ pub async fn settle<'e, E: PgExecutor<'e>>(
 }
 
 /// Records the container id while the claim of epoch `epoch` still holds the row (crash
-/// recovery finds it); false if it does not.
+/// recovery finds it); false if it does not. The new container has yet to be brought to its
+/// owner's account keys by the key sync (its environment carried them as of its create).
 pub async fn set_container<'e, E: PgExecutor<'e>>(exec: E, id: &str, epoch: i64, container_id: &str) -> DbResult<bool> {
-    Ok(sqlx::query("UPDATE environments SET container_id = $2, updated_at = now() WHERE id = $1 AND op_epoch = $3")
+    Ok(sqlx::query(
+        "UPDATE environments SET container_id = $2, account_keys_synced = NULL, updated_at = now() \
+         WHERE id = $1 AND op_epoch = $3",
+    )
         .bind(id)
         .bind(container_id)
         .bind(epoch)

@@ -2,6 +2,7 @@
 //!
 //! Only this module runs SQL. Its submodules own one table family each.
 
+pub mod account_keys;
 pub mod activity;
 pub mod close_requests;
 pub mod envs;

@@ -1,6 +1,7 @@
 //! Running a short command inside a workspace and reading what it prints: how the GPU
 //! utilisation of a host with no API process of its own is read (`nvidia-smi` inside each GPU
-//! workspace sees exactly that workspace's GPUs).
+//! workspace sees exactly that workspace's GPUs), and how account keys reach a running
+//! workspace.
 //!
 //! The command runs in a container its user controls, so what it prints is untrusted: the
 //! output is cut at a byte limit, the whole call at the client's time-out, and callers accept
@@ -23,15 +24,23 @@ pub struct ExecOutput {
 }
 
 impl DockerClient {
-    /// Runs `cmd` in `container` (as its default user, no TTY, no input) and collects at most
-    /// `limit` bytes of its standard output; standard error is dropped.
-    pub async fn exec_output(&self, container: &str, cmd: &[String], limit: usize) -> Result<ExecOutput, DockerError> {
+    /// Runs `cmd` in `container` (as `user`, or its default user when `None`; no TTY, no
+    /// input) and collects at most `limit` bytes of its standard output; standard error is
+    /// dropped.
+    pub async fn exec_output(
+        &self,
+        container: &str,
+        user: Option<&str>,
+        cmd: &[String],
+        limit: usize,
+    ) -> Result<ExecOutput, DockerError> {
         let failed = |e: bollard::errors::Error| DockerError::Exec(container.to_string(), server_message(&e));
         let opts = CreateExecOptions::<String> {
             cmd: Some(cmd.to_vec()),
             attach_stdout: Some(true),
             attach_stderr: Some(false),
             tty: Some(false),
+            user: user.map(str::to_string),
             ..Default::default()
         };
         let id = self.timed("exec create", self.docker.create_exec(container, opts)).await?.map_err(failed)?.id;

@@ -21,7 +21,7 @@ mod plan;
 mod volume;
 
 pub use exec::ExecOutput;
-pub use plan::{container_port, Limits, Plan, WorkspaceSpec, WORKSPACE_CAPABILITIES};
+pub use plan::{container_port, AccountLogin, Limits, Plan, WorkspaceSpec, WORKSPACE_CAPABILITIES};
 pub use volume::ManagedVolume;
 
 use crate::config::Config;

@@ -79,7 +79,18 @@ pub struct WorkspaceSpec<'a> {
     /// image makes keys of its own.
     pub ssh_host_key: &'a str,
     pub ssh_host_cert: &'a str,
+    /// The owner's account keys and password setting as the container starts with them.
+    pub account: &'a AccountLogin,
     pub limits: Limits,
+}
+
+/// The owner's account keys at one generation, and whether the password logs in over SSH;
+/// later changes reach the running container by `crate::key_sync`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountLogin {
+    pub generation: i64,
+    pub keys: Vec<String>,
+    pub password_login: bool,
 }
 
 /// How this deployment shapes its containers.
@@ -128,6 +139,9 @@ impl Plan {
             format!("JUPYTER_TOKEN={}", spec.jupyter_token),
             format!("GPUGATE_GPUS={gpu_list}"),
             format!("GPUGATE_SSH_PUBLIC_KEYS={}", spec.ssh_public_keys.join("\n")),
+            format!("GPUGATE_ACCOUNT_KEYS={}", spec.account.keys.join("\n")),
+            format!("GPUGATE_ACCOUNT_KEYS_GENERATION={}", spec.account.generation),
+            format!("GPUGATE_PASSWORD_LOGIN={}", if spec.account.password_login { "yes" } else { "no" }),
         ];
         if !spec.ssh_host_key.is_empty() {
             env.push(format!("GPUGATE_SSH_HOST_KEY={}", spec.ssh_host_key));
@@ -249,6 +263,8 @@ mod tests {
         ix.iter().map(|i| GpuRef { index: *i, uuid: None }).collect()
     }
 
+    static ACCOUNT: AccountLogin = AccountLogin { generation: 7, keys: Vec::new(), password_login: false };
+
     fn spec<'a>(gpus: &'a [GpuRef], services: &'a [(u16, Service)]) -> WorkspaceSpec<'a> {
         WorkspaceSpec {
             env_id: "abc",
@@ -261,6 +277,7 @@ mod tests {
             ssh_public_keys: &[],
             ssh_host_key: "",
             ssh_host_cert: "",
+            account: &ACCOUNT,
             limits: Limits { memory_mb: 512, cpus: 1.5, pids: 100 },
         }
     }
@@ -279,6 +296,9 @@ mod tests {
         assert!(host.devices.is_none());
         let env = c.env.expect("env");
         assert!(env.contains(&"GPUGATE_GPUS=0,2".to_string()) && env.contains(&"GPUGATE_SSH_PORT=20001".to_string()));
+        // The owner's account keys as of their generation, and password login as settled.
+        assert!(env.contains(&"GPUGATE_ACCOUNT_KEYS_GENERATION=7".to_string()), "{env:?}");
+        assert!(env.contains(&"GPUGATE_PASSWORD_LOGIN=no".to_string()), "{env:?}");
         let binds = host.port_bindings.expect("bindings");
         let b = &binds["22/tcp"].as_ref().expect("22")[0];
         assert_eq!((b.host_ip.as_deref(), b.host_port.as_deref()), (Some("127.0.0.1"), Some("")));

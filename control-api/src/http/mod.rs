@@ -16,6 +16,7 @@ mod ports;
 pub mod publisher;
 mod ratelimit;
 mod requests;
+mod ssh_keys;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -34,6 +35,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(environments::router())
         .merge(hold::router())
+        .merge(ssh_keys::router())
         .merge(ports::router())
         .merge(gpus::router())
         .merge(hosts::router())

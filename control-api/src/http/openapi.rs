@@ -16,7 +16,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{debug, environments, gateways, gpus, health, hold, hosts, ports};
+use super::{debug, environments, gateways, gpus, health, hold, hosts, ports, ssh_keys};
 use crate::error::ErrorEnvelope;
 
 /// Where the document is served.
@@ -71,6 +71,9 @@ A user sees and touches only their own environments: another user's id is a 404.
         environments::start_environment,
         environments::close_sessions,
         hold::hold_environment,
+        ssh_keys::list_ssh_keys,
+        ssh_keys::add_ssh_key,
+        ssh_keys::remove_ssh_key,
         ports::get_port_stats,
         gpus::list_gpus,
         hosts::list_hosts,
@@ -92,6 +95,7 @@ A user sees and touches only their own environments: another user's id is a 404.
     modifiers(&Common),
     tags(
         (name = "environments", description = "GPU workspaces: create, inspect, reach, stop, start, delete."),
+        (name = "users", description = "The caller's own account: SSH keys every workspace of theirs accepts."),
         (name = "ports", description = "Port pools."),
         (name = "admin", description = "Operators only (an admin token)."),
         (name = "probes", description = "Health, readiness and metrics, without a user token."),

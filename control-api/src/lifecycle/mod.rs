@@ -17,8 +17,8 @@ mod validate;
 pub use stop_start::{start, stop, stop_env, undo_start};
 
 use crate::db::envs::{self, status, EnvRow, NewEnv};
-use crate::db::{self, gpus, hosts, idempotency, ports, quotas, readiness, routes, users::User, Tx};
-use crate::docker::{DockerClient, DockerError, WorkspaceSpec};
+use crate::db::{self, account_keys, gpus, hosts, idempotency, ports, quotas, readiness, routes, users::User, Tx};
+use crate::docker::{AccountLogin, DockerClient, DockerError, WorkspaceSpec};
 use crate::error::ApiError;
 use crate::ssh_identity;
 use crate::state::State;
@@ -364,6 +364,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
         let t = Instant::now();
         dk.ensure_volume(&id).await.map_err(docker_error)?;
         let identity = host_identity(st, &id).await?;
+        let account = account_login(st, user.id).await?;
         let ws = WorkspaceSpec {
             env_id: &id,
             image: &image,
@@ -375,6 +376,7 @@ pub async fn create(st: &State, user: &User, spec: CreateSpec) -> Result<Outcome
             ssh_public_keys: &spec.ssh_public_keys,
             ssh_host_key: &identity.private_key,
             ssh_host_cert: &identity.certificate,
+            account: &account,
             limits,
         };
         let created = if st.fail_point("docker_create") {
@@ -635,6 +637,14 @@ pub(crate) async fn host_identity(st: &State, id: &str) -> Result<ssh_identity::
         Err(ssh_identity::IdentityError::Db(e)) => Err(e.into()),
         Err(e) => Err(ApiError::internal("SSH host identity", e)),
     }
+}
+
+/// The owner's account keys and password setting a new container starts with (later changes
+/// reach it by [`crate::key_sync`]).
+pub(crate) async fn account_login(st: &State, owner: i64) -> Result<AccountLogin, ApiError> {
+    let (generation, keys) = account_keys::current(st.db.pool(), owner).await?;
+    let password_login = st.cfg.docker.password_login.allows(keys.len());
+    Ok(AccountLogin { generation, keys, password_login })
 }
 
 /// Claims an environment for an operation, or explains why not (404 / 409).

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use super::{
-    begin_fenced, claim, commit_routes, docker_error, gpus_unavailable, host_error, host_identity, name_services, quota,
+    account_login, begin_fenced, claim, commit_routes, docker_error, gpus_unavailable, host_error, host_identity, name_services, quota,
     remove_containers, start_and_read, step_error, still_held, wait_cut_off, claim_lost, ClaimLost, Outcome, Wanted,
 };
 use crate::db::envs::{self, status, EnvRow};
@@ -136,6 +136,7 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
         remove_containers(&dk, &env.id, env.container_id.as_deref()).await.map_err(docker_error)?;
         dk.ensure_volume(&env.id).await.map_err(docker_error)?;
         let identity = host_identity(st, &env.id).await?;
+        let account = account_login(st, env.owner_id).await?;
         let ws = WorkspaceSpec {
             env_id: &env.id,
             image: &env.image,
@@ -147,6 +148,7 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
             ssh_public_keys: &env.ssh_public_keys,
             ssh_host_key: &identity.private_key,
             ssh_host_cert: &identity.certificate,
+            account: &account,
             limits,
         };
         let c = dk.create(&ws).await.map_err(docker_error)?;

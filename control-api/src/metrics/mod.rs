@@ -77,6 +77,9 @@ pub struct Metrics {
     pub idle_gpu_busy_keeps: IntCounter,
     /// This host's GPU utilisation samples by result (`ok`, `failed`).
     pub gpu_samples: IntCounterVec,
+    /// Workspaces brought to their owner's account keys, by result (`ok`, `stale`, `failed`,
+    /// `unsupported`).
+    pub account_key_syncs: IntCounterVec,
     /// Requests answered 429 because their address failed to authenticate too often.
     pub auth_failures_limited: IntCounter,
     /// Idle checks that stopped nothing because the fleet's activity was not all known, by
@@ -205,6 +208,11 @@ impl Metrics {
                 "gpugate_gpu_utilization_samples_total",
                 "GPU utilisation samples by source (host: this host's nvidia-smi; workspace: inside a GPU workspace, by the host prober) and result (ok, failed)",
                 &["source", "result"],
+            ),
+            account_key_syncs: counter(
+                "gpugate_account_key_syncs_total",
+                "Workspaces brought to their owner's account keys and password setting, by result (ok; stale: a newer state was there already; failed; unsupported: the image lacks gpugate-account-keys)",
+                &["result"],
             ),
             auth_failures_limited,
             reconcile_errors,
