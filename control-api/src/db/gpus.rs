@@ -222,17 +222,25 @@ pub async fn release_orphans(db: &Db) -> DbResult<u64> {
 /// sample, and a busy one its `busy_at`. GPUs not in the inventory (yet) are skipped.
 /// Returns how many rows took a sample.
 pub async fn record_utilization(db: &Db, host: &str, samples: &[(String, Option<u8>, bool)]) -> DbResult<u64> {
-    let uuids: Vec<&str> = samples.iter().map(|(u, _, _)| u.as_str()).collect();
+    record_samples(db, host, None, samples).await
+}
+
+/// Writes samples of `host`'s GPUs: keyed by UUID (`holder` `None`), or by inventory key and
+/// only for GPUs `holder` holds (what one workspace's own output may speak for).
+async fn record_samples(db: &Db, host: &str, holder: Option<&str>, samples: &[(String, Option<u8>, bool)]) -> DbResult<u64> {
+    let keys: Vec<&str> = samples.iter().map(|(k, _, _)| k.as_str()).collect();
     let pct: Vec<Option<i16>> = samples.iter().map(|(_, p, _)| p.map(i16::from)).collect();
     let busy: Vec<bool> = samples.iter().map(|(_, _, b)| *b).collect();
     Ok(sqlx::query(
         "UPDATE gpu_devices g SET utilization_pct = s.pct, utilization_at = now(), \
              busy_at = CASE WHEN s.busy THEN now() ELSE g.busy_at END \
-         FROM unnest($2::text[], $3::smallint[], $4::bool[]) AS s(uuid, pct, busy) \
-         WHERE g.host = $1 AND g.uuid = s.uuid",
+         FROM unnest($3::text[], $4::smallint[], $5::bool[]) AS s(key, pct, busy) \
+         WHERE g.host = $1 AND CASE WHEN $2::text IS NULL THEN g.uuid = s.key \
+                                    ELSE g.env_id = $2 AND g.id = s.key END",
     )
     .bind(host)
-    .bind(&uuids)
+    .bind(holder)
+    .bind(&keys)
     .bind(&pct)
     .bind(&busy)
     .execute(db.pool())
@@ -273,23 +281,7 @@ pub async fn unsampled_on_host(db: &Db, host: &str, older_than_s: f64) -> DbResu
 /// Records samples of `env_id`'s GPUs by key (host, key, percent, busy); a GPU that left the
 /// environment meanwhile is not written. Returns how many rows took a sample.
 pub async fn record_env_utilization(db: &Db, host: &str, env_id: &str, samples: &[(String, Option<u8>, bool)]) -> DbResult<u64> {
-    let ids: Vec<&str> = samples.iter().map(|(id, _, _)| id.as_str()).collect();
-    let pct: Vec<Option<i16>> = samples.iter().map(|(_, p, _)| p.map(i16::from)).collect();
-    let busy: Vec<bool> = samples.iter().map(|(_, _, b)| *b).collect();
-    Ok(sqlx::query(
-        "UPDATE gpu_devices g SET utilization_pct = s.pct, utilization_at = now(), \
-             busy_at = CASE WHEN s.busy THEN now() ELSE g.busy_at END \
-         FROM unnest($3::text[], $4::smallint[], $5::bool[]) AS s(id, pct, busy) \
-         WHERE g.host = $1 AND g.env_id = $2 AND g.id = s.id",
-    )
-    .bind(host)
-    .bind(env_id)
-    .bind(&ids)
-    .bind(&pct)
-    .bind(&busy)
-    .execute(db.pool())
-    .await?
-    .rows_affected())
+    record_samples(db, host, Some(env_id), samples).await
 }
 
 /// The last utilisation sample of a GPU an environment holds.
