@@ -17,6 +17,7 @@ build:
 	install -m 0755 target/release/libngx_stream_gpugate.so dist/modules/ngx_stream_gpugate_module.so; \
 	install -m 0755 target/release/gpugate-routes dist/bin/gpugate-routes; \
 	install -m 0755 target/release/gpugate-api dist/bin/gpugate-api; \
+	install -m 0755 target/release/gpugate dist/bin/gpugate; \
 	install -m 0644 nginx-conf/nginx.conf dist/conf/nginx.conf; \
 	echo "dist/ ready: $$(dist/sbin/nginx -v 2>&1)"
 

@@ -112,6 +112,12 @@ then log in through the gateway with data.access_info.ssh (user remotegpu, its p
   ssh -p <data.ports.ssh> remotegpu@127.0.0.1       # or data.access_info.ssh.command once DNS is set up
 
 Delete it: curl -X DELETE -H "Authorization: Bearer \$GPUGATE_TOKEN" $api/api/v1/environments/<id>
+
+Or with the client (dist/bin/gpugate; SSH by name through the TLS port, no openssl needed):
+
+  dist/bin/gpugate login $api --gateway 127.0.0.1 --ca $tls_dir/ca.crt <<<"\$GPUGATE_TOKEN"
+  dist/bin/gpugate keys add ~/.ssh/id_ed25519.pub && dist/bin/gpugate create my-workspace --wait
+  dist/bin/gpugate ssh my-workspace     # or: dist/bin/gpugate config-ssh, then ssh my-workspace
 Or run \`make demo\` (creates one and logs you in); \`make down\` stops the stack.
 
 TLS by server name, one port for every workspace (GPUGATE_TLS_PORT=$tls_port), with a certificate

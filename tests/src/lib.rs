@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use gpugate_routes::{EnvId, LockMode, Route, Service, Table, Writer};
 
+pub mod client;
 pub mod host_identity;
 pub mod ssh;
 pub mod stack;

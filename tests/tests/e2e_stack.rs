@@ -318,6 +318,10 @@ fn stack_end_to_end() {
         ssh_run(ssh_port, &key_login, "true").expect("the key named at create stopped working");
     });
 
+    phase("the gpugate client: login, ls, keys, ssh by name, config-ssh, port-forward, the lifecycle, its errors", || {
+        gpugate_tests::client::commands_against(&stack, &env, &keys);
+    });
+
     phase("JupyterLab and the code port through the gateway", || {
         let jport = port(&env, "jupyter");
         let token = text(&env, "/access_info/jupyter/token");
