@@ -11,15 +11,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Ctx;
+use common::{container_and_port, workspace_image_present, Ctx, WORKSPACE_IMAGE};
 use serde_json::{json, Value};
-
-const WORKSPACE_IMAGE: &str = "gpugate/workspace:latest";
-
-fn image_present() {
-    let ok = Command::new("docker").args(["image", "inspect", WORKSPACE_IMAGE]).output().expect("docker CLI").status.success();
-    assert!(ok, "{WORKSPACE_IMAGE} is missing: docker/build-images.sh workspace builds it (make test does)");
-}
 
 /// One login to `127.0.0.1:port` as remotegpu, with `key` (BatchMode) or the password
 /// (through sshpass, the password in its environment); whether `echo` came back.
@@ -73,22 +66,9 @@ fn fingerprint(key: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).expect("fingerprint").to_string()
 }
 
-/// The running container of environment `id` and its published SSH port.
-fn container_and_port(ctx: &Ctx, id: &str) -> (String, u16) {
-    let out = Command::new("docker")
-        .args(["ps", "-q", "--filter", &format!("label=gpugate.deployment={}", ctx.deployment)])
-        .args(["--filter", &format!("label=gpugate.env_id={id}")])
-        .output()
-        .expect("docker ps");
-    let running: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-    assert_eq!(running.len(), 1, "running containers of {id}: {running:?}");
-    let port = common::published(&ctx.inspect(&running[0]), 22).port();
-    (running[0].clone(), port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn account_keys_reach_running_workspaces_and_password_login_follows_them() {
-    image_present();
+    workspace_image_present();
     let mut ctx = Ctx::new("account_keys").await;
     ctx.cfg.docker.default_image = WORKSPACE_IMAGE.into();
     ctx.cfg.docker.allowed_images = vec![WORKSPACE_IMAGE.into()];

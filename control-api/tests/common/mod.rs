@@ -22,6 +22,9 @@ use sqlx::Connection;
 pub const IMAGE: &str = "gpugate-test/tiny:1";
 /// The isolation tests' image: busybox and a real SSH server (dropbear).
 pub const ISO_IMAGE: &str = "gpugate-test/iso:1";
+/// The real workspace image (`docker/build-images.sh workspace`; `make test` builds it first),
+/// for the tests that need its entrypoint and sshd settings.
+pub const WORKSPACE_IMAGE: &str = "gpugate/workspace:latest";
 
 /// The superuser URL of the test cluster.
 pub fn admin_url() -> String {
@@ -572,4 +575,23 @@ pub fn gateway(root: &Path, addr: &str, table: &Path, lo: u16, hi: u16) -> gpuga
         table = table.display()
     );
     gpugate_tests::Nginx::start(root, &gpugate_tests::nginx_conf(&body))
+}
+
+/// Asserts the real workspace image is there, saying how to build it when not.
+pub fn workspace_image_present() {
+    let ok = Command::new("docker").args(["image", "inspect", WORKSPACE_IMAGE]).output().expect("docker CLI").status.success();
+    assert!(ok, "{WORKSPACE_IMAGE} is missing: docker/build-images.sh workspace builds it (make test does)");
+}
+
+/// The running container of environment `id` and its published SSH port.
+pub fn container_and_port(ctx: &Ctx, id: &str) -> (String, u16) {
+    let out = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=gpugate.deployment={}", ctx.deployment)])
+        .args(["--filter", &format!("label=gpugate.env_id={id}")])
+        .output()
+        .expect("docker ps");
+    let running: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(running.len(), 1, "running containers of {id}: {running:?}");
+    let port = published(&ctx.inspect(&running[0]), 22).port();
+    (running[0].clone(), port)
 }
