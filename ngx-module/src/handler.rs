@@ -12,16 +12,16 @@ use ngx::ffi::{
     ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
     ngx_stream_phases_NGX_STREAM_LOG_PHASE, ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
     ngx_stream_session_t, ngx_stream_variable_value_t, ngx_str_t, NGX_DECLINED,
-    NGX_ERROR, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_STREAM_BAD_GATEWAY,
+    NGX_ERROR, NGX_OK, NGX_STREAM_BAD_GATEWAY,
     NGX_STREAM_FORBIDDEN, NGX_STREAM_VAR_NOCACHEABLE,
 };
-use ngx::ngx_log_error;
 
 use crate::conf::{cycle_source, session_main_conf, session_srv_conf, NAME_OFF, NAME_TERMINATE};
 use crate::ctx_index;
-use crate::ffi::{cycle_log, monotonic_ms, pool_alloc, preread_bytes, preread_room, set_session_ctx, tls_server_name, TlsName};
+use crate::ffi::{monotonic_ms, pool_alloc, preread_bytes, preread_room, set_session_ctx, tls_server_name, TlsName};
 use crate::live;
-use crate::route_source::{Notice, RouteStatus};
+use crate::notices::log_notices;
+use crate::route_source::RouteStatus;
 use crate::session::{hello_scan, session_ctx, upstream_name, SessionCtx};
 use crate::sni::Hello;
 
@@ -75,46 +75,6 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         unsafe { *slot = handler };
     }
     NGX_OK as ngx_int_t
-}
-
-/// Logs changes of the table's state on the cycle's log (each cause once, by construction
-/// of [`Notice`]).
-pub(crate) fn log_notices(notices: Vec<Notice>) {
-    for notice in notices {
-        match notice {
-            Notice::Opened { path, replaced } => {
-                let how = if replaced { "re-mapped (the file was replaced)" } else { "mapped" };
-                ngx_log_error!(NGX_LOG_NOTICE, cycle_log(), "gpugate: route table file \"{}\" {how}", path.display());
-            }
-            Notice::Counting { path, writable: true } => {
-                ngx_log_error!(NGX_LOG_NOTICE, cycle_log(), "gpugate: counters file \"{}\" mapped", path.display());
-            }
-            Notice::Counting { path, writable: false } => {
-                ngx_log_error!(
-                    NGX_LOG_WARN,
-                    cycle_log(),
-                    "gpugate: counters file \"{}\" mapped read-only: counters are not recorded; \
-                     give the worker user write access (group of the file)",
-                    path.display()
-                );
-            }
-            Notice::Unusable(e) => {
-                ngx_log_error!(NGX_LOG_ERR, cycle_log(), "gpugate: {e}; refusing connections");
-            }
-            Notice::NoRow { path } => {
-                ngx_log_error!(
-                    NGX_LOG_WARN,
-                    cycle_log(),
-                    "gpugate: counters file \"{}\": every worker row is held; this worker's open \
-                     sessions are not in connections_active until one frees",
-                    path.display()
-                );
-            }
-            Notice::CountersUnusable(e) => {
-                ngx_log_error!(NGX_LOG_WARN, cycle_log(), "gpugate: {e}; connections are routed but not counted");
-            }
-        }
-    }
 }
 
 unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {

@@ -32,6 +32,8 @@ mod handler;
 #[cfg(not(test))]
 mod live;
 #[cfg(not(test))]
+mod notices;
+#[cfg(not(test))]
 mod session;
 
 #[cfg(not(test))]

@@ -90,7 +90,7 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
     };
     // SAFETY: the source lives as long as the configuration.
     let Some(source) = (unsafe { mcf.source.as_ref() }) else { return };
-    crate::handler::log_notices(source.tick(crate::ffi::monotonic_ms()));
+    crate::notices::log_notices(source.tick(crate::ffi::monotonic_ms()));
     let d = ctx.decision();
     // SAFETY: a live session.
     let (d_in, d_out) = unsafe { take_pending(s, &ctx.live) };

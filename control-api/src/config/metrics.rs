@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::{ConfigError, Secret};
+use super::error::ConfigError;
+use super::secret::Secret;
 
 /// Shortest and longest accepted bearer token for `/metrics`.
 const TOKEN_LEN: std::ops::RangeInclusive<usize> = 16..=256;

@@ -4,6 +4,7 @@
 //! URL's password) never appear in `Debug` output or logs.
 
 mod env;
+mod error;
 mod fleet;
 mod gateway;
 mod gpu;
@@ -12,11 +13,11 @@ mod metrics;
 mod names;
 mod range;
 mod readiness;
+mod secret;
 mod tenant;
 mod workspace;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -27,55 +28,14 @@ pub use idle::{IdleConfig, IdlePolicy, MAX_IDLE_STOP_AFTER_S};
 pub use readiness::ReadinessConfig;
 pub use metrics::MetricsConfig;
 pub use names::{AccessMode, NamesConfig};
+pub use error::ConfigError;
 pub use range::PortRange;
+pub use secret::Secret;
 pub use tenant::{QuotaConfig, RateLimitConfig};
 pub use workspace::{image_allowed, LimitsConfig, PasswordLogin, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
 
 use gpugate_routes::Service;
 use serde::Deserialize;
-
-/// A configuration problem, worded for the operator who has to fix it.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read configuration file \"{}\": {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    /// The file is not valid TOML or has unknown or mistyped fields.
-    #[error("configuration file \"{}\": {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    /// An environment variable has a value that cannot be used.
-    #[error("environment variable {name}: {message}")]
-    Env { name: &'static str, message: String },
-    /// The values parse but do not make a working setup.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
-}
-
-/// A string that is never printed (database URLs carry passwords).
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-    /// The secret itself; call only where it is handed to the client library that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    /// Whether no value was given.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"<redacted>\"" })
-    }
-}
 
 /// One service's port pool.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

@@ -10,7 +10,8 @@
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use futures_util::StreamExt;
 
-use super::{server_message, DockerClient, DockerError};
+use super::client::DockerClient;
+use super::error::{server_message, DockerError};
 
 /// What a command printed and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

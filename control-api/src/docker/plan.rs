@@ -15,7 +15,7 @@ use bollard::models::{
 };
 use gpugate_routes::Service;
 
-use super::{LABEL_DEPLOYMENT, LABEL_ENV, LABEL_HOST, LABEL_MANAGED};
+use super::labels::{LABEL_DEPLOYMENT, LABEL_ENV, LABEL_HOST, LABEL_MANAGED};
 use crate::config::Config;
 use crate::gpu::{DevicePassing, GpuRef};
 

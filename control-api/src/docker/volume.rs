@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use bollard::volume::{CreateVolumeOptions, ListVolumesOptions, RemoveVolumeOptions};
 
-use super::{server_message, server_status, DockerClient, DockerError, LABEL_DEPLOYMENT, LABEL_ENV, LABEL_HOST, LABEL_MANAGED};
+use super::client::DockerClient;
+use super::error::{server_message, server_status, DockerError};
+use super::labels::{LABEL_DEPLOYMENT, LABEL_ENV, LABEL_HOST, LABEL_MANAGED};
 
 /// A managed volume as listed by label.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use axum::Router;
 use gpugate_routes::{Counters, HeaderInfo, HostKey, Route};
 use serde::Serialize;
 
-use super::Admin;
+use super::extract::Admin;
 use crate::config::Config;
 use crate::db::ports::{self, PoolSyncError, PoolSyncReport};
 use crate::db::routes::{self, NameRouteRow, RouteRow};

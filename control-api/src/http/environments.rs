@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use gpugate_routes::Service;
 use serde::{Deserialize, Serialize};
 
-use super::{Body, Caller, IdPath, OptionalBody, QueryOf};
+use super::extract::{Body, Caller, IdPath, OptionalBody, QueryOf};
 use crate::activity::{Activity, ServiceActivity};
 use crate::config::AccessMode;
 use crate::db::envs::{self, EnvRow};

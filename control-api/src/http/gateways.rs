@@ -6,7 +6,7 @@ use axum::routing::{delete, get};
 use axum::Router;
 use serde::Serialize;
 
-use super::Admin;
+use super::extract::Admin;
 use crate::db::gateways::{self, GatewayRow, Removal};
 use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope};
 use crate::state::AppState;

@@ -6,7 +6,7 @@ use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
 
-use super::Admin;
+use super::extract::Admin;
 use crate::db::gpus::{self, GpuRow};
 use crate::error::{ok, ApiResult, Envelope, ErrorEnvelope};
 use crate::state::AppState;

@@ -7,7 +7,7 @@ use axum::Router;
 use serde::Deserialize;
 
 use super::environments::{view, EnvironmentView};
-use super::{Body, Caller, IdPath};
+use super::extract::{Body, Caller, IdPath};
 use crate::error::{ok, ApiResult, Envelope, ErrorEnvelope};
 use crate::lifecycle;
 use crate::state::AppState;

@@ -9,7 +9,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::{Admin, Body};
+use super::extract::{Admin, Body};
 use crate::db::hosts::{self, HostRow, NewHost, Removed};
 use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope, Success};
 use crate::state::AppState;

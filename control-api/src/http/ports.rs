@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 
-use super::Caller;
+use super::extract::Caller;
 use crate::db::ports::{self, PoolStats};
 use crate::error::{ok, ApiResult, Envelope};
 use crate::state::AppState;

@@ -18,14 +18,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
+use super::extract::{bearer, Authenticated};
 use crate::config::RateLimitConfig;
-use crate::db::users::{self, User};
+use crate::db::users;
 use crate::error::ApiError;
 use crate::state::AppState;
-
-/// The user a request's token belongs to, found by the limiter (read by `Caller`).
-#[derive(Clone)]
-pub struct Authenticated(pub User);
 
 /// Most keys a bucket map holds; past it, idle buckets are dropped, and if all are busy a new
 /// key is refused (failed authentications only: users are few and bounded by the database).
@@ -96,7 +93,7 @@ pub fn apply(router: Router<AppState>, state: AppState, cfg: &RateLimitConfig) -
 }
 
 async fn limit(State((st, limiter)): State<(AppState, Arc<Limiter>)>, mut req: Request, next: Next) -> Response {
-    let user = match super::bearer(req.headers()) {
+    let user = match bearer(req.headers()) {
         Some(token) => match users::user_for_token(&st.db, token).await {
             Ok(u) => u,
             Err(e) => return ApiError::from(e).into_response(),

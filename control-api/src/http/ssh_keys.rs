@@ -8,7 +8,7 @@ use axum::routing::{delete, get};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::{Body, Caller};
+use super::extract::{Body, Caller};
 use crate::db::account_keys::{self, AccountKey, Added};
 use crate::error::{ok, ApiError, ApiResult, Envelope, ErrorEnvelope, Success};
 use crate::key_sync;

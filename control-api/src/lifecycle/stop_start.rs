@@ -11,9 +11,10 @@
 
 use std::time::Duration;
 
-use super::{
-    account_login, begin_fenced, claim, commit_routes, docker_error, gpus_unavailable, host_error, host_identity, name_services, quota,
-    remove_containers, start_and_read, step_error, still_held, wait_cut_off, claim_lost, ClaimLost, Outcome, Wanted,
+use super::quota;
+use super::steps::{
+    account_login, begin_fenced, claim, claim_lost, commit_routes, docker_error, gpus_unavailable, host_error, host_identity,
+    name_services, remove_containers, start_and_read, step_error, still_held, wait_cut_off, ClaimLost, Outcome, Wanted,
 };
 use crate::db::envs::{self, status, EnvRow};
 use crate::db::{self, gpus, hosts, ports, quotas, readiness, routes, users::User};

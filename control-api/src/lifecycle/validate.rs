@@ -1,4 +1,5 @@
-//! Validation of create requests: every bad field is a 422 naming it, before anything changes.
+//! Create requests and their validation: every bad field is a 422 naming it, before anything
+//! changes.
 
 use gpugate_routes::Service;
 
@@ -7,7 +8,40 @@ use crate::docker::Limits;
 use crate::error::ApiError;
 use crate::state::State;
 
-use super::CreateSpec;
+/// A create request (validated by [`validate`]).
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    /// The new environment's id, drawn before the operation starts (it names the operation).
+    pub id: String,
+    /// `Idempotency-Key` and the digest of the request it came with.
+    pub idempotency: Option<IdempotencyKey>,
+    pub name: String,
+    pub image: Option<String>,
+    pub gpus: u32,
+    /// Part of the GPU model name the GPUs must have (e.g. `A100`, case-insensitive).
+    pub gpu_model: Option<String>,
+    pub services: Option<Vec<String>>,
+    pub ssh_public_keys: Vec<String>,
+    /// Memory limit in MiB (default and maximum from configuration).
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores.
+    pub cpus: Option<f64>,
+    /// Process limit.
+    pub pids: Option<u32>,
+    /// Seconds of inactivity after which the workspace stops (default from configuration).
+    pub idle_stop_after_s: Option<u64>,
+    /// How each service is reached (`ports`, `hostname`, `both`); default from `[names]`.
+    pub access: Option<std::collections::BTreeMap<String, crate::config::AccessMode>>,
+}
+
+/// An `Idempotency-Key` header value and the digest of its request.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// The key, 1 to 255 printable ASCII characters.
+    pub key: String,
+    /// SHA-256 of the request body's fields.
+    pub request: Vec<u8>,
+}
 
 /// A create request that passed validation.
 #[derive(Debug)]
