@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use crate::db::account_keys::{self, Unsynced};
-use crate::docker::DockerClient;
+use crate::docker::{AccountLogin, DockerClient};
 use crate::host_exec::{self, Failure};
 use crate::state::{AppState, State};
 
@@ -126,13 +126,20 @@ async fn sync_all(st: &State, host: &str, client: &DockerClient, due: Vec<Unsync
     synced
 }
 
+/// The owner's account keys as of their current generation and whether the password logs in
+/// with them (what a new container starts with, and what a running one is brought to).
+pub async fn current(st: &State, owner: i64) -> Result<AccountLogin, sqlx::Error> {
+    let (generation, keys) = account_keys::current(st.db.pool(), owner).await?;
+    let password_login = st.cfg.docker.password_login.allows(keys.len());
+    Ok(AccountLogin { generation, keys, password_login })
+}
+
 /// Runs the command in `w`'s container with its owner's current keys; records the state it
 /// reached.
 async fn sync_one(st: &State, client: &DockerClient, w: &Unsynced) -> Result<Outcome, Failure> {
-    let (generation, keys) =
-        account_keys::current(st.db.pool(), w.owner_id).await.map_err(|e| format!("reading the owner's keys: {e}"))?;
-    let mode = st.cfg.docker.password_login;
-    let cmd = command(generation, mode.allows(keys.len()), &keys);
+    let account = current(st, w.owner_id).await.map_err(|e| format!("reading the owner's keys: {e}"))?;
+    let mut cmd = vec![COMMAND.to_string(), account.generation.to_string(), account.password_word().to_string()];
+    cmd.extend(account.keys.iter().cloned());
     let out = client.exec_output(&w.container_id, Some("root"), &cmd, OUTPUT_LIMIT).await?;
     let outcome = match (out.exit_code, out.stdout.trim()) {
         (Some(0), "ok") => Outcome::Synced,
@@ -144,24 +151,9 @@ async fn sync_one(st: &State, client: &DockerClient, w: &Unsynced) -> Result<Out
             return Err(format!("{COMMAND} failed in the workspace ({code}): {said:?}").into());
         }
     };
-    account_keys::mark_synced(&st.db, &w.env_id, &w.container_id, &account_keys::mark(generation, mode.as_str()))
+    let mark = account_keys::mark(account.generation, st.cfg.docker.password_login.as_str());
+    account_keys::mark_synced(&st.db, &w.env_id, &w.container_id, &mark)
         .await
         .map_err(|e| format!("recording the workspace's keys: {e}"))?;
     Ok(outcome)
-}
-
-/// The command line: generation, `yes`/`no` for password login, then one argument per key.
-pub fn command(generation: i64, password_login: bool, keys: &[String]) -> Vec<String> {
-    let mut cmd = vec![COMMAND.to_string(), generation.to_string(), yes_no(password_login).to_string()];
-    cmd.extend(keys.iter().cloned());
-    cmd
-}
-
-/// How the image's scripts spell a switch.
-pub fn yes_no(on: bool) -> &'static str {
-    if on {
-        "yes"
-    } else {
-        "no"
-    }
 }

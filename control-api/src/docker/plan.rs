@@ -93,6 +93,17 @@ pub struct AccountLogin {
     pub password_login: bool,
 }
 
+impl AccountLogin {
+    /// How the image's `GPUGATE_PASSWORD_LOGIN` and `gpugate-account-keys` spell the switch.
+    pub fn password_word(&self) -> &'static str {
+        if self.password_login {
+            "yes"
+        } else {
+            "no"
+        }
+    }
+}
+
 /// How this deployment shapes its containers.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -141,7 +152,7 @@ impl Plan {
             format!("GPUGATE_SSH_PUBLIC_KEYS={}", spec.ssh_public_keys.join("\n")),
             format!("GPUGATE_ACCOUNT_KEYS={}", spec.account.keys.join("\n")),
             format!("GPUGATE_ACCOUNT_KEYS_GENERATION={}", spec.account.generation),
-            format!("GPUGATE_PASSWORD_LOGIN={}", if spec.account.password_login { "yes" } else { "no" }),
+            format!("GPUGATE_PASSWORD_LOGIN={}", spec.account.password_word()),
         ];
         if !spec.ssh_host_key.is_empty() {
             env.push(format!("GPUGATE_SSH_HOST_KEY={}", spec.ssh_host_key));

@@ -9,9 +9,10 @@ use std::time::Duration;
 use gpugate_routes::{EnvId, Route, Service};
 
 use crate::db::envs::{self, status, EnvRow};
-use crate::db::{self, account_keys, gpus, readiness, routes, users::User, Tx};
+use crate::db::{self, gpus, readiness, routes, users::User, Tx};
 use crate::docker::{AccountLogin, DockerClient, DockerError};
 use crate::error::ApiError;
+use crate::key_sync;
 use crate::ssh_identity;
 use crate::state::State;
 
@@ -272,9 +273,7 @@ pub(crate) async fn host_identity(st: &State, id: &str) -> Result<ssh_identity::
 /// The owner's account keys and password setting a new container starts with (later changes
 /// reach it by [`crate::key_sync`]).
 pub(crate) async fn account_login(st: &State, owner: i64) -> Result<AccountLogin, ApiError> {
-    let (generation, keys) = account_keys::current(st.db.pool(), owner).await?;
-    let password_login = st.cfg.docker.password_login.allows(keys.len());
-    Ok(AccountLogin { generation, keys, password_login })
+    Ok(key_sync::current(st, owner).await?)
 }
 
 /// Claims an environment for an operation, or explains why not (404 / 409).
