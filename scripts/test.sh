@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 export NGX_CONFIGURE_ARGS="--with-stream_ssl_preread_module"
 export GPUGATE_DIST="$PWD/dist"
 
+# The house's arrows all point down: no source file imports one that imports it back.
+scripts/import-circles.py
+
 # The end-to-end tests (tests/tests/e2e_stack.rs) run the gateway and API images, which copy
 # dist/ (`make test` runs `make build` first).
 docker/build-images.sh

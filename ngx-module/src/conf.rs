@@ -30,9 +30,8 @@ use ngx::ffi::{
 };
 use ngx::ngx_conf_log_error;
 
-use crate::ctx_index;
 use crate::ffi::{
-    conf_args, conf_main_conf, cycle_main_conf, pool_alloc, pool_str, session_entry, str_bytes, SessionArray,
+    conf_args, conf_main_conf, ctx_index, cycle_main_conf, pool_alloc, pool_str, session_entry, str_bytes, SessionArray,
 };
 use crate::route_source::RouteSource;
 

@@ -4,6 +4,7 @@
 
 use std::ffi::c_void;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ngx::ffi::{
     ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_cycle, ngx_cycle_t, ngx_palloc, ngx_pool_t,
@@ -11,6 +12,22 @@ use ngx::ffi::{
     ngx_stream_conf_ctx_t, ngx_stream_module, ngx_stream_session_t, ngx_str_t, sockaddr_in,
     sockaddr_in6, socklen_t, AF_INET, AF_INET6,
 };
+
+/// This module's slot in the stream contexts. nginx numbers the modules while loading them,
+/// before any stream callback runs; the module wiring records the number at the first one of
+/// each configuration (`create_main_conf`), so code below the wiring reads it here without
+/// importing the wiring back.
+static CTX_INDEX: AtomicUsize = AtomicUsize::new(0);
+
+/// Records this module's `ctx_index` (the wiring, at the start of each configuration).
+pub fn record_ctx_index(index: usize) {
+    CTX_INDEX.store(index, Ordering::Relaxed);
+}
+
+/// This module's `ctx_index`, as [`record_ctx_index`] recorded it.
+pub fn ctx_index() -> usize {
+    CTX_INDEX.load(Ordering::Relaxed)
+}
 
 /// Which of a session's per-module arrays to read.
 #[derive(Clone, Copy)]

@@ -17,8 +17,7 @@ use ngx::ffi::{
 };
 
 use crate::conf::{cycle_source, session_main_conf, session_srv_conf, NAME_OFF, NAME_TERMINATE};
-use crate::ctx_index;
-use crate::ffi::{monotonic_ms, pool_alloc, preread_bytes, preread_room, set_session_ctx, tls_server_name, TlsName};
+use crate::ffi::{ctx_index, monotonic_ms, pool_alloc, preread_bytes, preread_room, set_session_ctx, tls_server_name, TlsName};
 use crate::live;
 use crate::notices::log_notices;
 use crate::route_source::RouteStatus;

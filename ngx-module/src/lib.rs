@@ -13,14 +13,6 @@ pub mod route_source;
 mod sink;
 pub mod sni;
 
-/// Index of this module's slot in the stream contexts (fixed once modules are loaded).
-#[cfg(not(test))]
-pub(crate) fn ctx_index() -> usize {
-    // SAFETY: nginx writes ctx_index while loading modules, before any configuration or
-    // session callback of this module runs; afterwards it is only read.
-    unsafe { (*std::ptr::addr_of!(ngx_stream_gpugate_module)).ctx_index }
-}
-
 #[cfg(not(test))]
 mod balancer;
 #[cfg(not(test))]
@@ -51,12 +43,23 @@ mod wiring {
     };
     use ngx::ngx_string;
 
-    use crate::{balancer, conf, handler};
+    use crate::{balancer, conf, ffi, handler};
+
+    /// The first callback of each `stream {}` configuration: records this module's context
+    /// slot for the code below the wiring ([`ffi::ctx_index`]), then makes the main
+    /// configuration.
+    unsafe extern "C" fn create_main_conf(cf: *mut ngx::ffi::ngx_conf_t) -> *mut c_void {
+        // SAFETY: nginx writes ctx_index while loading modules, before any configuration
+        // callback of this module runs; afterwards it is only read.
+        ffi::record_ctx_index(unsafe { (*std::ptr::addr_of!(ngx_stream_gpugate_module)).ctx_index });
+        // SAFETY: called by nginx with its configuration, as conf::create_main_conf expects.
+        unsafe { conf::create_main_conf(cf) }
+    }
 
     static MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
         preconfiguration: Some(handler::preconfiguration),
         postconfiguration: Some(handler::postconfiguration),
-        create_main_conf: Some(conf::create_main_conf),
+        create_main_conf: Some(create_main_conf),
         init_main_conf: Some(conf::init_main_conf),
         create_srv_conf: Some(conf::create_srv_conf),
         merge_srv_conf: Some(conf::merge_srv_conf),

@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 use gpugate_routes::{EnvId, Service, SlotKey, WorkerRow};
 use ngx::ffi::{ngx_event_t, ngx_stream_session_t, ngx_str_t, socklen_t};
 
-use crate::ctx_index;
-use crate::ffi::{pool_alloc, pool_str, session_entry, set_session_ctx, RawSockaddr, SessionArray};
+use crate::ffi::{ctx_index, pool_alloc, pool_str, session_entry, set_session_ctx, RawSockaddr, SessionArray};
 use crate::hello_scan::HelloScan;
 use crate::route_source::{Decision, RouteStatus};
 
