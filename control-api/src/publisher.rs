@@ -17,11 +17,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpugate_routes::{Error as TableError, HostKey, LockMode, Writer};
+use gpugate_routes::{Error as TableError, HostKey, LockMode, Route, Writer};
 use sqlx::postgres::PgListener;
 use tokio::sync::{watch, Notify};
 
 use crate::activity_report::{self, Reporter};
+use crate::db::routes::RouteKey;
 use crate::db::{self, Db};
 use crate::metrics::Metrics;
 use crate::publisher_status::PublisherStatus;
@@ -180,7 +181,7 @@ impl Publisher {
                 notice = rx.recv() => match notice {
                     Some(Notice::Changes(ports, names, barriers, closes)) => {
                         self.apply(&mut writer, &ports).await?;
-                        self.apply_names(&mut writer, &names).await?;
+                        self.apply(&mut writer, &names).await?;
                         if closes {
                             self.apply_close_requests(&mut writer).await?;
                         }
@@ -207,27 +208,29 @@ impl Publisher {
         }
     }
 
-    async fn apply(&self, writer: &mut Writer, ports: &[u16]) -> anyhow::Result<()> {
-        if ports.is_empty() {
+    /// Brings the table's routes of `keys` (ports or names) to what the database holds now,
+    /// and applies the revokes asked for on them.
+    async fn apply<K: TableKey>(&self, writer: &mut Writer, keys: &[K]) -> anyhow::Result<()> {
+        if keys.is_empty() {
             return Ok(());
         }
-        let mut ports = ports.to_vec();
-        ports.sort_unstable();
-        ports.dedup();
-        let wanted = db::routes::desired_ports(&self.db, &ports).await?;
-        let revokes = db::routes::revoke_epochs(&self.db, Some(&ports)).await?;
-        for port in ports {
-            match wanted.get(&port) {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        let wanted = db::routes::desired(&self.db, Some(&keys)).await?;
+        let revokes = db::routes::revoke_epochs(&self.db, Some(&keys)).await?;
+        for key in keys {
+            match wanted.get(&key) {
                 Some(route) => {
-                    if writer.set(port, route)? {
+                    if key.set(writer, route)? {
                         self.metrics.route_writes.with_label_values(&["set"]).inc();
-                        tracing::debug!(port, env_id = %route.env_id, generation = route.generation, "route set");
+                        tracing::debug!(route = %key.to_text(), env_id = %route.env_id, generation = route.generation, "route set");
                     }
                 }
                 None => {
-                    if remove_and_revoke(writer, port)? {
+                    if key.remove_and_revoke(writer)? {
                         self.metrics.route_writes.with_label_values(&["remove"]).inc();
-                        tracing::debug!(port, "route removed, its sessions revoked");
+                        tracing::debug!(route = %key.to_text(), "route removed, its sessions revoked");
                     }
                 }
             }
@@ -235,62 +238,24 @@ impl Publisher {
         self.apply_revokes(writer, &revokes)
     }
 
-    async fn apply_names(&self, writer: &mut Writer, keys: &[HostKey]) -> anyhow::Result<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut keys = keys.to_vec();
-        keys.sort_unstable();
-        keys.dedup();
-        let wanted = db::routes::desired_names(&self.db, &keys).await?;
-        let revokes = db::routes::name_revoke_epochs(&self.db, Some(&keys)).await?;
-        for key in keys {
-            match wanted.get(&key) {
-                Some(route) => {
-                    if writer.set_host(route)?.changed {
-                        self.metrics.route_writes.with_label_values(&["set"]).inc();
-                        tracing::debug!(env_id = %key.env_id, service = %key.service, generation = route.generation, "name route set");
-                    }
-                }
-                None => {
-                    if remove_and_revoke_host(writer, key)? {
-                        self.metrics.route_writes.with_label_values(&["remove"]).inc();
-                        tracing::debug!(env_id = %key.env_id, service = %key.service, "name route removed, its sessions revoked");
-                    }
-                }
-            }
-        }
-        self.apply_name_revokes(writer, &revokes)
-    }
-
-    fn apply_name_revokes(&self, writer: &mut Writer, revokes: &BTreeMap<HostKey, u64>) -> anyhow::Result<()> {
-        for (&key, &epoch) in revokes {
-            if writer.raise_host_revoke_epoch(key, epoch)? {
-                self.metrics.route_writes.with_label_values(&["revoke"]).inc();
-                tracing::info!(env_id = %key.env_id, service = %key.service, epoch, "name route sessions revoked on request");
-            }
-        }
-        Ok(())
-    }
-
     /// Raises the revoke epochs that sessions/close asked for (each applied once).
-    fn apply_revokes(&self, writer: &mut Writer, revokes: &BTreeMap<u16, u64>) -> anyhow::Result<()> {
-        for (&port, &epoch) in revokes {
-            if writer.raise_revoke_epoch(port, epoch)? {
+    fn apply_revokes<K: TableKey>(&self, writer: &mut Writer, revokes: &BTreeMap<K, u64>) -> anyhow::Result<()> {
+        for (&key, &epoch) in revokes {
+            if key.raise_revoke_epoch(writer, epoch)? {
                 self.metrics.route_writes.with_label_values(&["revoke"]).inc();
-                tracing::info!(port, epoch, "sessions revoked on request");
+                tracing::info!(route = %key.to_text(), epoch, "sessions revoked on request");
             }
         }
         Ok(())
     }
 
     async fn full_sync(&self, writer: &mut Writer) -> anyhow::Result<()> {
-        let wanted = db::routes::desired(&self.db).await?;
-        let revokes = db::routes::revoke_epochs(&self.db, None).await?;
-        let name_revokes = db::routes::name_revoke_epochs(&self.db, None).await?;
+        let wanted = db::routes::desired_table(&self.db).await?;
+        let revokes = db::routes::revoke_epochs::<u16>(&self.db, None).await?;
+        let name_revokes = db::routes::revoke_epochs::<HostKey>(&self.db, None).await?;
         let report = writer.sync_all(&wanted.ports, &wanted.names)?;
         self.apply_revokes(writer, &revokes)?;
-        self.apply_name_revokes(writer, &name_revokes)?;
+        self.apply_revokes(writer, &name_revokes)?;
         self.metrics.route_writes.with_label_values(&["sync_set"]).inc_by(report.written as u64);
         self.metrics.route_writes.with_label_values(&["sync_remove"]).inc_by(report.removed as u64);
         // A difference found by a whole sync is a repair: notifications should have kept the
@@ -345,18 +310,46 @@ async fn tick_or_never(tick: &mut Option<tokio::time::Interval>) {
     }
 }
 
-/// Removes a port's route and revokes the sessions still open on it: a route leaves the
-/// database when its environment stops, is deleted or fails, and each of those must end its
-/// sessions too (nginx closes them within `gpugate_flush_interval`), before the container goes.
-/// The route goes first and the revoke after it (the writer's method keeps that order), so
-/// no connection between the two steps can get the old route with the new epoch.
-fn remove_and_revoke(writer: &mut Writer, port: u16) -> Result<bool, TableError> {
-    writer.remove_and_revoke(port)
+/// How the publisher writes routes of one kind of key (a port, a name) into the table.
+///
+/// `remove_and_revoke` removes a route and revokes the sessions still open on it: a route
+/// leaves the database when its environment stops, is deleted or fails, and each of those must
+/// end its sessions too (nginx closes them within `gpugate_flush_interval`), before the
+/// container goes. The route goes first and the revoke after it (the writer's methods keep
+/// that order), so no connection between the two steps can get the old route with the new
+/// epoch; sessions are revoked only where there was a route.
+trait TableKey: RouteKey {
+    fn set(self, writer: &mut Writer, route: &Route) -> Result<bool, TableError>;
+    fn remove_and_revoke(self, writer: &mut Writer) -> Result<bool, TableError>;
+    fn raise_revoke_epoch(self, writer: &mut Writer, at_least: u64) -> Result<bool, TableError>;
 }
 
-/// [`remove_and_revoke`] for a name route: its sessions are revoked only when it had a route.
-fn remove_and_revoke_host(writer: &mut Writer, key: HostKey) -> Result<bool, TableError> {
-    writer.remove_and_revoke_host(key)
+impl TableKey for u16 {
+    fn set(self, writer: &mut Writer, route: &Route) -> Result<bool, TableError> {
+        writer.set(self, route)
+    }
+
+    fn remove_and_revoke(self, writer: &mut Writer) -> Result<bool, TableError> {
+        writer.remove_and_revoke(self)
+    }
+
+    fn raise_revoke_epoch(self, writer: &mut Writer, at_least: u64) -> Result<bool, TableError> {
+        writer.raise_revoke_epoch(self, at_least)
+    }
+}
+
+impl TableKey for HostKey {
+    fn set(self, writer: &mut Writer, route: &Route) -> Result<bool, TableError> {
+        Ok(writer.set_host(route)?.changed)
+    }
+
+    fn remove_and_revoke(self, writer: &mut Writer) -> Result<bool, TableError> {
+        writer.remove_and_revoke_host(self)
+    }
+
+    fn raise_revoke_epoch(self, writer: &mut Writer, at_least: u64) -> Result<bool, TableError> {
+        writer.raise_host_revoke_epoch(self, at_least)
+    }
 }
 
 /// What the notification task hands to the publisher.

@@ -25,26 +25,6 @@ pub struct RouteRow {
     pub active: bool,
 }
 
-impl RouteRow {
-    /// The table route this row asks for, if the row is well formed.
-    pub fn to_route(&self) -> Option<(u16, Route)> {
-        let port = u16::try_from(self.port).ok().filter(|p| *p != 0)?;
-        let upstream: SocketAddr = self.upstream.parse().ok()?;
-        Some((
-            port,
-            Route {
-                upstream,
-                env_id: self.env_id.parse::<EnvId>().ok()?,
-                service: self.service.parse::<Service>().ok()?,
-                generation: u64::try_from(self.generation).ok()?,
-                expires_ms: self
-                    .expires_at
-                    .map(|t| u64::try_from(t.timestamp_millis()).unwrap_or(0)),
-            },
-        ))
-    }
-}
-
 const COLUMNS: &str = "port, env_id, service, upstream, generation, expires_at, active";
 
 /// One row of `name_routes`.
@@ -57,27 +37,130 @@ pub struct NameRouteRow {
     pub active: bool,
 }
 
-impl NameRouteRow {
-    /// The table route this row asks for, if the row is well formed.
-    pub fn to_route(&self) -> Option<(HostKey, Route)> {
+const NAME_COLUMNS: &str = "env_id, service, upstream, generation, active";
+
+/// A key of the route table: a pool port (`routes`) or a name, environment and service
+/// (`name_routes`). What the table must hold and which revokes it must apply are read through
+/// one path for both, which differs only by these.
+pub trait RouteKey: Copy + Ord + Send + Sync + 'static {
+    /// The table holding routes of this key.
+    const TABLE: &'static str;
+    /// SQL naming a row's key as text (as [`RouteKey::to_text`] writes it).
+    const KEY_SQL: &'static str;
+    /// SQL true for a row whose key is in the text array `$1` (using the table's key index).
+    const IN_KEYS_SQL: &'static str;
+    /// SQL giving a row's expiry.
+    const EXPIRES_SQL: &'static str;
+
+    fn to_text(&self) -> String;
+    fn from_text(s: &str) -> Option<Self>;
+}
+
+impl RouteKey for u16 {
+    const TABLE: &'static str = "routes";
+    const KEY_SQL: &'static str = "port::text";
+    const IN_KEYS_SQL: &'static str = "port = ANY($1::text[]::integer[])";
+    const EXPIRES_SQL: &'static str = "expires_at";
+
+    fn to_text(&self) -> String {
+        self.to_string()
+    }
+
+    fn from_text(s: &str) -> Option<u16> {
+        s.parse().ok().filter(|p| *p != 0)
+    }
+}
+
+impl RouteKey for HostKey {
+    const TABLE: &'static str = "name_routes";
+    const KEY_SQL: &'static str = "env_id || ':' || service";
+    const IN_KEYS_SQL: &'static str =
+        "(env_id, service) IN (SELECT split_part(k, ':', 1), split_part(k, ':', 2) FROM unnest($1::text[]) AS k)";
+    // Names do not expire: a name route lives as long as its environment runs.
+    const EXPIRES_SQL: &'static str = "NULL::timestamptz";
+
+    fn to_text(&self) -> String {
+        format!("{}:{}", self.env_id, self.service.as_str())
+    }
+
+    fn from_text(s: &str) -> Option<HostKey> {
+        let (env, svc) = s.split_once(':')?;
+        Some(HostKey::new(env.parse().ok()?, svc.parse().ok()?))
+    }
+}
+
+/// A route row of either table, by its key's text.
+#[derive(sqlx::FromRow)]
+struct KeyedRow {
+    key: String,
+    env_id: String,
+    service: String,
+    upstream: String,
+    generation: i64,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+impl KeyedRow {
+    /// The table route this row asks for, if the row is well formed and names its own key.
+    fn to_route<K: RouteKey>(&self) -> Option<(K, Route)> {
         let route = Route {
             upstream: self.upstream.parse().ok()?,
             env_id: self.env_id.parse::<EnvId>().ok()?,
             service: self.service.parse::<Service>().ok()?,
             generation: u64::try_from(self.generation).ok()?,
-            expires_ms: None,
+            expires_ms: self.expires_at.map(|t| u64::try_from(t.timestamp_millis()).unwrap_or(0)),
         };
-        Some((HostKey::of(&route), route))
+        Some((K::from_text(&self.key)?, route))
     }
 }
 
-const NAME_COLUMNS: &str = "env_id, service, upstream, generation, active";
+fn key_texts<K: RouteKey>(keys: Option<&[K]>) -> Option<Vec<String>> {
+    keys.map(|ks| ks.iter().map(RouteKey::to_text).collect())
+}
+
+/// What the table must hold for keys of one kind (all of them, or those of `keys`): every
+/// active, well-formed route. Keys absent from the map must have no route.
+pub async fn desired<K: RouteKey>(db: &Db, keys: Option<&[K]>) -> DbResult<BTreeMap<K, Route>> {
+    let rows: Vec<KeyedRow> = sqlx::query_as(&format!(
+        "SELECT {key} AS key, env_id, service, upstream, generation, {expires} AS expires_at FROM {table} \
+         WHERE active AND ($1::text[] IS NULL OR {in_keys})",
+        key = K::KEY_SQL,
+        expires = K::EXPIRES_SQL,
+        table = K::TABLE,
+        in_keys = K::IN_KEYS_SQL,
+    ))
+    .bind(key_texts(keys))
+    .fetch_all(db.pool())
+    .await?;
+    Ok(rows.iter().filter_map(KeyedRow::to_route).collect())
+}
+
+/// The revoke epochs the table must have reached, for active routes that ever had sessions
+/// closed on request (all of them, or those of `keys`).
+pub async fn revoke_epochs<K: RouteKey>(db: &Db, keys: Option<&[K]>) -> DbResult<BTreeMap<K, u64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT {key} AS key, revoke_epoch FROM {table} WHERE active AND revoke_epoch > 0 \
+         AND ($1::text[] IS NULL OR {in_keys})",
+        key = K::KEY_SQL,
+        table = K::TABLE,
+        in_keys = K::IN_KEYS_SQL,
+    ))
+    .bind(key_texts(keys))
+    .fetch_all(db.pool())
+    .await?;
+    Ok(rows.into_iter().filter_map(|(k, e)| Some((K::from_text(&k)?, u64::try_from(e).ok()?))).collect())
+}
 
 /// What the table must hold: routes by port and routes by name.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Desired {
     pub ports: BTreeMap<u16, Route>,
     pub names: BTreeMap<HostKey, Route>,
+}
+
+/// The whole table the publisher must hold: every active route, by port and by name.
+pub async fn desired_table(db: &Db) -> DbResult<Desired> {
+    Ok(Desired { ports: desired(db, None).await?, names: desired(db, None).await? })
 }
 
 /// Reads a notification payload: a port number, or `n:<env-id>:<service>` for a name route.
@@ -181,59 +264,6 @@ pub async fn names_of_env<'e, E: PgExecutor<'e>>(exec: E, env_id: &str) -> DbRes
         .await
 }
 
-/// What several name keys must hold; keys absent from the map must have no route.
-pub async fn desired_names(db: &Db, keys: &[HostKey]) -> DbResult<BTreeMap<HostKey, Route>> {
-    let envs: Vec<String> = keys.iter().map(|k| k.env_id.to_string()).collect();
-    let svcs: Vec<String> = keys.iter().map(|k| k.service.as_str().to_string()).collect();
-    let rows: Vec<NameRouteRow> = sqlx::query_as(&format!(
-        "SELECT {NAME_COLUMNS} FROM name_routes r \
-         JOIN unnest($1::text[], $2::text[]) AS k(env_id, service) USING (env_id, service) \
-         WHERE r.active"
-    ))
-    .bind(envs)
-    .bind(svcs)
-    .fetch_all(db.pool())
-    .await?;
-    Ok(rows.iter().filter_map(NameRouteRow::to_route).collect())
-}
-
-/// The revoke epochs name routes must have reached (all, or those of `keys`).
-pub async fn name_revoke_epochs(db: &Db, keys: Option<&[HostKey]>) -> DbResult<BTreeMap<HostKey, u64>> {
-    let envs: Option<Vec<String>> = keys.map(|ks| ks.iter().map(|k| k.env_id.to_string()).collect());
-    let svcs: Option<Vec<String>> = keys.map(|ks| ks.iter().map(|k| k.service.as_str().to_string()).collect());
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT env_id, service, revoke_epoch FROM name_routes r WHERE active AND revoke_epoch > 0 \
-         AND ($1::text[] IS NULL OR (env_id, service) IN \
-              (SELECT * FROM unnest($1::text[], $2::text[])))",
-    )
-    .bind(envs)
-    .bind(svcs)
-    .fetch_all(db.pool())
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(e, s, n)| Some((HostKey::new(e.parse().ok()?, s.parse().ok()?), u64::try_from(n).ok()?)))
-        .collect())
-}
-
-/// Asks the publisher to close the sessions open now on name routes of `env_id`: each
-/// `(service, epoch)` as [`request_revoke`] does for ports; returns the services asked for.
-pub async fn request_name_revoke(db: &Db, env_id: &str, targets: &[(Service, u64)]) -> DbResult<Vec<String>> {
-    let svcs: Vec<String> = targets.iter().map(|(s, _)| s.as_str().to_string()).collect();
-    let epochs: Vec<i64> = targets.iter().map(|(_, e)| i64::try_from(*e).unwrap_or(i64::MAX)).collect();
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "UPDATE name_routes r SET revoke_epoch = GREATEST(r.revoke_epoch, t.epoch), updated_at = now() \
-         FROM unnest($2::text[], $3::bigint[]) AS t(service, epoch) \
-         WHERE r.service = t.service AND r.env_id = $1 AND r.active RETURNING r.service",
-    )
-    .bind(env_id)
-    .bind(svcs)
-    .bind(epochs)
-    .fetch_all(db.pool())
-    .await?;
-    Ok(rows.into_iter().map(|(s,)| s).collect())
-}
-
 /// Every row (debug view, reconciler).
 pub async fn all(db: &Db) -> DbResult<Vec<RouteRow>> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM routes ORDER BY port"))
@@ -247,32 +277,6 @@ pub async fn of_env<'e, E: PgExecutor<'e>>(exec: E, env_id: &str) -> DbResult<Ve
         .bind(env_id)
         .fetch_all(exec)
         .await
-}
-
-/// The table the publisher must hold: every active route, by port and by name.
-pub async fn desired(db: &Db) -> DbResult<Desired> {
-    let rows: Vec<RouteRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM routes WHERE active ORDER BY port"))
-            .fetch_all(db.pool())
-            .await?;
-    let names: Vec<NameRouteRow> =
-        sqlx::query_as(&format!("SELECT {NAME_COLUMNS} FROM name_routes WHERE active"))
-            .fetch_all(db.pool())
-            .await?;
-    Ok(Desired {
-        ports: rows.iter().filter_map(RouteRow::to_route).collect(),
-        names: names.iter().filter_map(NameRouteRow::to_route).collect(),
-    })
-}
-
-/// What one port must hold (`None`: no route).
-pub async fn desired_port(db: &Db, port: u16) -> DbResult<Option<Route>> {
-    let row: Option<RouteRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM routes WHERE port = $1 AND active"))
-            .bind(i32::from(port))
-            .fetch_optional(db.pool())
-            .await?;
-    Ok(row.as_ref().and_then(RouteRow::to_route).map(|(_, r)| r))
 }
 
 /// Repairs the routes tables (by port and by name) against environment states: active
@@ -297,52 +301,4 @@ pub async fn prune(db: &Db) -> DbResult<(u64, u64)> {
         .rows_affected();
     }
     Ok((disabled, deleted))
-}
-
-/// What several ports must hold; ports absent from the map must have no route.
-pub async fn desired_ports(db: &Db, ports: &[u16]) -> DbResult<BTreeMap<u16, Route>> {
-    let ports: Vec<i32> = ports.iter().map(|p| i32::from(*p)).collect();
-    let rows: Vec<RouteRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM routes WHERE port = ANY($1) AND active"
-    ))
-    .bind(ports)
-    .fetch_all(db.pool())
-    .await?;
-    Ok(rows.iter().filter_map(RouteRow::to_route).collect())
-}
-
-/// The revoke epochs the table must have reached, for active routes that ever had a
-/// sessions/close (all of them, or those of `ports`).
-pub async fn revoke_epochs(db: &Db, ports: Option<&[u16]>) -> DbResult<BTreeMap<u16, u64>> {
-    let ports: Option<Vec<i32>> = ports.map(|ps| ps.iter().map(|p| i32::from(*p)).collect());
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT port, revoke_epoch FROM routes WHERE active AND revoke_epoch > 0 \
-         AND ($1::integer[] IS NULL OR port = ANY($1))",
-    )
-    .bind(ports)
-    .fetch_all(db.pool())
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(p, e)| Some((u16::try_from(p).ok()?, u64::try_from(e).ok()?)))
-        .collect())
-}
-
-/// Asks the publisher to close the sessions open now on each `(port, epoch)`: the port's
-/// revoke epoch must reach `epoch` (the one the caller read in the table, plus one). Only
-/// active routes of `env_id`; returns the ports asked for.
-pub async fn request_revoke(db: &Db, env_id: &str, targets: &[(u16, u64)]) -> DbResult<Vec<u16>> {
-    let ports: Vec<i32> = targets.iter().map(|(p, _)| i32::from(*p)).collect();
-    let epochs: Vec<i64> = targets.iter().map(|(_, e)| i64::try_from(*e).unwrap_or(i64::MAX)).collect();
-    let rows: Vec<(i32,)> = sqlx::query_as(
-        "UPDATE routes r SET revoke_epoch = GREATEST(r.revoke_epoch, t.epoch), updated_at = now() \
-         FROM unnest($2::integer[], $3::bigint[]) AS t(port, epoch) \
-         WHERE r.port = t.port AND r.env_id = $1 AND r.active RETURNING r.port",
-    )
-    .bind(env_id)
-    .bind(ports)
-    .bind(epochs)
-    .fetch_all(db.pool())
-    .await?;
-    Ok(rows.into_iter().filter_map(|(p,)| u16::try_from(p).ok()).collect())
 }

@@ -107,7 +107,7 @@ pub struct NameMismatch {
 /// `GET /api/v1/debug/routes` (admin).
 async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResult<DebugRoutes> {
     let rows = routes::all(&st.db).await?;
-    let wanted: BTreeMap<_, _> = rows.iter().filter(|r| r.active).filter_map(RouteRow::to_route).collect();
+    let wanted: BTreeMap<u16, Route> = routes::desired(&st.db, None).await?;
     let (header, table_error, slots, have) = match st.table.get() {
         Ok(t) => {
             let header = t.header_info();
@@ -134,7 +134,8 @@ async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResul
         .map(|(port, kind)| Mismatch { port, kind })
         .collect();
     let name_rows = routes::all_names(&st.db).await?;
-    let name_routes = name_view(&st, name_rows);
+    let name_wanted: BTreeMap<HostKey, Route> = routes::desired(&st.db, None).await?;
+    let name_routes = name_view(&st, name_rows, name_wanted);
     Ok(ok(DebugRoutes {
         table_path: st.table.path().display().to_string(),
         header,
@@ -147,8 +148,7 @@ async fn get_debug_routes(State(st): State<AppState>, _admin: Admin) -> ApiResul
     }))
 }
 
-fn name_view(st: &AppState, rows: Vec<NameRouteRow>) -> NameRoutes {
-    let wanted: BTreeMap<HostKey, Route> = rows.iter().filter(|r| r.active).filter_map(NameRouteRow::to_route).collect();
+fn name_view(st: &AppState, rows: Vec<NameRouteRow>, wanted: BTreeMap<HostKey, Route>) -> NameRoutes {
     let mut have = BTreeMap::new();
     let (mut slots, mut probe_max, mut table) = (0, 0, vec![]);
     if let Ok(t) = st.table.get() {
