@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::db::envs::{self, status, EnvRow};
+use crate::db::envs::{self, Status, EnvRow};
 use crate::db::{self, gpus, hosts, idempotency, ports, readiness, retention, routes};
 use crate::docker::DockerClient;
 use crate::lifecycle;
@@ -163,7 +163,7 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
     // 1. Operations that are not running in any live process: finish or undo them.
     for env in envs::list_live(&st.db).await? {
         let transitional =
-            matches!(env.status.as_str(), status::CREATING | status::DELETING | status::STOPPING | status::STARTING);
+            env.status.is_transient();
         let taken = match env.op_instance {
             Some(op) => take_orphan(st, &env, op).await,
             None if transitional => take_unowned(st, &env).await,
@@ -260,22 +260,22 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
 /// epoch `epoch`: a create is undone, a delete and a stop finished, a start undone (the
 /// environment is stopped, its home kept).
 async fn finish_orphan(st: &State, env: &EnvRow, epoch: i64, r: &mut Repairs) -> anyhow::Result<()> {
-    match env.status.as_str() {
-        status::CREATING => {
+    match env.status {
+        Status::Creating => {
             let reason = "create interrupted; undone by the reconciler";
             let dk = st.fleet.client(&env.host).await?;
             lifecycle::undo_create(st, &dk, &env.id, epoch, env.container_id.as_deref(), false, reason).await?;
             r.creates_undone += 1;
         }
-        status::DELETING => {
+        Status::Deleting => {
             lifecycle::finish_delete(st, env).await?;
             r.deletes_finished += 1;
         }
-        status::STOPPING => {
+        Status::Stopping => {
             lifecycle::stop_env(st, env, "interrupted stop finished by the reconciler", env.status_reason.as_deref()).await?;
             r.operations_released += 1;
         }
-        status::STARTING => {
+        Status::Starting => {
             let dk = st.fleet.client(&env.host).await?;
             lifecycle::undo_start(st, &dk, &env.id, epoch, "start interrupted; undone by the reconciler").await?;
             r.operations_released += 1;
@@ -314,8 +314,8 @@ async fn reconcile_host(st: &State, host: &str, docker: &DockerClient, r: &mut R
             Some(env)
                 if env.op_instance.is_none()
                     && env.container_id.as_deref() != Some(c.id.as_str())
-                    && env.status != status::CREATING
-                    && env.status != status::DELETING =>
+                    && env.status != Status::Creating
+                    && env.status != Status::Deleting =>
             {
                 if !ours(&c.host) {
                     continue;
@@ -376,8 +376,8 @@ async fn reconcile_env(
         anyhow::bail!("fault injection: reconcile_env:{}", env.name);
     }
     let recorded = mine.iter().find(|c| Some(&c.id) == env.container_id.as_ref()).copied();
-    match env.status.as_str() {
-        status::RUNNING => match recorded {
+    match env.status {
+        Status::Running => match recorded {
             Some(c) if c.running => {
                 if repair_routes(st, docker, env, &c.id).await? {
                     r.routes_rewritten += 1;
@@ -401,7 +401,7 @@ async fn reconcile_env(
         },
         // A stopped or failed environment needs no container (a start makes a new one), but
         // one that runs is stopped; its GPUs go back once none of its containers runs.
-        status::STOPPED | status::FAILED => {
+        Status::Stopped | Status::Failed => {
             if let Some(c) = recorded.filter(|c| c.running) {
                 // Claimed like an operation, so a start in flight cannot interleave.
                 if take_unowned(st, env).await?.is_none() {
@@ -422,7 +422,7 @@ async fn reconcile_env(
                 // raced): its GPUs stay until the next pass sees none.
                 return Ok(());
             }
-            if !env.gpus.is_empty() || env.status == status::FAILED {
+            if !env.gpus.is_empty() || env.status == Status::Failed {
                 r.gpus_released += release_settled_gpus(st, env).await?;
             }
         }
@@ -483,7 +483,7 @@ async fn rediscover(st: &State, r: &mut Repairs) {
 /// no operation; none of its containers has been seen running on its host. Returns how many.
 async fn release_settled_gpus(st: &State, env: &EnvRow) -> anyhow::Result<u64> {
     let mut tx = st.db.begin().await?;
-    if !envs::lock_if_idle_in(&mut tx, &env.id, &env.status).await? {
+    if !envs::lock_if_idle_in(&mut tx, &env.id, env.status).await? {
         return Ok(0);
     }
     let n = gpus::release_env(&mut *tx, &env.id).await?;

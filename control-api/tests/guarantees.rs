@@ -5,13 +5,15 @@
 //! that address is not; a process whose engine is not the one its host name records refuses
 //! to start; old events are purged; a host whose engine hangs costs one time-out, not the API;
 //! a reconcile pass re-checks a container by id and goes on past one workspace's error; a
-//! delete whose home volume is still held answers 503 and is finished by the reconciler.
+//! delete whose home volume is still held answers 503 and is finished by the reconciler; a
+//! status write the transition table does not allow changes nothing.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{eventually, Ctx};
+use gpugate_api::db::envs::{self, Status};
 use serde_json::{json, Value};
 
 async fn scalar(ctx: &Ctx, sql: &str) -> i64 {
@@ -591,4 +593,46 @@ async fn a_delete_whose_home_is_still_held_answers_503_and_finishes_later() {
     let left = std::process::Command::new("docker").args(["volume", "inspect", &volume]).output().expect("docker volume");
     assert!(!left.status.success(), "the home volume is removed once free");
     ctx.finish().await;
+}
+
+/// The lifecycle's statuses move only along the table in `db/env_status.rs`, and the database
+/// enforces it: an operation that settles its environment into a status it may not reach from
+/// the one it is in (a stale or mistaken caller: `stopping` straight back to `running`)
+/// changes nothing and keeps its claim; a claim asking for a move the table lacks is an error
+/// before any SQL runs; the allowed settle then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_write_the_transition_table_does_not_allow_changes_nothing() {
+    let mut ctx = Ctx::new("status_moves").await;
+    ctx.cfg.default_services = vec!["ssh".into()];
+    ctx.start().await;
+    let alice = ctx.token("alice", false).await;
+    let (s, v) = ctx.post("/api/v1/environments", &alice, json!({"name": "moves"})).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["data"]["id"].as_str().expect("id").to_string();
+    let db = ctx.db().clone();
+    let me = 987_654;
+
+    let held = envs::claim(&db, &id, None, &[Status::Running], Status::Stopping, me)
+        .await
+        .expect("claim")
+        .expect("a running environment is claimed for a stop");
+    let epoch = held.op_epoch.expect("the claim's epoch");
+    assert_eq!(held.status, Status::Stopping);
+
+    let moved = envs::settle(db.pool(), &id, epoch, Status::Running, None, None).await.expect("settle");
+    assert!(!moved, "stopping -> running is not in the table, yet the settle wrote it");
+    assert_eq!(status_of(&ctx, &id).await, "stopping");
+    let still: Option<i64> = sqlx::query_scalar("SELECT op_epoch FROM environments WHERE id = $1")
+        .bind(&id)
+        .fetch_one(db.pool())
+        .await
+        .expect("epoch");
+    assert_eq!(still, Some(epoch), "the refused settle must leave the claim in place");
+
+    let refused = envs::claim(&db, &id, None, &[Status::Stopped], Status::Running, me).await;
+    let err = refused.err().expect("a claim for stopped -> running must be an error");
+    assert!(err.to_string().contains("from stopped to running"), "{err}");
+
+    assert!(envs::settle(db.pool(), &id, epoch, Status::Stopped, None, None).await.expect("settle"));
+    assert_eq!(status_of(&ctx, &id).await, "stopped");
 }

@@ -5,32 +5,7 @@ use sqlx::PgExecutor;
 
 use super::{Db, DbResult, Tx};
 
-/// Lifecycle states (the `status` column).
-pub mod status {
-    /// Ports allocated, container being made.
-    pub const CREATING: &str = "creating";
-    /// Container running, routes live.
-    pub const RUNNING: &str = "running";
-    /// Routes being drained, container being stopped; still holds its GPUs (quotas count it
-    /// as running).
-    pub const STOPPING: &str = "stopping";
-    /// Container stopped, routes disabled, ports and home volume kept, GPUs given back.
-    pub const STOPPED: &str = "stopped";
-    /// A new container being made over the same home (from `stopped` or `failed`).
-    pub const STARTING: &str = "starting";
-    /// Routes and container being removed.
-    pub const DELETING: &str = "deleting";
-    /// The container vanished or its host was lost; routes removed, ports and home volume kept
-    /// until deleted. A start recovers it (a new container over the same home).
-    pub const FAILED: &str = "failed";
-    /// Gone; ports released.
-    pub const DELETED: &str = "deleted";
-    /// Its host stopped answering: routes kept for `fleet.fail_after_s`, then `failed`.
-    pub const UNREACHABLE: &str = "unreachable";
-    /// The statuses whose container runs or may run, as an SQL list: they count as running
-    /// for quotas and occupy a place under a host's `max_environments`.
-    pub const OCCUPYING_SQL: &str = "('creating', 'starting', 'running', 'stopping', 'unreachable')";
-}
+pub use super::env_status::Status;
 
 /// One environment row.
 #[derive(Clone, sqlx::FromRow)]
@@ -39,7 +14,8 @@ pub struct EnvRow {
     pub owner_id: i64,
     pub name: String,
     pub image: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: Status,
     pub status_reason: Option<String>,
     pub container_id: Option<String>,
     /// The host it lives on (its container and home volume are there).
@@ -213,11 +189,14 @@ pub async fn claim(
     db: &Db,
     id: &str,
     owner: Option<i64>,
-    from: &[&str],
-    to: &str,
+    from: &[Status],
+    to: Status,
     instance: i64,
 ) -> DbResult<Option<EnvRow>> {
-    let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+    if let Some(f) = from.iter().find(|f| !f.may_become(to)) {
+        return Err(sqlx::Error::Protocol(format!("an environment may not move from {f} to {to}")));
+    }
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
     sqlx::query_as(&format!(
         "UPDATE environments SET status = $4, op_instance = $5, op_epoch = nextval('claim_epoch_seq'), \
              updated_at = now() \
@@ -228,7 +207,7 @@ pub async fn claim(
     .bind(id)
     .bind(owner)
     .bind(from)
-    .bind(to)
+    .bind(to.as_str())
     .bind(instance)
     .fetch_optional(db.pool())
     .await
@@ -263,12 +242,13 @@ pub async fn hold(tx: &mut Tx<'_>, id: &str, epoch: i64) -> DbResult<bool> {
 }
 
 /// Sets the status (and reason), records the container id if given, and ends the operation
-/// whose claim has epoch `epoch`; false (nothing changed) if that claim no longer holds the row.
+/// whose claim has epoch `epoch`; false (nothing changed) if that claim no longer holds the row
+/// or the row's status may not move to `status`.
 pub async fn settle<'e, E: PgExecutor<'e>>(
     exec: E,
     id: &str,
     epoch: i64,
-    status: &str,
+    status: Status,
     reason: Option<&str>,
     container_id: Option<&str>,
 ) -> DbResult<bool> {
@@ -277,13 +257,14 @@ pub async fn settle<'e, E: PgExecutor<'e>>(
              container_id = COALESCE($4, container_id), op_instance = NULL, op_epoch = NULL, \
              updated_at = now(), \
              deleted_at = CASE WHEN $2 = 'deleted' THEN now() END \
-         WHERE id = $1 AND op_epoch = $5",
+         WHERE id = $1 AND op_epoch = $5 AND status = ANY($6)",
     )
     .bind(id)
-    .bind(status)
+    .bind(status.as_str())
     .bind(reason)
     .bind(container_id)
     .bind(epoch)
+    .bind(status.sources())
     .execute(exec)
     .await?
     .rows_affected()
@@ -381,17 +362,17 @@ pub async fn mark_failed(tx: &mut Tx<'_>, id: &str, container: Option<&str>, rea
 
 /// Locks the row and tells whether it is still running with no operation (route repair).
 pub async fn lock_if_idle_running(tx: &mut Tx<'_>, id: &str) -> DbResult<bool> {
-    lock_if_idle_in(tx, id, status::RUNNING).await
+    lock_if_idle_in(tx, id, Status::Running).await
 }
 
 /// Locks the row and tells whether it is still in `status` with no operation (repairs).
-pub async fn lock_if_idle_in(tx: &mut Tx<'_>, id: &str, status: &str) -> DbResult<bool> {
+pub async fn lock_if_idle_in(tx: &mut Tx<'_>, id: &str, status: Status) -> DbResult<bool> {
     let still: Option<(String, Option<i64>)> =
         sqlx::query_as("SELECT status, op_instance FROM environments WHERE id = $1 FOR UPDATE")
             .bind(id)
             .fetch_optional(&mut **tx)
             .await?;
-    Ok(still == Some((status.to_string(), None)))
+    Ok(still == Some((status.as_str().to_string(), None)))
 }
 
 /// Forgets the environment's container (a start that failed removed it; the next start

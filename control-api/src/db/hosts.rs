@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgExecutor;
 
-use super::envs::status::OCCUPYING_SQL;
+use super::env_status::OCCUPYING_SQL;
 use super::{Db, DbResult, Tx};
 use crate::config::Placement;
 

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::envs::EnvRow;
+use super::envs::{EnvRow, Status};
 use super::{Db, DbResult};
 
 /// What a hold request found.
@@ -30,7 +30,7 @@ pub async fn set_hold(db: &Db, id: &str, owner: i64, secs: u64) -> DbResult<Hold
     let Some(status) = status else {
         return Ok(HoldOutcome::NotFound);
     };
-    if status != super::envs::status::RUNNING {
+    if status != Status::Running.as_str() {
         return Ok(HoldOutcome::NotRunning(status));
     }
     let until: Option<DateTime<Utc>> = sqlx::query_scalar(

@@ -5,6 +5,7 @@
 pub mod account_keys;
 pub mod activity;
 pub mod close_requests;
+pub mod env_status;
 pub mod envs;
 pub mod gateways;
 pub mod gpus;

@@ -1,6 +1,6 @@
 //! The `user_quotas` table and what a user holds against it.
 
-use super::envs::status::OCCUPYING_SQL;
+use super::env_status::OCCUPYING_SQL;
 use super::{Db, DbResult, Tx};
 
 /// A user's overrides; `None` means the deployment's default.

@@ -6,7 +6,7 @@ use axum::routing::post;
 use axum::Router;
 use serde::Deserialize;
 
-use super::environments::{view, EnvironmentView};
+use super::environment_views::{view, EnvironmentView};
 use super::extract::{Body, Caller, IdPath};
 use crate::error::{ok, ApiResult, Envelope, ErrorEnvelope};
 use crate::lifecycle;

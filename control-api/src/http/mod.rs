@@ -4,6 +4,8 @@
 
 mod debug;
 pub use debug::reload_pools_from_config as reload_pools;
+mod environment_requests;
+mod environment_views;
 mod environments;
 mod extract;
 mod gateways;

@@ -310,26 +310,6 @@ mod tests {
     }
 
     #[test]
-    fn the_documented_statuses_are_the_stored_ones() {
-        use crate::db::envs::status;
-        use environments::EnvironmentStatus as S;
-        let pairs = [
-            (S::Creating, status::CREATING),
-            (S::Running, status::RUNNING),
-            (S::Stopping, status::STOPPING),
-            (S::Stopped, status::STOPPED),
-            (S::Starting, status::STARTING),
-            (S::Unreachable, status::UNREACHABLE),
-            (S::Deleting, status::DELETING),
-            (S::Failed, status::FAILED),
-            (S::Deleted, status::DELETED),
-        ];
-        for (documented, stored) in pairs {
-            assert_eq!(serde_json::to_value(documented).expect("serialize"), stored);
-        }
-    }
-
-    #[test]
     fn documented_bounds_are_the_ones_the_api_enforces() {
         use crate::config::{MAX_IDLE_STOP_AFTER_S, MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS};
         let doc: serde_json::Value = serde_json::from_str(json()).expect("the document is JSON");

@@ -12,7 +12,7 @@ use super::steps::{
     start_and_read, still_held, ClaimLost, Outcome, Wanted,
 };
 use super::validate::{self, CreateSpec, IdempotencyKey};
-use crate::db::envs::{self, status, NewEnv};
+use crate::db::envs::{self, Status, NewEnv};
 use crate::db::{self, gpus, idempotency, ports, quotas, routes, users::User};
 use crate::docker::{DockerClient, DockerError, WorkspaceSpec};
 use crate::error::ApiError;
@@ -256,8 +256,8 @@ async fn replay(st: &State, user: &User, key: &IdempotencyKey, used: idempotency
                 key.key, used.env_id
             ))
         })?;
-        if env.status != status::CREATING || Instant::now() >= deadline {
-            let routes_live = env.status == status::RUNNING;
+        if env.status != Status::Creating || Instant::now() >= deadline {
+            let routes_live = env.status == Status::Running;
             return Ok(Outcome { env, routes_live, timings: vec![], replayed: true });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -339,7 +339,7 @@ async fn forget_create(st: &State, id: &str, epoch: i64, routed: bool, reason: &
     let released = ports::release_env(&mut *tx, id, q).await?;
     gpus::release_env(&mut *tx, id).await?;
     idempotency::forget_env(&mut *tx, id).await?;
-    envs::settle(&mut *tx, id, epoch, status::DELETED, Some(reason), None).await?;
+    envs::settle(&mut *tx, id, epoch, Status::Deleted, Some(reason), None).await?;
     db::event(&mut *tx, Some(id), "create_undone", serde_json::json!({"ports_released": released, "reason": reason})).await?;
     tx.commit().await?;
     Ok(())

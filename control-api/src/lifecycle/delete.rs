@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::steps::{begin_fenced, claim, name_services, remove_containers, step_error, wait_cut_off};
-use crate::db::envs::{self, status, EnvRow};
+use crate::db::envs::{self, Status, EnvRow};
 use crate::db::{self, gpus, hosts, ports, readiness, routes, users::User};
 use crate::error::ApiError;
 use crate::state::State;
@@ -13,8 +13,8 @@ use crate::state::State;
 /// ports into quarantine.
 pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiError> {
     let started = Instant::now();
-    let from = [status::RUNNING, status::STOPPED, status::FAILED, status::CREATING, status::UNREACHABLE, status::STOPPING];
-    let env = match claim(st, user, id, &from, status::DELETING, "delete").await {
+    let from = [Status::Running, Status::Stopped, Status::Failed, Status::Creating, Status::Unreachable, Status::Stopping];
+    let env = match claim(st, user, id, &from, Status::Deleting, "delete").await {
         Ok(env) => env,
         Err(e) => {
             st.metrics.deletes.with_label_values(&["refused"]).inc();
@@ -26,7 +26,7 @@ pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiErro
             st.metrics.deletes.with_label_values(&["ok"]).inc();
             st.metrics.port_release_seconds.with_label_values(&["delete"]).observe(started.elapsed().as_secs_f64());
             let mut env = env;
-            env.status = status::DELETED.into();
+            env.status = Status::Deleted.into();
             Ok(env)
         }
         Err(e) => {
@@ -65,7 +65,7 @@ pub async fn finish_delete(st: &State, env: &EnvRow) -> anyhow::Result<()> {
         gpus::release_env(&mut *tx, &env.id).await?;
     }
     readiness::clear(&mut *tx, &env.id).await?;
-    envs::settle(&mut *tx, &env.id, epoch, status::DELETED, None, None).await?;
+    envs::settle(&mut *tx, &env.id, epoch, Status::Deleted, None, None).await?;
     db::event(&mut *tx, Some(&env.id), "deleted", serde_json::json!({"ports_quarantined": released, "container": env.container_id})).await?;
     tx.commit().await?;
     tracing::info!(env_id = %env.id, ports = ?released, "environment deleted");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use gpugate_routes::EnvId;
 use serde::Serialize;
 
-use crate::db::envs::{self, status, EnvRow};
+use crate::db::envs::{self, Status, EnvRow};
 use crate::db::{close_requests, routes, users::User};
 use crate::error::ApiError;
 use crate::state::State;
@@ -52,7 +52,7 @@ async fn find(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiError> {
 /// relative to that table's own revoke epochs ([`crate::revokes`]).
 pub async fn close(st: &State, user: &User, id: &str) -> Result<SessionsClosed, ApiError> {
     let env = find(st, user, id).await?;
-    if env.status != status::RUNNING {
+    if env.status != Status::Running {
         return Err(ApiError::Conflict(format!(
             "environment {id} is {}: only a running environment has sessions to close",
             env.status

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gpugate_routes::{EnvId, Route, Service};
 
-use crate::db::envs::{self, status, EnvRow};
+use crate::db::envs::{self, Status, EnvRow};
 use crate::db::{self, gpus, readiness, routes, users::User, Tx};
 use crate::docker::{AccountLogin, DockerClient, DockerError};
 use crate::error::ApiError;
@@ -226,7 +226,7 @@ pub(super) async fn commit_routes(
     let deadlines: Vec<(&str, u64)> =
         upstreams.iter().map(|(_, s, _)| (s.as_str(), st.cfg.readiness.deadline_s(*s))).collect();
     readiness::reset(&mut tx, id, generation, &deadlines, st.instance).await?;
-    envs::settle(&mut *tx, id, epoch, status::RUNNING, None, Some(container)).await?;
+    envs::settle(&mut *tx, id, epoch, Status::Running, None, Some(container)).await?;
     let detail = serde_json::json!({
         "container": container,
         "generation": generation,
@@ -277,7 +277,7 @@ pub(crate) async fn account_login(st: &State, owner: i64) -> Result<AccountLogin
 }
 
 /// Claims an environment for an operation, or explains why not (404 / 409).
-pub(super) async fn claim(st: &State, user: &User, id: &str, from: &[&str], to: &str, verb: &str) -> Result<EnvRow, ApiError> {
+pub(super) async fn claim(st: &State, user: &User, id: &str, from: &[Status], to: Status, verb: &str) -> Result<EnvRow, ApiError> {
     if id.parse::<EnvId>().is_err() {
         return Err(ApiError::env_not_found(id));
     }

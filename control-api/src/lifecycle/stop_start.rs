@@ -16,7 +16,7 @@ use super::steps::{
     account_login, begin_fenced, claim, claim_lost, commit_routes, docker_error, gpus_unavailable, host_error, host_identity,
     name_services, remove_containers, start_and_read, step_error, still_held, wait_cut_off, ClaimLost, Outcome, Wanted,
 };
-use crate::db::envs::{self, status, EnvRow};
+use crate::db::envs::{self, Status, EnvRow};
 use crate::db::{self, gpus, hosts, ports, quotas, readiness, routes, users::User};
 use crate::docker::{DockerClient, Limits, WorkspaceSpec};
 use crate::error::ApiError;
@@ -25,7 +25,7 @@ use crate::state::State;
 
 /// Stops an environment of `user` (the HTTP stop): see [`stop_env`].
 pub async fn stop(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
-    let env = claim(st, user, id, &[status::RUNNING], status::STOPPING, "stop").await?;
+    let env = claim(st, user, id, &[Status::Running], Status::Stopping, "stop").await?;
     if let Err(e) = stop_env(st, &env, "requested", None).await {
         return Err(step_error("stop", e));
     }
@@ -68,7 +68,7 @@ pub async fn stop_env(st: &State, env: &EnvRow, reason: &str, status_reason: Opt
         let released = gpus::release_env(&mut *tx, &env.id).await?;
         envs::set_gpus(&mut tx, &env.id, &[]).await?;
         readiness::clear(&mut *tx, &env.id).await?;
-        envs::settle(&mut *tx, &env.id, epoch, status::STOPPED, status_reason, None).await?;
+        envs::settle(&mut *tx, &env.id, epoch, Status::Stopped, status_reason, None).await?;
         let detail = serde_json::json!({"reason": reason, "gpus_released": env.gpus});
         db::event(&mut *tx, Some(&env.id), "stopped", detail).await?;
         tx.commit().await?;
@@ -94,10 +94,10 @@ pub async fn stop_env(st: &State, env: &EnvRow, reason: &str, status_reason: Opt
 /// published addresses. A start that fails leaves the environment stopped, holding no GPU and
 /// no container; one refused before anything changed leaves it as it was.
 pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiError> {
-    let (env, was) = match claim(st, user, id, &[status::STOPPED], status::STARTING, "start").await {
-        Ok(env) => (env, status::STOPPED),
+    let (env, was) = match claim(st, user, id, &[Status::Stopped], Status::Starting, "start").await {
+        Ok(env) => (env, Status::Stopped),
         Err(ApiError::Conflict(_)) => {
-            (claim(st, user, id, &[status::FAILED], status::STARTING, "start").await?, status::FAILED)
+            (claim(st, user, id, &[Status::Failed], Status::Starting, "start").await?, Status::Failed)
         }
         Err(e) => return Err(e),
     };
@@ -118,7 +118,7 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
             // Refused (quota, GPUs): nothing changed, and no container of it runs, so it is
             // stopped (a failed one too: start it again once GPUs are free).
             if let Ok(mut tx) = begin_fenced(st, id, epoch).await {
-                if envs::settle(&mut *tx, id, epoch, status::STOPPED, env.status_reason.as_deref(), None).await.is_ok() {
+                if envs::settle(&mut *tx, id, epoch, Status::Stopped, env.status_reason.as_deref(), None).await.is_ok() {
                     let _ = tx.commit().await;
                 }
             }
@@ -181,7 +181,7 @@ pub async fn start(st: &State, user: &User, id: &str) -> Result<Outcome, ApiErro
     };
     let live = st.table.wait_live(&wanted.ports, &wanted.names, Duration::from_millis(st.cfg.route_wait_ms)).await;
     let env = envs::get(st.db.pool(), id, None).await?.ok_or_else(|| ApiError::env_not_found(id))?;
-    tracing::info!(env_id = %env.id, gpus = ?gpu_list, recovered = (was == status::FAILED), "environment started");
+    tracing::info!(env_id = %env.id, gpus = ?gpu_list, recovered = (was == Status::Failed), "environment started");
     Ok(Outcome { env, routes_live: live, timings: vec![], replayed: false })
 }
 
@@ -292,7 +292,7 @@ pub async fn undo_start(st: &State, dk: &DockerClient, id: &str, epoch: i64, rea
     envs::set_gpus(&mut tx, id, &[]).await?;
     envs::clear_container(&mut *tx, id).await?;
     readiness::clear(&mut *tx, id).await?;
-    envs::settle(&mut *tx, id, epoch, status::STOPPED, Some(reason), None).await?;
+    envs::settle(&mut *tx, id, epoch, Status::Stopped, Some(reason), None).await?;
     db::event(&mut *tx, Some(id), "start_undone", serde_json::json!({ "reason": reason })).await?;
     tx.commit().await?;
     Ok(())

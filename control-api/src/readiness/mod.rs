@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::config::ReadinessConfig;
 use crate::db::readiness::ReadinessRow;
-use crate::db::{self, envs::status, Db};
+use crate::db::{self, envs::Status, Db};
 use crate::metrics::Metrics;
 
 /// The first pause between two probes of one service; it doubles up to `max_backoff_ms`.
@@ -54,11 +54,11 @@ fn answer(service: Service) -> &'static str {
 
 /// Per-service readiness of an environment in `env_status` with `services`, from its rows;
 /// and whether all of them are ready.
-pub fn view(env_status: &str, services: &[String], rows: &[ReadinessRow]) -> (bool, BTreeMap<String, ServiceReadiness>) {
+pub fn view(env_status: Status, services: &[String], rows: &[ReadinessRow]) -> (bool, BTreeMap<String, ServiceReadiness>) {
     let mut out = BTreeMap::new();
     for name in services {
         let not = |reason: String| ServiceReadiness { ready: false, ready_at: None, not_ready_reason: Some(reason) };
-        let r = if env_status != status::RUNNING {
+        let r = if env_status != Status::Running {
             not(format!("the environment is {env_status}"))
         } else {
             match rows.iter().find(|r| &r.service == name) {
@@ -305,22 +305,22 @@ mod tests {
     #[test]
     fn the_environment_is_ready_only_when_every_service_is() {
         let services = vec!["ssh".to_string(), "jupyter".to_string()];
-        let (ready, per) = view("running", &services, &[row("ssh", true, None, None), row("jupyter", true, None, None)]);
+        let (ready, per) = view(Status::Running, &services, &[row("ssh", true, None, None), row("jupyter", true, None, None)]);
         assert!(ready);
         assert!(per["ssh"].ready && per["ssh"].ready_at.is_some() && per["ssh"].not_ready_reason.is_none());
 
         let rows = [row("ssh", true, None, None), row("jupyter", false, None, Some("connection refused"))];
-        let (ready, per) = view("running", &services, &rows);
+        let (ready, per) = view(Status::Running, &services, &rows);
         assert!(!ready);
         let why = per["jupyter"].not_ready_reason.as_deref().expect("reason");
         assert!(why.contains("an HTTP answer") && why.contains("connection refused"), "{why}");
 
         let rows = [row("ssh", true, None, None), row("jupyter", false, Some("no HTTP answer within 3 s"), None)];
-        let (_, per) = view("running", &services, &rows);
+        let (_, per) = view(Status::Running, &services, &rows);
         assert_eq!(per["jupyter"].not_ready_reason.as_deref(), Some("no HTTP answer within 3 s"));
 
         // A missing row is not ready (never "ready by default").
-        let (ready, per) = view("running", &services, &[row("ssh", true, None, None)]);
+        let (ready, per) = view(Status::Running, &services, &[row("ssh", true, None, None)]);
         assert!(!ready);
         assert!(!per["jupyter"].ready);
     }
@@ -328,10 +328,10 @@ mod tests {
     #[test]
     fn a_stopped_environment_has_no_ready_service() {
         let services = vec!["ssh".to_string()];
-        let (ready, per) = view("stopped", &services, &[row("ssh", true, None, None)]);
+        let (ready, per) = view(Status::Stopped, &services, &[row("ssh", true, None, None)]);
         assert!(!ready);
         assert_eq!(per["ssh"].not_ready_reason.as_deref(), Some("the environment is stopped"));
-        let (ready, _) = view("running", &[], &[]);
+        let (ready, _) = view(Status::Running, &[], &[]);
         assert!(!ready, "no services: nothing to log in to");
     }
 }
