@@ -1,6 +1,7 @@
 //! Tenants are strangers, through real containers: workspaces cannot reach each other, a fork
 //! bomb or a memory hog in one leaves the other (and its own other processes) working, the
-//! limits and dropped capabilities are what `docker inspect` shows, and only allowed images run.
+//! limits (open files too) and dropped capabilities are what `docker inspect` shows, and only
+//! allowed images run.
 
 mod common;
 
@@ -45,6 +46,7 @@ async fn workspaces_are_isolated_limited_and_confined() {
     ctx.cfg.docker.allowed_images = vec![ISO_IMAGE.into()];
     ctx.cfg.docker.limits.memory_mb = 1024;
     ctx.cfg.docker.limits.max_memory_mb = 4096;
+    ctx.cfg.docker.limits.open_files = 4096;
     ctx.cfg.default_services = vec!["ssh".into(), "jupyter".into()];
     let (key, public) = common::keypair(&ctx);
     let alice = ctx.token("alice", false).await;
@@ -102,6 +104,12 @@ async fn workspaces_are_isolated_limited_and_confined() {
     let caps = u64::from_str_radix(cap_eff.split_whitespace().nth(1).expect("mask"), 16).expect("hex");
     assert_eq!(caps & (1 << 13), 0, "CAP_NET_RAW is effective: {cap_eff}");
     assert_eq!(caps & (1 << 21), 0, "CAP_SYS_ADMIN is effective: {cap_eff}");
+    // Open files: the deployment's limit, soft and hard (not the daemon's default), and a
+    // process cannot raise it.
+    let limits = ctx.exec(&ca, &["sh", "-c", "ulimit -Sn; ulimit -Hn"]);
+    assert_eq!(limits.split_whitespace().collect::<Vec<_>>(), ["4096", "4096"], "{limits}");
+    let raised = docker(&["exec", &ca, "sh", "-c", "ulimit -n 8192"]);
+    assert!(!raised.status.success(), "a workspace raised its open-files limit past the deployment's");
 
     // Network: B listens on its bridge address (B reaches itself there), A cannot reach it.
     let b_ip = ib["NetworkSettings"]["Networks"][&net]["IPAddress"].as_str().expect("B's address").to_string();

@@ -187,6 +187,7 @@ impl Config {
         parse_env(env, "GPUGATE_MAX_CPUS", &mut l.max_cpus)?;
         parse_env(env, "GPUGATE_PIDS", &mut l.pids)?;
         parse_env(env, "GPUGATE_MAX_PIDS", &mut l.max_pids)?;
+        parse_env(env, "GPUGATE_OPEN_FILES", &mut l.open_files)?;
         if let Some(v) = env_var(env, "GPUGATE_FAULT") {
             if !cfg!(feature = "fault-injection") {
                 return Err(ConfigError::Env {

@@ -66,11 +66,24 @@ pub struct LimitsConfig {
     pub pids: u32,
     /// The most processes a create may ask for.
     pub max_pids: u32,
+    /// Open files per process (`RLIMIT_NOFILE`, soft and hard), for every workspace; 0 leaves
+    /// it to the Docker daemon (its own limit, often 1,048,576: one workspace could then pin a
+    /// large share of the host's kernel file table). It must not exceed the daemon's own hard
+    /// limit (`LimitNOFILE` of its service): the engine cannot raise a container past it.
+    pub open_files: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { memory_mb: 8192, max_memory_mb: 65536, cpus: 4.0, max_cpus: 32.0, pids: 2048, max_pids: 16384 }
+        LimitsConfig {
+            memory_mb: 8192,
+            max_memory_mb: 65536,
+            cpus: 4.0,
+            max_cpus: 32.0,
+            pids: 2048,
+            max_pids: 16384,
+            open_files: 16384,
+        }
     }
 }
 
@@ -80,6 +93,10 @@ pub const MIN_MEMORY_MB: u64 = 32;
 pub const MIN_CPUS: f64 = 0.01;
 /// Smallest pids limit.
 pub const MIN_PIDS: u32 = 16;
+/// Open-files limit bounds: below the floor sshd and Jupyter fail in odd ways; above the
+/// ceiling the kernel refuses it (`fs.nr_open`'s default).
+pub const MIN_OPEN_FILES: u64 = 1024;
+pub const MAX_OPEN_FILES: u64 = 1_048_576;
 
 impl LimitsConfig {
     /// Checks that defaults lie between the floors and the maxima.
@@ -100,6 +117,12 @@ impl LimitsConfig {
             return Err(format!(
                 "docker.limits.pids {} must be between {MIN_PIDS} and max_pids {}",
                 self.pids, self.max_pids
+            ));
+        }
+        if self.open_files != 0 && !(MIN_OPEN_FILES..=MAX_OPEN_FILES).contains(&self.open_files) {
+            return Err(format!(
+                "docker.limits.open_files {} must be 0 (the Docker daemon's) or between {MIN_OPEN_FILES} and {MAX_OPEN_FILES}",
+                self.open_files
             ));
         }
         Ok(())
@@ -163,5 +186,10 @@ mod tests {
         assert!(l.validate().expect_err("refused").contains("max_memory_mb"));
         let l = LimitsConfig { pids: 4, ..LimitsConfig::default() };
         assert!(l.validate().expect_err("refused").contains("pids"));
+        LimitsConfig { open_files: 0, ..LimitsConfig::default() }.validate().expect("0: the daemon's");
+        for open_files in [1, 1023, 1_048_577] {
+            let l = LimitsConfig { open_files, ..LimitsConfig::default() };
+            assert!(l.validate().expect_err("refused").contains("docker.limits.open_files"), "{open_files}");
+        }
     }
 }

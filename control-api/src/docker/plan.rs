@@ -10,8 +10,8 @@ use std::net::IpAddr;
 
 use bollard::container::Config as ContainerConfig;
 use bollard::models::{
-    DeviceMapping, DeviceRequest, HostConfig, Mount, MountTypeEnum, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+    DeviceMapping, DeviceRequest, HostConfig, Mount, MountTypeEnum, PortBinding, ResourcesUlimits,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 use gpugate_routes::Service;
 
@@ -112,6 +112,8 @@ pub struct Plan {
     pub(super) host: String,
     pub(super) network: String,
     pub(super) upstream_host: IpAddr,
+    /// `RLIMIT_NOFILE` of every workspace (soft and hard).
+    pub(super) open_files: u64,
     /// How GPUs reach this engine's containers (resolved against the engine at start).
     pub(super) gpu: DevicePassing,
 }
@@ -124,6 +126,7 @@ impl Plan {
             host: cfg.fleet.host_name.clone(),
             network: cfg.network(),
             upstream_host: cfg.upstream_host,
+            open_files: cfg.docker.limits.open_files,
             gpu: DevicePassing::configured(&cfg.gpu),
         }
     }
@@ -188,6 +191,13 @@ impl Plan {
             memory_swap: Some(memory),
             nano_cpus: Some((spec.limits.cpus * 1e9).round() as i64),
             pids_limit: Some(i64::from(spec.limits.pids)),
+            ulimits: (self.open_files > 0).then(|| {
+                vec![ResourcesUlimits {
+                    name: Some("nofile".into()),
+                    soft: i64::try_from(self.open_files).ok(),
+                    hard: i64::try_from(self.open_files).ok(),
+                }]
+            }),
             cap_drop: Some(vec!["ALL".into()]),
             cap_add: Some(WORKSPACE_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
@@ -391,6 +401,13 @@ mod tests {
         assert_eq!(host.memory_swap, host.memory, "no swap beyond the memory limit");
         assert_eq!(host.nano_cpus, Some(1_500_000_000));
         assert_eq!(host.pids_limit, Some(100));
+        let nofile = host.ulimits.as_deref().unwrap_or_default();
+        assert_eq!(nofile.len(), 1, "{nofile:?}");
+        assert_eq!((nofile[0].name.as_deref(), nofile[0].soft, nofile[0].hard), (Some("nofile"), Some(16384), Some(16384)));
+        let mut daemons = Config::default();
+        daemons.docker.limits.open_files = 0;
+        let (_, c0) = Plan::from_config(&daemons).container(&spec(&[], &[(20001, Service::Ssh)]));
+        assert!(c0.host_config.expect("host config").ulimits.is_none(), "0 leaves open files to the daemon");
         assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
         let added = host.cap_add.expect("cap_add");
         assert!(!added.iter().any(|c| c == "NET_RAW" || c == "SYS_ADMIN" || c == "MKNOD"), "{added:?}");
