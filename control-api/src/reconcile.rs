@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::db::envs::{self, Status, EnvRow};
+use crate::db::envs::{self, EnvRow, Status};
 use crate::db::{self, gpus, hosts, idempotency, ports, readiness, retention, routes};
 use crate::docker::DockerClient;
 use crate::lifecycle;
@@ -162,8 +162,7 @@ pub async fn pass(st: &State) -> anyhow::Result<Repairs> {
 
     // 1. Operations that are not running in any live process: finish or undo them.
     for env in envs::list_live(&st.db).await? {
-        let transitional =
-            env.status.is_transient();
+        let transitional = env.status.is_transient();
         let taken = match env.op_instance {
             Some(op) => take_orphan(st, &env, op).await,
             None if transitional => take_unowned(st, &env).await,

@@ -12,7 +12,7 @@ use super::steps::{
     start_and_read, still_held, ClaimLost, Outcome, Wanted,
 };
 use super::validate::{self, CreateSpec, IdempotencyKey};
-use crate::db::envs::{self, Status, NewEnv};
+use crate::db::envs::{self, NewEnv, Status};
 use crate::db::{self, gpus, idempotency, ports, quotas, routes, users::User};
 use crate::docker::{DockerClient, DockerError, WorkspaceSpec};
 use crate::error::ApiError;

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::steps::{begin_fenced, claim, name_services, remove_containers, step_error, wait_cut_off};
-use crate::db::envs::{self, Status, EnvRow};
+use crate::db::envs::{self, EnvRow, Status};
 use crate::db::{self, gpus, hosts, ports, readiness, routes, users::User};
 use crate::error::ApiError;
 use crate::state::State;
@@ -26,7 +26,7 @@ pub async fn delete(st: &State, user: &User, id: &str) -> Result<EnvRow, ApiErro
             st.metrics.deletes.with_label_values(&["ok"]).inc();
             st.metrics.port_release_seconds.with_label_values(&["delete"]).observe(started.elapsed().as_secs_f64());
             let mut env = env;
-            env.status = Status::Deleted.into();
+            env.status = Status::Deleted;
             Ok(env)
         }
         Err(e) => {

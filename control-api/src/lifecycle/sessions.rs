@@ -6,7 +6,7 @@ use std::time::Duration;
 use gpugate_routes::EnvId;
 use serde::Serialize;
 
-use crate::db::envs::{self, Status, EnvRow};
+use crate::db::envs::{self, EnvRow, Status};
 use crate::db::{close_requests, routes, users::User};
 use crate::error::ApiError;
 use crate::state::State;

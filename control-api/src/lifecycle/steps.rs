@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gpugate_routes::{EnvId, Route, Service};
 
-use crate::db::envs::{self, Status, EnvRow};
+use crate::db::envs::{self, EnvRow, Status};
 use crate::db::{self, gpus, readiness, routes, users::User, Tx};
 use crate::docker::{AccountLogin, DockerClient, DockerError};
 use crate::error::ApiError;

@@ -16,7 +16,7 @@ use super::steps::{
     account_login, begin_fenced, claim, claim_lost, commit_routes, docker_error, gpus_unavailable, host_error, host_identity,
     name_services, remove_containers, start_and_read, step_error, still_held, wait_cut_off, ClaimLost, Outcome, Wanted,
 };
-use crate::db::envs::{self, Status, EnvRow};
+use crate::db::envs::{self, EnvRow, Status};
 use crate::db::{self, gpus, hosts, ports, quotas, readiness, routes, users::User};
 use crate::docker::{DockerClient, Limits, WorkspaceSpec};
 use crate::error::ApiError;
