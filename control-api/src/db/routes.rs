@@ -114,22 +114,27 @@ impl KeyedRow {
     }
 }
 
-fn key_texts<K: RouteKey>(keys: Option<&[K]>) -> Option<Vec<String>> {
-    keys.map(|ks| ks.iter().map(RouteKey::to_text).collect())
+/// The text keys to bind as `$1`, and the condition they stand for: the rows of those keys
+/// (through the table's key index), or every row when `keys` is `None` (`$1` is then NULL).
+fn key_filter<K: RouteKey>(keys: Option<&[K]>) -> (Option<Vec<String>>, &'static str) {
+    match keys {
+        Some(ks) => (Some(ks.iter().map(RouteKey::to_text).collect()), K::IN_KEYS_SQL),
+        None => (None, "$1::text[] IS NULL"),
+    }
 }
 
 /// What the table must hold for keys of one kind (all of them, or those of `keys`): every
 /// active, well-formed route. Keys absent from the map must have no route.
 pub async fn desired<K: RouteKey>(db: &Db, keys: Option<&[K]>) -> DbResult<BTreeMap<K, Route>> {
+    let (texts, filter) = key_filter(keys);
     let rows: Vec<KeyedRow> = sqlx::query_as(&format!(
         "SELECT {key} AS key, env_id, service, upstream, generation, {expires} AS expires_at FROM {table} \
-         WHERE active AND ($1::text[] IS NULL OR {in_keys})",
+         WHERE active AND {filter}",
         key = K::KEY_SQL,
         expires = K::EXPIRES_SQL,
         table = K::TABLE,
-        in_keys = K::IN_KEYS_SQL,
     ))
-    .bind(key_texts(keys))
+    .bind(texts)
     .fetch_all(db.pool())
     .await?;
     Ok(rows.iter().filter_map(KeyedRow::to_route).collect())
@@ -138,14 +143,13 @@ pub async fn desired<K: RouteKey>(db: &Db, keys: Option<&[K]>) -> DbResult<BTree
 /// The revoke epochs the table must have reached, for active routes that ever had sessions
 /// closed on request (all of them, or those of `keys`).
 pub async fn revoke_epochs<K: RouteKey>(db: &Db, keys: Option<&[K]>) -> DbResult<BTreeMap<K, u64>> {
+    let (texts, filter) = key_filter(keys);
     let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
-        "SELECT {key} AS key, revoke_epoch FROM {table} WHERE active AND revoke_epoch > 0 \
-         AND ($1::text[] IS NULL OR {in_keys})",
+        "SELECT {key} AS key, revoke_epoch FROM {table} WHERE active AND revoke_epoch > 0 AND {filter}",
         key = K::KEY_SQL,
         table = K::TABLE,
-        in_keys = K::IN_KEYS_SQL,
     ))
-    .bind(key_texts(keys))
+    .bind(texts)
     .fetch_all(db.pool())
     .await?;
     Ok(rows.into_iter().filter_map(|(k, e)| Some((K::from_text(&k)?, u64::try_from(e).ok()?))).collect())
@@ -166,8 +170,7 @@ pub async fn desired_table(db: &Db) -> DbResult<Desired> {
 /// Reads a notification payload: a port number, or `n:<env-id>:<service>` for a name route.
 pub fn parse_notice(payload: &str) -> Option<Result<u16, HostKey>> {
     if let Some(rest) = payload.strip_prefix("n:") {
-        let (env, svc) = rest.split_once(':')?;
-        return Some(Err(HostKey::new(env.parse().ok()?, svc.parse().ok()?)));
+        return HostKey::from_text(rest).map(Err);
     }
     payload.parse::<u16>().ok().map(Ok)
 }
